@@ -1,0 +1,1 @@
+"""pytest plugin: comfy fixtures (see tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""pytest plugin: http_server fixtures (see tests/conftest.py)."""

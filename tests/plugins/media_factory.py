@@ -1,0 +1,1 @@
+"""pytest plugin: media_factory fixtures (see tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""pytest plugin: s3 fixtures (see tests/conftest.py)."""

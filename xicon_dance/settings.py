@@ -1,0 +1,192 @@
+"""Worker configuration, read once from the environment.
+
+Contract:
+- ``Settings.from_env(env)`` parses a mapping (default ``os.environ``) into a frozen ``Settings``;
+  a malformed value raises ``ConfigError`` naming the variable. Nothing else in the package reads
+  ``os.environ`` for configuration.
+- ``get_settings()`` returns the process-wide instance (parsed on first use).
+- Every variable, its default and meaning is listed in ``ENV_DOC`` (the README table is generated
+  from the same facts and a test keeps them in step).
+- Secrets are ``SecretStr`` and never appear in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from .errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+MB = 1024 * 1024
+
+
+def _s(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
+    raw = _s(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}.", field=name) from None
+    if value < lo:
+        raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
+    raw = _s(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}.", field=name) from None
+    if value < lo:
+        raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _s(env, name, "1" if default else "0").lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}.", field=name)
+
+
+# name -> (default shown to users, meaning). Keep in step with Settings.from_env.
+ENV_DOC: dict[str, tuple[str, str]] = {
+    "COMFY_HOST": ("127.0.0.1:8188", "host:port of the local ComfyUI server"),
+    "COMFY_DIR": ("/comfyui", "ComfyUI installation folder"),
+    "COMFY_INPUT_DIR": ("$COMFY_DIR/input", "ComfyUI input folder; each job gets a sub-folder"),
+    "COMFY_PID_FILE": ("/tmp/comfyui.pid", "PID file written by entrypoint.sh"),
+    "COMFY_STARTUP_TIMEOUT_S": ("900", "how long the worker waits for ComfyUI to answer at start"),
+    "JOB_TIMEOUT_S": ("1800", "per-job limit; on overrun ComfyUI is interrupted"),
+    "MAX_FRAMES": ("241", "upper bound for the job field max_frames (rounded down to 4n+1)"),
+    "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
+    "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
+    "DOWNLOAD_CONNECT_TIMEOUT_S": ("10", "connect timeout for input downloads"),
+    "DOWNLOAD_READ_TIMEOUT_S": ("60", "read timeout (between bytes) for input downloads"),
+    "DOWNLOAD_RETRIES": ("3", "attempts for connection errors and 5xx answers"),
+    "ALLOW_PRIVATE_URLS": ("false", "allow input URLs on private/loopback addresses (tests only)"),
+    "BUCKET_ENDPOINT_URL": ("", "S3-compatible endpoint; with the two keys it enables URL output"),
+    "BUCKET_ACCESS_KEY_ID": ("", "bucket access key id (secret)"),
+    "BUCKET_SECRET_ACCESS_KEY": ("", "bucket secret key (secret)"),
+    "BUCKET_NAME": ("xicon-dance", "bucket that receives results"),
+    "BUCKET_REGION": ("us-east-1", "region used for request signing"),
+    "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
+    "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
+    "MAX_BASE64_OUTPUT_BYTES": ("7340032", "largest video returned inline as base64 (10 MB /run cap)"),
+    "DEFAULT_VIDEO": ("assets/default_video.mp4", "driving video used when the job gives none"),
+    "WORKFLOW_PATH": ("XiCON_Dance_SCAIL_vFinal.json", "API-format graph template"),
+    "SAGEATTENTION_ENABLED": ("1", "1: attention_mode sageattn; 0: sdpa"),
+    "POSE_RENDER_DEVICE": ("gpu", "taichi device for RenderNLFPoses (gpu, cuda, cpu, vulkan)"),
+    "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
+    "LOG_LEVEL": ("INFO", "worker log level"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    comfy_host: str = "127.0.0.1:8188"
+    comfy_dir: Path = Path("/comfyui")
+    comfy_input_dir: Path = Path("/comfyui/input")
+    comfy_pid_file: Path = Path("/tmp/comfyui.pid")
+    comfy_startup_timeout_s: float = 900.0
+    job_timeout_s: float = 1800.0
+    max_frames: int = 241
+    max_image_bytes: int = 50 * MB
+    max_video_bytes: int = 500 * MB
+    download_connect_timeout_s: float = 10.0
+    download_read_timeout_s: float = 60.0
+    download_retries: int = 3
+    allow_private_urls: bool = False
+    bucket_endpoint_url: str = ""
+    bucket_access_key_id: SecretStr = field(default_factory=lambda: SecretStr(""))
+    bucket_secret_access_key: SecretStr = field(default_factory=lambda: SecretStr(""))
+    bucket_name: str = "xicon-dance"
+    bucket_region: str = "us-east-1"
+    bucket_prefix: str = "results"
+    presign_expiry_s: int = 604800
+    max_base64_output_bytes: int = 7 * MB
+    default_video: Path = PACKAGE_ROOT / "assets" / "default_video.mp4"
+    workflow_path: Path = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+    sageattention_enabled: bool = True
+    pose_render_device: str = "gpu"
+    progress_interval_s: float = 1.0
+    log_level: str = "INFO"
+
+    @property
+    def comfy_url(self) -> str:
+        return f"http://{self.comfy_host}"
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(
+            self.bucket_endpoint_url
+            and self.bucket_access_key_id.get_secret_value()
+            and self.bucket_secret_access_key.get_secret_value()
+        )
+
+    @property
+    def attention_mode(self) -> str:
+        return "sageattn" if self.sageattention_enabled else "sdpa"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        comfy_dir = Path(_s(env, "COMFY_DIR", "/comfyui"))
+
+        def path(name: str, default: Path) -> Path:
+            p = Path(_s(env, name, str(default)))
+            return p if p.is_absolute() else PACKAGE_ROOT / p
+
+        render_device = _s(env, "POSE_RENDER_DEVICE", "gpu")
+        if render_device not in {"gpu", "cuda", "cpu", "vulkan", "opengl", "metal"}:
+            raise ConfigError(f"POSE_RENDER_DEVICE {render_device!r} is not a taichi arch.")
+        return cls(
+            comfy_host=_s(env, "COMFY_HOST", "127.0.0.1:8188"),
+            comfy_dir=comfy_dir,
+            comfy_input_dir=Path(_s(env, "COMFY_INPUT_DIR", str(comfy_dir / "input"))),
+            comfy_pid_file=Path(_s(env, "COMFY_PID_FILE", "/tmp/comfyui.pid")),
+            comfy_startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT_S", 900.0, 1.0),
+            job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1800.0, 1.0),
+            max_frames=_int(env, "MAX_FRAMES", 241, 5),
+            max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
+            max_video_bytes=_int(env, "MAX_VIDEO_BYTES", 500 * MB, 1),
+            download_connect_timeout_s=_float(env, "DOWNLOAD_CONNECT_TIMEOUT_S", 10.0, 0.1),
+            download_read_timeout_s=_float(env, "DOWNLOAD_READ_TIMEOUT_S", 60.0, 0.1),
+            download_retries=_int(env, "DOWNLOAD_RETRIES", 3, 1),
+            allow_private_urls=_bool(env, "ALLOW_PRIVATE_URLS", False),
+            bucket_endpoint_url=_s(env, "BUCKET_ENDPOINT_URL", ""),
+            bucket_access_key_id=SecretStr(_s(env, "BUCKET_ACCESS_KEY_ID", "")),
+            bucket_secret_access_key=SecretStr(_s(env, "BUCKET_SECRET_ACCESS_KEY", "")),
+            bucket_name=_s(env, "BUCKET_NAME", "xicon-dance"),
+            bucket_region=_s(env, "BUCKET_REGION", "us-east-1"),
+            bucket_prefix=_s(env, "BUCKET_PREFIX", "results").strip("/"),
+            presign_expiry_s=_int(env, "PRESIGN_EXPIRY_S", 604800, 1),
+            max_base64_output_bytes=_int(env, "MAX_BASE64_OUTPUT_BYTES", 7 * MB, 1),
+            default_video=path("DEFAULT_VIDEO", Path("assets/default_video.mp4")),
+            workflow_path=path("WORKFLOW_PATH", Path("XiCON_Dance_SCAIL_vFinal.json")),
+            sageattention_enabled=_bool(env, "SAGEATTENTION_ENABLED", True),
+            pose_render_device=render_device,
+            progress_interval_s=_float(env, "PROGRESS_INTERVAL_S", 1.0, 0.0),
+            log_level=_s(env, "LOG_LEVEL", "INFO").upper(),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Settings)]
