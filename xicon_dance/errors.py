@@ -49,7 +49,7 @@ class WorkerError(Exception):
 
 
 class ConfigError(WorkerError):
-    """The worker itself is misconfigured (settings, workflow template). Stops the worker at start."""
+    """The worker is misconfigured (settings, workflow template). Stops the worker at start."""
 
     code = "config_error"
 

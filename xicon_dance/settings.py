@@ -84,7 +84,10 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "BUCKET_REGION": ("us-east-1", "region used for request signing"),
     "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
     "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
-    "MAX_BASE64_OUTPUT_BYTES": ("7340032", "largest video returned inline as base64 (10 MB /run cap)"),
+    "MAX_BASE64_OUTPUT_BYTES": (
+        "7340032",
+        "largest inline base64 video (10 MB /run cap)",
+    ),
     "DEFAULT_VIDEO": ("assets/default_video.mp4", "driving video used when the job gives none"),
     "WORKFLOW_PATH": ("XiCON_Dance_SCAIL_vFinal.json", "API-format graph template"),
     "SAGEATTENTION_ENABLED": ("1", "1: attention_mode sageattn; 0: sdpa"),
