@@ -1,15 +1,697 @@
-"""Job inputs: safe download / base64 decode, content checks, per-job folder. OWNER: core-input helper.
+"""Job inputs: safe download or base64 decode, content checks, per-job folder.
+
+OWNER: core-input helper.
 
 Contract:
 - ``ImageInfo(path, width, height, format, bytes)``; ``VideoInfo(path, width, height, fps, frames,
   duration_s, has_audio, bytes)`` (frozen dataclasses).
-- ``job_folder(settings, job_id) -> contextmanager[Path]``: creates ``<comfy_input_dir>/jobs/<safe id>``
-  and removes it when the job ends, failed or not.
+- ``job_folder(settings, job_id) -> contextmanager[Path]``: creates
+  ``<comfy_input_dir>/jobs/<safe id>`` and removes it when the job ends, failed or not.
 - ``async fetch_image(job: JobInput, folder: Path, settings) -> ImageInfo`` and
-  ``async fetch_video(job, folder, settings) -> VideoInfo``: from URL (http/https only, SSRF guard after
-  DNS resolution and on every redirect, at most 5 redirects, byte caps, timeouts, retries with backoff
-  on connection errors and 5xx) or base64 (raw or data: URI, length capped before decoding), or the
-  default video. Content checked by decoding (Pillow with the decompression-bomb limit; PyAV probe).
-  Every failure raises ``InputError(field=...)`` with a clear sentence.
+  ``async fetch_video(job, folder, settings) -> VideoInfo``: from URL (http/https only, SSRF guard
+  after DNS resolution and on every redirect, at most 5 redirects, byte caps, timeouts, retries
+  with backoff on connection errors and 5xx) or base64 (raw or data: URI, length capped before
+  decoding), or the default video. Content checked by decoding (Pillow with the
+  decompression-bomb limit; PyAV probe). Every failure raises ``InputError(field=...)`` with a
+  clear sentence.
 - ``probe_video(path) -> VideoInfo`` (also used on the result video).
+
+Details:
+- ``input_name(settings, path) -> str``: the name ComfyUI loaders take (relative to the ComfyUI
+  input folder, POSIX separators), e.g. ``jobs/<id>/reference.png``.
+- Files in the job folder get generated names (``reference.<ext>``, ``driving.<ext>``), never the
+  caller's. Images keep their original bytes; the extension follows the decoded format. The
+  default video is linked (or copied) into the job folder so that every input is under it.
+- Reported image width/height are after EXIF orientation (as ComfyUI's LoadImage sees them).
+- ``probe_video(path, field=...)`` raises ``InputError(code="invalid_video"|"too_many_pixels")``;
+  a caller probing a result video converts that into its own error.
+- ``check_default_video(settings) -> VideoInfo`` probes the bundled default video; a missing or
+  broken one raises ``ConfigError(code="default_video_missing")`` (call it at start).
+- SSRF policy: an address is refused unless it is globally routable unicast; cloud metadata
+  addresses are refused even with ``allow_private_urls`` (no test needs them). Every connection
+  goes through ``GuardedResolver``; IP-literal hosts (which aiohttp does not resolve) and
+  non-canonical IPv4 forms are checked per hop. No proxy from the environment is used.
+- Error codes: see ``xicon_dance.schema.INPUT_ERROR_CODES``. Messages show a URL without its
+  query string (presigned URLs carry credentials there).
 """
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+from aiohttp.abc import AbstractResolver, ResolveResult
+from PIL import Image, ImageFile, UnidentifiedImageError
+from yarl import URL
+
+from .errors import ConfigError, InputError
+from .schema import JobInput
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+RETRY_BACKOFF_S = 0.5
+RETRY_BACKOFF_MAX_S = 8.0
+CHUNK_BYTES = 256 * 1024
+MIN_IMAGE_SIDE = 16
+MIN_VIDEO_SIDE = 16
+MAX_VIDEO_SIDE = 8192
+MAX_VIDEO_FPS = 240.0
+IMAGE_FORMATS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "TIFF": "tiff",
+}
+VIDEO_EXTENSIONS = {"mov": "mp4", "mp4": "mp4", "matroska": "mkv", "webm": "webm", "avi": "avi"}
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.169.253",
+        "168.63.129.16",
+        "100.100.100.200",
+        "192.0.0.192",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+    )
+)
+_REDIRECTS = {301, 302, 303, 307, 308}
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: Path
+    width: int
+    height: int
+    format: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: Path
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration_s: float
+    has_audio: bool
+    bytes: int
+
+
+# --------------------------------------------------------------------------- job folder
+
+
+def safe_job_id(job_id: str) -> str:
+    """A folder name for ``job_id``: safe characters only, a hash suffix if anything changed."""
+    cleaned = _SAFE_ID.sub("_", job_id)[:80].strip(".") or "job"
+    if cleaned != job_id:
+        cleaned += "-" + hashlib.sha256(job_id.encode()).hexdigest()[:10]
+    return cleaned
+
+
+@contextlib.contextmanager
+def job_folder(settings: Settings, job_id: str) -> Iterator[Path]:
+    """``<comfy_input_dir>/jobs/<safe id>``, created empty and removed on exit (even on failure)."""
+    folder = Path(settings.comfy_input_dir) / "jobs" / safe_job_id(job_id)
+    if folder.exists():
+        log.warning("job folder %s already existed; replacing it", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            log.error("could not remove job folder %s", folder)
+
+
+def input_name(settings: Settings, path: Path) -> str:
+    """The file name ComfyUI's loaders take: relative to its input folder, POSIX separators."""
+    return Path(path).resolve().relative_to(Path(settings.comfy_input_dir).resolve()).as_posix()
+
+
+# --------------------------------------------------------------------------- public fetchers
+
+
+async def fetch_image(job: JobInput, folder: Path, settings: Settings) -> ImageInfo:
+    """Get the reference image into ``folder`` and check it by decoding."""
+    staging = folder / "reference.part"
+    if job.image_url is not None:
+        field = "image_url"
+        await download(job.image_url, staging, settings.max_image_bytes, field, settings)
+    else:
+        field = "image_base64"
+        decode_base64_to_file(job.image_base64 or "", staging, settings.max_image_bytes, field)
+    width, height, fmt = await asyncio.to_thread(check_image, staging, field)
+    final = folder / f"reference.{IMAGE_FORMATS[fmt]}"
+    staging.replace(final)
+    return ImageInfo(final, width, height, fmt, final.stat().st_size)
+
+
+async def fetch_video(job: JobInput, folder: Path, settings: Settings) -> VideoInfo:
+    """Get the driving video into ``folder`` (or link the default video) and probe it."""
+    staging = folder / "driving.part"
+    if job.video_url is not None:
+        field = "video_url"
+        await download(job.video_url, staging, settings.max_video_bytes, field, settings)
+    elif job.video_base64 is not None:
+        field = "video_base64"
+        decode_base64_to_file(job.video_base64, staging, settings.max_video_bytes, field)
+    else:
+        check_default_video(settings)
+        final = folder / f"driving{settings.default_video.suffix or '.mp4'}"
+        _link_or_copy(settings.default_video, final)
+        return await asyncio.to_thread(probe_video, final, field="video_url")
+    info = await asyncio.to_thread(probe_video, staging, field=field)
+    final = folder / f"driving.{_video_extension(staging)}"
+    staging.replace(final)
+    return dataclasses.replace(info, path=final)
+
+
+def check_default_video(settings: Settings) -> VideoInfo:
+    """Probe the bundled default video; missing or broken -> ``ConfigError``."""
+    path = Path(settings.default_video)
+    if not path.is_file():
+        raise ConfigError(
+            f"The default driving video {path.name} is missing (DEFAULT_VIDEO); jobs without "
+            "video_url or video_base64 cannot run.",
+            code="default_video_missing",
+        )
+    try:
+        return probe_video(path, field="video_url")
+    except InputError as exc:
+        raise ConfigError(
+            f"The default driving video {path.name} is unusable: {exc.message}",
+            code="default_video_missing",
+        ) from None
+
+
+# --------------------------------------------------------------------------- base64
+
+
+def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> int:
+    """Strict base64 (raw or ``data:...;base64,``) -> ``dest``; the length is capped first."""
+    limit = _b64_limit(max_bytes)
+    if len(data) > limit + 512:
+        raise _too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
+    text = data.strip()
+    if text[:5].lower() == "data:":
+        header, sep, text = text.partition(",")
+        if not sep:
+            raise InputError(f"{field}: the data: URI has no ',' before the data.", **_b64(field))
+        if not header.lower().endswith(";base64"):
+            raise InputError(
+                f"{field}: the data: URI must be base64-encoded (';base64,').", **_b64(field)
+            )
+    if any(ch.isspace() for ch in text[:1024]) or any(ch.isspace() for ch in text[-1024:]):
+        text = "".join(text.split())
+    if len(text) > limit:
+        raise _too_large(field, max_bytes, f"the base64 text has {len(text)} characters")
+    if not text:
+        raise InputError(f"{field}: is empty.", **_b64(field))
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(
+            f"{field}: is not valid base64 ({_b64_reason(exc)}).", **_b64(field)
+        ) from None
+    if not raw:
+        raise InputError(f"{field}: decodes to zero bytes.", **_b64(field))
+    if len(raw) > max_bytes:
+        raise _too_large(field, max_bytes, f"it decodes to {len(raw)} bytes")
+    dest.write_bytes(raw)
+    return len(raw)
+
+
+def _b64_limit(max_bytes: int) -> int:
+    return 4 * ((max_bytes + 2) // 3)
+
+
+def _b64(field: str) -> dict[str, Any]:
+    return {"field": field, "code": "invalid_base64"}
+
+
+def _b64_reason(exc: Exception) -> str:
+    text = str(exc).strip().rstrip(".")
+    return text[:1].lower() + text[1:] if text else "undecodable"
+
+
+# --------------------------------------------------------------------------- SSRF guard
+
+
+class ForbiddenAddress(OSError):
+    """A connection target that the SSRF policy refuses."""
+
+
+def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str:
+    """Why ``ip`` may not be contacted ('' if it may)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            return address_refusal(embedded, allow_private)
+        if ip.teredo is not None:
+            return address_refusal(ip.teredo[1], allow_private)
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if allow_private:
+        return ""
+    for attr, label in (
+        ("is_unspecified", "an unspecified address"),
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address"),
+        ("is_multicast", "a multicast address"),
+        ("is_private", "a private address"),
+        ("is_reserved", "a reserved address"),
+    ):
+        if getattr(ip, attr):
+            return label
+    if not ip.is_global:
+        return "a non-public address"
+    return ""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with the system resolver, then refuses if ANY answer is a forbidden address."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for res in results:
+            ip = ipaddress.ip_address(res["host"].split("%", 1)[0])
+            why = address_refusal(ip, self._allow_private)
+            if why:
+                raise ForbiddenAddress(f"{host} resolves to {why}")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def check_url_target(url: URL, allow_private: bool) -> None:
+    """Scheme and IP-literal checks for one hop; raises ``ForbiddenAddress`` / ``ValueError``."""
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"uses the scheme {url.scheme or '(none)'}; only http and https work")
+    host = (url.raw_host or "").strip("[]")
+    if not host:
+        raise ValueError("has no host name")
+    ip = _ip_literal(host)
+    if ip is not None:
+        why = address_refusal(ip, allow_private)
+        if why:
+            raise ForbiddenAddress(f"{host} is {why}")
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        try:  # legacy numeric forms such as 2130706433, 0x7f.1 or 127.1
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def display_url(url: URL | str) -> str:
+    """``scheme://host[:port]/path`` (path shortened), without user info or query string."""
+    u = URL(str(url)) if not isinstance(url, URL) else url
+    try:
+        origin = f"{u.scheme}://{u.raw_host or ''}"
+        if u.explicit_port is not None:
+            origin += f":{u.explicit_port}"
+    except ValueError:
+        return "(unparsable URL)"
+    path = u.raw_path if len(u.raw_path) <= 80 else u.raw_path[:77] + "..."
+    return origin + path
+
+
+# --------------------------------------------------------------------------- download
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (connection problem, timeout, 5xx)."""
+
+
+async def download(url: str, dest: Path, max_bytes: int, field: str, settings: Settings) -> int:
+    """Stream ``url`` into ``dest`` under every guard; returns the byte count."""
+    attempts = max(1, settings.download_retries)
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.download_connect_timeout_s,
+        sock_read=settings.download_read_timeout_s,
+    )
+    last = ""
+    for attempt in range(attempts):
+        connector = aiohttp.TCPConnector(
+            resolver=GuardedResolver(settings.allow_private_urls), use_dns_cache=False
+        )
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=False, auto_decompress=False
+        ) as session:
+            try:
+                return await _download_once(session, url, dest, max_bytes, field, settings)
+            except _Retryable as exc:
+                last = str(exc)
+        if attempt + 1 < attempts:
+            delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2**attempt)
+            log.warning(
+                "%s: attempt %d failed (%s); retrying in %.1fs", field, attempt + 1, last, delay
+            )
+            await asyncio.sleep(delay)
+    raise InputError(
+        f"{field}: the download failed after {attempts} attempt(s): {last}.",
+        field=field,
+        code="download_failed",
+    )
+
+
+async def _download_once(
+    session: aiohttp.ClientSession,
+    url: str,
+    dest: Path,
+    max_bytes: int,
+    field: str,
+    settings: Settings,
+) -> int:
+    current = URL(url, encoded=False)
+    for hop in range(MAX_REDIRECTS + 1):
+        _check_hop(current, field, settings, first=hop == 0)
+        try:
+            async with session.get(current, allow_redirects=False) as resp:
+                if resp.status in _REDIRECTS:
+                    current = _next_hop(current, resp, field)
+                    continue
+                _check_status(resp, current, field)
+                return await _stream_body(resp, dest, max_bytes, field)
+        except (InputError, _Retryable):
+            raise
+        except Exception as exc:
+            forbidden = _forbidden_cause(exc)
+            if forbidden is not None:
+                raise InputError(
+                    f"{field}: refused to connect to {display_url(current)}: {forbidden}.",
+                    field=field,
+                    code="url_forbidden",
+                ) from None
+            if isinstance(exc, aiohttp.InvalidURL):
+                raise InputError(
+                    f"{field}: {display_url(current)} is not a usable URL.",
+                    field=field,
+                    code="unsupported_url",
+                ) from None
+            if isinstance(exc, asyncio.TimeoutError | aiohttp.ClientError | OSError):
+                raise _Retryable(_describe(exc, current)) from None
+            raise
+    raise InputError(
+        f"{field}: more than {MAX_REDIRECTS} redirects starting at {display_url(url)}.",
+        field=field,
+        code="download_failed",
+    )
+
+
+def _check_hop(url: URL, field: str, settings: Settings, *, first: bool) -> None:
+    try:
+        check_url_target(url, settings.allow_private_urls)
+    except ForbiddenAddress as exc:
+        where = "" if first else " (reached by a redirect)"
+        raise InputError(
+            f"{field}: refused to connect to {display_url(url)}{where}: {exc}.",
+            field=field,
+            code="url_forbidden",
+        ) from None
+    except ValueError as exc:
+        where = "" if first else "a redirect target "
+        raise InputError(
+            f"{field}: {where}{display_url(url)} {exc}.", field=field, code="unsupported_url"
+        ) from None
+
+
+def _next_hop(current: URL, resp: aiohttp.ClientResponse, field: str) -> URL:
+    location = resp.headers.get("Location", "")
+    if not location:
+        raise InputError(
+            f"{field}: {display_url(current)} answered a redirect without a Location.",
+            field=field,
+            code="download_failed",
+        )
+    try:
+        return current.join(URL(location))
+    except ValueError:
+        raise InputError(
+            f"{field}: {display_url(current)} redirected to an unparsable location.",
+            field=field,
+            code="download_failed",
+        ) from None
+
+
+def _check_status(resp: aiohttp.ClientResponse, url: URL, field: str) -> None:
+    if resp.status >= 500:
+        raise _Retryable(f"{display_url(url)} answered HTTP {resp.status}")
+    if resp.status != 200:
+        reason = f" {resp.reason}" if resp.reason else ""
+        raise InputError(
+            f"{field}: {display_url(url)} answered HTTP {resp.status}{reason}.",
+            field=field,
+            code="download_failed",
+        )
+
+
+async def _stream_body(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int, field: str) -> int:
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise _too_large(field, max_bytes, f"the server announces {resp.content_length} bytes")
+    total = 0
+    with dest.open("wb") as out:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            total += len(chunk)
+            if total > max_bytes:
+                raise _too_large(field, max_bytes, "the download grew past it")
+            out.write(chunk)
+    if total == 0:
+        raise InputError(
+            f"{field}: {display_url(resp.url)} returned an empty body.",
+            field=field,
+            code="download_failed",
+        )
+    return total
+
+
+def _forbidden_cause(exc: BaseException) -> ForbiddenAddress | None:
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ForbiddenAddress):
+            return cur
+        stack += [cur.__cause__, cur.__context__, getattr(cur, "os_error", None)]
+    return None
+
+
+def _describe(exc: BaseException, url: URL) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"timed out talking to {display_url(url)}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"the body from {display_url(url)} was cut short"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"could not connect to {display_url(url)}"
+    return f"{type(exc).__name__} from {display_url(url)}"
+
+
+def _too_large(field: str, max_bytes: int, why: str) -> InputError:
+    return InputError(
+        f"{field}: larger than the limit of {max_bytes} bytes ({why}).",
+        field=field,
+        code="too_large",
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+
+def check_image(path: Path, field: str) -> tuple[int, int, str]:
+    """Decode the image fully; returns (width, height, format) after EXIF orientation."""
+    limit = Image.MAX_IMAGE_PIXELS or 89_478_485
+    try:
+        with Image.open(path) as im:
+            fmt = im.format or ""
+            width, height = im.size
+            _check_image_header(fmt, width, height, limit, field)
+            if fmt != "MPO" and getattr(im, "n_frames", 1) > 1:
+                raise InputError(
+                    f"{field}: animated images are not supported; send a single still image.",
+                    field=field,
+                    code="invalid_image",
+                )
+            im.verify()
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112, 1)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_many_pixels(field, limit) from None
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = (
+            "it is not an image" if isinstance(exc, UnidentifiedImageError) else "it is damaged"
+        )
+        raise InputError(
+            f"{field}: the image cannot be decoded ({reason}).", field=field, code="invalid_image"
+        ) from None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return width, height, fmt
+
+
+def _check_image_header(fmt: str, width: int, height: int, limit: int, field: str) -> None:
+    if fmt not in IMAGE_FORMATS:
+        allowed = ", ".join(sorted(set(IMAGE_FORMATS) - {"MPO"}))
+        raise InputError(
+            f"{field}: image format {fmt or 'unknown'} is not supported (use {allowed}).",
+            field=field,
+            code="invalid_image",
+        )
+    if width * height > limit:
+        raise _too_many_pixels(field, limit, f"{width}x{height}")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise InputError(
+            f"{field}: the image is {width}x{height} pixels; at least "
+            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed.",
+            field=field,
+            code="invalid_image",
+        )
+
+
+def _too_many_pixels(field: str, limit: int, size: str = "") -> InputError:
+    shown = f" ({size})" if size else ""
+    return InputError(
+        f"{field}: the image has more than {limit} pixels{shown}; refused as a possible "
+        "decompression bomb.",
+        field=field,
+        code="too_many_pixels",
+    )
+
+
+# Truncated images must fail, not be padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def probe_video(path: Path, *, field: str = "video_url") -> VideoInfo:
+    """Open with PyAV: a video stream must exist and decode; fps, frames, duration, size, audio."""
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
+        raise _bad_video(field, "the file is empty")
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise _bad_video(field, "it has no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            _check_video_size(width, height, field)
+            fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+            has_audio = bool(container.streams.audio)
+            duration = _duration(container, stream)
+            frames = stream.frames or 0
+            _decode_first_frame(container, stream, field)
+            if frames <= 0:
+                container.seek(0)
+                frames = sum(1 for p in container.demux(stream) if p.size)
+    except InputError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        log.info("video probe failed: %s", type(exc).__name__)
+        raise _bad_video(field, "it is not a readable video") from None
+    if frames <= 0:
+        raise _bad_video(field, "it has no frames")
+    if not 0 < fps <= MAX_VIDEO_FPS:
+        raise _bad_video(field, f"its frame rate ({fps:g}) is outside 0..{MAX_VIDEO_FPS:g}")
+    if duration <= 0:
+        duration = frames / fps
+    return VideoInfo(
+        path, width, height, round(fps, 3), frames, round(duration, 3), has_audio, size
+    )
+
+
+def _duration(container: Any, stream: Any) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return 0.0
+
+
+def _decode_first_frame(container: Any, stream: Any, field: str) -> None:
+    for frame in container.decode(stream):
+        if frame.width and frame.height:
+            return
+    raise _bad_video(field, "no frame could be decoded")
+
+
+def _check_video_size(width: int, height: int, field: str) -> None:
+    if not width or not height:
+        raise _bad_video(field, "its frame size is unknown")
+    if max(width, height) > MAX_VIDEO_SIDE:
+        raise InputError(
+            f"{field}: the video is {width}x{height}; at most {MAX_VIDEO_SIDE} pixels a side.",
+            field=field,
+            code="too_many_pixels",
+        )
+    if min(width, height) < MIN_VIDEO_SIDE:
+        raise _bad_video(field, f"its frames are only {width}x{height} pixels")
+
+
+def _bad_video(field: str, why: str) -> InputError:
+    return InputError(f"{field}: unusable video ({why}).", field=field, code="invalid_video")
+
+
+def _video_extension(path: Path) -> str:
+    try:
+        with av.open(str(path)) as container:
+            names = container.format.name.split(",")
+    except (av.FFmpegError, OSError):
+        return "mp4"
+    for name in names:
+        if name in VIDEO_EXTENSIONS:
+            return VIDEO_EXTENSIONS[name]
+    return "mp4"
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
