@@ -1,6 +1,118 @@
-"""Logging: the job id on every line, secrets never printed. OWNER: core-run helper.
+"""Logging: the job id on every line, secrets never printed.
 
 Contract:
-- ``setup_logging(level)``; ``job_context(job_id)`` context manager that tags every record;
-  ``redact(text) -> str`` removes bucket keys, API keys and presigned query strings.
+- ``setup_logging(level)`` configures the root logger once (idempotent): one stream handler whose
+  format carries ``[job=<id>]``; a ``JobFilter`` that stamps ``record.job_id`` from a context
+  variable and redacts the formatted message of every record (``-`` outside a job).
+- ``job_context(job_id)`` context manager sets the job id for the current task/thread (a
+  ``contextvars`` variable, so concurrent asyncio tasks do not mix ids).
+- ``register_secret(value)`` adds a literal (bucket keys, API keys) to the redaction list;
+  ``setup_logging`` registers the bucket keys from settings when given.
+- ``redact(text) -> str`` removes registered secrets, presigned URL query strings
+  (``X-Amz-*``, ``Signature=``, ``AWSAccessKeyId=``), ``Authorization`` headers and common
+  ``key=value`` secrets (api_key, token, secret, password).
 """
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_job_id: contextvars.ContextVar[str] = contextvars.ContextVar("xicon_job_id", default="-")
+_secrets: set[str] = set()
+
+FORMAT = "%(asctime)s %(levelname)s [job=%(job_id)s] %(name)s: %(message)s"
+MASK = "[REDACTED]"
+
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&](?:X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId|token|sig)=)[^&\s\"'<>]*"
+)
+_HEADER_SECRET = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?[^\s\"',]+")
+_KV_SECRET = re.compile(
+    r"(?i)\b((?:api[_-]?key|access[_-]?key(?:[_-]?id)?|secret(?:[_-]?access)?[_-]?key|secret"
+    r"|password|passwd|token|runpod_api_key)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}&]+"
+)
+
+
+def current_job_id() -> str:
+    return _job_id.get()
+
+
+@contextmanager
+def job_context(job_id: str) -> Iterator[None]:
+    """Tag every log record emitted inside the block with ``job_id``."""
+    token = _job_id.set(str(job_id))
+    try:
+        yield
+    finally:
+        _job_id.reset(token)
+
+
+def register_secret(value: str | None) -> None:
+    """Add a literal secret to be masked wherever it appears (ignores short/empty values)."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """Text with secrets, presigned query strings and credential key/values masked."""
+    if not text:
+        return text
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    text = _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, text)
+    text = _HEADER_SECRET.sub(lambda m: m.group(1) + MASK, text)
+    return _KV_SECRET.sub(lambda m: m.group(1) + MASK, text)
+
+
+class JobFilter(logging.Filter):
+    """Stamps ``record.job_id`` and replaces the message with its redacted, formatted form."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id = _job_id.get()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the record
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "job_id"):
+            record.job_id = _job_id.get()
+        return redact(super().format(record))
+
+
+_HANDLER_MARK = "_xicon_dance_handler"
+
+
+def setup_logging(level: str = "INFO", *, secrets: tuple[Any, ...] = ()) -> logging.Handler:
+    """Configure the root logger once; later calls only update the level and secrets."""
+    for value in secrets:
+        getter = getattr(value, "get_secret_value", None)
+        register_secret(getter() if getter else value)
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        if getattr(handler, _HANDLER_MARK, False):
+            return handler
+    handler = logging.StreamHandler(sys.stderr)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.setFormatter(_RedactingFormatter(FORMAT))
+    handler.addFilter(JobFilter())
+    root.addHandler(handler)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler

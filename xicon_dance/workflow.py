@@ -1,12 +1,194 @@
-"""Workflow template and patching. OWNER: core-run helper.
+"""Workflow template and patching.
 
 Contract:
 - ``Workflow.load(path, settings) -> Workflow`` reads the API-format graph once and checks the role
   table against it; a mismatch raises ``ConfigError`` naming the node id, expected class and input.
 - ``ROLES``: one declarative table, role -> (node id, expected class_type, input name).
-- ``Workflow.build(params: PatchParams) -> dict``: a patched deep copy; the template is never mutated.
+- ``Workflow.build(params: PatchParams) -> dict``: a patched deep copy; the template is never
+  mutated.
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
   fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, keep_audio, filename_prefix,
   attention_mode, pose_render_device. Derived values (pose size = half the generation size) are
   written here, nowhere else.
+
+Details:
+- ``keep_audio`` here means "mux the driving video's audio": the caller passes
+  ``job.keep_audio and video.has_audio``. True keeps/sets the link ``["130", 2]`` on node 139's
+  ``audio`` input; False removes the input (VHS_VideoCombine then writes a silent video). The
+  ``audio`` input is optional in the template; every other role's input must exist in it.
+- ``unique_prefix(job_id)`` gives a per-job ``filename_prefix`` (no path separators), so two
+  jobs never read each other's output and the output file can be found and removed.
 """
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUDIO_LINK: list[Any] = ["130", 2]
+
+
+@dataclass(frozen=True)
+class Role:
+    node: str
+    class_type: str
+    input: str
+    optional: bool = False
+
+
+ROLES: dict[str, Role] = {
+    "image": Role("106", "LoadImage", "image"),
+    "video": Role("130", "VHS_LoadVideo", "video"),
+    "load_fps": Role("130", "VHS_LoadVideo", "force_rate"),
+    "frame_load_cap": Role("130", "VHS_LoadVideo", "frame_load_cap"),
+    "width": Role("203", "INTConstant", "value"),
+    "height": Role("204", "INTConstant", "value"),
+    "pose_width": Role("205", "INTConstant", "value"),
+    "pose_height": Role("206", "INTConstant", "value"),
+    "cfg": Role("238", "FloatConstant", "value"),
+    "seed": Role("348", "WanVideoSamplerv2", "seed"),
+    "steps": Role("349", "WanVideoSchedulerv2", "steps"),
+    "prompt": Role("368", "WanVideoTextEncodeCached", "positive_prompt"),
+    "negative_prompt": Role("368", "WanVideoTextEncodeCached", "negative_prompt"),
+    "output_fps": Role("139", "VHS_VideoCombine", "frame_rate"),
+    "filename_prefix": Role("139", "VHS_VideoCombine", "filename_prefix"),
+    "audio": Role("139", "VHS_VideoCombine", "audio", optional=True),
+    "attention_mode": Role("22", "WanVideoModelLoader", "attention_mode"),
+    "pose_render_device": Role("362", "RenderNLFPoses", "render_device"),
+}
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    image_name: str
+    video_name: str
+    width: int
+    height: int
+    fps: int
+    frame_load_cap: int
+    steps: int
+    cfg: float
+    seed: int
+    prompt: str
+    negative_prompt: str
+    keep_audio: bool
+    filename_prefix: str
+    attention_mode: str
+    pose_render_device: str
+
+    def values(self) -> dict[str, Any]:
+        """Role -> value, derived values included (pose size is half the generation size)."""
+        return {
+            "image": self.image_name,
+            "video": self.video_name,
+            "load_fps": self.fps,
+            "frame_load_cap": self.frame_load_cap,
+            "width": self.width,
+            "height": self.height,
+            "pose_width": self.width // 2,
+            "pose_height": self.height // 2,
+            "cfg": float(self.cfg),
+            "seed": self.seed,
+            "steps": self.steps,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "output_fps": self.fps,
+            "filename_prefix": self.filename_prefix,
+            "attention_mode": self.attention_mode,
+            "pose_render_device": self.pose_render_device,
+        }
+
+
+def unique_prefix(job_id: str, base: str = "xicon_dance") -> str:
+    """A filename_prefix unique to this job: safe characters only, plus a random suffix."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", job_id)[:48] or "job"
+    return f"{base}_{safe}_{uuid.uuid4().hex[:8]}"
+
+
+class Workflow:
+    """The loaded, checked template. ``build`` returns patched copies."""
+
+    def __init__(self, template: dict[str, Any], source: str = "<memory>") -> None:
+        check_roles(template, source)
+        self._template = template
+        self.source = source
+
+    @classmethod
+    def load(cls, path: Path, settings: Settings | None = None) -> Workflow:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"Workflow template {path} cannot be read ({exc.strerror or exc}); "
+                "check WORKFLOW_PATH.",
+                field="WORKFLOW_PATH",
+            ) from None
+        try:
+            graph = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"Workflow template {path} is not valid JSON (line {exc.lineno}: {exc.msg}).",
+                field="WORKFLOW_PATH",
+            ) from None
+        workflow = cls(graph, str(path))
+        log.info("workflow template %s loaded: %d nodes, roles checked", path, len(graph))
+        return workflow
+
+    @property
+    def template(self) -> dict[str, Any]:
+        """A deep copy of the template (the original is never handed out)."""
+        return copy.deepcopy(self._template)
+
+    def build(self, params: PatchParams) -> dict[str, Any]:
+        graph = copy.deepcopy(self._template)
+        for role, value in params.values().items():
+            spec = ROLES[role]
+            graph[spec.node]["inputs"][spec.input] = value
+        audio = ROLES["audio"]
+        inputs = graph[audio.node]["inputs"]
+        if params.keep_audio:
+            inputs[audio.input] = list(AUDIO_LINK)
+        else:
+            inputs.pop(audio.input, None)
+        return graph
+
+
+def check_roles(graph: Any, source: str = "<memory>") -> None:
+    """Raise ``ConfigError`` naming the first node whose id, class or input does not match."""
+    if not isinstance(graph, dict) or not graph:
+        raise ConfigError(
+            f"Workflow template {source} must be a non-empty API-format JSON object "
+            "(node id -> {class_type, inputs}); was it saved with 'Export (API)'?",
+            field="WORKFLOW_PATH",
+        )
+    for role, spec in ROLES.items():
+        node = graph.get(spec.node)
+        where = f"Workflow template {source}: node {spec.node} ({spec.class_type}, role {role})"
+        if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
+            raise ConfigError(f"{where} is missing or has no inputs.", field="WORKFLOW_PATH")
+        if node.get("class_type") != spec.class_type:
+            raise ConfigError(
+                f"{where} has class_type {node.get('class_type')!r}, expected {spec.class_type!r}.",
+                field="WORKFLOW_PATH",
+            )
+        if not spec.optional and spec.input not in node["inputs"]:
+            raise ConfigError(f"{where} has no input {spec.input!r}.", field="WORKFLOW_PATH")
+    audio = ROLES["audio"]
+    link = graph[audio.node]["inputs"].get(audio.input)
+    if link is not None and list(link) != AUDIO_LINK:
+        raise ConfigError(
+            f"Workflow template {source}: node {audio.node} input 'audio' is linked to {link!r}, "
+            f"expected {AUDIO_LINK!r} (the driving video's audio).",
+            field="WORKFLOW_PATH",
+        )

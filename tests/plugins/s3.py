@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ class S3Server:
     secret_key: str
     region: str = "us-east-1"
 
-    def client(self):  # noqa: ANN201 - boto3 client type is dynamic
+    def client(self) -> Any:
         import boto3
         from botocore.config import Config
 

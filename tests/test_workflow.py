@@ -1,0 +1,179 @@
+"""Workflow role table: checked at load, patches a copy, never the template."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xicon_dance.errors import ConfigError
+from xicon_dance.settings import PACKAGE_ROOT
+from xicon_dance.workflow import ROLES, PatchParams, Workflow, check_roles, unique_prefix
+
+REAL_GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+
+
+def mini_graph() -> dict[str, Any]:
+    """A small API-format graph with the seed's node ids, classes and inputs."""
+    return {
+        "106": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+        "130": {
+            "class_type": "VHS_LoadVideo",
+            "inputs": {"video": "drive.mp4", "force_rate": 0, "frame_load_cap": 0, "format": "Wan"},
+        },
+        "203": {"class_type": "INTConstant", "inputs": {"value": 512}},
+        "204": {"class_type": "INTConstant", "inputs": {"value": 896}},
+        "205": {"class_type": "INTConstant", "inputs": {"value": 256}},
+        "206": {"class_type": "INTConstant", "inputs": {"value": 448}},
+        "238": {"class_type": "FloatConstant", "inputs": {"value": 1.0}},
+        "22": {"class_type": "WanVideoModelLoader", "inputs": {"attention_mode": "sdpa"}},
+        "362": {"class_type": "RenderNLFPoses", "inputs": {"render_device": "gpu"}},
+        "348": {"class_type": "WanVideoSamplerv2", "inputs": {"seed": 42, "cfg": ["238", 0]}},
+        "349": {"class_type": "WanVideoSchedulerv2", "inputs": {"steps": 6}},
+        "368": {
+            "class_type": "WanVideoTextEncodeCached",
+            "inputs": {"positive_prompt": "p", "negative_prompt": "n"},
+        },
+        "139": {
+            "class_type": "VHS_VideoCombine",
+            "inputs": {
+                "images": ["348", 0],
+                "frame_rate": 16,
+                "filename_prefix": "SCAIL",
+                "audio": ["130", 2],
+            },
+        },
+    }
+
+
+def params(**over: Any) -> PatchParams:
+    base: dict[str, Any] = {
+        "image_name": "jobs/j1/ref.png",
+        "video_name": "jobs/j1/drive.mp4",
+        "width": 416,
+        "height": 672,
+        "fps": 24,
+        "frame_load_cap": 81,
+        "steps": 6,
+        "cfg": 1,
+        "seed": 7,
+        "prompt": "dance",
+        "negative_prompt": "static",
+        "keep_audio": True,
+        "filename_prefix": "xicon_dance_j1_abcd",
+        "attention_mode": "sageattn",
+        "pose_render_device": "cpu",
+    }
+    base.update(over)
+    return PatchParams(**base)
+
+
+def test_build_sets_every_role_and_derived_pose_size() -> None:
+    graph = Workflow(mini_graph()).build(params())
+    assert graph["106"]["inputs"]["image"] == "jobs/j1/ref.png"
+    assert graph["130"]["inputs"] == {
+        "video": "jobs/j1/drive.mp4",
+        "force_rate": 24,
+        "frame_load_cap": 81,
+        "format": "Wan",
+    }
+    assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
+        416,
+        672,
+        208,
+        336,
+    ]
+    assert graph["238"]["inputs"]["value"] == 1.0
+    assert isinstance(graph["238"]["inputs"]["value"], float)
+    assert graph["348"]["inputs"]["seed"] == 7
+    assert graph["349"]["inputs"]["steps"] == 6
+    assert graph["368"]["inputs"] == {"positive_prompt": "dance", "negative_prompt": "static"}
+    assert graph["139"]["inputs"]["frame_rate"] == 24
+    assert graph["139"]["inputs"]["filename_prefix"] == "xicon_dance_j1_abcd"
+    assert graph["139"]["inputs"]["audio"] == ["130", 2]
+    assert graph["22"]["inputs"]["attention_mode"] == "sageattn"
+    assert graph["362"]["inputs"]["render_device"] == "cpu"
+
+
+def test_audio_link_removed_without_audio_and_restored_with_it() -> None:
+    template = mini_graph()
+    del template["139"]["inputs"]["audio"]
+    wf = Workflow(template)
+    assert "audio" not in wf.build(params(keep_audio=False))["139"]["inputs"]
+    assert wf.build(params(keep_audio=True))["139"]["inputs"]["audio"] == ["130", 2]
+    wf2 = Workflow(mini_graph())
+    assert "audio" not in wf2.build(params(keep_audio=False))["139"]["inputs"]
+
+
+def test_template_is_never_mutated() -> None:
+    template = mini_graph()
+    snapshot = copy.deepcopy(template)
+    wf = Workflow(template)
+    first = wf.build(params(keep_audio=False, seed=1))
+    first["130"]["inputs"]["video"] = "tampered"
+    wf.build(params(seed=2))
+    assert template == snapshot
+    assert wf.template == snapshot
+    wf.template["106"]["inputs"]["image"] = "tampered"
+    assert wf.template == snapshot
+
+
+@pytest.mark.parametrize("role", sorted(r for r, s in ROLES.items() if not s.optional))
+def test_missing_input_names_the_node(role: str) -> None:
+    graph = mini_graph()
+    spec = ROLES[role]
+    del graph[spec.node]["inputs"][spec.input]
+    with pytest.raises(ConfigError) as info:
+        check_roles(graph)
+    assert f"node {spec.node}" in info.value.message
+    assert spec.input in info.value.message
+
+
+def test_wrong_class_and_missing_node_name_the_node() -> None:
+    graph = mini_graph()
+    graph["349"]["class_type"] = "WanVideoScheduler"
+    with pytest.raises(ConfigError, match=r"node 349 .*'WanVideoScheduler'.*'WanVideoSchedulerv2'"):
+        check_roles(graph)
+    graph = mini_graph()
+    del graph["238"]
+    with pytest.raises(ConfigError, match=r"node 238 \(FloatConstant"):
+        check_roles(graph)
+
+
+def test_wrong_audio_link_is_refused() -> None:
+    graph = mini_graph()
+    graph["139"]["inputs"]["audio"] = ["131", 0]
+    with pytest.raises(ConfigError, match="node 139 input 'audio'"):
+        check_roles(graph)
+
+
+def test_load_errors_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Workflow.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Workflow.load(bad)
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="API-format"):
+        Workflow.load(ui)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(mini_graph()))
+    assert Workflow.load(good).build(params())["348"]["inputs"]["seed"] == 7
+
+
+def test_unique_prefix_is_unique_and_safe() -> None:
+    a, b = unique_prefix("job/../x y"), unique_prefix("job/../x y")
+    assert a != b
+    assert "/" not in a and " " not in a and ".." not in a
+
+
+@pytest.mark.skipif(not REAL_GRAPH.exists(), reason="the production graph is not in the tree yet")
+def test_production_graph_passes_the_role_check() -> None:
+    wf = Workflow.load(REAL_GRAPH)
+    graph = wf.build(params())
+    assert graph["205"]["inputs"]["value"] == 208
