@@ -619,6 +619,8 @@ def probe_video(path: Path, *, field: str = "video_url") -> VideoInfo:
         with av.open(str(path), mode="r") as container:
             if not container.streams.video:
                 raise _bad_video(field, "it has no video stream")
+            if _is_still_image(container):
+                raise _bad_video(field, "it is a still image, not a video")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             _check_video_size(width, height, field)
@@ -644,6 +646,11 @@ def probe_video(path: Path, *, field: str = "video_url") -> VideoInfo:
     return VideoInfo(
         path, width, height, round(fps, 3), frames, round(duration, 3), has_audio, size
     )
+
+
+def _is_still_image(container: Any) -> bool:
+    names = container.format.name.split(",")
+    return any(n == "image2" or n.endswith("_pipe") for n in names)
 
 
 def _duration(container: Any, stream: Any) -> float:
