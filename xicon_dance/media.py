@@ -82,7 +82,14 @@ IMAGE_FORMATS = {
     "GIF": "gif",
     "TIFF": "tiff",
 }
-VIDEO_EXTENSIONS = {"mov": "mp4", "mp4": "mp4", "matroska": "mkv", "webm": "webm", "avi": "avi"}
+VIDEO_EXTENSIONS = {
+    "mov": "mp4",
+    "mp4": "mp4",
+    "matroska": "mkv",
+    "webm": "webm",
+    "avi": "avi",
+    "gif": "gif",
+}
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
     for a in (

@@ -199,8 +199,12 @@ def parse_job_input(raw: object, settings: Settings) -> JobInput:
 
 
 def _check_pairs(raw: dict[str, Any]) -> None:
+    for key in _FIELD_ORDER:
+        if isinstance(raw.get(key), str) and not raw[key].strip():
+            raise InputError(f"{key}: must not be an empty string.", field=key)
+
     def given(key: str) -> bool:
-        return raw.get(key) not in (None, "")
+        return raw.get(key) is not None
 
     for a, b in (("image_url", "image_base64"), ("video_url", "video_base64")):
         if given(a) and given(b):
@@ -213,9 +217,6 @@ def _check_pairs(raw: dict[str, Any]) -> None:
             field="image_url",
             code="missing_image",
         )
-    for key in _FIELD_ORDER:
-        if raw.get(key) == "":
-            raise InputError(f"{key}: must not be an empty string.", field=key)
 
 
 def _check_url_syntax(url: str) -> None:
