@@ -353,7 +353,8 @@ def display_url(url: URL | str) -> str:
     """``scheme://host[:port]/path`` (path shortened), without user info or query string."""
     u = URL(str(url)) if not isinstance(url, URL) else url
     try:
-        origin = f"{u.scheme}://{u.raw_host or ''}"
+        host = u.raw_host or ""
+        origin = f"{u.scheme}://[{host}]" if ":" in host else f"{u.scheme}://{host}"
         if u.explicit_port is not None:
             origin += f":{u.explicit_port}"
     except ValueError:

@@ -2,8 +2,8 @@
 
 Generates REAL media with Pillow and PyAV, for any test that needs input files:
 - ``make_image(path, w, h, fmt="PNG") -> Path``: a gradient image (PNG, JPEG, WEBP, GIF, BMP).
-- ``make_video(path, w, h, fps, frames, audio=False) -> Path``: H.264 MP4 (yuv420p), optionally
-  with an AAC audio track of the same duration.
+- ``make_video(path, w, h, fps, frames, audio=False, container="mp4") -> Path``: H.264 MP4
+  (yuv420p), optionally with an AAC audio track of the same duration.
 - ``make_audio_only(path, seconds=1.0) -> Path``: an MP4 with an AAC track and no video stream.
 - ``make_png_bomb(path, w, h) -> Path``: a valid, tiny 1-bit PNG whose pixel count is huge.
 - ``make_truncated(src, dest, keep=0.5) -> Path``: the first part of a file (a damaged image).
@@ -43,11 +43,19 @@ def make_image(path: Path | str, w: int, h: int, fmt: str = "PNG") -> Path:
 
 
 def make_video(
-    path: Path | str, w: int, h: int, fps: int, frames: int, audio: bool = False
+    path: Path | str,
+    w: int,
+    h: int,
+    fps: int,
+    frames: int,
+    audio: bool = False,
+    container: str = "mp4",
 ) -> Path:
-    """Write an H.264 MP4 of ``frames`` frames at ``fps``; ``audio`` adds an AAC sine track."""
+    """Write an H.264 video of ``frames`` frames at ``fps``; ``audio`` adds an AAC sine track.
+
+    ``container`` is an FFmpeg muxer name ("mp4", "matroska", "mov")."""
     path = Path(path)
-    with av.open(str(path), mode="w", format="mp4") as out:
+    with av.open(str(path), mode="w", format=container) as out:
         vs = out.add_stream("libx264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.options = {"preset": "ultrafast", "tune": "zerolatency"}
