@@ -1,0 +1,337 @@
+"""Command line: ``python -m xicon_dance run …`` (also installed as ``xicon-dance``).
+
+Contract:
+- ``main(argv=None) -> int`` parses the arguments, runs one job with ``client.run_job`` and
+  returns the exit code: 0 the video was saved, 1 the job ended without a video (FAILED,
+  CANCELLED, TIMED_OUT, ``--timeout``), 2 a usage problem (nothing was sent: bad flag, missing
+  file, request over RunPod's payload limit, no API key), 3 the API or the download failed,
+  130 interrupted with Ctrl-C (the job is cancelled first).
+- Progress goes to stderr: on a terminal one bar redrawn in place, otherwise one line per change.
+  The summary (file, video facts, seed, timings) goes to stdout. ``-v`` adds diagnostic logs.
+- The API key is read from ``RUNPOD_API_KEY`` and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .client import (
+    CANCEL_FAILED,
+    CANCEL_SENT,
+    DOWNLOADING,
+    RUN_PAYLOAD_LIMIT,
+    RUNSYNC_PAYLOAD_LIMIT,
+    SUBMITTED,
+    ClientError,
+    JobFailed,
+    JobResult,
+    JobUpdate,
+    UsageError,
+    build_job_input,
+    default_base_url,
+    run_job,
+)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+BAR_WIDTH = 24
+TIMING_KEYS = ("download", "queue", "inference", "upload", "total")
+
+
+class ProgressView:
+    """Draws job updates on ``stream``: a bar redrawn in place on a TTY, else one line each."""
+
+    def __init__(self, stream: TextIO, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.drawn = False
+        self.last: tuple[Any, ...] | None = None
+
+    def __call__(self, update: JobUpdate) -> None:
+        key = (update.status, update.progress, update.detail)
+        if not self.tty and key == self.last:
+            return
+        self.last = key
+        line = self.render(update)
+        if self.tty:
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            self.stream.write("\r\x1b[K" + line[:width])
+            self.drawn = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+    def note(self, text: str) -> None:
+        self.close()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    @staticmethod
+    def render(update: JobUpdate) -> str:
+        clock = _clock(update.elapsed_s)
+        if update.status == SUBMITTED:
+            return f"[{clock}] submitted job {update.job_id or '(local)'}"
+        if update.status == DOWNLOADING:
+            return f"[{clock}] saving the video"
+        if update.status == CANCEL_SENT:
+            return f"[{clock}] cancel sent for job {update.job_id}"
+        if update.status == CANCEL_FAILED:
+            detail = f": {update.detail}" if update.detail else ""
+            return f"[{clock}] could not cancel job {update.job_id}{detail}"
+        progress = update.progress
+        if progress is None:
+            return f"[{clock}] {update.status}"
+        fraction = progress.fraction
+        bar = _bar(fraction)
+        text = f"[{clock}] {bar} {progress.stage}"
+        if progress.step is not None and progress.total:
+            text += f" {progress.step}/{progress.total}"
+        if progress.message:
+            text += f" - {progress.message}"
+        return text
+
+
+def _bar(fraction: float | None) -> str:
+    if fraction is None:
+        return "[" + "." * BAR_WIDTH + "]  ?%"
+    filled = round(fraction * BAR_WIDTH)
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + f"] {round(fraction * 100):3d}%"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xicon-dance",
+        description="Client for the XiCON Dance SCAIL worker on RunPod serverless.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="submit one job, show its progress and save the video",
+        description="Submit a reference image and a driving video; save the generated MP4. "
+        "The API key is read from RUNPOD_API_KEY.",
+    )
+    _add_target_args(run)
+    _add_job_args(run)
+    _add_client_args(run)
+    return parser
+
+
+def _add_target_args(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("where")
+    group.add_argument("--endpoint", help="RunPod endpoint id (needed unless --base-url)")
+    group.add_argument(
+        "--base-url",
+        help="API base URL (default https://api.runpod.ai/v2/<endpoint>); "
+        "e.g. http://localhost:8000 for a local --rp_serve_api worker",
+    )
+    group.add_argument(
+        "--local",
+        action="store_true",
+        help="the server is the RunPod SDK's --rp_serve_api test server: use POST /runsync "
+        "(no progress, no cancel; 20 MB request limit)",
+    )
+
+
+def _add_job_args(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("job")
+    group.add_argument("--image", required=True, help="reference image: local file or http(s) URL")
+    group.add_argument(
+        "--video", help="driving video: local file or http(s) URL (default: the worker's own)"
+    )
+    group.add_argument("--prompt", help="text prompt")
+    group.add_argument("--negative-prompt", dest="negative_prompt", help="negative prompt")
+    group.add_argument("--width", type=int, help="output width, multiple of 32 (256..1280)")
+    group.add_argument("--height", type=int, help="output height, multiple of 32 (256..1280)")
+    group.add_argument("--steps", type=int, help="sampler steps (1..50)")
+    group.add_argument("--cfg", type=float, help="classifier-free guidance (0..20)")
+    group.add_argument("--seed", type=int, help="seed; -1 for a random one")
+    group.add_argument("--fps", type=int, help="output frame rate (1..60)")
+    group.add_argument(
+        "--max-frames", dest="max_frames", type=int, help="frame cap (rounded down to 4n+1)"
+    )
+    group.add_argument(
+        "--no-audio",
+        dest="keep_audio",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not copy the driving video's audio",
+    )
+    group.add_argument(
+        "--output",
+        choices=("url", "base64", "auto"),
+        help="how the worker returns the video (default auto: URL when it has a bucket)",
+    )
+
+
+def _add_client_args(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("client")
+    group.add_argument(
+        "--out", type=Path, default=Path("result.mp4"), help="where to save (default result.mp4)"
+    )
+    group.add_argument("--timeout", type=float, help="give up (and cancel the job) after S seconds")
+    group.add_argument(
+        "--poll-interval",
+        dest="poll_interval",
+        type=float,
+        default=1.0,
+        help="seconds between status polls (default 1)",
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="diagnostic logs on stderr")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    view = ProgressView(sys.stderr)
+    try:
+        result = _run(args, view)
+    except KeyboardInterrupt:
+        view.note("Interrupted.")
+        return EXIT_INTERRUPTED
+    except ClientError as exc:
+        view.note(_describe_error(exc))
+        return exc.exit_code
+    view.close()
+    _print_summary(result, sys.stdout)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, view: ProgressView) -> JobResult:
+    base_url, api_key = _target(args)
+    if args.poll_interval <= 0:
+        raise _usage("--poll-interval must be above 0.")
+    if args.timeout is not None and args.timeout <= 0:
+        raise _usage("--timeout must be above 0.")
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "prompt",
+            "negative_prompt",
+            "width",
+            "height",
+            "steps",
+            "cfg",
+            "seed",
+            "fps",
+            "max_frames",
+            "keep_audio",
+            "output",
+        )
+    }
+    limit = RUNSYNC_PAYLOAD_LIMIT if args.local else RUN_PAYLOAD_LIMIT
+    job_input = build_job_input(args.image, args.video, limit=limit, **options)
+    return asyncio.run(
+        run_job(
+            job_input,
+            base_url=base_url,
+            api_key=api_key,
+            out=args.out,
+            local=args.local,
+            poll_interval=args.poll_interval,
+            timeout=args.timeout,
+            on_update=view,
+        )
+    )
+
+
+def _target(args: argparse.Namespace) -> tuple[str, str | None]:
+    api_key = os.environ.get("RUNPOD_API_KEY", "").strip() or None
+    if args.base_url:
+        if not args.base_url.lower().startswith(("http://", "https://")):
+            raise _usage("--base-url must start with http:// or https://.")
+        return args.base_url, api_key
+    if not args.endpoint:
+        raise _usage("give --endpoint ID (or --base-url URL for another server).")
+    if api_key is None:
+        raise _usage("RUNPOD_API_KEY is not set; export your RunPod API key first.")
+    return default_base_url(args.endpoint), api_key
+
+
+def _usage(message: str) -> UsageError:
+    return UsageError(message)
+
+
+def _describe_error(exc: ClientError) -> str:
+    if not isinstance(exc, JobFailed):
+        return f"Error: {exc.message}"
+    lines = [f"Job {exc.job_id or '(unknown)'} {exc.status}: {exc.message}"]
+    if exc.code:
+        lines.append(f"  code: {exc.code}")
+    if exc.field:
+        lines.append(f"  field: {exc.field}")
+    return "\n".join(lines)
+
+
+def _print_summary(result: JobResult, out: TextIO) -> None:
+    video = result.video
+    if result.video_path is not None:
+        out.write(f"Saved {result.video_path} ({_size(video.get('bytes'))})\n")
+    facts = _video_facts(video)
+    if facts:
+        out.write(f"Video: {facts}\n")
+    out.write(f"Seed: {result.seed}\n")
+    timings = result.timings
+    shown = [f"{key} {_seconds(timings[key])}" for key in TIMING_KEYS if key in timings]
+    if shown:
+        out.write("Timings: " + ", ".join(shown) + "\n")
+    out.write(f"Job: {result.job_id}\n")
+    out.flush()
+
+
+def _video_facts(video: dict[str, Any]) -> str:
+    parts = []
+    if video.get("width") and video.get("height"):
+        parts.append(f"{video['width']}x{video['height']}")
+    if video.get("frames") is not None:
+        parts.append(f"{video['frames']} frames")
+    if video.get("fps") is not None:
+        parts.append(f"{video['fps']} fps")
+    if video.get("duration_s") is not None:
+        parts.append(f"{_seconds(video['duration_s'])}")
+    if video.get("has_audio") is not None:
+        parts.append("with audio" if video["has_audio"] else "no audio")
+    return ", ".join(parts)
+
+
+def _seconds(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return f"{value:.1f} s"
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return "size unknown"
+    return f"{value / 1_000_000:.1f} MB" if value >= 100_000 else f"{value} bytes"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
