@@ -110,7 +110,7 @@ class JobInput(BaseModel):
     cfg: float = Field(1.0, ge=0.0, le=20.0, allow_inf_nan=False)
     seed: int = Field(0, ge=-1, le=SEED_MAX)
     fps: int = Field(24, ge=1, le=60)
-    max_frames: int = Field(81, ge=MIN_FRAMES)
+    max_frames: int = Field(81, ge=MIN_FRAMES, validate_default=True)
     keep_audio: bool = True
     output: Literal["auto", "url", "base64"] = "auto"
 
