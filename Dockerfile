@@ -1,0 +1,210 @@
+# syntax=docker/dockerfile:1
+# XiCON Dance SCAIL — RunPod serverless worker image.
+#
+# Stages (BuildKit builds "builder" and "models" in parallel):
+#   builder  CUDA 12.8 cuDNN devel: Python venv, torch cu128, ComfyUI + custom nodes at 40-hex
+#            commits, SageAttention compiled from source (nvcc is needed only here).
+#   models   a small Python with huggingface_hub only: fetches model_manifest.json into /models
+#            (BAKE_MODELS=1) — its layer cache depends on the manifest and the script alone.
+#   runtime  CUDA 12.8 base (the torch wheels bring their own CUDA/cuDNN libraries) + the venv,
+#            ComfyUI, the worker and the weights.
+#
+# Build (linux/amd64):
+#   docker build --platform linux/amd64 -t blendx/xicon-dance-scail:5090 .
+#   docker build --platform linux/amd64 --build-arg TORCH_CUDA_ARCH_LIST="8.9;9.0;12.0" ...
+#   docker build --platform linux/amd64 --build-arg BAKE_MODELS=0 ...   (models on a volume)
+
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.8.0-cudnn-devel-ubuntu22.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.8.0-base-ubuntu22.04
+
+# ---------------------------------------------------------------------------------------------
+FROM ${CUDA_DEVEL_IMAGE} AS builder
+
+ARG DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3.11 python3.11-venv python3.11-dev git ca-certificates build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/opt/constraints.txt
+
+# Exact versions. torch/torchvision/torchaudio come from the PyTorch cu128 index only
+# (the default PyPI torch targets CUDA 13 and needs a newer driver than CUDA 12.8 hosts have).
+ARG PIP_VERSION=25.2
+ARG SETUPTOOLS_VERSION=80.9.0
+ARG WHEEL_VERSION=0.45.1
+ARG NINJA_VERSION=1.13.0
+ARG PACKAGING_VERSION=25.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_VERSION=2.11.0+cu128
+ARG TORCHVISION_VERSION=0.26.0+cu128
+ARG TORCHAUDIO_VERSION=2.11.0+cu128
+ARG ONNXRUNTIME_GPU_VERSION=1.22.0
+
+# Every later pip install is held to these versions (PIP_CONSTRAINT), so no custom-node
+# requirements file can replace the torch build or pull the CPU-only onnxruntime in its place.
+RUN printf '%s\n' \
+        "torch==${TORCH_VERSION}" \
+        "torchvision==${TORCHVISION_VERSION}" \
+        "torchaudio==${TORCHAUDIO_VERSION}" \
+        "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+        > /opt/constraints.txt \
+    && python3.11 -m venv /opt/venv \
+    && pip install "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
+        "wheel==${WHEEL_VERSION}" "ninja==${NINJA_VERSION}" "packaging==${PACKAGING_VERSION}" \
+    && pip install --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+        "torchaudio==${TORCHAUDIO_VERSION}"
+
+# ComfyUI and the custom nodes, each at a full commit (git fetch of one commit, no history).
+ARG COMFYUI_COMMIT=12d5279438bfefc058a269eae805ceab6047777f
+ARG WANVIDEOWRAPPER_COMMIT=088128b224242e110d3906c6750e9a3a348a659b
+ARG VIDEOHELPERSUITE_COMMIT=4ee72c065db22c9d96c2427954dc69e7b908444b
+ARG KJNODES_COMMIT=3f20054214fec9f9234fd3841ae6f1e4287948f6
+ARG SCAIL_POSE_COMMIT=11402b150d728440a4a89964faa58907f84c35e6
+ARG WANANIMATEPREPROCESS_COMMIT=1a35b81a418bbba093356ad19b19bf2a76a24f4e
+
+RUN set -eux; \
+    clone() { \
+        git init -q "$1"; \
+        git -C "$1" remote add origin "$2"; \
+        git -C "$1" fetch -q --depth 1 origin "$3"; \
+        git -C "$1" checkout -q FETCH_HEAD; \
+        test "$(git -C "$1" rev-parse HEAD)" = "$3"; \
+        rm -rf "$1/.git"; \
+    }; \
+    clone /comfyui https://github.com/comfyanonymous/ComfyUI.git "${COMFYUI_COMMIT}"; \
+    N=/comfyui/custom_nodes; \
+    clone "$N/ComfyUI-WanVideoWrapper" https://github.com/kijai/ComfyUI-WanVideoWrapper.git "${WANVIDEOWRAPPER_COMMIT}"; \
+    clone "$N/ComfyUI-VideoHelperSuite" https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite.git "${VIDEOHELPERSUITE_COMMIT}"; \
+    clone "$N/ComfyUI-KJNodes" https://github.com/kijai/ComfyUI-KJNodes.git "${KJNODES_COMMIT}"; \
+    clone "$N/ComfyUI-SCAIL-Pose" https://github.com/kijai/ComfyUI-SCAIL-Pose.git "${SCAIL_POSE_COMMIT}"; \
+    clone "$N/ComfyUI-WanAnimatePreprocess" https://github.com/kijai/ComfyUI-WanAnimatePreprocess.git "${WANANIMATEPREPROCESS_COMMIT}"; \
+    T5="$N/ComfyUI-WanVideoWrapper/configs/T5_tokenizer"; \
+    test "$(stat -c %s "$T5/tokenizer.json")" -gt 1000000 \
+        || { echo "T5 tokenizer.json missing or truncated: prompts would be ignored" >&2; exit 1; }; \
+    test "$(stat -c %s "$T5/spiece.model")" -gt 1000000 \
+        || { echo "T5 spiece.model missing or truncated: prompts would be ignored" >&2; exit 1; }
+
+# Upstream requirement files are resolved here under the constraints above; the resolved set is
+# written to /opt/pip-freeze.txt in the image for the record.
+RUN pip install -r /comfyui/requirements.txt \
+    && for n in ComfyUI-WanVideoWrapper ComfyUI-VideoHelperSuite ComfyUI-KJNodes \
+                ComfyUI-SCAIL-Pose ComfyUI-WanAnimatePreprocess; do \
+           pip install -r "/comfyui/custom_nodes/$n/requirements.txt" || exit 1; \
+       done \
+    && pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+
+# SageAttention 2.2 from source (no 2.x on PyPI for Linux). v2.2.0 = eb615cf…, the first commit
+# whose setup.py honours TORCH_CUDA_ARCH_LIST, so no GPU is needed at build time.
+ARG SAGEATTENTION_COMMIT=eb615cf6cf4d221338033340ee2de1c37fbdba4a
+ARG TORCH_CUDA_ARCH_LIST=12.0
+ARG EXT_PARALLEL=4
+ARG MAX_JOBS=8
+ARG NVCC_APPEND_FLAGS="--threads 4"
+RUN set -eux; \
+    git init -q /tmp/sageattention; \
+    git -C /tmp/sageattention remote add origin https://github.com/thu-ml/SageAttention.git; \
+    git -C /tmp/sageattention fetch -q --depth 1 origin "${SAGEATTENTION_COMMIT}"; \
+    git -C /tmp/sageattention checkout -q FETCH_HEAD; \
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" EXT_PARALLEL="${EXT_PARALLEL}" \
+        MAX_JOBS="${MAX_JOBS}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS}" \
+        pip install --no-build-isolation /tmp/sageattention; \
+    rm -rf /tmp/sageattention
+
+# The worker package with its exact pins (pyproject.toml) and the model-download extra.
+COPY pyproject.toml README.md* /worker/
+COPY xicon_dance /worker/xicon_dance
+RUN pip install -e "/worker[models]" \
+    && pip freeze > /opt/pip-freeze.txt \
+    && (pip check || echo "WARNING: pip check reports conflicts (see above)")
+
+# ---------------------------------------------------------------------------------------------
+FROM ${CUDA_RUNTIME_IMAGE} AS pybase
+
+ARG DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# python3.11-dev + gcc: Triton compiles its launcher stubs at run time.
+# ffmpeg: VideoHelperSuite and the worker's media checks. libgl1/libglib2.0-0: OpenCV.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates ffmpeg \
+        libgl1 libglib2.0-0 libgomp1 curl \
+    && apt-get purge -y software-properties-common gpg-agent \
+    && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------------------
+FROM pybase AS models
+
+ARG BAKE_MODELS=1
+ARG HUGGINGFACE_HUB_VERSION=2.4.0
+ARG HF_XET_VERSION=1.8.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_DISABLE_TELEMETRY=1
+RUN python3.11 -m venv /opt/dl \
+    && /opt/dl/bin/pip install "huggingface_hub==${HUGGINGFACE_HUB_VERSION}" "hf_xet==${HF_XET_VERSION}"
+COPY model_manifest.json /dl/model_manifest.json
+COPY xicon_dance/__init__.py xicon_dance/model_download.py /dl/xicon_dance/
+# A gated/private source would need a token: pass it as a build secret (id=hf_token).
+RUN --mount=type=secret,id=hf_token,required=false \
+    mkdir -p /models \
+    && if [ "${BAKE_MODELS}" = "1" ]; then \
+           if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; \
+           PYTHONPATH=/dl /opt/dl/bin/python -m xicon_dance.model_download \
+               --manifest /dl/model_manifest.json --models-dir /models; \
+       else echo "BAKE_MODELS=${BAKE_MODELS}: no weights in the image"; fi \
+    && rm -rf /models/.downloads /root/.cache
+
+# ---------------------------------------------------------------------------------------------
+FROM pybase AS runtime
+
+ARG TORCH_CUDA_ARCH_LIST=12.0
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    COMFY_DIR=/comfyui \
+    MODELS_DIR=/comfyui/models \
+    IMAGE_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
+    DEFAULT_VIDEO=/worker/assets/default_video.mp4 \
+    WORKFLOW_PATH=/worker/XiCON_Dance_SCAIL_vFinal.json \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=1
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/constraints.txt /opt/pip-freeze.txt /opt/
+COPY --from=builder /comfyui /comfyui
+COPY --from=models /models /comfyui/models
+
+# Import check without a GPU: the torch build, its CUDA arch list, SageAttention's compiled
+# extension, the onnxruntime CUDA provider and torchaudio (WanVideoWrapper imports it).
+RUN python - <<'PY'
+import onnxruntime, sageattention, torch, torchaudio, torchvision  # noqa: F401
+assert torch.version.cuda and torch.version.cuda.startswith("12.8"), torch.version.cuda
+assert "CUDAExecutionProvider" in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()
+print("torch", torch.__version__, "archs", torch.cuda.get_arch_list())
+PY
+
+COPY --from=builder /worker /worker
+COPY extra_model_paths.yaml /comfyui/extra_model_paths.yaml
+COPY handler.py model_manifest.json XiCON_Dance_SCAIL_vFinal.json entrypoint.sh /worker/
+COPY assets /worker/assets
+COPY scripts/gpu_preflight.py /worker/scripts/gpu_preflight.py
+RUN chmod +x /worker/entrypoint.sh
+
+WORKDIR /worker
+CMD ["/worker/entrypoint.sh"]
