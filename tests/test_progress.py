@@ -1,0 +1,151 @@
+"""Progress: throttled, monotonic, documented payload, and nothing in flight after close()."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from xicon_dance.progress import ProgressReporter
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class P:
+    stage: str
+    node: str | None = None
+    step: int | None = None
+    total: int | None = None
+
+
+def recorder() -> tuple[list[dict[str, Any]], Any]:
+    got: list[dict[str, Any]] = []
+
+    def send(job: dict[str, Any], payload: dict[str, Any]) -> None:
+        got.append({"job": job["id"], **payload})
+
+    return got, send
+
+
+def test_throttle_and_payload_shape() -> None:
+    clock = FakeClock()
+    got, send = recorder()
+    rep = ProgressReporter({"id": "j1", "input": {"secret": 1}}, 1.0, sender=send, clock=clock)
+    assert rep.update("downloading")
+    rep._thread.join()  # type: ignore[union-attr]
+    clock.now += 0.5
+    assert not rep.update("queued")  # inside the interval
+    clock.now += 0.6
+    rep.on_comfy(P("sampling", "348", 3, 6))
+    rep.close()
+    assert got[0] == {
+        "job": "j1",
+        "stage": "downloading",
+        "step": None,
+        "total": None,
+        "percent": 0,
+        "message": "downloading the inputs",
+    }
+    assert got[1]["stage"] == "sampling" and (got[1]["step"], got[1]["total"]) == (3, 6)
+    assert got[1]["percent"] == 52 and got[1]["message"] == "sampling step 3/6"
+    assert set(got[1]) == {"job", "stage", "step", "total", "percent", "message"}
+    assert len(got) == 2
+
+
+def test_percent_never_decreases_and_non_sampler_steps_are_hidden() -> None:
+    clock = FakeClock()
+    got, send = recorder()
+    rep = ProgressReporter({"id": "j"}, 0.0, sender=send, clock=clock)
+    for p in (P("sampling", "348", 5, 6), P("loading", "22", 1, 10), P("decoding", "28", 2, 4)):
+        rep.on_comfy(p)
+        rep._thread.join()  # type: ignore[union-attr]
+        clock.now += 1
+    rep.close()
+    percents = [g["percent"] for g in got]
+    assert percents == sorted(percents) and percents[0] == 77
+    assert got[1]["stage"] == "loading" and got[1]["step"] is None and got[1]["total"] is None
+
+
+def test_close_waits_for_the_update_in_flight_and_stops_later_ones() -> None:
+    done = threading.Event()
+
+    def slow(job: dict[str, Any], payload: dict[str, Any]) -> None:
+        time.sleep(0.3)
+        done.set()
+
+    rep = ProgressReporter({"id": "j"}, 0.0, sender=slow)
+    assert rep.update("sampling", 1, 2)
+    assert not rep.update("sampling", 2, 2)  # previous still in flight: dropped
+    rep.close()
+    assert done.is_set()
+    assert not rep.update("decoding")
+    assert rep.closed
+
+
+def test_sender_errors_never_escape() -> None:
+    def broken(job: dict[str, Any], payload: dict[str, Any]) -> None:
+        raise RuntimeError("network down")
+
+    rep = ProgressReporter({"id": "j"}, 0.0, sender=broken)
+    assert rep.update("queued")
+    rep.close()
+
+
+class _Sink(BaseHTTPRequestHandler):
+    posts: ClassVar[list[tuple[float, dict[str, Any], dict[str, Any]]]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(0.2)  # a slow platform: the update takes a while to land
+        query = parse_qs(urlsplit(self.path).query)
+        type(self).posts.append((time.monotonic(), query, json.loads(body)))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+@pytest.fixture
+def sink() -> Iterator[str]:
+    _Sink.posts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/job-done?id=$ID"
+    server.shutdown()
+    server.server_close()
+
+
+def test_sdk_sender_posts_in_progress_and_close_waits_for_it(
+    sink: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runpod.serverless.modules import rp_http
+
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", sink)
+    rep = ProgressReporter({"id": "job-42"}, 1.0)
+    assert rep.update("sampling", 2, 6)
+    rep.close()
+    closed_at = time.monotonic()
+    assert len(_Sink.posts) == 1
+    landed, query, body = _Sink.posts[0]
+    assert landed <= closed_at
+    assert query["id"] == ["job-42"] and query["isStream"] == ["false"]
+    assert body["status"] == "IN_PROGRESS"
+    assert body["output"]["stage"] == "sampling" and body["output"]["step"] == 2

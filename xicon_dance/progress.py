@@ -1,0 +1,154 @@
+"""Job progress for RunPod's ``/status``: throttled, small, and never racing the result.
+
+Contract:
+- ``ProgressReporter(job, interval_s, sender=None)``; ``update(stage, step=None, total=None,
+  message=None) -> bool`` (True when an update was sent); ``on_comfy(progress)`` adapts the
+  ComfyUI client's ``Progress(stage, node, step, total)`` callback; ``close(timeout_s)`` stops all
+  further updates and waits for the one in flight.
+- Payload (the ``output`` a caller sees in ``GET /status`` while the job is IN_PROGRESS), always
+  the same five keys::
+
+      {"stage": "sampling", "step": 3, "total": 6, "percent": 55, "message": "sampling step 3/6"}
+
+  ``stage``: downloading | queued | <ComfyUI stage name, e.g. loading, pose, encoding> |
+  sampling | decoding; ``step``/``total``: the sampler step (null outside sampling);
+  ``percent``: 0..99, never decreasing; ``message``: one short human sentence.
+- At most one update per ``interval_s`` (settings.progress_interval_s); an update due while the
+  previous one is still being posted is dropped (updates are snapshots, the next one supersedes).
+
+Why the race cannot happen (../shared/reference/runpod.md §2.4 and pitfall 4): the SDK's
+``progress_update`` starts a daemon thread per call and nobody waits for it, so an update posted
+just before the handler returns can reach RunPod after the result and leave the job IN_PROGRESS.
+Here each update runs the SDK's own sender (``rp_progress._thread_target``: same URL, same
+payload shape, same session setup) in a thread *we* keep, so ``close()`` can join it. The worker
+calls ``close()`` when inference ends, before the upload; after that no update is started, and
+the last one has finished (or the join timed out, which is logged) before the result is returned.
+The upload in between adds a further quiet period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[dict[str, Any], dict[str, Any]], None]
+
+# Percent bands per stage: (start, end). Sampling fills its band step by step.
+_BANDS: dict[str, tuple[int, int]] = {
+    "downloading": (0, 3),
+    "queued": (3, 5),
+    "loading": (5, 12),
+    "sampling": (15, 90),
+    "decoding": (90, 95),
+    "encoding": (95, 98),
+}
+_OTHER_BAND = (5, 15)
+
+
+def _default_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
+    from runpod.serverless.modules import rp_progress
+
+    rp_progress._thread_target(job, payload)
+
+
+class ProgressReporter:
+    """Throttled progress updates for one job; see the module docstring."""
+
+    def __init__(
+        self,
+        job: dict[str, Any],
+        interval_s: float,
+        *,
+        sender: Sender | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._job = {"id": job.get("id", "unknown")}
+        self._interval = interval_s
+        self._sender = sender or _default_sender
+        self._clock = clock
+        self._last_sent: float | None = None
+        self._percent = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.sent: list[dict[str, Any]] = []
+
+    def update(
+        self,
+        stage: str,
+        step: int | None = None,
+        total: int | None = None,
+        message: str | None = None,
+    ) -> bool:
+        """Send ``stage`` (and the sampler step) unless throttled, closed or a send is in flight."""
+        self._percent = max(self._percent, _percent(stage, step, total))
+        if self._closed:
+            return False
+        now = self._clock()
+        if self._last_sent is not None and now - self._last_sent < self._interval:
+            return False
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        payload = {
+            "stage": stage,
+            "step": step,
+            "total": total,
+            "percent": self._percent,
+            "message": message or _message(stage, step, total),
+        }
+        self._last_sent = now
+        self.sent.append(payload)
+        self._thread = threading.Thread(
+            target=self._send, args=(payload,), name="xicon-progress", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def on_comfy(self, progress: Any) -> None:
+        """Callback for the ComfyUI client (``Progress(stage, node, step, total)``)."""
+        stage = getattr(progress, "stage", None) or "running"
+        step, total = getattr(progress, "step", None), getattr(progress, "total", None)
+        if stage != "sampling":
+            step = total = None
+        self.update(stage, step, total)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """No update after this; wait (bounded) for the one in flight."""
+        self._closed = True
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("progress update still in flight after %.1fs", timeout_s)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        try:
+            self._sender(self._job, payload)
+        except Exception as exc:  # progress is best effort; never fail the job for it
+            log.debug("progress update not delivered: %s", exc)
+
+
+def _percent(stage: str, step: int | None, total: int | None) -> int:
+    start, end = _BANDS.get(stage, _OTHER_BAND)
+    if step is not None and total:
+        fraction = min(max(step / total, 0.0), 1.0)
+        return min(99, int(start + (end - start) * fraction))
+    return min(99, start)
+
+
+def _message(stage: str, step: int | None, total: int | None) -> str:
+    if step is not None and total:
+        return f"{stage} step {step}/{total}"
+    return {
+        "downloading": "downloading the inputs",
+        "queued": "waiting for ComfyUI",
+        "decoding": "decoding the video",
+    }.get(stage, stage)
