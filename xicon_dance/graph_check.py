@@ -225,7 +225,8 @@ def _validate_inputs(
                 )
                 continue
             o_id = str(val[0])
-            # KeyError / IndexError propagate to the output node, as in ComfyUI.
+            # A KeyError / IndexError here propagates to the caller, as in ComfyUI: the nearest
+            # inner validation records it on this node, or the output node gets it.
             received = object_info[prompt[o_id]["class_type"]]["output"][val[1]]
             if not validate_node_input(received, spec[0]):
                 errors.append(
@@ -245,22 +246,22 @@ def _validate_inputs(
             try:
                 r = _validate_inputs(prompt, o_id, object_info, validated, skip, model_files)
             except Exception as ex:
+                # ComfyUI records this on the linked node, not on the node being validated.
                 valid = False
-                errors.append(
-                    _err(
-                        "exception_during_inner_validation",
-                        "Exception when validating inner node",
-                        str(ex),
-                        {
-                            "input_name": name,
-                            "input_config": spec,
-                            "exception_message": str(ex),
-                            "exception_type": f"builtins.{type(ex).__name__}",
-                            "traceback": traceback.format_tb(ex.__traceback__),
-                            "linked_node": val,
-                        },
-                    )
+                reason = _err(
+                    "exception_during_inner_validation",
+                    "Exception when validating inner node",
+                    str(ex),
+                    {
+                        "input_name": name,
+                        "input_config": spec,
+                        "exception_message": str(ex),
+                        "exception_type": f"builtins.{type(ex).__name__}",
+                        "traceback": traceback.format_tb(ex.__traceback__),
+                        "linked_node": val,
+                    },
                 )
+                validated[o_id] = (False, [reason], o_id)
                 continue
             if r[0] is False:
                 valid = False
