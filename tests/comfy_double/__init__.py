@@ -1,0 +1,61 @@
+"""An honest ComfyUI server double (aiohttp) for the worker's tests.
+
+It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.0):
+
+- Routes, each also under ``/api/`` (§2.1): POST/GET ``/prompt`` (§2.2; the caller's ``prompt_id``
+  is honoured; 200 ``{"prompt_id", "number", "node_errors": {}}``; 400 ``{"error", "node_errors"}``
+  in the shapes of §4), ``/history`` and ``/history/{id}`` (§2.3; unknown id -> ``{}``), ``/view``
+  (§2.4: 400 for a leading ``/`` or ``..``, 403 for a subfolder escape, 404 missing),
+  ``/upload/image`` (§2.5, hash dedupe and ``name (1).ext``), ``/interrupt`` (§2.6: optional
+  prompt_id, no-op when not running, bare 200, cooperative at the next node or sampler step),
+  GET/POST ``/queue``, ``/free`` (``free_memory`` resets the cache), ``/system_stats`` (§2.7 shape),
+  ``/object_info`` and ``/object_info/{class}`` (from ``tests/fixtures/object_info.json`` or
+  ``--object-info``; ``{}`` for an unknown class) and ``/ws?clientId=`` (§3).
+- Validation: ``xicon_dance.graph_check.check_prompt(prompt, object_info[, model_files=])`` when
+  that module exists, else a built-in whole-prompt check (§4.1, dangling links); a ``validator``
+  callable can replace both. Then the existence checks of LoadImage / VHS_LoadVideo files under
+  ``input/`` (``custom_validation_failed``, "image - Invalid image file: <name>", §4.2).
+- Execution: one prompt at a time from a real queue. Frames in the observed order (§3.2):
+  ``execution_start``, ``execution_cached``, per node (topological order) ``progress_state``
+  (broadcast) and ``executing``, ``progress`` per sampler step (WanVideoSamplerv2, ``steps`` from
+  its scheduler link), ``executed`` for output nodes, ``execution_success``; history is stored,
+  THEN ``executing`` with ``node: null`` (§3.5). Per-prompt frames go only to the socket whose id
+  is the prompt's ``client_id``; ``status``, ``progress_state`` and ``execution_interrupted`` are
+  broadcast (§3.3, §3.5).
+  A corrupt reference image fails at LoadImage with ``execution_error``
+  (§4.2 last rule). An identical re-run is fully cached: old filenames, nothing written (§7.2).
+- VHS_VideoCombine (node 139) writes a REAL h264/yuv420p MP4 into ``output/`` named
+  ``<filename_prefix>_00001.mp4`` (counter increments), size = INTConstant 203/204, fps =
+  139.frame_rate, frames = min(frame_load_cap, driving-video frames at force_rate) truncated to
+  4n+1, drawn from the reference image. With an ``audio`` link and a driving video that has audio
+  it also writes ``<name>-audio.mp4`` and names THAT file in ``gifs`` (scail-workflow.md
+  pitfall 19).
+
+Fault switches (constructor ``faults=Faults(...)``, CLI flags, or POST ``/_double/faults`` with a
+JSON object of the same names; GET ``/_double/faults`` shows them, GET ``/_double/requests`` lists
+the interrupt / queue / free calls received):
+
+- ``drop_socket_at_node`` (``--drop-socket-at-node ID``): closes the prompt's socket right after
+  its ``executing`` frame for node ID; the client may reconnect (§3.1) — completion must still be
+  found (through the new socket or ``/history``, §3.5).
+- ``silent_socket`` (``--silent-socket``): never sends ``execution_success`` nor ``executing``
+  ``node: null``; history is still stored, so ``/history/{id}`` is the only completion signal.
+- ``die_at_node`` (``--die-at-node ID``): ComfyUI dies mid-run at node ID; as a process it exits
+  (code 17), in-process the server stops listening and closes every socket.
+- ``error_at_node`` (``--error-at-node ID``): ``execution_error`` at node ID (§3.3), RuntimeError.
+- ``oom_at_node`` (``--oom-at-node ID``): ``execution_error`` with ``exception_type``
+  ``torch.OutOfMemoryError`` and the "ran out of memory" tip (§3.3).
+- ``node_errors_in_200`` (``--node-errors-in-200``): a 200 answer to ``/prompt`` that still carries
+  a non-empty ``node_errors`` (§2.2); the prompt is queued anyway.
+- ``node_delay_s`` / ``step_delay_s`` (``--node-delay-s S`` / ``--step-delay-s S``): slow execution,
+  seconds per node and per sampler step.
+- ``refuse_start_s`` (``--refuse-start-s S``): connections are refused for the first S seconds
+  (the port is not bound yet), as while ComfyUI imports its nodes.
+
+Standalone: ``python -m tests.comfy_double --port P --root DIR [--object-info FILE] [faults]``;
+``--pid-file F`` writes the process id there.
+"""
+
+from .server import ComfyDouble, Faults, builtin_validate, topological_order
+
+__all__ = ["ComfyDouble", "Faults", "builtin_validate", "topological_order"]

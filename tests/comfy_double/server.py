@@ -1,0 +1,823 @@
+"""The ComfyUI double's aiohttp application: routes, queue, executor and fault switches.
+
+See the package docstring for the protocol facts it reproduces and the fault switches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from . import media
+
+log = logging.getLogger("comfy_double")
+
+OUTPUT_CLASSES = {"VHS_VideoCombine", "SaveImage", "PreviewImage", "SaveVideo"}
+Validator = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, dict[str, Any]]]
+DEFAULT_OBJECT_INFO = Path(__file__).resolve().parent.parent / "fixtures" / "object_info.json"
+
+
+@dataclass
+class Faults:
+    """Fault switches; every field is documented in the package docstring."""
+
+    drop_socket_at_node: str | None = None
+    silent_socket: bool = False
+    die_at_node: str | None = None
+    error_at_node: str | None = None
+    oom_at_node: str | None = None
+    node_errors_in_200: bool = False
+    node_delay_s: float = 0.0
+    step_delay_s: float = 0.0
+    refuse_start_s: float = 0.0
+
+    def update(self, changes: dict[str, Any]) -> None:
+        names = {f.name: f for f in fields(self)}
+        for key, value in changes.items():
+            if key not in names:
+                raise ValueError(f"unknown fault {key!r}; known: {sorted(names)}")
+            setattr(self, key, value)
+
+
+class InterruptedRun(Exception):
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+
+class ExecutionFailed(Exception):
+    def __init__(self, node: str, exc_type: str, message: str, inputs: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.node, self.exc_type, self.message, self.inputs = node, exc_type, message, inputs
+
+
+def _is_link(value: Any, prompt: dict[str, Any]) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
+
+
+def topological_order(prompt: dict[str, Any]) -> list[str]:
+    """Node ids so that every node comes after the nodes it links to (ties by id order)."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(nid: str) -> None:
+        if state.get(nid) == 2 or nid not in prompt:
+            return
+        if state.get(nid) == 1:
+            raise ValueError(f"cycle at node {nid}")
+        state[nid] = 1
+        for value in prompt[nid].get("inputs", {}).values():
+            if _is_link(value, prompt):
+                visit(value[0])
+        state[nid] = 2
+        order.append(nid)
+
+    for nid in sorted(prompt, key=lambda k: (len(k), k)):
+        visit(nid)
+    return order
+
+
+def _err(etype: str, message: str, details: str = "", extra: dict | None = None) -> dict:
+    return {"type": etype, "message": message, "details": details, "extra_info": extra or {}}
+
+
+def builtin_validate(
+    prompt: dict[str, Any], object_info: dict[str, Any]
+) -> tuple[dict | None, dict]:
+    """Whole-prompt checks of CUI ``validate_prompt`` (protocol §4.1) and dangling links (§4.2)."""
+    outputs = []
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            return _err(
+                "invalid_prompt",
+                "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{nid}'",
+            ), {}
+        cls = node["class_type"]
+        if object_info and cls not in object_info:
+            return _err(
+                "invalid_prompt",
+                f"Cannot execute because node {cls} does not exist.",
+                f"Node ID '#{nid}'",
+            ), {}
+        info = object_info.get(cls, {})
+        if info.get("output_node") or (not object_info and cls in OUTPUT_CLASSES):
+            outputs.append(nid)
+    if not outputs:
+        return _err("prompt_no_outputs", "Prompt has no outputs"), {}
+    node_errors: dict[str, Any] = {}
+    for nid, node in prompt.items():
+        for name, value in node.get("inputs", {}).items():
+            if _is_link(value, prompt) and value[0] not in prompt:
+                node_errors.setdefault(nid, []).append(
+                    _err(
+                        "exception_during_validation",
+                        "Exception when validating node",
+                        f"'{value[0]}'",
+                        {"exception_type": "KeyError", "input_name": name},
+                    )
+                )
+    return None, {k: v for k, v in node_errors.items()}
+
+
+class ComfyDouble:
+    """An aiohttp ComfyUI server double. ``await start()`` / ``await stop()``; ``url``, ``port``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        object_info: dict[str, Any] | Path | None = None,
+        faults: Faults | None = None,
+        validator: Validator | None = None,
+        model_files: dict[str, list[str]] | None = None,
+        exit_process_on_die: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.input_dir, self.output_dir, self.temp_dir = (
+            self.root / "input",
+            self.root / "output",
+            self.root / "temp",
+        )
+        for d in (self.input_dir, self.output_dir, self.temp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = host, port
+        if isinstance(object_info, Path) or object_info is None:
+            path = object_info or DEFAULT_OBJECT_INFO
+            object_info = json.loads(path.read_text()) if path.is_file() else {}
+        self.object_info: dict[str, Any] = object_info
+        self.faults = faults or Faults()
+        self.validator = validator
+        self.model_files = model_files
+        self.exit_process_on_die = exit_process_on_die
+        self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.history: dict[str, dict[str, Any]] = {}
+        self.pending: list[list[Any]] = []
+        self.running: list[Any] | None = None
+        self.number = 0
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, Any]] = []  # (route, body) of control calls, for tests
+        self._interrupt_flag = False
+        self._wake = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.dead = False
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=200 * 1024 * 1024)
+        routes = [
+            ("POST", "/prompt", self.post_prompt),
+            ("GET", "/prompt", self.get_prompt),
+            ("GET", "/history", self.get_history),
+            ("POST", "/history", self.post_history),
+            ("GET", "/history/{prompt_id}", self.get_history_id),
+            ("GET", "/view", self.view),
+            ("POST", "/upload/image", self.upload_image),
+            ("POST", "/interrupt", self.interrupt),
+            ("GET", "/queue", self.get_queue),
+            ("POST", "/queue", self.post_queue),
+            ("POST", "/free", self.free),
+            ("GET", "/system_stats", self.system_stats),
+            ("GET", "/object_info", self.get_object_info),
+            ("GET", "/object_info/{node_class}", self.get_object_info_class),
+            ("GET", "/ws", self.websocket),
+        ]
+        for method, path, handler in routes:  # protocol §2.1: every route also under /api
+            app.router.add_route(method, path, handler)
+            app.router.add_route(method, "/api" + path, handler)
+        app.router.add_post("/_double/faults", self.post_faults)
+        app.router.add_get("/_double/faults", self.get_faults)
+        app.router.add_get("/_double/requests", self.get_requests)
+        return app
+
+    async def start(self) -> ComfyDouble:
+        self._runner = web.AppRunner(self.build_app(), handle_signals=False)
+        await self._runner.setup()
+        if self.port == 0:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        self._spawn(self._worker())
+        if self.faults.refuse_start_s > 0:  # fault: connections refused for N seconds
+            self._spawn(self._bind_later(self.faults.refuse_start_s))
+        else:
+            await self._bind()
+        return self
+
+    async def _bind(self) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        log.info("ComfyUI double listening on %s", self.url)
+
+    async def _bind_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._bind()
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets.values()):
+            with contextlib.suppress(Exception):
+                await ws.close()
+        self.sockets.clear()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---------------------------------------------------------------- websocket
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        sid = request.query.get("clientId") or uuid.uuid4().hex
+        old = self.sockets.get(sid)
+        self.sockets[sid] = ws  # protocol §3.1: replaces any older socket with that id
+        if old is not None:
+            await old.close()
+        await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    with contextlib.suppress(ValueError):
+                        data = json.loads(msg.data)
+                        if isinstance(data, dict) and data.get("type") == "feature_flags":
+                            await self._send_to(
+                                ws, "feature_flags", {"supports_preview_metadata": False}
+                            )
+        finally:
+            if self.sockets.get(sid) is ws:
+                del self.sockets[sid]
+        return ws
+
+    @staticmethod
+    async def _send_to(ws: web.WebSocketResponse, etype: str, data: Any) -> None:
+        with contextlib.suppress(Exception):
+            if not ws.closed:
+                await ws.send_str(json.dumps({"type": etype, "data": data}))
+
+    async def send(self, etype: str, data: Any, sid: str | None) -> None:
+        """Per-prompt event: only to the socket whose id is the prompt's client_id (§3.5)."""
+        ws = self.sockets.get(sid) if sid else None
+        if ws is not None:
+            await self._send_to(ws, etype, data)
+
+    async def broadcast(self, etype: str, data: Any) -> None:
+        for ws in list(self.sockets.values()):
+            await self._send_to(ws, etype, data)
+
+    def _exec_info(self) -> dict[str, Any]:
+        remaining = len(self.pending) + (1 if self.running else 0)
+        return {"exec_info": {"queue_remaining": remaining}}
+
+    # ---------------------------------------------------------------- /prompt
+    async def get_prompt(self, request: web.Request) -> web.Response:
+        return web.json_response(self._exec_info())
+
+    def _validate(self, prompt: dict[str, Any]) -> tuple[dict | None, dict]:
+        if self.validator is not None:
+            return self.validator(prompt)
+        try:
+            from xicon_dance.graph_check import check_prompt  # lazily: may not exist yet
+        except ImportError:
+            return builtin_validate(prompt, self.object_info)
+        kwargs = {"model_files": self.model_files} if self.model_files is not None else {}
+        return check_prompt(prompt, self.object_info, **kwargs)
+
+    def _file_errors(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """LoadImage / VHS_LoadVideo VALIDATE_INPUTS: existence under input/ (protocol §4.2)."""
+        errors: dict[str, Any] = {}
+        for nid, node in prompt.items():
+            cls = node.get("class_type")
+            key, what = {"LoadImage": ("image", "image"), "VHS_LoadVideo": ("video", "video")}.get(
+                cls, (None, None)
+            )
+            value = node.get("inputs", {}).get(key) if key else None
+            if key and isinstance(value, str) and self._input_path(value) is None:
+                errors[nid] = {
+                    "errors": [
+                        _err(
+                            "custom_validation_failed",
+                            "Custom validation failed for node",
+                            f"{key} - Invalid {what} file: {value}",
+                            {"input_name": key},
+                        )
+                    ],
+                    "dependent_outputs": self._outputs_of(prompt),
+                    "class_type": cls,
+                }
+        return errors
+
+    def _outputs_of(self, prompt: dict[str, Any]) -> list[str]:
+        return [n for n, v in prompt.items() if v.get("class_type") in OUTPUT_CLASSES]
+
+    def _input_path(self, name: str) -> Path | None:
+        m = re.fullmatch(r"(.*?)\s*\[(input|output|temp)\]", name)
+        base = self.input_dir
+        if m:
+            name, base = (
+                m.group(1),
+                {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}[
+                    m.group(2)
+                ],
+            )
+        path = (base / name).resolve()
+        if not path.is_relative_to(base.resolve()) or not path.is_file():
+            return None
+        return path
+
+    async def post_prompt(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response(
+                {"error": _err("invalid_prompt", "Invalid JSON"), "node_errors": {}}, status=400
+            )
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, dict):
+            return web.json_response(
+                {"error": _err("no_prompt", "No prompt provided"), "node_errors": {}}, status=400
+            )
+        error, node_errors = self._validate(prompt)
+        if error is None and not node_errors:
+            node_errors = self._file_errors(prompt)
+        if error is not None or node_errors:
+            if error is None:
+                error = _err("prompt_outputs_failed_validation", "Prompt outputs failed validation")
+            return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        if self.faults.node_errors_in_200:  # fault: §2.2, a 200 that still carries node_errors
+            victim = next(iter(prompt))
+            node_errors = {
+                victim: {
+                    "errors": [
+                        _err(
+                            "value_not_in_list",
+                            "Value not in list",
+                            "mode: 'x' not in ['a', 'b']",
+                            {"input_name": "mode"},
+                        )
+                    ],
+                    "dependent_outputs": [],
+                    "class_type": prompt[victim].get("class_type"),
+                }
+            }
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        extra = dict(body.get("extra_data") or {})
+        if body.get("client_id"):
+            extra["client_id"] = body["client_id"]
+        extra["create_time"] = int(time.time() * 1000)
+        self.number += 1
+        number = -self.number if body.get("front") else body.get("number", self.number)
+        self.pending.append([number, prompt_id, prompt, extra, self._outputs_of(prompt)])
+        self.pending.sort(key=lambda item: item[0])
+        self._wake.set()
+        await self.broadcast("status", {"status": self._exec_info()})
+        return web.json_response(
+            {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        )
+
+    # ---------------------------------------------------------------- execution
+    async def _worker(self) -> None:
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            self.running = self.pending.pop(0)
+            self._interrupt_flag = False
+            try:
+                await self._execute(self.running)
+            except Exception:
+                log.exception("double executor failed")
+            finally:
+                self.running = None
+            await self.broadcast("status", {"status": self._exec_info()})
+
+    async def _execute(self, item: list[Any]) -> None:
+        number, prompt_id, prompt, extra, outputs_to_execute = item
+        sid = extra.get("client_id")
+        messages: list[list[Any]] = []
+
+        async def event(etype: str, data: dict[str, Any], *, store: bool = True) -> None:
+            if store:
+                messages.append([etype, data])
+            if etype in ("execution_success",) and self.faults.silent_socket:
+                return
+            await self.send(etype, data, sid)
+
+        await event("execution_start", {"prompt_id": prompt_id, "timestamp": _ms()})
+        key = json.dumps(prompt, sort_keys=True)
+        cached = self.cache.get(key)
+        order = topological_order(prompt)
+        await event(
+            "execution_cached",
+            {"nodes": order if cached else [], "prompt_id": prompt_id, "timestamp": _ms()},
+        )
+        outputs: dict[str, Any] = {}
+        status_str = "success"
+        try:
+            if cached is not None:  # protocol §7.2: fully cached re-run writes nothing
+                for nid, ui in cached.items():
+                    await event(
+                        "executed",
+                        {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id},
+                        store=False,
+                    )
+                outputs = copy.deepcopy(cached)
+            else:
+                for nid in order:
+                    ui = await self._run_node(nid, prompt, prompt_id, sid)
+                    if ui is not None:
+                        outputs[nid] = ui
+                        await event(
+                            "executed",
+                            {
+                                "node": nid,
+                                "display_node": nid,
+                                "output": ui,
+                                "prompt_id": prompt_id,
+                            },
+                            store=False,
+                        )
+                self.cache[key] = copy.deepcopy(outputs)
+            await event("execution_success", {"prompt_id": prompt_id, "timestamp": _ms()})
+        except InterruptedRun as exc:
+            status_str = "error"
+            data = {
+                "prompt_id": prompt_id,
+                "node_id": exc.node,
+                "node_type": prompt[exc.node]["class_type"],
+                "executed": list(outputs),
+                "timestamp": _ms(),
+            }
+            messages.append(["execution_interrupted", data])
+            await self.broadcast("execution_interrupted", data)  # §3.3: broadcast
+        except ExecutionFailed as exc:
+            status_str = "error"
+            await event(
+                "execution_error",
+                {
+                    "prompt_id": prompt_id,
+                    "node_id": exc.node,
+                    "node_type": prompt[exc.node]["class_type"],
+                    "executed": list(outputs),
+                    "exception_message": exc.message,
+                    "exception_type": exc.exc_type,
+                    "traceback": [
+                        "Traceback (most recent call last):\n",
+                        f"{exc.exc_type}: {exc}\n",
+                    ],
+                    "current_inputs": exc.inputs,
+                    "current_outputs": {},
+                    "timestamp": _ms(),
+                },
+            )
+        if status_str == "error":
+            outputs = outputs if any(m[0] == "execution_interrupted" for m in messages) else {}
+        self.history[prompt_id] = {
+            "prompt": [number, prompt_id, prompt, extra, outputs_to_execute],
+            "outputs": outputs,
+            "status": {
+                "status_str": status_str,
+                "completed": status_str == "success",
+                "messages": messages,
+            },
+            "meta": {
+                n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                for n in outputs
+            },
+        }
+        if not self.faults.silent_socket:  # §3.5: node null only AFTER history is stored
+            await self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
+
+    async def _check_interrupt(self, nid: str) -> None:
+        if self._interrupt_flag:
+            self._interrupt_flag = False
+            raise InterruptedRun(nid)
+
+    async def _run_node(
+        self, nid: str, prompt: dict, prompt_id: str, sid: str | None
+    ) -> dict | None:
+        await self._check_interrupt(nid)
+        node = prompt[nid]
+        cls, inputs = node["class_type"], node.get("inputs", {})
+        await self.broadcast(
+            "progress_state",
+            {
+                "prompt_id": prompt_id,
+                "nodes": {
+                    nid: {
+                        "value": 0,
+                        "max": 1,
+                        "state": "running",
+                        "node_id": nid,
+                        "prompt_id": prompt_id,
+                        "display_node_id": nid,
+                        "parent_node_id": None,
+                        "real_node_id": nid,
+                    }
+                },
+            },
+        )
+        await self.send(
+            "executing", {"node": nid, "display_node": nid, "prompt_id": prompt_id}, sid
+        )
+        faults = self.faults
+        if faults.drop_socket_at_node == nid and sid in self.sockets:
+            await self.sockets[sid].close()  # fault: the socket drops mid-run
+        if faults.die_at_node == nid:
+            await self._die()
+        if faults.node_delay_s:
+            await asyncio.sleep(faults.node_delay_s)
+        if faults.error_at_node == nid:
+            raise ExecutionFailed(nid, "RuntimeError", f"Injected failure in {cls}", {})
+        if faults.oom_at_node == nid:
+            raise ExecutionFailed(
+                nid,
+                "torch.OutOfMemoryError",
+                "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
+                "Currently allocated     : 74.12 GiB\nThis error means you ran out of memory "
+                "on your GPU.\n\nTIPS: If the workflow worked before you might have "
+                "accidentally set the batch_size to a large number.",
+                {},
+            )
+        if cls == "LoadImage":
+            self._load_image(nid, inputs)
+        elif cls == "WanVideoSamplerv2":
+            await self._sample(nid, prompt, prompt_id, sid)
+        elif cls == "VHS_VideoCombine":
+            return await asyncio.to_thread(self._combine, nid, prompt)
+        await self._check_interrupt(nid)
+        return None
+
+    def _load_image(self, nid: str, inputs: dict[str, Any]) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self._input_path(str(inputs.get("image")))
+        try:
+            with Image.open(path) as im:  # type: ignore[arg-type]
+                im.verify()
+        except (UnidentifiedImageError, OSError, TypeError) as exc:
+            raise ExecutionFailed(
+                nid, "PIL.UnidentifiedImageError", str(exc), {"image": [inputs.get("image")]}
+            ) from None
+
+    async def _sample(self, nid: str, prompt: dict, prompt_id: str, sid: str | None) -> None:
+        steps = 1
+        link = prompt[nid].get("inputs", {}).get("scheduler")
+        if _is_link(link, prompt):
+            steps = int(prompt[link[0]].get("inputs", {}).get("steps", 1))
+        for k in range(1, steps + 1):
+            if self.faults.step_delay_s:
+                await asyncio.sleep(self.faults.step_delay_s)
+            await self._check_interrupt(nid)
+            await self.send(
+                "progress", {"value": k, "max": steps, "prompt_id": prompt_id, "node": nid}, sid
+            )
+
+    def _const(self, prompt: dict, nid: str, default: int) -> int:
+        node = prompt.get(nid)
+        return (
+            int(node["inputs"]["value"]) if node and "value" in node.get("inputs", {}) else default
+        )
+
+    def _combine(self, nid: str, prompt: dict[str, Any]) -> dict[str, Any]:
+        inputs = prompt[nid]["inputs"]
+        width, height = self._const(prompt, "203", 64), self._const(prompt, "204", 64)
+        fps = float(inputs.get("frame_rate", 8))
+        loader = prompt.get("130", {}).get("inputs", {})
+        image = self._input_path(str(prompt.get("106", {}).get("inputs", {}).get("image")))
+        video = self._input_path(str(loader.get("video")))
+        if image is None or video is None:
+            raise ExecutionFailed(nid, "FileNotFoundError", "input image or video missing", {})
+        count = media.loaded_frame_count(
+            video, float(loader.get("force_rate", 0)), int(loader.get("frame_load_cap", 0))
+        )
+        if count < 1:
+            raise ExecutionFailed(nid, "RuntimeError", "No frames generated", {})
+        prefix = str(inputs.get("filename_prefix", "AnimateDiff"))
+        subfolder, base = os.path.split(prefix)
+        folder = self.output_dir / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(re.escape(base) + r"_(\d{5})")
+        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
+        name = f"{base}_{max(used, default=0) + 1:05}"
+        path = folder / f"{name}.mp4"
+        media.write_mp4(path, media.render_frames(image, width, height, count), fps)
+        if _is_link(inputs.get("audio"), prompt) and media.has_audio(video):
+            audio_path = folder / f"{name}-audio.mp4"
+            media.mux_audio(path, video, audio_path)
+            path = audio_path  # VHS names the -audio file (pitfall 19)
+        return {
+            "gifs": [
+                {
+                    "filename": path.name,
+                    "subfolder": subfolder,
+                    "type": "output",
+                    "format": str(inputs.get("format", "video/h264-mp4")),
+                    "frame_rate": inputs.get("frame_rate", 8),
+                    "workflow": f"{name}.png",
+                    "fullpath": str(path),
+                }
+            ]
+        }
+
+    async def _die(self) -> None:
+        """Fault: ComfyUI dies mid-run (the process exits, or the in-process server stops)."""
+        self.dead = True
+        if self.exit_process_on_die:
+            log.warning("double: dying as instructed")
+            os._exit(17)
+        await self.stop()
+        raise asyncio.CancelledError
+
+    # ---------------------------------------------------------------- other routes
+    async def get_history(self, request: web.Request) -> web.Response:
+        items = list(self.history.items())
+        offset = int(request.query.get("offset", 0) or 0)
+        max_items = request.query.get("max_items")
+        items = items[offset:]
+        if max_items:
+            items = items[-int(max_items) :]
+        return web.json_response(dict(items))
+
+    async def get_history_id(self, request: web.Request) -> web.Response:
+        pid = request.match_info["prompt_id"]
+        return web.json_response({pid: self.history[pid]} if pid in self.history else {})
+
+    async def post_history(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("clear"):
+            self.history.clear()
+        for pid in body.get("delete", []):
+            self.history.pop(pid, None)
+        return web.Response(status=200)
+
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        filename = q.get("filename", "")
+        if not filename or filename[0] == "/" or ".." in filename:
+            return web.Response(status=400)
+        base = {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(
+            q.get("type", "output")
+        )
+        if base is None:
+            return web.Response(status=400)
+        folder = (base / q.get("subfolder", "")).resolve()
+        if os.path.commonpath([folder, base.resolve()]) != str(base.resolve()):
+            return web.Response(status=403)
+        path = folder / filename
+        if not path.is_file():
+            return web.Response(status=404)
+        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{filename}"'})
+
+    async def upload_image(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "file"):
+            return web.Response(status=400)
+        base = {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(
+            str(form.get("type", "input")), self.input_dir
+        )
+        subfolder = str(form.get("subfolder", ""))
+        folder = (base / subfolder).resolve()
+        name = os.path.basename(upload.filename or "")
+        if not name or not folder.is_relative_to(base.resolve()):
+            return web.Response(status=400)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = upload.file.read()
+        path = folder / name
+        if str(form.get("overwrite", "")).lower() not in ("true", "1"):
+            stem, ext = os.path.splitext(name)
+            i = 1
+            while path.exists():
+                if hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
+                    break
+                path, i = folder / f"{stem} ({i}){ext}", i + 1
+        path.write_bytes(data)
+        return web.json_response(
+            {"name": path.name, "subfolder": subfolder, "type": str(form.get("type", "input"))}
+        )
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        return body if isinstance(body, dict) else {}
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.requests.append(("interrupt", body))
+        wanted = body.get("prompt_id")
+        if self.running is not None and (wanted is None or wanted == self.running[1]):
+            self._interrupt_flag = True  # cooperative: next node boundary or step (§2.6)
+        return web.Response(status=200)
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"queue_running": [self.running] if self.running else [], "queue_pending": self.pending}
+        )
+
+    async def post_queue(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.requests.append(("queue", body))
+        if body.get("clear"):
+            self.pending.clear()
+        doomed = set(body.get("delete", []))
+        self.pending = [item for item in self.pending if item[1] not in doomed]
+        return web.Response(status=200)
+
+    async def free(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.requests.append(("free", body))
+        if body.get("free_memory"):
+            self.cache.clear()
+        return web.Response(status=200)
+
+    async def system_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "system": {
+                    "os": "linux",
+                    "ram_total": 25769803776,
+                    "ram_free": 17179869184,
+                    "comfyui_version": "0.8.0",
+                    "required_frontend_version": "1.35.9",
+                    "installed_templates_version": "0.7.67",
+                    "required_templates_version": "0.7.67",
+                    "python_version": "3.11.0",
+                    "pytorch_version": "2.14.1",
+                    "embedded_python": False,
+                    "argv": ["main.py", "--port", str(self.port)],
+                },
+                "devices": [
+                    {
+                        "name": "cpu",
+                        "type": "cpu",
+                        "index": None,
+                        "vram_total": 0,
+                        "vram_free": 0,
+                        "torch_vram_total": 0,
+                        "torch_vram_free": 0,
+                    }
+                ],
+            }
+        )
+
+    async def get_object_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.object_info)
+
+    async def get_object_info_class(self, request: web.Request) -> web.Response:
+        cls = request.match_info["node_class"]
+        return web.json_response({cls: self.object_info[cls]} if cls in self.object_info else {})
+
+    async def post_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults.update(await self._body(request))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(asdict(self.faults))
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.faults))
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        return web.json_response([list(r) for r in self.requests])
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)

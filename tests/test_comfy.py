@@ -1,0 +1,375 @@
+"""The async ComfyUI client against the ComfyUI double (tests/comfy_double), one test per fault.
+
+Every test runs the real client over real HTTP and websocket connections to the double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.comfy_double import ComfyDouble
+from tests.comfy_double.graphs import job_graph as make_graph
+from tests.comfy_double.graphs import real_graph
+from tests.plugins.comfy import ComfyMedia
+from xicon_dance.comfy import ComfyClient, OutputFile, Progress, RunResult, output_files
+from xicon_dance.errors import ComfyError, ComfyUnavailable, JobTimeout
+
+
+def ids() -> dict[str, str]:
+    return {"prompt_id": f"p-{uuid.uuid4().hex[:8]}", "client_id": uuid.uuid4().hex}
+
+
+async def run(client: ComfyClient, graph: dict, timeout_s: float = 20, **kw) -> RunResult:
+    return await client.run(graph, timeout_s=timeout_s, **ids(), **kw)
+
+
+@pytest.fixture
+async def client(comfy_double: ComfyDouble):
+    async with ComfyClient(comfy_double.url, poll_interval_s=0.2, unreachable_grace_s=1.0) as c:
+        yield c
+
+
+def graph_for(m: ComfyMedia, **kw) -> dict:
+    return make_graph(m.image, m.video, **kw)
+
+
+async def test_success_outputs_progress_and_timings(client, comfy_double, comfy_media, tmp_path):
+    seen: list[Progress] = []
+    graph = graph_for(comfy_media, steps=3, prefix="ok")
+    result = await run(client, graph, on_progress=seen.append)
+    files = output_files(result.outputs)
+    assert [f.filename for f in files] == ["ok_00001-audio.mp4"]
+    assert files[0].node == "139" and files[0].format == "video/h264-mp4"
+    dest = await client.download(files[0], tmp_path)
+    with av.open(str(dest)) as c:
+        v = c.streams.video[0]
+        assert (v.width, v.height) == (64, 64)
+        assert len(c.streams.audio) == 1
+        assert sum(1 for _ in c.decode(v)) == 9
+    steps = [(p.step, p.total) for p in seen if p.step is not None]
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert {p.stage for p in seen if p.step is None} >= {"LoadImage", "VHS_VideoCombine"}
+    assert seen[0].stage == graph[seen[0].node]["class_type"]
+    assert set(result.node_times) == set(graph)
+    assert result.queue_s is not None and result.queue_s >= 0
+    assert result.execution_s is not None and result.execution_s > 0
+    assert result.prompt_id in comfy_double.history
+
+
+async def test_vhs_metadata_image_disabled_in_extra_data(client, comfy_double, comfy_media):
+    result = await run(client, graph_for(comfy_media))
+    extra = comfy_double.history[result.prompt_id]["prompt"][3]
+    assert extra["extra_pnginfo"]["workflow"]["extra"]["VHS_MetadataImage"] is False
+    assert extra["client_id"]
+
+
+async def test_socket_dropped_mid_run_still_completes(client, comfy_double, comfy_media):
+    comfy_double.faults.drop_socket_at_node = "348"
+    comfy_double.faults.node_delay_s = 0.05
+    result = await run(client, graph_for(comfy_media, prefix="drop"))
+    assert output_files(result.outputs)[0].filename == "drop_00001-audio.mp4"
+
+
+async def test_silent_socket_completion_from_history(client, comfy_double, comfy_media):
+    comfy_double.faults.silent_socket = True
+    t0 = time.monotonic()
+    result = await run(client, graph_for(comfy_media, prefix="silent"))
+    assert output_files(result.outputs)[0].filename == "silent_00001-audio.mp4"
+    assert time.monotonic() - t0 < 5
+    assert result.execution_s is not None
+
+
+async def test_timeout_interrupts_our_prompt(client, comfy_double, comfy_media):
+    comfy_double.faults.step_delay_s = 0.5
+    pid = ids()
+    with pytest.raises(JobTimeout) as err:
+        await client.run(graph_for(comfy_media, steps=20), timeout_s=1.0, **pid)
+    assert "interrupted" in err.value.message
+    assert ("interrupt", {"prompt_id": pid["prompt_id"]}) in comfy_double.requests
+    assert ("queue", {"delete": [pid["prompt_id"]]}) in comfy_double.requests
+    for _ in range(50):  # the double really stops at the next step
+        if pid["prompt_id"] in comfy_double.history:
+            break
+        await asyncio.sleep(0.1)
+    status = comfy_double.history[pid["prompt_id"]]["status"]
+    assert status["status_str"] == "error"
+    assert status["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_cancellation_interrupts_and_reraises(client, comfy_double, comfy_media):
+    comfy_double.faults.step_delay_s = 0.5
+    pid = ids()
+    task = asyncio.create_task(client.run(graph_for(comfy_media, steps=20), timeout_s=30, **pid))
+    await asyncio.sleep(0.8)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ("interrupt", {"prompt_id": pid["prompt_id"]}) in comfy_double.requests
+
+
+async def test_pending_prompt_deleted_from_queue_on_timeout(client, comfy_double, comfy_media):
+    comfy_double.faults.step_delay_s = 0.3
+    first = asyncio.create_task(run(client, graph_for(comfy_media, steps=6, prefix="a")))
+    await asyncio.sleep(0.3)
+    pid = ids()
+    with pytest.raises(JobTimeout):
+        await client.run(graph_for(comfy_media, prefix="b"), timeout_s=0.5, **pid)
+    assert pid["prompt_id"] not in [item[1] for item in comfy_double.pending]
+    await first
+    await asyncio.sleep(0.2)
+    assert pid["prompt_id"] not in comfy_double.history
+
+
+async def test_execution_error_readable(client, comfy_double, comfy_media):
+    comfy_double.faults.error_at_node = "348"
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph_for(comfy_media))
+    assert err.value.code == "comfyui_execution"
+    assert "node 348 (WanVideoSamplerv2): Injected failure" in err.value.message
+    assert not err.value.refresh_worker
+
+
+async def test_execution_error_found_in_history_when_socket_silent(
+    client, comfy_double, comfy_media
+):
+    comfy_double.faults.silent_socket = True
+    comfy_double.faults.drop_socket_at_node = "106"
+    comfy_double.faults.error_at_node = "139"
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph_for(comfy_media))
+    assert err.value.code == "comfyui_execution"
+    assert "node 139 (VHS_VideoCombine)" in err.value.message
+
+
+async def test_out_of_memory_hint(client, comfy_double, comfy_media):
+    comfy_double.faults.oom_at_node = "348"
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph_for(comfy_media))
+    assert err.value.code == "out_of_memory"
+    assert "node 348 (WanVideoSamplerv2)" in err.value.message
+    assert "smaller width/height" in err.value.message and "block swap" in err.value.message
+
+
+async def test_corrupt_image_is_execution_error(client, comfy_double, comfy_media):
+    (comfy_double.input_dir / "broken.png").write_bytes(b"not an image")
+    graph = make_graph("broken.png", comfy_media.video)
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph)
+    assert err.value.code == "comfyui_execution"
+    assert "node 106 (LoadImage)" in err.value.message
+
+
+async def test_validation_error_missing_file_readable(client, comfy_double, comfy_media):
+    graph = make_graph("missing.png", comfy_media.video)
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph)
+    assert err.value.code == "comfyui_validation"
+    assert (
+        "node 106 (LoadImage): Custom validation failed for node: "
+        "image - Invalid image file: missing.png" in err.value.message
+    )
+    assert comfy_double.history == {}
+
+
+async def test_node_errors_in_200_is_failure(client, comfy_double, comfy_media):
+    comfy_double.faults.node_errors_in_200 = True
+    pid = ids()
+    with pytest.raises(ComfyError) as err:
+        await client.run(graph_for(comfy_media), timeout_s=10, **pid)
+    assert err.value.code == "comfyui_validation"
+    assert "Value not in list" in err.value.message
+    assert ("queue", {"delete": [pid["prompt_id"]]}) in comfy_double.requests
+
+
+async def test_foreign_interrupt_is_reported(client, comfy_double, comfy_media):
+    comfy_double.faults.step_delay_s = 0.3
+    task = asyncio.create_task(run(client, graph_for(comfy_media, steps=10)))
+    await asyncio.sleep(0.5)
+    async with ComfyClient(comfy_double.url) as other:
+        await other.interrupt()
+    with pytest.raises(ComfyError) as err:
+        await task
+    assert err.value.code == "comfyui_interrupted"
+
+
+async def test_death_mid_run_in_process_is_unavailable(client, comfy_double, comfy_media):
+    comfy_double.faults.die_at_node = "348"
+    with pytest.raises(ComfyUnavailable) as err:
+        await run(client, graph_for(comfy_media))
+    assert err.value.refresh_worker and err.value.to_response()["refresh_worker"] is True
+
+
+async def test_unreachable_at_submit_is_unavailable(tmp_path):
+    from tests.plugins.comfy import free_port
+
+    async with ComfyClient(f"http://127.0.0.1:{free_port()}", unreachable_grace_s=0) as c:
+        with pytest.raises(ComfyUnavailable):
+            await run(c, {"1": {"class_type": "X", "inputs": {}}})
+
+
+async def test_cached_rerun_returns_old_filenames(client, comfy_double, comfy_media):
+    graph = graph_for(comfy_media, prefix="cache")
+    first = await run(client, graph)
+    second = await run(client, graph)
+    assert output_files(first.outputs) == output_files(second.outputs)
+    assert sorted(p.name for p in comfy_double.output_dir.iterdir()) == [
+        "cache_00001-audio.mp4",
+        "cache_00001.mp4",
+    ]
+    await client.free(free_memory=True)
+    third = await run(client, graph)
+    assert output_files(third.outputs)[0].filename == "cache_00002-audio.mp4"
+
+
+async def test_progress_callback_errors_and_coroutines_do_not_break(client, comfy_media):
+    seen: list[Progress] = []
+
+    async def slow(p: Progress) -> None:
+        await asyncio.sleep(5)  # must not delay the run
+        seen.append(p)
+
+    t0 = time.monotonic()
+    await run(client, graph_for(comfy_media), on_progress=slow)
+    assert time.monotonic() - t0 < 4
+
+    def boom(p: Progress) -> None:
+        raise RuntimeError("callback bug")
+
+    await run(client, graph_for(comfy_media, prefix="boom"), on_progress=boom)
+
+
+async def test_download_missing_file(client, tmp_path):
+    with pytest.raises(ComfyError) as err:
+        await client.download(OutputFile("nope.mp4"), tmp_path)
+    assert err.value.code == "comfyui_output_missing"
+
+
+def test_output_files_reads_gifs_videos_images():
+    outputs = {
+        "139": {
+            "gifs": [
+                {
+                    "filename": "a.mp4",
+                    "subfolder": "jobs",
+                    "type": "output",
+                    "format": "video/h264-mp4",
+                }
+            ]
+        },
+        "9": {
+            "images": [{"filename": "b.png", "subfolder": "", "type": "temp"}],
+            "animated": [True],
+        },
+        "10": {"videos": [{"filename": "c.mp4"}], "text": ["x"]},
+        "11": {"audio": [{"filename": "d.flac"}]},
+    }
+    files = output_files(outputs)
+    assert [(f.node, f.filename, f.subfolder, f.type) for f in files] == [
+        ("139", "a.mp4", "jobs", "output"),
+        ("9", "b.png", "", "temp"),
+        ("10", "c.mp4", "", "output"),
+    ]
+
+
+async def test_object_info_and_free(client, comfy_double):
+    comfy_double.object_info = {"LoadImage": {"name": "LoadImage", "output_node": False}}
+    assert "LoadImage" in await client.object_info()
+    assert await client.object_info("NoSuchNode") == {}
+    await client.free(unload_models=True, free_memory=False)
+    assert ("free", {"unload_models": True, "free_memory": False}) in comfy_double.requests
+
+
+async def test_real_graph_runs_when_present(client, comfy_media):
+    graph = real_graph(comfy_media.image, comfy_media.video, prefix="real")
+    if graph is None:
+        pytest.skip("XiCON_Dance_SCAIL_vFinal.json is not in the repository yet")
+    result = await run(client, graph)
+    assert output_files(result.outputs)[0].filename.startswith("real_00001")
+
+
+# --------------------------------------------------------------- wait_ready
+async def test_wait_ready_answers(comfy_double):
+    async with ComfyClient(comfy_double.url) as c:
+        await c.wait_ready(5)
+
+
+async def test_wait_ready_deadline(tmp_path):
+    from tests.plugins.comfy import free_port
+
+    async with ComfyClient(f"http://127.0.0.1:{free_port()}") as c:
+        t0 = time.monotonic()
+        with pytest.raises(ComfyUnavailable) as err:
+            await c.wait_ready(1.0)
+    assert 0.9 <= time.monotonic() - t0 < 3
+    assert "did not answer" in err.value.message and "within 1 s" in err.value.message
+
+
+async def test_wait_ready_dead_pid(tmp_path):
+    from tests.plugins.comfy import free_port
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    pid_file = tmp_path / "comfy.pid"
+    pid_file.write_text(str(proc.pid))
+    async with ComfyClient(f"http://127.0.0.1:{free_port()}", pid_file=pid_file) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ComfyUnavailable) as err:
+            await c.wait_ready(30)
+    assert time.monotonic() - t0 < 2
+    assert "exited during start" in err.value.message
+
+
+@pytest.mark.slow
+async def test_wait_ready_refused_then_up(comfy_process):
+    double = comfy_process(args=["--refuse-start-s", "1.5"], wait=False)
+    async with ComfyClient(double.url, pid_file=double.pid_file) as c:
+        t0 = time.monotonic()
+        await c.wait_ready(20)
+    assert time.monotonic() - t0 >= 1.0
+
+
+@pytest.mark.slow
+async def test_wait_ready_process_exits_during_start(comfy_process, tmp_path):
+    double = comfy_process(args=["--refuse-start-s", "30"], wait=False)
+    async with ComfyClient(double.url, pid_file=double.pid_file) as c:
+        task = asyncio.create_task(c.wait_ready(60))
+        await asyncio.sleep(1.0)
+        double.proc.kill()
+        with pytest.raises(ComfyUnavailable) as err:
+            await asyncio.wait_for(task, 5)
+    assert "exited during start" in err.value.message
+
+
+@pytest.mark.slow
+async def test_process_death_mid_run_is_unavailable(comfy_process, tmp_path):
+    double = comfy_process(args=["--die-at-node", "348"])
+    async with ComfyClient(
+        double.url, pid_file=double.pid_file, poll_interval_s=0.2, unreachable_grace_s=60
+    ) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ComfyUnavailable) as err:
+            await run(c, make_graph("ref.png", "drive.mp4"), timeout_s=30)
+    assert time.monotonic() - t0 < 10
+    assert "exited" in err.value.message
+    assert err.value.to_response()["refresh_worker"] is True
+    assert double.proc.wait(5) == 17
+
+
+@pytest.mark.slow
+async def test_process_faults_via_control_route(comfy_process, tmp_path):
+    double = comfy_process()
+    assert double.set_faults(silent_socket=True, drop_socket_at_node="130")["silent_socket"]
+    async with ComfyClient(double.url, pid_file=double.pid_file, poll_interval_s=0.2) as c:
+        result = await run(c, make_graph("ref.png", "drive.mp4", prefix="proc"))
+        item = output_files(result.outputs)[0]
+        dest = await c.download(item, tmp_path / "out.mp4")
+    assert dest.stat().st_size > 1000
+    assert Path(double.root / "output" / item.filename).is_file()
