@@ -173,7 +173,7 @@ def test_link_to_missing_node_from_output_node(graph, object_info) -> None:
     (err,) = node_errors["139"]["errors"]
     assert err["type"] == "exception_during_validation"
     assert err["details"] == "'999'"
-    assert err["extra_info"]["exception_type"] == "builtins.KeyError"
+    assert err["extra_info"]["exception_type"] == "KeyError"
     assert error["details"] == "Exception when validating node: '999'"
 
 
@@ -195,7 +195,7 @@ def test_link_to_missing_output_index(graph, object_info) -> None:
     _, node_errors = check_prompt(graph, object_info)
     (err,) = node_errors["139"]["errors"]
     assert err["type"] == "exception_during_validation"
-    assert err["extra_info"]["exception_type"] == "builtins.IndexError"
+    assert err["extra_info"]["exception_type"] == "IndexError"
 
 
 def test_no_output_node(graph, object_info) -> None:

@@ -74,6 +74,14 @@ def model_filenames(manifest_path: str | Path) -> set[str]:
     return {str(m["filename"]) for m in manifest["models"]}
 
 
+def _type_name(ex: BaseException) -> str:
+    """ComfyUI's ``full_type_name``: the qualified name, without ``builtins.``."""
+    cls = type(ex)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
 def _err(etype: str, message: str, details: str = "", extra: dict | None = None) -> Error:
     return {"type": etype, "message": message, "details": details, "extra_info": extra or {}}
 
@@ -256,7 +264,7 @@ def _validate_inputs(
                         "input_name": name,
                         "input_config": spec,
                         "exception_message": str(ex),
-                        "exception_type": f"builtins.{type(ex).__name__}",
+                        "exception_type": _type_name(ex),
                         "traceback": traceback.format_tb(ex.__traceback__),
                         "linked_node": val,
                     },
@@ -334,7 +342,7 @@ def check_prompt(
                     "Exception when validating node",
                     str(ex),
                     {
-                        "exception_type": f"builtins.{type(ex).__name__}",
+                        "exception_type": _type_name(ex),
                         "traceback": traceback.format_tb(ex.__traceback__),
                     },
                 )
