@@ -48,6 +48,7 @@ import os
 import re
 import shutil
 import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,8 +612,10 @@ def _too_many_pixels(field: str, limit: int, size: str = "") -> InputError:
     )
 
 
-# Truncated images must fail, not be padded with grey.
+# Truncated images must fail, not be padded with grey; a possible bomb is an error, not a warning
+# (Pillow's documented way; it only makes Pillow stricter in this process).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 # --------------------------------------------------------------------------- videos

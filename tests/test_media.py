@@ -1,0 +1,420 @@
+"""Media inputs: the hostile corpus end to end through schema + media, plus the guards one by one
+(SSRF policy, redirects, retries, caps, proxies, base64, Pillow and PyAV checks, job folder)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.hostile_cases import (
+    CASE_IDS,
+    CASES,
+    HostileCase,
+    HostileEnv,
+    case_settings,
+    good_job_input,
+)
+from tests.plugins.http_server import HttpServer, Reply
+from tests.plugins.media_factory import make_image, make_video
+from xicon_dance import media
+from xicon_dance.errors import ConfigError, InputError
+from xicon_dance.media import (
+    GuardedResolver,
+    ImageInfo,
+    VideoInfo,
+    address_refusal,
+    fetch_image,
+    fetch_video,
+    input_name,
+    job_folder,
+    probe_video,
+    safe_job_id,
+)
+from xicon_dance.schema import INPUT_ERROR_CODES, parse_job_input
+from xicon_dance.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(media, "RETRY_BACKOFF_S", 0.01)
+
+
+@pytest.fixture
+def env(http_server: HttpServer, tmp_path: Path) -> HostileEnv:
+    return HostileEnv(http_server, tmp_path / "env")
+
+
+@pytest.fixture
+def settings(env: HostileEnv, tmp_path: Path) -> Settings:
+    return dataclasses.replace(
+        Settings(),
+        comfy_input_dir=tmp_path / "input",
+        default_video=env.default_video,
+        allow_private_urls=True,
+        download_retries=3,
+        download_connect_timeout_s=2.0,
+        download_read_timeout_s=2.0,
+    )
+
+
+async def run_job(raw: object, settings: Settings, job_id: str = "job-1") -> tuple[Any, Any]:
+    job = parse_job_input(raw, settings)
+    with job_folder(settings, job_id) as folder:
+        image = await fetch_image(job, folder, settings)
+        video = await fetch_video(job, folder, settings)
+        assert image.path.parent == folder and video.path.parent == folder
+        return image, video
+
+
+def jobs_dir(settings: Settings) -> Path:
+    return Path(settings.comfy_input_dir) / "jobs"
+
+
+# ------------------------------------------------------------------------ the corpus
+
+
+def test_corpus_is_large_and_well_formed() -> None:
+    assert len(CASES) >= 30
+    assert len(set(CASE_IDS)) == len(CASES)
+    for case in CASES:
+        assert case.code in INPUT_ERROR_CODES, case.id
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+async def test_hostile_case(case: HostileCase, env: HostileEnv, settings: Settings) -> None:
+    hostile = case_settings(case, settings)
+    with pytest.raises(InputError) as info:
+        await run_job(case.make_input(env), hostile, job_id=case.id)
+    err = info.value
+    assert (err.field, err.code) == (case.field, case.code), err.message
+    assert err.message.startswith(f"{case.field}: ") and err.message.endswith(".")
+    assert "Traceback" not in err.message and "\n" not in err.message
+    assert "secret" not in err.message
+    root = jobs_dir(hostile)
+    assert not root.exists() or not any(root.iterdir()), "job folder left behind"
+    # A good job right after, on the same server and folders.
+    image, video = await run_job(good_job_input(env), settings, job_id=case.id + "-good")
+    assert (image.width, image.height, video.frames) == (96, 160, 9)
+
+
+# ------------------------------------------------------------------------ good paths
+
+
+async def test_url_inputs_through_five_redirects(env: HostileEnv, settings: Settings) -> None:
+    server = env.server
+    server.serve_file("/files/ref.jpg", make_image(env.file("r.jpg"), 300, 200, "JPEG"))
+    server.serve_file("/files/drive.mp4", env.video_mp4)
+    raw = {
+        "image_url": server.redirect_chain("/img", 5, "/files/ref.jpg"),
+        "video_url": server.redirect("/vid", server.url("/files/drive.mp4"), status=307),
+    }
+    job = parse_job_input(raw, settings)
+    with job_folder(settings, "abc") as folder:
+        image = await fetch_image(job, folder, settings)
+        video = await fetch_video(job, folder, settings)
+        assert image == ImageInfo(folder / "reference.jpg", 300, 200, "JPEG", image.bytes)
+        assert image.bytes == (env.workdir / "r.jpg").stat().st_size
+        assert input_name(settings, image.path) == "jobs/abc/reference.jpg"
+        assert input_name(settings, video.path) == "jobs/abc/driving.mp4"
+        assert (video.width, video.height, video.frames, video.fps) == (64, 64, 9, 8.0)
+        assert video.has_audio and video.duration_s == pytest.approx(1.125, abs=0.05)
+        assert video.bytes == env.video_mp4.stat().st_size
+        assert sorted(p.name for p in folder.iterdir()) == ["driving.mp4", "reference.jpg"]
+    assert not folder.exists()
+    assert server.hits("/img/hop4") == 1 and server.hits("/files/ref.jpg") == 1
+
+
+async def test_base64_and_data_uri_inputs(env: HostileEnv, settings: Settings) -> None:
+    png = env.image_png.read_bytes()
+    wrapped = base64.encodebytes(png).decode()  # with newlines every 76 characters
+    raw = {
+        "image_base64": "data:image/png;base64," + wrapped,
+        "video_base64": base64.b64encode(env.video_mp4.read_bytes()).decode(),
+    }
+    image, video = await run_job(raw, settings)
+    assert (image.format, image.width, image.height, image.bytes) == ("PNG", 96, 160, len(png))
+    assert image.path.name == "reference.png" and video.path.name == "driving.mp4"
+
+
+async def test_default_video_is_used_and_linked_into_the_job(
+    env: HostileEnv, settings: Settings
+) -> None:
+    job = parse_job_input({"image_base64": env.good_image_b64()}, settings)
+    with job_folder(settings, "d") as folder:
+        video = await fetch_video(job, folder, settings)
+        assert video.path.parent == folder and video.path.name == "driving.mp4"
+        assert (video.frames, video.has_audio) == (9, False)
+    assert env.default_video.exists(), "removing the job folder must not touch the default"
+
+
+async def test_missing_default_video_is_a_config_error(
+    env: HostileEnv, settings: Settings, tmp_path: Path
+) -> None:
+    broken = dataclasses.replace(settings, default_video=tmp_path / "nope.mp4")
+    job = parse_job_input({"image_base64": env.good_image_b64()}, broken)
+    with job_folder(broken, "d") as folder, pytest.raises(ConfigError) as info:
+        await fetch_video(job, folder, broken)
+    assert info.value.code == "default_video_missing" and "nope.mp4" in info.value.message
+    not_video = dataclasses.replace(settings, default_video=env.image_png)
+    with pytest.raises(ConfigError, match="unusable"):
+        media.check_default_video(not_video)
+
+
+async def test_exif_orientation_swaps_reported_size(env: HostileEnv, settings: Settings) -> None:
+    path = env.file("rot.jpg")
+    img = Image.new("RGB", (200, 100), (10, 120, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, format="JPEG", exif=exif)
+    raw = {"image_base64": base64.b64encode(path.read_bytes()).decode()}
+    image, _ = await run_job(raw, settings)
+    assert (image.width, image.height) == (100, 200)
+
+
+# ------------------------------------------------------------------------ retries and caps
+
+
+async def test_5xx_is_retried_then_succeeds(env: HostileEnv, settings: Settings) -> None:
+    body = env.image_png.read_bytes()
+    url = env.server.sequence(
+        "/flaky.png", [Reply(status=503), Reply(status=502), Reply(body=body)]
+    )
+    image, _ = await run_job({"image_url": url}, settings)
+    assert image.bytes == len(body)
+    assert env.server.hits("/flaky.png") == 3
+
+
+async def test_retries_are_bounded_and_4xx_is_not_retried(
+    env: HostileEnv, settings: Settings
+) -> None:
+    url = env.server.serve("/down.png", b"", status=500)
+    with pytest.raises(InputError, match="after 3 attempt"):
+        await run_job({"image_url": url}, settings)
+    assert env.server.hits("/down.png") == 3
+    url = env.server.serve("/gone.png", b"gone", status=410)
+    with pytest.raises(InputError, match="HTTP 410"):
+        await run_job({"image_url": url}, settings)
+    assert env.server.hits("/gone.png") == 1
+
+
+async def test_dropped_connection_is_retried(env: HostileEnv, settings: Settings) -> None:
+    body = env.image_png.read_bytes()
+    url = env.server.sequence("/d.png", [Reply(drop=True), Reply(body=body)])
+    image, _ = await run_job({"image_url": url}, settings)
+    assert image.bytes == len(body) and env.server.hits("/d.png") == 2
+
+
+async def test_read_timeout_between_chunks(env: HostileEnv, settings: Settings) -> None:
+    quick = dataclasses.replace(settings, download_read_timeout_s=0.2, download_retries=2)
+    url = env.server.serve_slow("/s.bin", b"x" * 4096, chunk_delay_s=0.6, chunk_bytes=1024)
+    with pytest.raises(InputError, match="timed out") as info:
+        await run_job({"image_url": url}, quick)
+    assert info.value.code == "download_failed"
+    assert env.server.hits("/s.bin") == 2
+
+
+async def test_streaming_cap_stops_early(env: HostileEnv, settings: Settings) -> None:
+    capped = dataclasses.replace(settings, max_image_bytes=64 * 1024)
+    url = env.server.serve_unsized("/big", b"\0" * (4 * 1024 * 1024))
+    with pytest.raises(InputError) as info:
+        await run_job({"image_url": url}, capped)
+    assert info.value.code == "too_large" and "65536 bytes" in info.value.message
+    assert env.server.hits("/big") == 1, "a size refusal is not retried"
+
+
+def test_base64_length_is_capped_before_decoding(tmp_path: Path) -> None:
+    cap = 3000
+    limit = 4 * ((cap + 2) // 3)
+    ok = base64.b64encode(b"\1" * cap).decode()
+    assert len(ok) == limit
+    assert media.decode_base64_to_file(ok, tmp_path / "a", cap, "f") == cap
+    with pytest.raises(InputError) as info:
+        media.decode_base64_to_file("A" * (limit + 4), tmp_path / "b", cap, "f")
+    assert info.value.code == "too_large" and "characters" in info.value.message
+    assert not (tmp_path / "b").exists()
+
+
+def test_proxy_environment_is_ignored(
+    env: HostileEnv, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    url = env.server.serve("/p.png", env.image_png.read_bytes())
+    import asyncio
+
+    image, _ = asyncio.run(run_job({"image_url": url}, settings))
+    assert image.width == 96 and env.server.hits("/p.png") == 1
+
+
+# ------------------------------------------------------------------------ SSRF
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.5.5.5",
+        "0.0.0.0",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.1.1",
+        "100.64.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "::",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::1",
+        "2001:db8::1",
+    ],
+)
+def test_non_public_addresses_are_refused(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    assert address_refusal(ip, allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+def test_public_addresses_pass(address: str) -> None:
+    assert address_refusal(ipaddress.ip_address(address), allow_private=False) == ""
+
+
+@pytest.mark.parametrize(
+    "address", ["169.254.169.254", "fd00:ec2::254", "100.100.100.200", "::ffff:169.254.169.254"]
+)
+def test_metadata_is_refused_even_when_private_is_allowed(address: str) -> None:
+    assert "metadata" in address_refusal(ipaddress.ip_address(address), allow_private=True)
+
+
+def test_private_allowed_lets_loopback_through() -> None:
+    assert address_refusal(ipaddress.ip_address("127.0.0.1"), allow_private=True) == ""
+
+
+async def test_resolver_refuses_names_that_resolve_privately() -> None:
+    strict = GuardedResolver(allow_private=False)
+    with pytest.raises(media.ForbiddenAddress, match="localhost resolves to a loopback"):
+        await strict.resolve("localhost", 80)
+    await strict.close()
+    lenient = GuardedResolver(allow_private=True)
+    assert await lenient.resolve("localhost", 80)
+    await lenient.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://10.0.0.1/x.png", "http://[::1]:{port}/x.png", "http://localhost:{port}/ok.png"],
+)
+async def test_redirect_to_a_private_address_is_refused(
+    target: str, env: HostileEnv, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """127.0.0.1 stands in for a public host; every redirect hop must be checked again."""
+    real = media.address_refusal
+
+    def policy(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str:
+        if ip == ipaddress.ip_address("127.0.0.1"):
+            return ""
+        return real(ip, allow_private)
+
+    monkeypatch.setattr(media, "address_refusal", policy)
+    strict = dataclasses.replace(settings, allow_private_urls=False)
+    env.server.serve("/ok.png", env.image_png.read_bytes())
+    url = env.server.redirect("/start", target.format(port=env.server.port))
+    if "localhost" in target and not _localhost_has_ipv6():
+        pytest.skip("localhost has no ::1 entry here, so it resolves to the stand-in only")
+    with pytest.raises(InputError) as info:
+        await run_job({"image_url": url}, strict)
+    assert info.value.code == "url_forbidden", info.value.message
+    assert env.server.hits("/start") == 1 and env.server.hits("/ok.png") == 0
+
+
+def _localhost_has_ipv6() -> bool:
+    import socket
+
+    try:
+        return any(i[0] == socket.AF_INET6 for i in socket.getaddrinfo("localhost", 80))
+    except OSError:
+        return False
+
+
+async def test_redirect_to_ftp_is_refused(env: HostileEnv, settings: Settings) -> None:
+    url = env.server.redirect("/f", "ftp://example.com/a.png", status=301)
+    with pytest.raises(InputError, match="scheme ftp") as info:
+        await run_job({"image_url": url}, settings)
+    assert info.value.code == "unsupported_url"
+
+
+async def test_messages_hide_query_strings(env: HostileEnv, settings: Settings) -> None:
+    url = env.server.url("/missing.png") + "?X-Amz-Signature=topsecret&X-Amz-Credential=AKIA"
+    with pytest.raises(InputError) as info:
+        await run_job({"image_url": url}, settings)
+    assert "topsecret" not in info.value.message and "AKIA" not in info.value.message
+    assert "/missing.png" in info.value.message
+
+
+# ------------------------------------------------------------------------ videos
+
+
+def test_probe_counts_frames_when_the_container_does_not_say(tmp_path: Path) -> None:
+    path = make_video(tmp_path / "v.mkv", 80, 48, 12, 13, audio=True, container="matroska")
+    info = probe_video(path)
+    assert info == VideoInfo(path, 80, 48, 12.0, 13, info.duration_s, True, path.stat().st_size)
+    assert info.duration_s == pytest.approx(13 / 12, abs=0.1)
+
+
+def test_probe_refuses_empty_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "e.mp4").write_bytes(b"")
+    for path in (tmp_path / "e.mp4", tmp_path / "missing.mp4"):
+        with pytest.raises(InputError) as info:
+            probe_video(path, field="result")
+        assert (info.value.field, info.value.code) == ("result", "invalid_video")
+
+
+async def test_video_container_extension_follows_content(
+    env: HostileEnv, settings: Settings, tmp_path: Path
+) -> None:
+    mkv = make_video(tmp_path / "x.bin", 64, 64, 8, 9, container="matroska")
+    url = env.server.serve_file("/video.mp4", mkv)
+    _, video = await run_job({"image_base64": env.good_image_b64(), "video_url": url}, settings)
+    assert video.path.name == "driving.mkv" and video.frames == 9
+
+
+# ------------------------------------------------------------------------ job folder
+
+
+@pytest.mark.parametrize(
+    "job_id", ["../../etc", "a/b", "sync-1234-abcd", "x" * 300, "", "..", "ümlaut id"]
+)
+def test_job_folder_is_contained_and_removed(job_id: str, settings: Settings) -> None:
+    root = jobs_dir(settings)
+    with job_folder(settings, job_id) as folder:
+        assert folder.parent == root and folder.is_dir()
+        assert len(folder.name) <= 100 and "/" not in folder.name and folder.name not in ("", "..")
+        (folder / "f").write_bytes(b"1")
+    assert not folder.exists()
+
+
+def test_job_folder_is_removed_on_failure(settings: Settings) -> None:
+    with pytest.raises(RuntimeError), job_folder(settings, "boom") as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "f").write_bytes(b"1")
+        raise RuntimeError("job failed")
+    assert not folder.exists()
+
+
+def test_safe_job_id_keeps_plain_ids_and_separates_look_alikes() -> None:
+    assert safe_job_id("sync-abc_123") == "sync-abc_123"
+    assert safe_job_id("a/b") != safe_job_id("a_b")
