@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.plugins.http_server",
     "tests.plugins.s3",
     "tests.plugins.comfy",
+    "tests.plugins.fake_runpod",
 ]

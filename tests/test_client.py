@@ -1,0 +1,349 @@
+"""The command-line client against a real local HTTP server that answers like RunPod.
+
+The server (``tests/plugins/fake_runpod.py``) implements ``/run``, ``/status`` and ``/cancel`` as
+documented at https://docs.runpod.io/serverless/endpoints/operation-reference and the states of
+https://docs.runpod.io/serverless/endpoints/job-states (``../shared/reference/runpod.md`` §8.1),
+and the SDK's local ``--rp_serve_api`` server (§3.2). Jobs follow scripted lifecycles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.plugins.fake_runpod import API_KEY, FakeRunpod
+from xicon_dance import client
+from xicon_dance.__main__ import ProgressView, main
+
+VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
+IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 100
+
+
+def progress(stage: str, step: int | None, total: int | None, percent: int | None) -> dict:
+    state = {"stage": stage, "step": step, "total": total, "percent": percent, "message": None}
+    return {"status": "IN_PROGRESS", "output": state}
+
+
+def completed(video: dict[str, Any], seed: int = 42) -> dict[str, Any]:
+    facts = {
+        "filename": "out.mp4",
+        "content_type": "video/mp4",
+        "bytes": len(VIDEO),
+        "width": 416,
+        "height": 672,
+        "frames": 81,
+        "fps": 24,
+        "duration_s": 3.375,
+        "has_audio": True,
+    }
+    timings = {"download": 0.4, "queue": 0.1, "inference": 51.2, "upload": 0.9, "total": 52.8}
+    output = {"video": {**facts, **video}, "seed": seed, "prompt_id": "p-1", "timings": timings}
+    return {"status": "COMPLETED", "output": output}
+
+
+def client_b64() -> str:
+    return base64.b64encode(VIDEO).decode()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "ref.png"
+    path.write_bytes(IMAGE)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
+
+
+def cli(fake: FakeRunpod, image: Path, out: Path, *extra: str) -> int:
+    args = ["run", "--base-url", fake.url, "--image", str(image), "--out", str(out)]
+    return main([*args, "--poll-interval", "0.02", *extra])
+
+
+def test_success_with_progress_and_base64(fake_runpod, image, tmp_path, capsys):
+    b64 = client_b64()
+    fake_runpod.queue_job(
+        [
+            {"status": "IN_QUEUE"},
+            progress("preprocess", None, None, 5),
+            progress("sampling", 2, 6, 40),
+            progress("sampling", 6, 6, 90),
+            completed({"base64": b64}),
+        ]
+    )
+    out = tmp_path / "result.mp4"
+    code = cli(fake_runpod, image, out, "--steps", "6", "--seed", "42", "--no-audio")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert out.read_bytes() == VIDEO
+    assert not (tmp_path / "result.mp4.part").exists()
+    submitted = fake_runpod.requests[0]
+    assert (submitted.method, submitted.path) == ("POST", "/run")
+    assert submitted.authorization == API_KEY
+    job_input = submitted.body["input"]
+    assert base64.b64decode(job_input["image_base64"]) == IMAGE
+    assert (job_input["steps"], job_input["seed"], job_input["keep_audio"]) == (6, 42, False)
+    assert "prompt" not in job_input and "video_url" not in job_input
+    # Non-TTY: one line per change, in order, with stage and sampler step.
+    lines = captured.err.splitlines()
+    assert any("IN_QUEUE" in line for line in lines)
+    sampling = [line for line in lines if "sampling" in line]
+    assert len(sampling) == 2 and "2/6" in sampling[0] and "40%" in sampling[0]
+    assert "6/6" in sampling[1]
+    assert "preprocess" in captured.err
+    assert "Seed: 42" in captured.out
+    assert "inference 51.2 s" in captured.out and "total 52.8 s" in captured.out
+    assert "416x672" in captured.out
+    assert API_KEY not in captured.out + captured.err
+
+
+def test_url_output_is_streamed_without_the_api_key(fake_runpod, image, tmp_path, capsys):
+    url = fake_runpod.serve_file("out.mp4", VIDEO)
+    fake_runpod.queue_job([progress("sampling", 1, 4, 25), completed({"url": url})])
+    out = tmp_path / "deep" / "video.mp4"
+    video_url = "https://example.com/dance.mp4"
+    assert cli(fake_runpod, image, out, "--video", video_url, "--output", "url") == 0
+    assert out.read_bytes() == VIDEO
+    assert fake_runpod.requests[0].body["input"]["video_url"] == video_url
+    assert fake_runpod.requests[0].body["input"]["output"] == "url"
+    download = [r for r in fake_runpod.requests if r.path == "/files/out.mp4"]
+    assert len(download) == 1 and download[0].authorization is None
+
+
+def test_failed_job_shows_worker_error_code_and_field(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.queue_job(
+        [
+            {"status": "IN_PROGRESS"},
+            {
+                "status": "FAILED",
+                "error": "width: must be a multiple of 32 (got 500).",
+                "output": {"code": "invalid_input", "field": "width"},
+            },
+        ]
+    )
+    out = tmp_path / "r.mp4"
+    code = cli(fake_runpod, image, out)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "FAILED" in err and "width: must be a multiple of 32 (got 500)." in err
+    assert "code: invalid_input" in err and "field: width" in err
+    assert not out.exists()
+
+
+def test_failed_by_exception_shows_short_message(fake_runpod, image, tmp_path, capsys):
+    report = {
+        "error_type": "<class 'RuntimeError'>",
+        "error_message": "CUDA error: no kernel image is available",
+        "error_traceback": "Traceback (most recent call last): ...",
+    }
+    fake_runpod.queue_job([{"status": "FAILED", "error": json.dumps(report)}])
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: CUDA error: no kernel image is available" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [("CANCELLED", "was CANCELLED"), ("TIMED_OUT", "execution timeout")],
+)
+def test_cancelled_and_timed_out(fake_runpod, image, tmp_path, capsys, state, expected):
+    fake_runpod.queue_job([{"status": "IN_QUEUE"}, {"status": state}])
+    out = tmp_path / "r.mp4"
+    assert cli(fake_runpod, image, out) == 1
+    err = capsys.readouterr().err
+    assert state in err and expected in err
+    assert not out.exists()
+
+
+def test_429_and_5xx_are_retried(fake_runpod, image, tmp_path):
+    fake_runpod.fail_next("/run", 429, retry_after="0")
+    fake_runpod.fail_next("/status/", 503, times=2)
+    fake_runpod.queue_job([{"status": "IN_QUEUE"}, completed({"base64": client_b64()})])
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 0
+    assert fake_runpod.paths("POST").count("/run") == 2
+    assert len(fake_runpod.jobs) == 1  # the refused /run did not create a job
+
+
+def test_persistent_http_error_names_status_without_the_key(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.api_key = "another-key-9876"
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 3
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "RUNPOD_API_KEY" in err
+    assert API_KEY not in err
+
+
+def test_keyboard_interrupt_cancels_the_job(fake_runpod, image, tmp_path):
+    fake_runpod.queue_job([progress("sampling", 1, 6, 10)])
+
+    def interrupt(update: client.JobUpdate) -> None:
+        if update.status == "IN_PROGRESS":
+            raise KeyboardInterrupt
+
+    job_input = client.build_job_input(str(image))
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(
+            client.run_job(
+                job_input,
+                base_url=fake_runpod.url,
+                api_key=API_KEY,
+                out=tmp_path / "r.mp4",
+                poll_interval=0.02,
+                on_update=interrupt,
+            )
+        )
+    cancels = [r for r in fake_runpod.requests if r.path.startswith("/cancel/")]
+    assert len(cancels) == 1 and cancels[0].authorization == API_KEY
+    assert cancels[0].path == f"/cancel/{next(iter(fake_runpod.jobs))}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_command_cancels_and_exits_130(fake_runpod, image, tmp_path):
+    fake_runpod.queue_job([progress("sampling", 1, 6, 10)])
+    cmd = [sys.executable, "-m", "xicon_dance", "run", "--base-url", fake_runpod.url]
+    cmd += ["--image", str(image), "--out", str(tmp_path / "r.mp4"), "--poll-interval", "0.05"]
+    env = {**os.environ, "RUNPOD_API_KEY": API_KEY}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fake_runpod.wait_for(lambda: fake_runpod.paths("GET").count(_status_path(fake_runpod)) >= 2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert f"/cancel/{next(iter(fake_runpod.jobs))}" in fake_runpod.paths("POST")
+    assert b"cancel sent" in err and b"Traceback" not in err
+
+
+def _status_path(fake: FakeRunpod) -> str:
+    return f"/status/{next(iter(fake.jobs), '')}"
+
+
+def test_client_timeout_cancels_the_job(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.queue_job([{"status": "IN_QUEUE"}])
+    assert cli(fake_runpod, image, tmp_path / "r.mp4", "--timeout", "0.3") == 1
+    err = capsys.readouterr().err
+    assert "Gave up waiting after 0.3 s" in err
+    assert any(p.startswith("/cancel/") for p in fake_runpod.paths("POST"))
+
+
+def test_payload_too_large_is_refused_before_any_request(fake_runpod, image, tmp_path, capsys):
+    video = tmp_path / "big.mp4"
+    with video.open("wb") as fh:
+        fh.truncate(8 * 1000 * 1000)  # 10.7 MB as base64
+    code = cli(fake_runpod, image, tmp_path / "r.mp4", "--video", str(video))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "10 MB" in err and "URL" in err and "video" in err
+    assert fake_runpod.requests == []
+
+
+def test_encode_request_measures_the_exact_body():
+    job = {"image_base64": "A" * 1000, "prompt": "ü" * 10}
+    body = client.encode_request(job, limit=2000)
+    assert json.loads(body) == {"input": job}
+    with pytest.raises(client.PayloadTooLarge, match="image"):
+        client.encode_request(job, limit=len(body) - 1)
+
+
+def test_local_runsync_mode(fake_runpod_local, image, tmp_path, capsys):
+    fake_runpod_local.queue_job([completed({"base64": client_b64()})])
+    out = tmp_path / "r.mp4"
+    assert cli(fake_runpod_local, image, out, "--local") == 0
+    assert out.read_bytes() == VIDEO
+    assert fake_runpod_local.paths() == ["/runsync"]
+    assert "Job: test-job-0001-e1" in capsys.readouterr().out
+
+
+def test_local_server_detected_by_405_on_status(fake_runpod_local, image, tmp_path):
+    fake_runpod_local.queue_job([completed({"base64": client_b64()})])
+    out = tmp_path / "r.mp4"
+    assert cli(fake_runpod_local, image, out) == 0
+    assert out.read_bytes() == VIDEO
+    job = "test-job-0001-e1"
+    assert [(r.method, r.path) for r in fake_runpod_local.requests] == [
+        ("POST", "/run"),
+        ("GET", f"/status/{job}"),
+        ("POST", f"/status/{job}"),
+    ]
+
+
+def test_local_failure_shows_error(fake_runpod_local, image, tmp_path, capsys):
+    fake_runpod_local.queue_job([{"status": "FAILED", "error": "image_url: download failed."}])
+    assert cli(fake_runpod_local, image, tmp_path / "r.mp4", "--local") == 1
+    assert "image_url: download failed." in capsys.readouterr().err
+
+
+def test_completed_without_output_is_an_error(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.queue_job([{"status": "COMPLETED"}])
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 1
+    assert "without a video" in capsys.readouterr().err
+
+
+def test_size_mismatch_is_not_saved(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.queue_job([completed({"base64": client_b64(), "bytes": len(VIDEO) + 1})])
+    out = tmp_path / "r.mp4"
+    assert cli(fake_runpod, image, out) == 3
+    assert "not saved" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.mp4.part").exists()
+
+
+def test_urls_pass_through_without_reading_files():
+    job = client.build_job_input("https://example.com/a.png", "http://example.com/b.mp4", seed=-1)
+    assert job == {
+        "image_url": "https://example.com/a.png",
+        "video_url": "http://example.com/b.mp4",
+        "seed": -1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "missing.png", "--base-url", "http://127.0.0.1:9"], "--image"),
+        (["--image", "https://x.test/a.png", "--endpoint", "abc"], "RUNPOD_API_KEY"),
+        (["--image", "https://x.test/a.png"], "--endpoint"),
+        (["--image", "https://x.test/a.png", "--base-url", "ftp://h"], "--base-url"),
+    ],
+)
+def test_usage_errors_exit_2(monkeypatch, capsys, args, message):
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    assert main(["run", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_default_base_url_uses_the_endpoint():
+    assert client.default_base_url("abc123") == "https://api.runpod.ai/v2/abc123"
+
+
+def test_tty_view_redraws_one_line():
+    stream = io.StringIO()
+    view = ProgressView(stream, tty=True)
+    p = client.Progress("sampling", 3, 6, None)
+    view(client.JobUpdate("j1", "IN_PROGRESS", p, 65.0))
+    view(client.JobUpdate("j1", "IN_PROGRESS", p, 66.0))
+    view.close()
+    text = stream.getvalue()
+    assert text.count("\r\x1b[K") == 2 and text.endswith("\n") and text.count("\n") == 1
+    assert "[01:06]" in text and "sampling 3/6" in text and " 50%" in text
+
+
+def test_progress_payload_parsing():
+    assert client.Progress.from_payload({"stage": "decode", "percent": 95.0}).percent == 95
+    assert client.Progress.from_payload({"step": 1}) is None
+    assert client.Progress.from_payload("working") is None
+    odd = client.Progress.from_payload({"stage": "x", "step": True, "total": "6", "message": 3})
+    assert (odd.step, odd.total, odd.message, odd.fraction) == (None, None, None, None)
