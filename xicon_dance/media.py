@@ -105,6 +105,9 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _REDIRECTS = {301, 302, 303, 307, 308}
+# Media is already compressed; identity also keeps the Content-Length pre-check meaningful (a
+# server that compresses anyway is decoded, and the cap still counts the decoded bytes).
+_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "xicon-dance-worker"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -385,7 +388,7 @@ async def download(url: str, dest: Path, max_bytes: int, field: str, settings: S
             resolver=GuardedResolver(settings.allow_private_urls), use_dns_cache=False
         )
         async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, trust_env=False, auto_decompress=False
+            connector=connector, timeout=timeout, trust_env=False, headers=_HEADERS
         ) as session:
             try:
                 return await _download_once(session, url, dest, max_bytes, field, settings)
