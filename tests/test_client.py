@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +351,67 @@ def test_progress_payload_parsing():
     assert client.Progress.from_payload("working") is None
     odd = client.Progress.from_payload({"stage": "x", "step": True, "total": "6", "message": 3})
     assert (odd.step, odd.total, odd.message, odd.fraction) == (None, None, None, None)
+
+
+SDK_HANDLER = """
+import base64
+import runpod
+
+
+def handler(job):
+    inp = job["input"]
+    if inp.get("seed") == 13:
+        return {"error": "seed: unlucky.", "code": "invalid_input", "field": "seed"}
+    data = base64.b64decode(inp["image_base64"])
+    video = {"base64": base64.b64encode(data).decode(), "bytes": len(data)}
+    return {"video": video, "seed": inp.get("seed"), "timings": {"total": 0.1}}
+
+
+runpod.serverless.start({"handler": handler})
+"""
+
+
+@pytest.fixture
+def sdk_server(tmp_path: Path) -> Iterator[str]:
+    """The RunPod SDK's own ``--rp_serve_api`` server with a tiny echo handler."""
+    script = tmp_path / "handler.py"
+    script.write_text(SDK_HANDLER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, str(script), "--rp_serve_api", "--rp_api_host", "127.0.0.1"]
+    cmd += ["--rp_api_port", str(port), "--rp_log_level", "ERROR"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
+    log = (tmp_path / "sdk.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp_path / "sdk.log").read_text()[-2000:])
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_against_the_sdk_local_server(sdk_server, image, tmp_path, capsys):
+    base = ["run", "--base-url", sdk_server, "--image", str(image), "--poll-interval", "0.05"]
+    assert main([*base, "--out", str(tmp_path / "a.mp4"), "--local", "--seed", "7"]) == 0
+    assert (tmp_path / "a.mp4").read_bytes() == IMAGE
+    assert "Seed: 7" in capsys.readouterr().out
+    # Without --local: /run stores the job, GET /status is 405, POST /status runs it.
+    assert main([*base, "--out", str(tmp_path / "b.mp4")]) == 0
+    assert (tmp_path / "b.mp4").read_bytes() == IMAGE
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "c.mp4"), "--local", "--seed", "13"]) == 1
+    assert "FAILED: seed: unlucky." in capsys.readouterr().err
