@@ -175,7 +175,10 @@ async def fetch_image(job: JobInput, folder: Path, settings: Settings) -> ImageI
         await download(job.image_url, staging, settings.max_image_bytes, field, settings)
     else:
         field = "image_base64"
-        decode_base64_to_file(job.image_base64 or "", staging, settings.max_image_bytes, field)
+        data = job.image_base64 or ""
+        await asyncio.to_thread(
+            decode_base64_to_file, data, staging, settings.max_image_bytes, field
+        )
     width, height, fmt = await asyncio.to_thread(check_image, staging, field)
     final = folder / f"reference.{IMAGE_FORMATS[fmt]}"
     staging.replace(final)
@@ -190,34 +193,41 @@ async def fetch_video(job: JobInput, folder: Path, settings: Settings) -> VideoI
         await download(job.video_url, staging, settings.max_video_bytes, field, settings)
     elif job.video_base64 is not None:
         field = "video_base64"
-        decode_base64_to_file(job.video_base64, staging, settings.max_video_bytes, field)
+        await asyncio.to_thread(
+            decode_base64_to_file, job.video_base64, staging, settings.max_video_bytes, field
+        )
     else:
-        check_default_video(settings)
-        final = folder / f"driving{settings.default_video.suffix or '.mp4'}"
-        _link_or_copy(settings.default_video, final)
-        return await asyncio.to_thread(probe_video, final, field="video_url")
+        return await asyncio.to_thread(_use_default_video, folder, settings)
     info = await asyncio.to_thread(probe_video, staging, field=field)
     final = folder / f"driving.{_video_extension(staging)}"
     staging.replace(final)
     return dataclasses.replace(info, path=final)
 
 
-def check_default_video(settings: Settings) -> VideoInfo:
-    """Probe the bundled default video; missing or broken -> ``ConfigError``."""
-    path = Path(settings.default_video)
-    if not path.is_file():
+def check_default_video(settings: Settings, path: Path | None = None) -> VideoInfo:
+    """Probe the bundled default video (or its copy ``path``); missing/broken -> ``ConfigError``."""
+    source = Path(settings.default_video)
+    if not source.is_file():
         raise ConfigError(
-            f"The default driving video {path.name} is missing (DEFAULT_VIDEO); jobs without "
+            f"The default driving video {source.name} is missing (DEFAULT_VIDEO); jobs without "
             "video_url or video_base64 cannot run.",
             code="default_video_missing",
         )
     try:
-        return probe_video(path, field="video_url")
+        return probe_video(path or source, field="video_url")
     except InputError as exc:
         raise ConfigError(
-            f"The default driving video {path.name} is unusable: {exc.message}",
+            f"The default driving video {source.name} is unusable: {exc.message}",
             code="default_video_missing",
         ) from None
+
+
+def _use_default_video(folder: Path, settings: Settings) -> VideoInfo:
+    source = Path(settings.default_video)
+    final = folder / f"driving{source.suffix or '.mp4'}"
+    if source.is_file():
+        _link_or_copy(source, final)
+    return check_default_video(settings, final)
 
 
 # --------------------------------------------------------------------------- base64
@@ -226,7 +236,7 @@ def check_default_video(settings: Settings) -> VideoInfo:
 def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> int:
     """Strict base64 (raw or ``data:...;base64,``) -> ``dest``; the length is capped first."""
     limit = _b64_limit(max_bytes)
-    if len(data) > limit + 512:
+    if len(data) > limit + limit // 50 + 512:  # room for line breaks and a data: header
         raise _too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
     text = data.strip()
     if text[:5].lower() == "data:":
