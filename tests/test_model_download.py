@@ -279,3 +279,20 @@ def test_cli_runs_as_module(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "cannot read manifest" in proc.stderr
+
+
+def test_link_from_hf_cache(tmp_path: Path) -> None:
+    body = _body(1_000, 7)
+    entry = _hf_entry("k", body)
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--repo" / "snapshots" / COMMIT / "sub"
+    snap.mkdir(parents=True)
+    (snap / "k.bin").write_bytes(body)
+    (cache / "models--org--repo" / "refs").mkdir()
+    (cache / "models--org--repo" / "refs" / "main").write_text(COMMIT)
+    models = tmp_path / "models"
+    args = ["--manifest", str(_manifest(tmp_path, [entry])), "--models-dir", str(models)]
+    assert md.main([*args, "--link-from-hf-cache", str(cache)]) == 0
+    dest = models / "vae" / "k.safetensors"
+    assert dest.is_symlink() and dest.read_bytes() == body
+    assert md.main(args) == 0  # already present and verified: no server needed

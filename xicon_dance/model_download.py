@@ -260,6 +260,36 @@ def fetch(entry: Entry, models_dir: Path) -> Path:
     return dest
 
 
+def cached_snapshot_file(entry: Entry, cache_root: Path) -> Path | None:
+    """The entry's file in a Hugging Face hub cache (``models--org--name/snapshots/<rev>/...``)."""
+    if entry.source["type"] != "hf":
+        return None
+    repo_dir = cache_root / ("models--" + entry.source["repo"].replace("/", "--"))
+    revision = entry.source["revision"]
+    ref = repo_dir / "refs" / revision
+    if ref.is_file():
+        revision = ref.read_text(encoding="utf-8").strip()
+    candidate = repo_dir / "snapshots" / revision / entry.source["path"]
+    return candidate if candidate.is_file() else None
+
+
+def link_from_cache(entries: list[Entry], models_dir: Path, cache_root: Path) -> int:
+    """Symlink cached files into ``<models dir>/<folder>/<filename>`` where absent; return count."""
+    linked = 0
+    for entry in entries:
+        dest = entry.dest(models_dir)
+        found = cached_snapshot_file(entry, cache_root)
+        if found is None or dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink():
+            dest.unlink()  # a dangling link from an older cache
+        dest.symlink_to(found.resolve())
+        log.info("linked %s -> %s", dest, found)
+        linked += 1
+    return linked
+
+
 def download_all(entries: list[Entry], models_dir: Path) -> list[str]:
     """Fetch every entry; return one message per failed entry (empty list = success)."""
     failures: list[str] = []
@@ -282,6 +312,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--models-dir", type=Path, default=Path(os.environ.get("MODELS_DIR", "/comfyui/models"))
     )
     parser.add_argument("--only", nargs="*", default=None, help="entry names to fetch")
+    parser.add_argument(
+        "--link-from-hf-cache",
+        type=Path,
+        default=None,
+        help="only symlink files found in this Hugging Face hub cache; no download",
+    )
     return parser.parse_args(argv)
 
 
@@ -299,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("--only names not in the manifest: %s", sorted(unknown))
             return 1
         entries = [e for e in entries if e.name in args.only]
+    if args.link_from_hf_cache is not None:
+        count = link_from_cache(entries, args.models_dir, args.link_from_hf_cache)
+        log.info("linked %d model files from %s.", count, args.link_from_hf_cache)
+        return 0
     failures = download_all(entries, args.models_dir)
     if failures:
         log.error("%d of %d model files failed.", len(failures), len(entries))

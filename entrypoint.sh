@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Container entry point of the XiCON Dance SCAIL worker.
+#
+# 1. GPU preflight: nvidia-smi, then scripts/gpu_preflight.py (torch sees the GPU and the image's
+#    arch list covers its compute capability). GPU_PREFLIGHT=0 skips it.
+# 2. Models: RunPod cached models are linked in; MODEL_DOWNLOAD_AT_START=1 fetches the manifest
+#    onto the network volume (or the image's models folder when there is no volume).
+# 3. ComfyUI on COMFY_HOST (127.0.0.1:8188), in the background, PID in COMFY_PID_FILE; its log is
+#    shown and kept in COMFY_LOG_FILE; "Error running sage attention" raises a loud warning.
+# 4. Wait until ComfyUI answers (COMFY_STARTUP_TIMEOUT_S); if it dies first, exit non-zero.
+# 5. Optional warm-up (WARMUP=1), then exec the handler so that SIGTERM reaches it.
+#
+# Paths are overridable (tests run this script against stand-ins): PYTHON_BIN, COMFY_MAIN,
+# HANDLER, WORKER_DIR, COMFY_DIR, MODELS_DIR.
+set -euo pipefail
+
+WORKER_DIR="${WORKER_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+PYTHON_BIN="${PYTHON_BIN:-python}"
+COMFY_DIR="${COMFY_DIR:-/comfyui}"
+COMFY_MAIN="${COMFY_MAIN:-$COMFY_DIR/main.py}"
+HANDLER="${HANDLER:-$WORKER_DIR/handler.py}"
+COMFY_HOST="${COMFY_HOST:-127.0.0.1:8188}"
+COMFY_PID_FILE="${COMFY_PID_FILE:-/tmp/comfyui.pid}"
+COMFY_LOG_FILE="${COMFY_LOG_FILE:-/tmp/comfyui.log}"
+COMFY_STARTUP_TIMEOUT_S="${COMFY_STARTUP_TIMEOUT_S:-900}"
+COMFY_EXTRA_ARGS="${COMFY_EXTRA_ARGS:-}"
+MODELS_DIR="${MODELS_DIR:-$COMFY_DIR/models}"
+VOLUME_MODELS_DIR="${VOLUME_MODELS_DIR:-/runpod-volume/models}"
+HF_CACHE_DIR="${HF_CACHE_DIR:-/runpod-volume/huggingface-cache/hub}"
+MODEL_MANIFEST="${MODEL_MANIFEST:-$WORKER_DIR/model_manifest.json}"
+
+log() { printf '[entrypoint] %s\n' "$*"; }
+die() { printf '[entrypoint] ERROR: %s\n' "$*" >&2; exit 1; }
+
+is_true() {
+    case "${1,,}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
+}
+
+gpu_preflight() {
+    if ! is_true "${GPU_PREFLIGHT:-1}"; then
+        log "GPU preflight skipped (GPU_PREFLIGHT=${GPU_PREFLIGHT})."
+        return 0
+    fi
+    command -v nvidia-smi >/dev/null 2>&1 \
+        || die "nvidia-smi not found: no NVIDIA driver is visible in this container."
+    local smi
+    smi="$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>&1)" \
+        || die "nvidia-smi failed: ${smi}"
+    log "GPU: ${smi}"
+    local rc=0
+    IMAGE_CUDA_ARCH_LIST="${IMAGE_CUDA_ARCH_LIST:-${TORCH_CUDA_ARCH_LIST:-}}" \
+        "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        die "GPU preflight failed (exit ${rc}); see the GPU PREFLIGHT line above. This worker cannot run jobs on this GPU."
+    fi
+}
+
+prepare_models() {
+    local target="$MODELS_DIR"
+    if [ -d "$VOLUME_MODELS_DIR" ]; then
+        log "network volume models folder found: ${VOLUME_MODELS_DIR} (mapped by extra_model_paths.yaml)."
+        target="$VOLUME_MODELS_DIR"
+    fi
+    if [ -d "$HF_CACHE_DIR" ]; then
+        log "RunPod model cache found: ${HF_CACHE_DIR}; linking manifest files from it."
+        "$PYTHON_BIN" -m xicon_dance.model_download --manifest "$MODEL_MANIFEST" \
+            --models-dir "$MODELS_DIR" --link-from-hf-cache "$HF_CACHE_DIR" \
+            || log "WARNING: linking from the model cache failed; continuing with what is present."
+    fi
+    if is_true "${MODEL_DOWNLOAD_AT_START:-0}"; then
+        log "MODEL_DOWNLOAD_AT_START: fetching missing model files into ${target}."
+        mkdir -p "$target"
+        # One writer at a time on a shared volume.
+        flock "$target/.download.lock" \
+            "$PYTHON_BIN" -m xicon_dance.model_download --manifest "$MODEL_MANIFEST" --models-dir "$target" \
+            || die "model download failed; see the lines above."
+    fi
+}
+
+watch_log() {
+    # Show every ComfyUI line, keep it in the log file, and shout about a silent sage fallback.
+    local warned=0 line
+    while IFS= read -r line; do
+        printf '%s\n' "$line"
+        printf '%s\n' "$line" >>"$COMFY_LOG_FILE"
+        if [ "$warned" -eq 0 ] && [[ "$line" == *"Error running sage attention"* ]]; then
+            warned=1
+            printf '[entrypoint] WARNING: SAGEATTENTION FALLBACK: ComfyUI reports "Error running sage attention" and is using PyTorch attention instead (slower). Check that the image was built for this GPU (IMAGE_CUDA_ARCH_LIST=%s) or set SAGEATTENTION_ENABLED=0.\n' \
+                "${IMAGE_CUDA_ARCH_LIST:-?}" >&2
+        fi
+    done
+}
+
+start_comfy() {
+    local host="${COMFY_HOST%:*}" port="${COMFY_HOST##*:}"
+    local -a args=(--listen "$host" --port "$port" --disable-auto-launch --disable-metadata --log-stdout)
+    if is_true "${SAGEATTENTION_ENABLED:-1}"; then
+        args+=(--use-sage-attention)
+    else
+        log "SAGEATTENTION_ENABLED=${SAGEATTENTION_ENABLED}: ComfyUI starts without --use-sage-attention."
+    fi
+    if [ -n "$COMFY_EXTRA_ARGS" ]; then
+        local -a extra
+        read -r -a extra <<<"$COMFY_EXTRA_ARGS"
+        args+=("${extra[@]}")
+    fi
+    : >"$COMFY_LOG_FILE"
+    log "starting ComfyUI: ${COMFY_MAIN} ${args[*]}"
+    "$PYTHON_BIN" -u "$COMFY_MAIN" "${args[@]}" > >(watch_log) 2>&1 &
+    COMFY_PID=$!
+    printf '%s\n' "$COMFY_PID" >"$COMFY_PID_FILE"
+}
+
+wait_ready() {
+    local url="http://${COMFY_HOST}/system_stats" start=$SECONDS
+    while true; do
+        if ! kill -0 "$COMFY_PID" 2>/dev/null; then
+            local rc=0
+            wait "$COMFY_PID" || rc=$?
+            sleep 0.2 # let the log reader flush
+            printf '[entrypoint] ComfyUI log (last 40 lines):\n' >&2
+            tail -n 40 "$COMFY_LOG_FILE" >&2 || true
+            die "ComfyUI exited with code ${rc} during startup (before answering on ${COMFY_HOST})."
+        fi
+        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+            log "ComfyUI ready on ${COMFY_HOST} after $((SECONDS - start)) s (pid ${COMFY_PID})."
+            return 0
+        fi
+        if [ $((SECONDS - start)) -ge "${COMFY_STARTUP_TIMEOUT_S%.*}" ]; then
+            kill "$COMFY_PID" 2>/dev/null || true
+            die "ComfyUI did not answer on ${COMFY_HOST} within ${COMFY_STARTUP_TIMEOUT_S} s."
+        fi
+        sleep 0.5
+    done
+}
+
+warmup() {
+    is_true "${WARMUP:-0}" || return 0
+    local input="${WARMUP_INPUT:-$WORKER_DIR/test_input.json}"
+    [ -f "$input" ] || die "WARMUP=1 but WARMUP_INPUT ${input} does not exist."
+    log "WARMUP: running one job from ${input} to load the models before serving."
+    if ! "$PYTHON_BIN" -u "$HANDLER" --test_input "$(cat "$input")"; then
+        log "WARNING: warm-up job failed; serving anyway (the first job loads the models)."
+    fi
+}
+
+main() {
+    gpu_preflight
+    prepare_models
+    start_comfy
+    wait_ready
+    warmup
+    local -a handler_args=()
+    if is_true "${SERVE_API_LOCALLY:-false}"; then
+        handler_args+=(--rp_serve_api --rp_api_host 0.0.0.0)
+        log "SERVE_API_LOCALLY: local API server on port ${RP_API_PORT:-8000}."
+    fi
+    cd "$WORKER_DIR"
+    log "starting handler: ${HANDLER} ${handler_args[*]}"
+    exec "$PYTHON_BIN" -u "$HANDLER" "${handler_args[@]}"
+}
+
+main "$@"

@@ -1,0 +1,340 @@
+"""entrypoint.sh run for real against stand-ins (a ComfyUI-like main.py, a handler, nvidia-smi and
+a fake ``torch`` module), plus shellcheck on every shell script of the repository.
+
+The stand-in main.py logs its argv, then behaves as STANDIN_MODE says: ``ok`` (answers
+``/system_stats`` after a short boot), ``die`` (exits 3 during boot), ``sagefail`` (logs ComfyUI's
+sage fallback line, then answers), ``hang`` (never answers). The stand-in handler records its argv
+and a received SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRYPOINT = ROOT / "entrypoint.sh"
+
+pytestmark = pytest.mark.slow
+
+MAIN_PY = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    with open(os.environ["STANDIN_ARGV"], "w") as fh:
+        json.dump(sys.argv[1:], fh)
+    mode = os.environ.get("STANDIN_MODE", "ok")
+    print("Starting server (stand-in)", flush=True)
+    time.sleep(0.5)
+    if mode == "die":
+        print("Traceback: IMPORT FAILED something fatal", flush=True)
+        sys.exit(3)
+    if mode == "sagefail":
+        print("Error running sage attention: no kernel image, using pytorch attention instead.",
+              flush=True)
+    if mode == "hang":
+        time.sleep(600)
+    args = sys.argv[1:]
+    host, port = args[args.index("--listen") + 1], int(args[args.index("--port") + 1])
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/system_stats" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+        def log_message(self, *a):
+            pass
+
+    HTTPServer((host, port), H).serve_forever()
+    """
+)
+
+HANDLER_PY = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    out = os.environ["STANDIN_HANDLER"]
+    def on_term(signum, frame):
+        with open(out + ".sigterm", "w") as fh:
+            fh.write("SIGTERM")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    with open(out, "w") as fh:
+        json.dump({"argv": sys.argv[1:], "pid": os.getpid()}, fh)
+    while True:
+        time.sleep(0.1)
+    """
+)
+
+NVIDIA_SMI = "#!/bin/sh\necho 'NVIDIA GeForce RTX 3090, 570.86.10, 8.6'\n"
+
+FAKE_TORCH = textwrap.dedent(
+    """
+    import os
+    __version__ = "2.11.0+cu128"
+    _cap = tuple(int(x) for x in os.environ.get("FAKE_CAPABILITY", "12.0").split("."))
+    class cuda:
+        @staticmethod
+        def is_available():
+            return os.environ.get("FAKE_CUDA", "1") == "1"
+        @staticmethod
+        def get_device_name(i):
+            return "Fake GPU"
+        @staticmethod
+        def get_device_capability(i):
+            return _cap
+        @staticmethod
+        def get_arch_list():
+            return ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]
+    class _T:
+        def __matmul__(self, other):
+            return self
+        def sum(self):
+            return self
+        def item(self):
+            return 1.0
+    def ones(*a, **k):
+        return _T()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Rig:
+    tmp: Path
+    env: dict[str, str]
+
+    @property
+    def argv_file(self) -> Path:
+        return Path(self.env["STANDIN_ARGV"])
+
+    @property
+    def handler_file(self) -> Path:
+        return Path(self.env["STANDIN_HANDLER"])
+
+    def comfy_argv(self) -> list[str]:
+        return json.loads(self.argv_file.read_text())
+
+    def start(self, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["bash", str(ENTRYPOINT)],
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def run(self, timeout: float = 60, **env: str) -> tuple[int, str]:
+        proc = self.start(**env)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            _kill_group(proc)
+        assert proc.stdout is not None
+        return rc, proc.stdout.read()
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM the entrypoint's process (the handler after exec); return its rc and all output."""
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=15)
+    _kill_group(proc)  # the stand-in ComfyUI and the log reader keep stdout open
+    assert proc.stdout is not None
+    return rc, proc.stdout.read()
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    (tmp_path / "main.py").write_text(MAIN_PY)
+    (tmp_path / "handler.py").write_text(HANDLER_PY)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text(NVIDIA_SMI)
+    smi.chmod(0o755)
+    fake = tmp_path / "fakepkgs"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    env = {
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PYTHON_BIN": sys.executable,
+        "COMFY_MAIN": str(tmp_path / "main.py"),
+        "HANDLER": str(tmp_path / "handler.py"),
+        "WORKER_DIR": str(ROOT),
+        "COMFY_DIR": str(tmp_path / "comfy"),
+        "COMFY_HOST": f"127.0.0.1:{_free_port()}",
+        "COMFY_PID_FILE": str(tmp_path / "comfy.pid"),
+        "COMFY_LOG_FILE": str(tmp_path / "comfy.log"),
+        "COMFY_STARTUP_TIMEOUT_S": "30",
+        "VOLUME_MODELS_DIR": str(tmp_path / "no-volume"),
+        "HF_CACHE_DIR": str(tmp_path / "no-cache"),
+        "GPU_PREFLIGHT": "0",
+        "STANDIN_ARGV": str(tmp_path / "argv.json"),
+        "STANDIN_HANDLER": str(tmp_path / "handler.json"),
+        "PYTHONPATH": str(ROOT),
+    }
+    return Rig(tmp_path, env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"entrypoint exited early: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path.name} never appeared")
+        time.sleep(0.1)
+    time.sleep(0.2)
+
+
+def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
+    proc = rig.start()
+    try:
+        _wait_for(rig.handler_file, proc)
+        time.sleep(0.3)  # the handler installs its SIGTERM handler before writing the file
+        info = json.loads(rig.handler_file.read_text())
+        assert info["pid"] == proc.pid, "the handler must replace the shell (exec)"
+        assert info["argv"] == []
+        argv = rig.comfy_argv()
+        for flag in ("--disable-auto-launch", "--disable-metadata", "--log-stdout"):
+            assert flag in argv
+        assert "--use-sage-attention" in argv
+        host, port = rig.env["COMFY_HOST"].split(":")
+        assert argv[argv.index("--listen") + 1] == host and argv[argv.index("--port") + 1] == port
+        comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
+        os.kill(comfy_pid, 0)  # alive
+        rc, out = _stop(proc)
+        assert (rig.tmp / "handler.json.sigterm").read_text() == "SIGTERM"
+        assert rc == 0
+        assert "ComfyUI ready" in out
+    finally:
+        _kill_group(proc)
+
+
+def test_sageattention_disabled_drops_the_flag(rig: Rig) -> None:
+    proc = rig.start(SAGEATTENTION_ENABLED="0")
+    try:
+        _wait_for(rig.handler_file, proc)
+        assert "--use-sage-attention" not in rig.comfy_argv()
+        assert "--disable-metadata" in rig.comfy_argv()
+    finally:
+        _kill_group(proc)
+
+
+def test_serve_api_locally_adds_sdk_flags(rig: Rig) -> None:
+    proc = rig.start(SERVE_API_LOCALLY="true")
+    try:
+        _wait_for(rig.handler_file, proc)
+        argv = json.loads(rig.handler_file.read_text())["argv"]
+        assert argv == ["--rp_serve_api", "--rp_api_host", "0.0.0.0"]
+    finally:
+        _kill_group(proc)
+
+
+def test_comfy_dying_during_boot_fails_loudly(rig: Rig) -> None:
+    rc, out = rig.run(STANDIN_MODE="die")
+    assert rc != 0
+    assert "ComfyUI exited with code 3 during startup" in out
+    assert "IMPORT FAILED something fatal" in out  # the log tail is shown
+    assert not rig.handler_file.exists()
+
+
+def test_startup_deadline(rig: Rig) -> None:
+    rc, out = rig.run(STANDIN_MODE="hang", COMFY_STARTUP_TIMEOUT_S="2")
+    assert rc != 0
+    assert "did not answer" in out and "within 2 s" in out
+    assert not rig.handler_file.exists()
+
+
+def test_sage_fallback_warning(rig: Rig) -> None:
+    proc = rig.start(STANDIN_MODE="sagefail")
+    try:
+        _wait_for(rig.handler_file, proc)
+        _, out = _stop(proc)
+        assert "WARNING: SAGEATTENTION FALLBACK" in out
+        assert "Error running sage attention" in Path(rig.env["COMFY_LOG_FILE"]).read_text()
+    finally:
+        _kill_group(proc)
+
+
+def test_gpu_preflight_arch_not_in_image(rig: Rig) -> None:
+    env = {
+        "GPU_PREFLIGHT": "1",
+        "IMAGE_CUDA_ARCH_LIST": "12.0",
+        "FAKE_CAPABILITY": "8.6",
+        "PYTHONPATH": str(rig.tmp / "fakepkgs"),
+    }
+    rc, out = rig.run(**env)
+    assert rc != 0
+    assert "RTX 3090" in out  # nvidia-smi's line is logged
+    assert "compute capability 8.6" in out and "built for 12.0" in out
+    assert "TORCH_CUDA_ARCH_LIST" in out
+    assert "GPU preflight failed (exit 3)" in out
+    assert not rig.argv_file.exists(), "ComfyUI must not start on an unfit GPU"
+
+
+def test_gpu_preflight_passes_for_a_listed_arch(rig: Rig) -> None:
+    env = {
+        "GPU_PREFLIGHT": "1",
+        "IMAGE_CUDA_ARCH_LIST": "8.9;9.0;12.0",
+        "FAKE_CAPABILITY": "12.0",
+    }
+    proc = rig.start(**env, PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}")
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    assert proc.stdout is not None
+
+
+def test_gpu_preflight_without_cuda(rig: Rig) -> None:
+    rc, out = rig.run(GPU_PREFLIGHT="1", FAKE_CUDA="0", PYTHONPATH=str(rig.tmp / "fakepkgs"))
+    assert rc != 0 and "torch sees no CUDA device" in out
+
+
+def test_gpu_preflight_without_driver(rig: Rig) -> None:
+    (rig.tmp / "bin" / "nvidia-smi").unlink()
+    if shutil.which("nvidia-smi", path=os.environ["PATH"]):
+        pytest.skip("this machine has a real nvidia-smi")
+    rc, out = rig.run(GPU_PREFLIGHT="1")
+    assert rc != 0 and "nvidia-smi not found" in out
+
+
+def test_shellcheck_clean_on_every_shell_script() -> None:
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    scripts = [
+        p
+        for p in ROOT.rglob("*.sh")
+        if not any(
+            part.startswith(".") or part in {"node_modules"} for part in p.parts[len(ROOT.parts) :]
+        )
+    ]
+    assert ENTRYPOINT in scripts
+    proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
