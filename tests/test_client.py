@@ -345,6 +345,24 @@ def test_tty_view_redraws_one_line():
     assert "[01:06]" in text and "sampling 3/6" in text and " 50%" in text
 
 
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("sampling step 3/6", "sampling 3/6\n"),
+        ("waiting for the GPU", "sampling 3/6 - waiting for the GPU\n"),
+        (None, "sampling 3/6\n"),
+    ],
+)
+def test_line_view_shows_stage_step_and_new_information(message, shown):
+    stream = io.StringIO()
+    view = ProgressView(stream, tty=False)
+    update = client.JobUpdate("j1", "IN_PROGRESS", client.Progress("sampling", 3, 6, 55, message))
+    view(update)
+    view(update)  # unchanged: no second line
+    assert stream.getvalue().endswith("]  55% " + shown)
+    assert stream.getvalue().count("\n") == 1 and "[#############" in stream.getvalue()
+
+
 def test_progress_payload_parsing():
     assert client.Progress.from_payload({"stage": "decode", "percent": 95.0}).percent == 95
     assert client.Progress.from_payload({"step": 1}) is None

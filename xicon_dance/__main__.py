@@ -35,6 +35,7 @@ from .client import (
     JobFailed,
     JobResult,
     JobUpdate,
+    Progress,
     UsageError,
     build_job_input,
     default_base_url,
@@ -102,9 +103,16 @@ class ProgressView:
         text = f"[{clock}] {bar} {progress.stage}"
         if progress.step is not None and progress.total:
             text += f" {progress.step}/{progress.total}"
-        if progress.message:
+        if progress.message and not _repeats(progress.message, progress):
             text += f" - {progress.message}"
         return text
+
+
+def _repeats(message: str, progress: Progress) -> bool:
+    """True when the worker's message only restates the stage and step already shown."""
+    if progress.stage not in message:
+        return False
+    return progress.step is None or f"{progress.step}/{progress.total}" in message
 
 
 def _bar(fraction: float | None) -> str:
