@@ -489,6 +489,23 @@ CASES: list[HostileCase] = [
         "invalid_video",
     ),
     HostileCase(
+        "video_too_tall",
+        lambda env: _video_b64(env, make_video(env.file("tall.mp4"), 32, 8224, 8, 2).read_bytes()),
+        "video_base64",
+        "too_many_pixels",
+    ),
+    HostileCase(
+        "video_by_url_is_html",
+        lambda env: _img(
+            env,
+            video_url=env.server.serve(
+                "/page.mp4", b"<html><body>Sign in</body></html>", content_type="text/html"
+            ),
+        ),
+        "video_url",
+        "invalid_video",
+    ),
+    HostileCase(
         "text_video_by_url",
         lambda env: _img(env, video_url=env.server.serve("/v.mp4", b"not a video at all")),
         "video_url",
