@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from xicon_dance.progress import ProgressReporter
+from xicon_dance.progress import ProgressReporter, stage_of
 
 
 class FakeClock:
@@ -50,7 +50,7 @@ def test_throttle_and_payload_shape() -> None:
     clock.now += 0.5
     assert not rep.update("queued")  # inside the interval
     clock.now += 0.6
-    rep.on_comfy(P("sampling", "348", 3, 6))
+    rep.on_comfy(P("WanVideoSamplerv2", "348", 3, 6))
     rep.close()
     assert got[0] == {
         "job": "j1",
@@ -61,7 +61,8 @@ def test_throttle_and_payload_shape() -> None:
         "message": "downloading the inputs",
     }
     assert got[1]["stage"] == "sampling" and (got[1]["step"], got[1]["total"]) == (3, 6)
-    assert got[1]["percent"] == 52 and got[1]["message"] == "sampling step 3/6"
+    assert got[1]["percent"] == 52
+    assert got[1]["message"] == "sampling step 3/6 (WanVideoSamplerv2)"
     assert set(got[1]) == {"job", "stage", "step", "total", "percent", "message"}
     assert len(got) == 2
 
@@ -70,7 +71,11 @@ def test_percent_never_decreases_and_non_sampler_steps_are_hidden() -> None:
     clock = FakeClock()
     got, send = recorder()
     rep = ProgressReporter({"id": "j"}, 0.0, sender=send, clock=clock)
-    for p in (P("sampling", "348", 5, 6), P("loading", "22", 1, 10), P("decoding", "28", 2, 4)):
+    for p in (
+        P("WanVideoSamplerv2", "348", 5, 6),
+        P("WanVideoModelLoader", "22", 1, 10),
+        P("WanVideoDecode", "28", 2, 4),
+    ):
         rep.on_comfy(p)
         rep._thread.join()  # type: ignore[union-attr]
         clock.now += 1
@@ -149,3 +154,22 @@ def test_sdk_sender_posts_in_progress_and_close_waits_for_it(
     assert query["id"] == ["job-42"] and query["isStream"] == ["false"]
     assert body["status"] == "IN_PROGRESS"
     assert body["output"]["stage"] == "sampling" and body["output"]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("node_class", "stage"),
+    [
+        ("WanVideoSamplerv2", "sampling"),
+        ("WanVideoDecode", "decoding"),
+        ("VHS_VideoCombine", "writing"),
+        ("RenderNLFPoses", "pose"),
+        ("PoseDetectionVitPoseToDWPose", "pose"),
+        ("WanVideoModelLoader", "loading"),
+        ("VHS_LoadVideo", "loading"),
+        ("WanVideoTextEncodeCached", "conditioning"),
+        ("WanVideoAddSCAILPoseEmbeds", "conditioning"),
+        ("ImageResizeKJv2", "preparing"),
+    ],
+)
+def test_stage_names(node_class: str, stage: str) -> None:
+    assert stage_of(node_class) == stage

@@ -1,4 +1,4 @@
-"""Per-job orchestration. OWNER: core-run helper.
+"""Per-job orchestration.
 
 Contract:
 - ``Worker(settings, workflow, comfy)`` built once at start; ``await worker.run(job: dict) -> dict``
@@ -6,5 +6,245 @@ Contract:
   cleans the job folder, and returns either the success result
   ``{"video": {url|base64, filename, content_type, bytes, width, height, frames, fps, duration_s,
   has_audio}, "seed", "prompt_id", "timings": {download, queue, inference, upload, total}}``
-  or ``WorkerError.to_response()``. It re-raises ``asyncio.CancelledError`` after interrupting ComfyUI.
+  or ``WorkerError.to_response()``. It re-raises ``asyncio.CancelledError`` after interrupting
+  ComfyUI (the ComfyUI client sends the interrupt).
+
+Details:
+- Every ``WorkerError`` becomes its ``to_response()``; ``ComfyUnavailable`` carries
+  ``refresh_worker: True`` (the SDK strips the key and replaces the worker). Any other exception
+  is logged with its traceback and answered with ``internal_error_response()``.
+- ``seed`` in the result is the seed actually used (a random one for ``-1``).
+- Timings (seconds): ``download`` (inputs fetched and checked), ``queue`` and ``inference``
+  (ComfyUI's queue wait and execution), ``upload`` (output located, probed and delivered),
+  ``total`` (the whole ``run``).
+- The result video is probed (``media.probe_video``) for its real width, height, frames, fps,
+  duration and audio; an unreadable output is a ``ComfyError`` (``comfyui_output_invalid``).
+- Output files: read from ComfyUI's output folder (``<COMFY_DIR>/output``, or ``temp`` for
+  ``type: temp``) when that folder is on this machine, else streamed from ``/view`` into the job
+  folder. After delivery, succeeded or not, every file carrying this job's unique
+  ``filename_prefix`` is deleted from the output folder: the caller has the bucket copy or the
+  base64, a failed delivery has already failed the job loudly, and a long-lived worker must not
+  fill its disk with results.
+- Progress: ``downloading`` -> ``queued`` -> ComfyUI stages/sampler steps; the reporter is closed
+  (last update joined) as soon as inference ends, before delivery (see ``progress``).
 """
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import media
+from .comfy import ComfyClient, OutputFile, RunResult, output_files
+from .delivery import deliver
+from .errors import ComfyError, InputError, WorkerError, internal_error_response
+from .logs import job_context
+from .progress import ProgressReporter
+from .schema import JobInput, parse_job_input
+from .settings import Settings
+from .workflow import PatchParams, Workflow, unique_prefix
+
+log = logging.getLogger(__name__)
+
+ReporterFactory = Callable[[dict[str, Any], float], ProgressReporter]
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+
+
+class Worker:
+    """One per process; ``run`` handles one job at a time (RunPod's default concurrency)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workflow: Workflow,
+        comfy: ComfyClient,
+        *,
+        reporter_factory: ReporterFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.workflow = workflow
+        self.comfy = comfy
+        self._reporter_factory = reporter_factory or ProgressReporter
+        self.client_id = uuid.uuid4().hex
+
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        job_id = str(job.get("id") or "unknown") if isinstance(job, dict) else "unknown"
+        with job_context(job_id):
+            started = time.monotonic()
+            try:
+                result = await self._run(job_id, job, started)
+            except asyncio.CancelledError:
+                log.warning("job cancelled after %.2fs", time.monotonic() - started)
+                raise
+            except WorkerError as exc:
+                log.warning("job failed (%s): %s", exc.code, exc.message)
+                return exc.to_response()
+            except Exception:
+                log.exception("job failed with an unexpected error")
+                return internal_error_response()
+            log.info("job done in %.2fs: %s", result["timings"]["total"], result["timings"])
+            return result
+
+    async def _run(self, job_id: str, job: dict[str, Any], started: float) -> dict[str, Any]:
+        params = parse_job_input(job.get("input"), self.settings)
+        reporter = self._reporter_factory(job, self.settings.progress_interval_s)
+        timings: dict[str, float] = {}
+        prefix = unique_prefix(job_id)
+        try:
+            with media.job_folder(self.settings, job_id) as folder:
+                reporter.update("downloading")
+                t0 = time.monotonic()
+                image, video = await _fetch_inputs(params, folder, self.settings)
+                timings["download"] = time.monotonic() - t0
+                seed = params.resolve_seed()
+                graph = self._graph(params, image, video, seed, prefix)
+                reporter.update("queued")
+                prompt_id = uuid.uuid4().hex
+                log.info("submitting prompt %s (seed %d)", prompt_id, seed)
+                t0 = time.monotonic()
+                run = await self.comfy.run(
+                    graph,
+                    prompt_id=prompt_id,
+                    client_id=self.client_id,
+                    timeout_s=self.settings.job_timeout_s,
+                    on_progress=reporter.on_comfy,
+                )
+                _comfy_timings(timings, run, time.monotonic() - t0)
+                await asyncio.to_thread(reporter.close)
+                t0 = time.monotonic()
+                video_out = await self._deliver(run, folder, job_id, params)
+                timings["upload"] = time.monotonic() - t0
+        finally:
+            if not reporter.closed:
+                await asyncio.shield(asyncio.to_thread(reporter.close))
+            self._remove_outputs(prefix)
+        timings["total"] = time.monotonic() - started
+        return {
+            "video": video_out,
+            "seed": seed,
+            "prompt_id": prompt_id,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+
+    def _graph(
+        self,
+        params: JobInput,
+        image: media.ImageInfo,
+        video: media.VideoInfo,
+        seed: int,
+        prefix: str,
+    ) -> dict[str, Any]:
+        width, height = params.resolve_size(image.width, image.height)
+        return self.workflow.build(
+            PatchParams(
+                image_name=media.input_name(self.settings, image.path),
+                video_name=media.input_name(self.settings, video.path),
+                width=width,
+                height=height,
+                fps=params.fps,
+                frame_load_cap=params.max_frames,
+                steps=params.steps,
+                cfg=params.cfg,
+                seed=seed,
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                keep_audio=params.keep_audio and video.has_audio,
+                filename_prefix=prefix,
+                attention_mode=self.settings.attention_mode,
+                pose_render_device=self.settings.pose_render_device,
+            )
+        )
+
+    async def _deliver(
+        self, run: RunResult, folder: Path, job_id: str, params: JobInput
+    ) -> dict[str, Any]:
+        item = pick_video(output_files(run.outputs))
+        path = self._local_output(item) or await self.comfy.download(item, folder)
+        info = await asyncio.to_thread(_probe_output, path)
+        delivered = await deliver(path, job_id=job_id, mode=params.output, settings=self.settings)
+        return {
+            **delivered,
+            "width": info.width,
+            "height": info.height,
+            "frames": info.frames,
+            "fps": info.fps,
+            "duration_s": round(info.duration_s, 3),
+            "has_audio": info.has_audio,
+        }
+
+    def _output_root(self, kind: str) -> Path:
+        return Path(self.settings.comfy_dir) / ("temp" if kind == "temp" else "output")
+
+    def _local_output(self, item: OutputFile) -> Path | None:
+        root = self._output_root(item.type).resolve()
+        path = (root / item.subfolder / item.filename).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            return path
+        return None
+
+    def _remove_outputs(self, prefix: str) -> None:
+        for kind in ("output", "temp"):
+            root = self._output_root(kind)
+            if not root.is_dir():
+                continue
+            for path in root.rglob(f"{prefix}*"):
+                try:
+                    path.unlink()
+                    log.debug("removed output file %s", path.name)
+                except OSError as exc:
+                    log.warning("could not remove output file %s: %s", path.name, exc)
+
+
+async def _fetch_inputs(
+    params: JobInput, folder: Path, settings: Settings
+) -> tuple[media.ImageInfo, media.VideoInfo]:
+    """Fetch image and video concurrently; the first failure cancels the other (image first)."""
+    image_task = asyncio.create_task(media.fetch_image(params, folder, settings))
+    video_task = asyncio.create_task(media.fetch_video(params, folder, settings))
+    tasks = (image_task, video_task)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return image_task.result(), video_task.result()
+
+
+def pick_video(files: list[OutputFile]) -> OutputFile:
+    """The result video: a video file from node 139 if present, else any video output."""
+    videos = [f for f in files if Path(f.filename).suffix.lower() in VIDEO_SUFFIXES]
+    if not videos:
+        raise ComfyError(
+            "ComfyUI finished but reported no output video (expected an MP4 from node 139, "
+            "VHS_VideoCombine).",
+            code="comfyui_output_missing",
+        )
+    from_combine = [f for f in videos if f.node == "139"]
+    return (from_combine or videos)[-1]
+
+
+def _probe_output(path: Path) -> media.VideoInfo:
+    try:
+        return media.probe_video(path, field="output")
+    except InputError as exc:
+        raise ComfyError(
+            f"ComfyUI wrote an unreadable output video {path.name}: {exc.message}",
+            code="comfyui_output_invalid",
+        ) from None
+
+
+def _comfy_timings(timings: dict[str, float], run: RunResult, wall_s: float) -> None:
+    inference = run.execution_s if run.execution_s is not None else wall_s
+    queue = run.queue_s if run.queue_s is not None else max(0.0, wall_s - inference)
+    timings["queue"] = queue
+    timings["inference"] = inference

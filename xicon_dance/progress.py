@@ -10,8 +10,8 @@ Contract:
 
       {"stage": "sampling", "step": 3, "total": 6, "percent": 55, "message": "sampling step 3/6"}
 
-  ``stage``: downloading | queued | <ComfyUI stage name, e.g. loading, pose, encoding> |
-  sampling | decoding; ``step``/``total``: the sampler step (null outside sampling);
+  ``stage``: downloading | queued | loading | preparing | pose | conditioning | sampling |
+  decoding | writing (ComfyUI node classes are mapped by ``stage_of``); ``step``/``total``: the sampler step (null outside sampling);
   ``percent``: 0..99, never decreasing; ``message``: one short human sentence.
 - At most one update per ``interval_s`` (settings.progress_interval_s); an update due while the
   previous one is still being posted is dropped (updates are snapshots, the next one supersedes).
@@ -42,12 +42,41 @@ Sender = Callable[[dict[str, Any], dict[str, Any]], None]
 _BANDS: dict[str, tuple[int, int]] = {
     "downloading": (0, 3),
     "queued": (3, 5),
-    "loading": (5, 12),
+    "loading": (5, 8),
+    "preparing": (8, 9),
+    "pose": (9, 12),
+    "conditioning": (12, 15),
     "sampling": (15, 90),
     "decoding": (90, 95),
-    "encoding": (95, 98),
+    "writing": (95, 98),
 }
 _OTHER_BAND = (5, 15)
+
+# ComfyUI node class -> stage name shown to callers (first matching rule wins).
+_STAGE_RULES: tuple[tuple[str, str], ...] = (
+    ("Sampler", "sampling"),
+    ("Decode", "decoding"),
+    ("VideoCombine", "writing"),
+    ("Embeds", "conditioning"),
+    ("Pose", "pose"),
+    ("NLF", "pose"),
+    ("Detection", "pose"),
+    ("Loader", "loading"),
+    ("LoadImage", "loading"),
+    ("LoadVideo", "loading"),
+    ("LoraSelect", "loading"),
+    ("Encode", "conditioning"),
+)
+
+
+def stage_of(node_class: str) -> str:
+    """The caller-facing stage for a ComfyUI node class (``preparing`` when none matches)."""
+    if node_class in _BANDS:
+        return node_class
+    for needle, stage in _STAGE_RULES:
+        if needle.lower() in node_class.lower():
+            return stage
+    return "preparing"
 
 
 def _default_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -110,11 +139,15 @@ class ProgressReporter:
 
     def on_comfy(self, progress: Any) -> None:
         """Callback for the ComfyUI client (``Progress(stage, node, step, total)``)."""
-        stage = getattr(progress, "stage", None) or "running"
+        node_class = str(getattr(progress, "stage", None) or "")
+        stage = stage_of(node_class)
         step, total = getattr(progress, "step", None), getattr(progress, "total", None)
         if stage != "sampling":
             step = total = None
-        self.update(stage, step, total)
+        message = _message(stage, step, total)
+        if node_class and node_class != stage:
+            message += f" ({node_class})"
+        self.update(stage, step, total, message)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """No update after this; wait (bounded) for the one in flight."""

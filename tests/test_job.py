@@ -1,0 +1,233 @@
+"""Worker.run against the ComfyUI double (in process): success shape, failures, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+
+from tests.comfy_double import ComfyDouble
+from tests.plugins.media_factory import make_image, make_video
+from xicon_dance.comfy import ComfyClient
+from xicon_dance.job import Worker
+from xicon_dance.progress import ProgressReporter
+from xicon_dance.settings import PACKAGE_ROOT, Settings
+from xicon_dance.workflow import Workflow
+
+GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@dataclasses.dataclass
+class Rig:
+    worker: Worker
+    double: ComfyDouble
+    settings: Settings
+    sent: list[dict[str, Any]]
+    image: Path
+    video: Path
+    silent: Path
+
+    def job(self, **inp: Any) -> dict[str, Any]:
+        base = {
+            "image_base64": b64(self.image),
+            "video_base64": b64(self.video),
+            "width": 256,
+            "height": 256,
+            "max_frames": 9,
+            "steps": 3,
+        }
+        return {"id": f"job-{uuid.uuid4().hex[:6]}", "input": {**base, **inp}}
+
+
+def make_settings(root: Path, **over: Any) -> Settings:
+    env = {
+        "COMFY_DIR": str(root),
+        "COMFY_HOST": "127.0.0.1:1",
+        "PROGRESS_INTERVAL_S": "0",
+        "JOB_TIMEOUT_S": "30",
+        "WORKFLOW_PATH": str(GRAPH),
+        "ALLOW_PRIVATE_URLS": "true",
+    }
+    return dataclasses.replace(Settings.from_env(env), **over)
+
+
+@pytest.fixture
+async def rig_factory(
+    comfy_double: ComfyDouble, tmp_path: Path
+) -> AsyncIterator[Callable[..., Rig]]:
+    clients: list[ComfyClient] = []
+    media_dir = tmp_path / "media"
+    media_dir.mkdir()
+    image = make_image(media_dir / "ref.png", 96, 160)
+    video = make_video(media_dir / "drive.mp4", 64, 64, 8, 12, audio=True)
+    silent = make_video(media_dir / "silent.mp4", 64, 64, 8, 12, audio=False)
+
+    def build(**over: Any) -> Rig:
+        settings = make_settings(comfy_double.root, **over)
+        comfy = ComfyClient(comfy_double.url, poll_interval_s=0.2, unreachable_grace_s=0.5)
+        clients.append(comfy)
+        sent: list[dict[str, Any]] = []
+
+        def factory(job: dict[str, Any], interval: float) -> ProgressReporter:
+            return ProgressReporter(job, interval, sender=lambda j, p: sent.append(p))
+
+        worker = Worker(
+            settings, Workflow.load(settings.workflow_path), comfy, reporter_factory=factory
+        )
+        return Rig(worker, comfy_double, settings, sent, image, video, silent)
+
+    yield build
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+def rig(rig_factory: Callable[..., Rig]) -> Rig:
+    return rig_factory()
+
+
+def leftovers(rig: Rig) -> list[Path]:
+    jobs = rig.double.input_dir / "jobs"
+    files = [p for p in rig.double.output_dir.rglob("*") if p.is_file()]
+    return files + (list(jobs.iterdir()) if jobs.exists() else [])
+
+
+async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) -> None:
+    result = await rig.worker.run(rig.job(seed=1234))
+    assert "error" not in result, result
+    assert set(result) == {"video", "seed", "prompt_id", "timings"}
+    video = result["video"]
+    assert set(video) == {
+        "base64",
+        "filename",
+        "content_type",
+        "bytes",
+        "width",
+        "height",
+        "frames",
+        "fps",
+        "duration_s",
+        "has_audio",
+    }
+    data = base64.b64decode(video["base64"])
+    assert len(data) == video["bytes"] and video["content_type"] == "video/mp4"
+    out = tmp_path / "out.mp4"
+    out.write_bytes(data)
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (256, 256)
+    assert (video["width"], video["height"], video["frames"]) == (256, 256, 9)
+    assert video["fps"] == 24 and video["has_audio"] is True
+    assert result["seed"] == 1234
+    assert set(result["timings"]) == {"download", "queue", "inference", "upload", "total"}
+    assert result["timings"]["total"] >= result["timings"]["inference"] > 0
+    assert leftovers(rig) == []
+    stages = [p["stage"] for p in rig.sent]
+    assert stages[:2] == ["downloading", "queued"] and "sampling" in stages
+    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    assert submitted["348"]["inputs"]["seed"] == 1234
+    assert submitted["205"]["inputs"]["value"] == 128
+
+
+async def test_random_seed_is_returned_and_used(rig: Rig) -> None:
+    result = await rig.worker.run(rig.job(seed=-1, keep_audio=False))
+    assert "error" not in result, result
+    seed = result["seed"]
+    assert 0 <= seed < 2**32
+    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    assert submitted["348"]["inputs"]["seed"] == seed
+    assert "audio" not in submitted["139"]["inputs"]
+    assert result["video"]["has_audio"] is False
+
+
+async def test_silent_driving_video_drops_the_audio_link(rig: Rig) -> None:
+    result = await rig.worker.run(rig.job(video_base64=b64(rig.silent), keep_audio=True))
+    assert result["video"]["has_audio"] is False
+    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    assert "audio" not in submitted["139"]["inputs"]
+
+
+async def test_input_error_is_field_named_and_nothing_left(rig: Rig) -> None:
+    result = await rig.worker.run(rig.job(steps="6"))
+    assert result["code"] == "invalid_input" and result["field"] == "steps"
+    assert isinstance(result["error"], str) and "steps" in result["error"]
+    bad = await rig.worker.run(rig.job(image_base64=base64.b64encode(b"not an image").decode()))
+    assert bad["field"] == "image_base64" and bad["code"] == "invalid_image"
+    assert leftovers(rig) == []
+    assert (await rig.worker.run({"id": "x"}))["field"] == "input"
+
+
+async def test_execution_error_and_oom(rig: Rig) -> None:
+    rig.double.faults.error_at_node = "348"
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "comfyui_execution" and "node 348" in result["error"]
+    assert "refresh_worker" not in result
+    rig.double.faults.error_at_node = None
+    rig.double.faults.oom_at_node = "348"
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "out_of_memory" and "Hint" in result["error"]
+    rig.double.faults.oom_at_node = None
+    assert "error" not in await rig.worker.run(rig.job())
+    assert leftovers(rig) == []
+
+
+async def test_timeout_interrupts_and_answers_timeout(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(job_timeout_s=1.0)
+    rig.double.faults.step_delay_s = 0.5
+    result = await rig.worker.run(rig.job(steps=20))
+    assert result["code"] == "timeout" and "interrupted" in result["error"]
+    assert any(route == "interrupt" for route, _ in rig.double.requests)
+    assert leftovers(rig) == []
+
+
+async def test_cancel_interrupts_and_reraises(rig: Rig) -> None:
+    rig.double.faults.step_delay_s = 0.5
+    task = asyncio.create_task(rig.worker.run(rig.job(steps=20)))
+    for _ in range(100):
+        if rig.double.running:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert any(route == "interrupt" for route, _ in rig.double.requests)
+    assert not (rig.double.input_dir / "jobs").exists() or leftovers(rig) == []
+
+
+async def test_comfy_death_asks_for_a_new_worker(rig: Rig) -> None:
+    rig.double.faults.die_at_node = "348"
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "comfyui_unavailable"
+    assert result["refresh_worker"] is True
+
+
+async def test_base64_over_cap_is_a_clear_error(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_base64_output_bytes=1000)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "output_too_large" and "bucket" in result["error"]
+    assert leftovers(rig) == []
+
+
+async def test_unexpected_error_is_internal_and_logged(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(params: Any) -> dict[str, Any]:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(rig.worker.workflow, "build", boom)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "internal_error" and "surprise" not in result["error"]
+    assert "Traceback" in caplog.text and "surprise" in caplog.text
+    assert leftovers(rig) == []
