@@ -11,7 +11,8 @@ Contract:
       {"stage": "sampling", "step": 3, "total": 6, "percent": 55, "message": "sampling step 3/6"}
 
   ``stage``: downloading | queued | loading | preparing | pose | conditioning | sampling |
-  decoding | writing (ComfyUI node classes are mapped by ``stage_of``); ``step``/``total``: the sampler step (null outside sampling);
+  decoding | writing (ComfyUI node classes are mapped by ``stage_of``); ``step``/``total``: the
+  sampler step (null outside sampling);
   ``percent``: 0..99, never decreasing; ``message``: one short human sentence.
 - At most one update per ``interval_s`` (settings.progress_interval_s); an update due while the
   previous one is still being posted is dropped (updates are snapshots, the next one supersedes).
