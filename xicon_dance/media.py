@@ -182,7 +182,9 @@ async def fetch_image(job: JobInput, folder: Path, settings: Settings) -> ImageI
     width, height, fmt = await asyncio.to_thread(check_image, staging, field)
     final = folder / f"reference.{IMAGE_FORMATS[fmt]}"
     staging.replace(final)
-    return ImageInfo(final, width, height, fmt, final.stat().st_size)
+    info = ImageInfo(final, width, height, fmt, final.stat().st_size)
+    log.info("reference image from %s: %dx%d %s, %d bytes", field, width, height, fmt, info.bytes)
+    return info
 
 
 async def fetch_video(job: JobInput, folder: Path, settings: Settings) -> VideoInfo:
@@ -201,6 +203,7 @@ async def fetch_video(job: JobInput, folder: Path, settings: Settings) -> VideoI
     info = await asyncio.to_thread(probe_video, staging, field=field)
     final = folder / f"driving.{_video_extension(staging)}"
     staging.replace(final)
+    _log_video(field, info)
     return dataclasses.replace(info, path=final)
 
 
@@ -227,7 +230,23 @@ def _use_default_video(folder: Path, settings: Settings) -> VideoInfo:
     final = folder / f"driving{source.suffix or '.mp4'}"
     if source.is_file():
         _link_or_copy(source, final)
-    return check_default_video(settings, final)
+    info = check_default_video(settings, final)
+    _log_video("the default video", info)
+    return info
+
+
+def _log_video(source: str, info: VideoInfo) -> None:
+    log.info(
+        "driving video from %s: %dx%d, %d frames at %g fps, %.2fs, audio %s, %d bytes",
+        source,
+        info.width,
+        info.height,
+        info.frames,
+        info.fps,
+        info.duration_s,
+        "yes" if info.has_audio else "no",
+        info.bytes,
+    )
 
 
 # --------------------------------------------------------------------------- base64
