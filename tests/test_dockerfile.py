@@ -1,0 +1,174 @@
+"""Static checks of the Dockerfile (CI has no Docker engine): hadolint clean, every git source at
+a 40-hex commit, every pip install pinned with ``==``, torch only from the PyTorch cu128 index,
+the documented build arguments and their defaults, and every COPY source present and not
+excluded by .dockerignore."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+HEX40 = re.compile(r"[0-9a-f]{40}")
+
+
+def _logical_lines() -> list[str]:
+    """Dockerfile instructions with continuations joined and comments dropped."""
+    lines, buf = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if raw.strip().startswith("#") and not buf:
+            continue
+        if raw.strip().startswith("#"):
+            continue
+        if raw.endswith("\\"):
+            buf += raw[:-1] + " "
+            continue
+        buf += raw
+        if buf.strip():
+            lines.append(buf.strip())
+        buf = ""
+    return lines
+
+
+def _args() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in _logical_lines():
+        m = re.match(r"ARG (\w+)=(.*)$", line)
+        if m:
+            value = m.group(2).strip()
+            value = value[1:-1] if value[:1] == value[-1:] == '"' else value
+            assert found.get(m.group(1), value) == value, f"ARG {m.group(1)} has two defaults"
+            found[m.group(1)] = value
+    return found
+
+
+def _expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+def test_hadolint_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_build_arguments_and_defaults() -> None:
+    args = _args()
+    assert args["TORCH_CUDA_ARCH_LIST"] == "12.0"
+    assert args["BAKE_MODELS"] == "1"
+    for name in ("EXT_PARALLEL", "MAX_JOBS"):
+        assert args[name].isdigit()
+    assert args["CUDA_DEVEL_IMAGE"] == "nvidia/cuda:12.8.0-cudnn-devel-ubuntu22.04"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu128"
+    for name in ("TORCH_VERSION", "TORCHVISION_VERSION", "TORCHAUDIO_VERSION"):
+        assert args[name].endswith("+cu128"), name
+    major, minor = (int(x) for x in args["TORCH_VERSION"].split("+")[0].split(".")[:2])
+    assert (major, minor) >= (2, 7)
+
+
+def test_every_git_source_is_a_full_commit() -> None:
+    text = DOCKERFILE.read_text()
+    args = _args()
+    urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+\.git", text))
+    assert len(urls) == 7, urls  # ComfyUI, five custom nodes, SageAttention
+    for line in _logical_lines():
+        for m in re.finditer(r'clone \S+ (https://github\.com/\S+) "\$\{(\w+)\}"', line):
+            assert HEX40.fullmatch(args[m.group(2)]), f"{m.group(1)} at {args[m.group(2)]}"
+            urls.discard(m.group(1))
+    assert args["SAGEATTENTION_COMMIT"] == "eb615cf6cf4d221338033340ee2de1c37fbdba4a"
+    assert 'fetch -q --depth 1 origin "${SAGEATTENTION_COMMIT}"' in text
+    urls.discard("https://github.com/thu-ml/SageAttention.git")
+    assert not urls, f"git sources without a pinned commit: {urls}"
+    assert "git clone" not in text and "--branch" not in text
+    assert "SCAIL-Pose2" not in text  # clashes with kijai's ComfyUI-SCAIL-Pose
+
+
+def _pip_installs() -> list[list[str]]:
+    args = _args()
+    found = []
+    for line in _logical_lines():
+        for segment in re.split(r"&&|;|\|\||\bdo\b", line):
+            m = re.search(r"\bpip install (.*)$", segment)
+            if m:
+                found.append(shlex.split(_expand(m.group(1), args).replace("|| exit 1", "")))
+    return found
+
+
+def test_every_pip_install_is_pinned() -> None:
+    installs = _pip_installs()
+    assert len(installs) >= 8
+    for tokens in installs:
+        skip_next = False
+        for tok in tokens:
+            if skip_next:
+                skip_next = False
+                continue
+            if tok in {"-r", "-e", "--index-url", "-c"}:
+                skip_next = tok in {"--index-url", "-c"}
+                continue
+            if tok.startswith("-"):
+                continue
+            if tok.startswith("/"):  # a local source tree or requirements file
+                continue
+            assert re.fullmatch(r"[\w.\-\[\]]+==[\w.+]+", tok), f"unpinned pip install: {tok}"
+
+
+def test_torch_only_from_the_cu128_index() -> None:
+    for tokens in _pip_installs():
+        names = [t.split("==")[0] for t in tokens if "==" in t]
+        if any(n in {"torch", "torchvision", "torchaudio"} for n in names):
+            assert "--index-url" in tokens
+            assert tokens[tokens.index("--index-url") + 1].endswith("/whl/cu128")
+    constraints = re.search(
+        r"printf '%s\\n' (.*?) > /opt/constraints.txt", DOCKERFILE.read_text(), re.S
+    )
+    assert constraints and "torch==" in constraints.group(1)
+    assert "onnxruntime-gpu==" in constraints.group(1)
+
+
+def test_sageattention_build_and_checks() -> None:
+    text = DOCKERFILE.read_text()
+    assert "pip install --no-build-isolation /tmp/sageattention" in text
+    assert 'TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}"' in text
+    assert "IMAGE_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" in text  # recorded for the preflight
+    assert "T5_tokenizer" in text and "tokenizer.json" in text and "spiece.model" in text
+    assert "ffmpeg" in text
+    assert "xicon_dance.model_download" in text
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    hit = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat.lstrip("!").rstrip("/")
+        parts = Path(rel).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(
+            fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for p in prefixes
+        ):
+            hit = not neg
+    return hit
+
+
+@pytest.mark.parametrize("line", [ln for ln in _logical_lines() if ln.startswith("COPY ")])
+def test_copy_sources_exist_and_are_not_ignored(line: str) -> None:
+    if "--from=" in line:
+        return
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    for src in line.split()[1:-1]:
+        if src.endswith("*"):
+            continue  # optional glob (README.md*)
+        assert (ROOT / src).exists(), f"COPY source {src} is missing"
+        assert not _ignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
