@@ -357,6 +357,15 @@ async def test_redirect_to_ftp_is_refused(env: HostileEnv, settings: Settings) -
     assert info.value.code == "unsupported_url"
 
 
+async def test_presigned_urls_are_sent_byte_for_byte(env: HostileEnv, settings: Settings) -> None:
+    query = "?X-Amz-Credential=AKIA%2F20260101%2Fus-east-1%2Fs3&X-Amz-Signature=ab%2Bcd&x=1+2"
+    env.server.serve("/bucket/a%20b.png", env.image_png.read_bytes())
+    hop = env.server.redirect("/r", env.server.url("/bucket/a%20b.png") + query)
+    await run_job({"image_url": hop + "?k=%2F"}, settings)
+    assert env.server.targets("/r") == ["/r?k=%2F"]
+    assert env.server.targets("/bucket/a%20b.png") == ["/bucket/a%20b.png" + query]
+
+
 async def test_messages_hide_query_strings(env: HostileEnv, settings: Settings) -> None:
     url = env.server.url("/missing.png") + "?X-Amz-Signature=topsecret&X-Amz-Credential=AKIA"
     with pytest.raises(InputError) as info:

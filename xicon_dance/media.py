@@ -382,6 +382,14 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return None
 
 
+def to_url(text: str) -> URL:
+    """Parse a URL; printable ASCII is kept byte for byte (a presigned URL's ``%2F`` must stay
+    encoded or its signature breaks), anything else is percent-encoded."""
+    if text.isascii() and text.isprintable():
+        return URL(text, encoded=True)
+    return URL(text)
+
+
 def display_url(url: URL | str) -> str:
     """``scheme://host[:port]/path`` (path shortened), without user info or query string."""
     u = URL(str(url)) if not isinstance(url, URL) else url
@@ -444,7 +452,7 @@ async def _download_once(
     field: str,
     settings: Settings,
 ) -> int:
-    current = URL(url, encoded=False)
+    current = to_url(url)
     for hop in range(MAX_REDIRECTS + 1):
         _check_hop(current, field, settings, first=hop == 0)
         try:
@@ -506,7 +514,7 @@ def _next_hop(current: URL, resp: aiohttp.ClientResponse, field: str) -> URL:
             code="download_failed",
         )
     try:
-        return current.join(URL(location))
+        return current.join(to_url(location))
     except ValueError:
         raise InputError(
             f"{field}: {display_url(current)} redirected to an unparsable location.",

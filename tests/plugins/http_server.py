@@ -14,7 +14,7 @@ tests and subprocesses alike. Every response is scripted per path:
 - ``server.serve_unsized(path, body) -> url``: no Content-Length (body ends at connection close)
 - ``server.serve_drop(path) -> url``: closes the connection without answering
 - ``server.url(path)``, ``server.url_localhost(path)`` (host name ``localhost``),
-  ``server.hits(path)`` (requests seen)
+  ``server.hits(path)`` (requests seen), ``server.targets(path)`` (raw request targets)
 Unknown paths answer 404.
 """
 
@@ -62,7 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, *, with_body: bool) -> None:
         path = self.path.split("?", 1)[0]
-        reply = self.server.owner.next_reply(path)
+        reply = self.server.owner.next_reply(path, self.path)
         if reply.first_byte_delay_s:
             time.sleep(reply.first_byte_delay_s)
         if reply.drop:
@@ -102,6 +102,7 @@ class HttpServer:
     def __init__(self) -> None:
         self._routes: dict[str, list[Reply]] = {}
         self._hits: defaultdict[str, int] = defaultdict(int)
+        self._targets: defaultdict[str, list[str]] = defaultdict(list)
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -142,9 +143,15 @@ class HttpServer:
             self._routes[path] = list(replies)
         return self.url(path)
 
-    def next_reply(self, path: str) -> Reply:
+    def targets(self, path: str) -> list[str]:
+        """The raw request targets (path and query, as sent) seen for ``path``."""
+        with self._lock:
+            return list(self._targets[path])
+
+    def next_reply(self, path: str, target: str = "") -> Reply:
         with self._lock:
             self._hits[path] += 1
+            self._targets[path].append(target or path)
             queue = self._routes.get(path)
             if not queue:
                 return Reply(status=404, body=b"not found", content_type="text/plain")
