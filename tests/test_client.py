@@ -297,6 +297,13 @@ def test_completed_without_output_is_an_error(fake_runpod, image, tmp_path, caps
     assert "without a video" in capsys.readouterr().err
 
 
+def test_video_without_url_or_base64_is_an_error(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.queue_job([completed({})])
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 3
+    assert "neither 'url' nor 'base64'" in capsys.readouterr().err
+    assert not (tmp_path / "r.mp4").exists()
+
+
 def test_size_mismatch_is_not_saved(fake_runpod, image, tmp_path, capsys):
     fake_runpod.queue_job([completed({"base64": client_b64(), "bytes": len(VIDEO) + 1})])
     out = tmp_path / "r.mp4"

@@ -630,9 +630,7 @@ async def _write_video(
         elif isinstance(video.get("url"), str):
             await _download(session, video["url"], part, retries)
         else:
-            raise JobFailed(
-                "The output video has neither 'url' nor 'base64'.", job_id=None, status="COMPLETED"
-            )
+            raise ClientError("The worker's output video has neither 'url' nor 'base64'.")
         _check_size(part, video.get("bytes"))
         part.replace(out)
     except BaseException:
