@@ -17,7 +17,6 @@ import pytest
 
 from tests.comfy_double import ComfyDouble
 from tests.comfy_double.graphs import job_graph as make_graph
-from tests.comfy_double.graphs import real_graph
 from tests.plugins.comfy import ComfyMedia
 from xicon_dance.comfy import ComfyClient, OutputFile, Progress, RunResult, output_files
 from xicon_dance.errors import ComfyError, ComfyUnavailable, JobTimeout
@@ -285,14 +284,6 @@ async def test_object_info_and_free(client, comfy_double):
     assert await client.object_info("NoSuchNode") == {}
     await client.free(unload_models=True, free_memory=False)
     assert ("free", {"unload_models": True, "free_memory": False}) in comfy_double.requests
-
-
-async def test_real_graph_runs_when_present(client, comfy_media):
-    graph = real_graph(comfy_media.image, comfy_media.video, prefix="real")
-    if graph is None:
-        pytest.skip("XiCON_Dance_SCAIL_vFinal.json is not in the repository yet")
-    result = await run(client, graph)
-    assert output_files(result.outputs)[0].filename.startswith("real_00001")
 
 
 # --------------------------------------------------------------- wait_ready

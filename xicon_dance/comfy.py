@@ -431,10 +431,10 @@ class ComfyClient:
         on_progress: ProgressCallback | None = None,
     ) -> RunResult:
         state = _Run(prompt_id, graph, on_progress)
-        ws = await self._connect(client_id, first=True)
         tasks: list[asyncio.Task] = []
         try:
             async with asyncio.timeout(timeout_s):
+                ws = await self._connect(client_id, first=True)  # before /prompt (§3.5)
                 await self._submit(graph, prompt_id, client_id)
                 state.submitted = time.monotonic()
                 tasks = [

@@ -1,8 +1,8 @@
-"""Test graphs with the node IDs and classes of the real SCAIL graph (the role table's IDs).
+"""The committed SCAIL API graph (XiCON_Dance_SCAIL_vFinal.json) patched for fast double runs.
 
-``small_graph`` is a cut-down API graph (same IDs/classes as ../shared/reference/scail-workflow.md
-§6 for every node the worker patches). ``real_graph`` loads XiCON_Dance_SCAIL_vFinal.json from the
-repository root when it exists and patches the same inputs.
+``job_graph(image, video, width=64, height=64, frames=9, fps=8, force_rate=24, steps=3,
+prefix="test", audio=True, seed=42)`` sets the inputs the worker's role table patches (node IDs of
+../shared/reference/scail-workflow.md §6). It is validated by the double exactly like any prompt.
 """
 
 from __future__ import annotations
@@ -14,108 +14,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 REAL_GRAPH = REPO_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
-
-
-def small_graph(
-    image: str,
-    video: str,
-    *,
-    width: int = 64,
-    height: int = 64,
-    frames: int = 9,
-    fps: float = 8,
-    force_rate: float = 24,
-    steps: int = 3,
-    prefix: str = "test",
-    audio: bool = True,
-    seed: int = 42,
-) -> dict[str, Any]:
-    graph: dict[str, Any] = {
-        "106": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "130": {
-            "class_type": "VHS_LoadVideo",
-            "inputs": {
-                "video": video,
-                "force_rate": force_rate,
-                "custom_width": 0,
-                "custom_height": 0,
-                "frame_load_cap": frames,
-                "skip_first_frames": 0,
-                "select_every_nth": 1,
-                "format": "Wan",
-            },
-        },
-        "203": {"class_type": "INTConstant", "inputs": {"value": width}},
-        "204": {"class_type": "INTConstant", "inputs": {"value": height}},
-        "107": {
-            "class_type": "ImageResizeKJv2",
-            "inputs": {
-                "image": ["106", 0],
-                "width": ["203", 0],
-                "height": ["204", 0],
-                "upscale_method": "lanczos",
-                "keep_proportion": "crop",
-                "pad_color": "0, 0, 0",
-                "crop_position": "center",
-                "divisible_by": 32,
-                "device": "cpu",
-            },
-        },
-        "368": {
-            "class_type": "WanVideoTextEncodeCached",
-            "inputs": {
-                "model_name": "umt5-xxl-enc-bf16.safetensors",
-                "precision": "bf16",
-                "positive_prompt": "the person starts to dance",
-                "negative_prompt": "",
-                "quantization": "disabled",
-                "use_disk_cache": False,
-                "device": "gpu",
-            },
-        },
-        "349": {
-            "class_type": "WanVideoSchedulerv2",
-            "inputs": {
-                "scheduler": "dpm++_sde",
-                "steps": steps,
-                "shift": 7.0,
-                "start_step": 0,
-                "end_step": -1,
-                "enhance_hf": False,
-            },
-        },
-        "348": {
-            "class_type": "WanVideoSamplerv2",
-            "inputs": {
-                "image_embeds": ["107", 0],
-                "cfg": 1.0,
-                "seed": seed,
-                "force_offload": True,
-                "scheduler": ["349", 0],
-                "text_embeds": ["368", 0],
-                "add_noise_to_samples": False,
-            },
-        },
-        "139": {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["348", 0],
-                "frame_rate": fps,
-                "loop_count": 0,
-                "filename_prefix": prefix,
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "save_metadata": False,
-                "trim_to_audio": False,
-                "pingpong": False,
-                "save_output": True,
-            },
-        },
-    }
-    if audio:
-        graph["139"]["inputs"]["audio"] = ["130", 2]
-    return graph
 
 
 def real_graph(
@@ -159,6 +57,8 @@ def real_graph(
 
 
 def job_graph(image: str, video: str, **kw: Any) -> dict[str, Any]:
-    """The real graph when present (validated by the double like ComfyUI would), else the small
-    graph."""
-    return real_graph(image, video, **kw) or small_graph(image, video, **kw)
+    """``real_graph`` or a clear error when the graph file is missing."""
+    graph = real_graph(image, video, **kw)
+    if graph is None:
+        raise FileNotFoundError(f"{REAL_GRAPH.name} is missing from the repository root")
+    return graph
