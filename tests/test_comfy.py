@@ -6,6 +6,7 @@ Every test runs the real client over real HTTP and websocket connections to the 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.comfy_double import ComfyDouble
+from tests.comfy_double import ComfyDouble, Faults
 from tests.comfy_double.graphs import job_graph as make_graph
 from tests.plugins.comfy import ComfyMedia
 from xicon_dance.comfy import ComfyClient, OutputFile, Progress, RunResult, output_files
@@ -364,3 +365,36 @@ async def test_process_faults_via_control_route(comfy_process, tmp_path):
         dest = await c.download(item, tmp_path / "out.mp4")
     assert dest.stat().st_size > 1000
     assert Path(double.root / "output" / item.filename).is_file()
+
+
+async def test_socket_reconnects_and_keeps_following(client, comfy_double, comfy_media):
+    comfy_double.faults.drop_socket_at_node = "106"
+    comfy_double.faults.node_delay_s = 0.05
+    seen: list[Progress] = []
+    result = await run(client, graph_for(comfy_media, steps=4), on_progress=seen.append)
+    # the socket was closed at node 106; sampler steps arrive later, so only a new socket saw them
+    assert [p.step for p in seen if p.step is not None] == [1, 2, 3, 4]
+    assert output_files(result.outputs)
+
+
+async def test_wait_ready_waits_through_refused_start(tmp_path):
+    double = ComfyDouble(tmp_path / "late", faults=Faults(refuse_start_s=0.6))
+    await double.start()
+    try:
+        async with ComfyClient(double.url, pid_file=None) as c:
+            t0 = time.monotonic()
+            await c.wait_ready(10)
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        await double.stop()
+
+
+async def test_wait_ready_live_pid_still_honours_deadline(tmp_path):
+    from tests.plugins.comfy import free_port
+
+    pid_file = tmp_path / "comfy.pid"
+    pid_file.write_text(str(os.getpid()))
+    async with ComfyClient(f"http://127.0.0.1:{free_port()}", pid_file=pid_file) as c:
+        with pytest.raises(ComfyUnavailable) as err:
+            await c.wait_ready(0.7)
+    assert "did not answer" in err.value.message
