@@ -1,8 +1,10 @@
 """Async ComfyUI client. OWNER: comfy helper.
 
 Contract (all network errors are mapped to the errors module; nothing else leaks):
-- ``ComfyClient(base_url: str, *, pid_file: Path | None = None)``; ``async with`` or
-  ``await close()``.
+- ``ComfyClient(base_url: str, *, pid_file: Path | None = None, poll_interval_s=1.0,
+  unreachable_grace_s=15.0, request_timeout_s=30.0)``; ``async with`` or ``await close()``.
+  While ComfyUI cannot be reached, a dead PID in ``pid_file`` (or a zombie) gives
+  ``ComfyUnavailable`` at once; without a PID verdict, after ``unreachable_grace_s``.
 - ``await wait_ready(timeout_s)``: polls until ComfyUI answers; checks the PID in ``pid_file`` for
   liveness on every try; raises ``ComfyUnavailable`` with a clear message on death or deadline.
 - ``await run(graph, *, prompt_id, client_id, timeout_s, on_progress) -> RunResult``: submits
@@ -12,15 +14,22 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   re-raises ``CancelledError``).
   Non-empty ``node_errors`` (even in a 200) -> ``ComfyError(code="comfyui_validation")``;
   ``execution_error`` -> ``ComfyError(code="comfyui_execution" | "out_of_memory")`` with message
-  "node <id> (<class>): <exception_message>" (plus a hint for OOM); ComfyUI dying ->
+  "ComfyUI failed at node <id> (<class>): <exception_message>" (OOM: first line plus a hint;
+  ``details`` has node_id, node_type, exception_type); ComfyUI dying ->
   ``ComfyUnavailable``. ``execution_interrupted`` not requested by us -> code "comfyui_interrupted".
-  ``on_progress(Progress)`` is called for node starts and sampler steps.
-- ``RunResult``: prompt_id, outputs (history ``outputs``), queue_s, execution_s, node_times (dict).
+  ``on_progress(Progress)`` is called for node starts (stage = the node's class_type) and
+  sampler steps; it must not block (a coroutine result is scheduled, exceptions are logged).
+  On timeout the prompt is also deleted from the pending queue (POST /queue).
+- ``RunResult``: prompt_id, outputs (history ``outputs``), queue_s (submit -> execution_start),
+  execution_s (execution_start -> execution_success), node_times (node id -> seconds, from the
+  arrival of ``executing`` frames; history timestamps when the socket saw nothing).
 - ``output_files(outputs) -> list[OutputFile]`` reads ``gifs``, ``videos`` and ``images`` items
   (filename, subfolder, type, format); ``await download(item, dest: Path) -> Path`` streams /view.
 - ``Progress(stage: str, node: str | None, step: int | None, total: int | None)``.
-- Helpers: ``await interrupt(prompt_id)``, ``await free(unload_models, free_memory)``,
-  ``await object_info()``.
+- Helpers: ``await interrupt(prompt_id)``, ``await delete_queued(prompt_id)``,
+  ``await free(unload_models, free_memory)``, ``await object_info(node_class=None)``,
+  ``await history(prompt_id)``; pure ``validation_message(body)``, ``execution_error(data)``,
+  ``pid_alive(pid)``.
 
 Protocol facts (../shared/reference/comfyui-protocol.md): the socket is opened BEFORE POST /prompt
 (per-prompt frames go only to the socket named by client_id, §3.5); completion is ``executing``
