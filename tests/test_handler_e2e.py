@@ -1,0 +1,229 @@
+"""End to end through the RunPod SDK: ``python handler.py --test_input`` and ``--rp_serve_api``.
+
+Everything is real and out of process: the ComfyUI double (subprocess), the handler (subprocess,
+runpod SDK), input URLs from a real HTTP server on 127.0.0.1, results uploaded to a real S3
+gateway (SeaweedFS) and downloaded through the presigned URL.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+import requests
+
+from tests.plugins.comfy import DoubleProcess, free_port
+from tests.plugins.http_server import HttpServer
+from tests.plugins.media_factory import make_image, make_video
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_LINE = re.compile(r"Job result: (\{.*\})\s*$", re.MULTILINE)
+# On failure the SDK's local mode logs only the error string, then exits 1 (runpod.md §3.1).
+ERROR_LINE = re.compile(r"Job local_test failed with error: (.*)$", re.MULTILINE)
+
+
+def handler_env(double: DoubleProcess, tmp_path: Path, **extra: str) -> dict[str, str]:
+    default_video = make_video(tmp_path / "default.mp4", 64, 64, 8, 9)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("BUCKET_", "RUNPOD_", "COMFY_"))
+    }
+    env.update(
+        {
+            "COMFY_HOST": double.host,
+            "COMFY_DIR": str(double.root),
+            "COMFY_PID_FILE": str(double.pid_file),
+            "COMFY_STARTUP_TIMEOUT_S": "20",
+            "ALLOW_PRIVATE_URLS": "true",
+            "DEFAULT_VIDEO": str(default_video),
+            "PROGRESS_INTERVAL_S": "0.2",
+            "RUNPOD_LOG_LEVEL": "INFO",
+            **extra,
+        }
+    )
+    return env
+
+
+def run_test_input(job_input: Any, env: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", json.dumps({"input": job_input})],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    found = RESULT_LINE.search(proc.stdout)
+    failed = ERROR_LINE.search(proc.stdout)
+    result = ast.literal_eval(found.group(1)) if found else {}
+    if failed:
+        result = {"error": failed.group(1)}
+    return proc.returncode, result, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def media(tmp_path: Path, http_server: HttpServer) -> dict[str, str]:
+    image = make_image(tmp_path / "ref.jpg", 96, 160, "JPEG")
+    video = make_video(tmp_path / "drive.mp4", 64, 64, 8, 12, audio=True)
+    return {
+        "image_url": http_server.serve_file("/ref.jpg", image),
+        "video_url": http_server.serve_file("/drive.mp4", video),
+        "image_b64": base64.b64encode(image.read_bytes()).decode(),
+        "video_b64": base64.b64encode(video.read_bytes()).decode(),
+    }
+
+
+def small(**extra: Any) -> dict[str, Any]:
+    return {"width": 256, "height": 256, "max_frames": 9, "steps": 2, **extra}
+
+
+def test_test_input_mode_url_inputs_and_s3_output(
+    comfy_process: Callable[..., DoubleProcess],
+    s3_env: dict[str, str],
+    media: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    double = comfy_process()
+    env = handler_env(double, tmp_path, **s3_env)
+    job = small(image_url=media["image_url"], video_url=media["video_url"], output="url")
+    code, result, logs = run_test_input(job, env)
+    assert code == 0, logs[-3000:]
+    video = result["output"]["video"]
+    assert (video["width"], video["height"], video["frames"]) == (256, 256, 9)
+    assert video["has_audio"] is True and video["content_type"] == "video/mp4"
+    got = requests.get(video["url"], timeout=30)
+    assert got.status_code == 200 and got.headers["Content-Type"] == "video/mp4"
+    assert len(got.content) == video["bytes"]
+    out = tmp_path / "result.mp4"
+    out.write_bytes(got.content)
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames in (0, 9)
+    assert "[job=local_test]" in logs
+    for line in logs.splitlines():
+        if "[job=" in line:  # our log lines: no key, no presigned signature
+            assert s3_env["BUCKET_SECRET_ACCESS_KEY"] not in line
+            assert s3_env["BUCKET_ACCESS_KEY_ID"] not in line
+            assert "X-Amz-Signature=" not in line or "X-Amz-Signature=[REDACTED]" in line
+    assert not list((double.root / "output").rglob("*.mp4"))  # outputs removed after delivery
+
+
+def test_test_input_mode_failures_exit_1(
+    comfy_process: Callable[..., DoubleProcess], media: dict[str, str], tmp_path: Path
+) -> None:
+    double = comfy_process()
+    env = handler_env(double, tmp_path)
+    code, result, logs = run_test_input(small(image_base64=media["image_b64"], steps=0), env)
+    assert code == 1, logs[-2000:]
+    assert result["error"].startswith("steps: must be between 1 and 50")
+
+    double.set_faults(die_at_node="348")
+    code, result, logs = run_test_input(
+        small(image_base64=media["image_b64"], video_base64=media["video_b64"]), env
+    )
+    assert code == 1, logs[-2000:]
+    assert "ComfyUI" in result["error"], result
+    assert "comfyui_unavailable" in logs  # the worker log names the code
+
+
+def test_start_up_refuses_bad_workflow_and_missing_comfy(
+    comfy_process: Callable[..., DoubleProcess], media: dict[str, str], tmp_path: Path
+) -> None:
+    double = comfy_process()
+    graph = json.loads((REPO_ROOT / "XiCON_Dance_SCAIL_vFinal.json").read_text())
+    graph["349"]["class_type"] = "WanVideoScheduler"
+    bad = tmp_path / "bad_graph.json"
+    bad.write_text(json.dumps(graph))
+    env = handler_env(double, tmp_path, WORKFLOW_PATH=str(bad))
+    code, _, logs = run_test_input(small(image_base64=media["image_b64"]), env)
+    assert code == 2 and "node 349" in logs and "WanVideoSchedulerv2" in logs
+
+    double.stop()
+    env = handler_env(double, tmp_path, COMFY_STARTUP_TIMEOUT_S="2")
+    started = time.monotonic()
+    code, _, logs = run_test_input(small(image_base64=media["image_b64"]), env)
+    assert code == 3 and "ComfyUI is not available" in logs
+    assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def serve_api(
+    comfy_process: Callable[..., DoubleProcess], tmp_path: Path
+) -> Iterator[tuple[str, DoubleProcess]]:
+    double = comfy_process()
+    port = free_port()
+    env = handler_env(double, tmp_path, JOB_TIMEOUT_S="3")
+    log = (tmp_path / "serve_api.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "handler.py",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve_api.log").read_text()[-3000:]
+            try:
+                requests.get(url + "/docs", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        yield url, double
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def runsync(url: str, job_input: Any) -> dict[str, Any]:
+    resp = requests.post(url + "/runsync", json={"input": job_input}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_rp_serve_api_runsync(serve_api: tuple[str, DoubleProcess], media: dict[str, str]) -> None:
+    url, double = serve_api
+    good = small(image_url=media["image_url"], video_base64=media["video_b64"], output="base64")
+    done = runsync(url, good)
+    assert done["status"] == "COMPLETED", done
+    data = base64.b64decode(done["output"]["video"]["base64"])
+    assert len(data) == done["output"]["video"]["bytes"]
+    assert done["output"]["timings"]["total"] > 0
+
+    bad = runsync(url, small(image_base64=media["image_b64"], widht=512))
+    assert bad["status"] == "FAILED"
+    assert isinstance(bad["error"], str) and "widht" in bad["error"]
+
+    double.set_faults(step_delay_s=0.5)
+    slow = runsync(url, small(image_base64=media["image_b64"], steps=20))
+    assert slow["status"] == "FAILED" and "interrupted" in slow["error"]
+    double.set_faults(step_delay_s=0.0)
+
+    again = runsync(url, good)
+    assert again["status"] == "COMPLETED", again
