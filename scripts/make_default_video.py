@@ -6,13 +6,18 @@ hip sway, knee bounce, alternating arm waves and a two-hand raise), 480x832 port
 4 s (96 frames), H.264 yuv420p, with an AAC stereo track of a 120 bpm beat (kick on every beat,
 hi-hat off-beats) so ``keep_audio`` has something to keep.
 
-Usage: ``python scripts/make_default_video.py [--out assets/default_video.mp4]``.
+Usage: ``python scripts/make_default_video.py [--out assets/default_video.mp4]
+[--test-input test_input.json]`` (the second writes the sample job, whose ``image_base64`` is a
+reference character drawn by the same code).
 Same inputs -> same pixels and samples (no randomness); the encoder runs single-threaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
+import json
 import logging
 import math
 from fractions import Fraction
@@ -87,7 +92,7 @@ def _limb(
         d.ellipse([x - r, y - r, x + r, y + r], fill=color)
 
 
-def render(frame: int) -> Image.Image:
+def render(frame: int, shirt: tuple[int, int, int] = SHIRT) -> Image.Image:
     img = Image.new("RGB", (WIDTH, HEIGHT))
     d = ImageDraw.Draw(img)
     for y in range(HEIGHT):  # studio backdrop: vertical gradient, floor below 720
@@ -103,7 +108,7 @@ def render(frame: int) -> Image.Image:
         toe = 30 if side == "r" else -30
         d.ellipse([min(ax, ax + toe) - 8, ay - 10, max(ax, ax + toe) + 8, ay + 14], fill=SHOE)
     ls, rs, lh, rh = j["l_shoulder"], j["r_shoulder"], j["l_hip"], j["r_hip"]
-    d.polygon([ls, rs, (rh[0] + 12, rh[1] + 10), (lh[0] - 12, lh[1] + 10)], fill=SHIRT)
+    d.polygon([ls, rs, (rh[0] + 12, rh[1] + 10), (lh[0] - 12, lh[1] + 10)], fill=shirt)
     d.rectangle(
         [j["neck"][0] - 14, j["neck"][1] - 22, j["neck"][0] + 14, j["neck"][1] + 6], fill=SKIN
     )
@@ -114,7 +119,7 @@ def render(frame: int) -> Image.Image:
         d.ellipse([hx + ex - 4, hy - 4, hx + ex + 4, hy + 4], fill=(40, 30, 30))
     d.arc([hx - 14, hy + 8, hx + 14, hy + 26], 20, 160, fill=(150, 60, 60), width=3)
     for side in ("l", "r"):  # arms in front
-        _limb(d, j[f"{side}_shoulder"], j[f"{side}_elbow"], 30, SHIRT)
+        _limb(d, j[f"{side}_shoulder"], j[f"{side}_elbow"], 30, shirt)
         _limb(d, j[f"{side}_elbow"], j[f"{side}_wrist"], 24, SKIN)
         wx, wy = j[f"{side}_wrist"]
         d.ellipse([wx - 15, wy - 15, wx + 15, wy + 15], fill=SKIN)
@@ -169,12 +174,44 @@ def write(out: Path) -> None:
     log.info("wrote %s (%d bytes)", out, out.stat().st_size)
 
 
+def reference_jpeg() -> bytes:
+    """A small reference character (same figure, green shirt, rest pose) as JPEG bytes.
+
+    ``test_input.json`` embeds it as ``image_base64`` so the sample job needs no network."""
+    buf = io.BytesIO()
+    render(0, shirt=(60, 150, 90)).save(buf, format="JPEG", quality=80, optimize=True)
+    return buf.getvalue()
+
+
+def write_test_input(path: Path) -> None:
+    job = {
+        "input": {
+            "image_base64": base64.b64encode(reference_jpeg()).decode("ascii"),
+            "prompt": "a person dancing in a bright studio, full body, smooth motion",
+            "width": 480,
+            "height": 832,
+            "steps": 6,
+            "cfg": 1.0,
+            "seed": 42,
+            "max_frames": 81,
+            "keep_audio": True,
+            "output": "auto",
+        }
+    }
+    path.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     default = Path(__file__).resolve().parent.parent / "assets" / "default_video.mp4"
     parser.add_argument("--out", type=Path, default=default)
-    write(parser.parse_args(argv).out)
+    parser.add_argument("--test-input", type=Path, default=None, help="also write a sample job")
+    args = parser.parse_args(argv)
+    write(args.out)
+    if args.test_input is not None:
+        write_test_input(args.test_input)
     return 0
 
 
