@@ -1,0 +1,97 @@
+"""Logging: job id on every record, secrets redacted from messages, arguments and tracebacks."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from xicon_dance import logs
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(logs.FORMAT))
+    handler.addFilter(logs.JobFilter())
+    logger = logging.getLogger("xicon_dance.test_logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_job_id_on_every_line_and_reset_after(captured: io.StringIO) -> None:
+    log = logging.getLogger("xicon_dance.test_logs")
+    with logs.job_context("job-123"):
+        log.info("one")
+        log.warning("two %s", "args")
+    log.info("outside")
+    lines = captured.getvalue().splitlines()
+    assert "[job=job-123]" in lines[0] and "[job=job-123]" in lines[1] and "two args" in lines[1]
+    assert "[job=-]" in lines[2]
+
+
+async def test_concurrent_tasks_keep_their_own_job_id(captured: io.StringIO) -> None:
+    log = logging.getLogger("xicon_dance.test_logs")
+
+    async def job(job_id: str) -> None:
+        with logs.job_context(job_id):
+            for _ in range(3):
+                log.info("working on %s", job_id)
+                await asyncio.sleep(0)
+
+    await asyncio.gather(job("a"), job("b"))
+    for line in captured.getvalue().splitlines():
+        tag = line.split("[job=")[1].split("]")[0]
+        assert line.endswith(f"working on {tag}")
+
+
+def test_presigned_urls_and_key_values_are_redacted() -> None:
+    url = (
+        "https://s3.example.com/b/results/j/v.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=abcdef0123&X-Amz-Expires=60"
+    )
+    out = logs.redact(f"uploaded to {url}")
+    assert "AKIAEXAMPLE" not in out and "abcdef0123" not in out
+    assert out.startswith("uploaded to https://s3.example.com/b/results/j/v.mp4?X-Amz-Algorithm=")
+    assert "api_key=[REDACTED]" in logs.redact("call with api_key=sk-live-123")
+    assert "sk-live" not in logs.redact('{"RUNPOD_API_KEY": "rpa_abc"}')
+    assert "tok" not in logs.redact("Authorization: Bearer tok123456")
+    assert "AWSAccessKeyId=[REDACTED]" in logs.redact("x?AWSAccessKeyId=AKIA1&Signature=zz")
+
+
+def test_registered_secrets_are_masked_everywhere(captured: io.StringIO) -> None:
+    logs.register_secret("very-secret-bucket-key")
+    logs.register_secret("")  # ignored
+    log = logging.getLogger("xicon_dance.test_logs")
+    log.error("failed with %s", "very-secret-bucket-key")
+    try:
+        raise RuntimeError("boom very-secret-bucket-key")
+    except RuntimeError:
+        log.exception("upload failed")
+    text = captured.getvalue()
+    assert "very-secret-bucket-key" not in text
+    assert text.count(logs.MASK) >= 2 and "Traceback" in text
+
+
+def test_setup_logging_is_idempotent_and_registers_secrets() -> None:
+    from pydantic import SecretStr
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        first = logs.setup_logging("DEBUG", secrets=(SecretStr("s3cr3t-from-settings"),))
+        second = logs.setup_logging("INFO")
+        assert first is second
+        assert logs.redact("key s3cr3t-from-settings") == f"key {logs.MASK}"
+    finally:
+        for handler in list(root.handlers):
+            if handler not in before:
+                root.removeHandler(handler)
