@@ -201,7 +201,7 @@ PY
 
 COPY --from=builder /worker /worker
 COPY extra_model_paths.yaml /comfyui/extra_model_paths.yaml
-COPY handler.py model_manifest.json XiCON_Dance_SCAIL_vFinal.json entrypoint.sh /worker/
+COPY handler.py model_manifest.json XiCON_Dance_SCAIL_vFinal.json entrypoint.sh test_input.json /worker/
 COPY assets /worker/assets
 COPY scripts/gpu_preflight.py /worker/scripts/gpu_preflight.py
 RUN chmod +x /worker/entrypoint.sh
