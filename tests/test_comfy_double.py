@@ -377,3 +377,42 @@ def test_cli_help_lists_every_fault():
     ).stdout
     for name in Faults.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out
+
+
+async def test_history_list_and_edit(http, comfy_double, comfy_media):
+    for pid in ("l-1", "l-2"):
+        async with http.post(
+            "/prompt",
+            json={
+                "prompt": job_graph(comfy_media.image, comfy_media.video, prefix=pid),
+                "prompt_id": pid,
+                "extra_data": {"api_key_comfy_org": "k"},
+            },
+        ) as resp:
+            assert resp.status == 200
+    for _ in range(200):
+        if "l-2" in comfy_double.history:
+            break
+        await asyncio.sleep(0.05)
+    async with http.get("/history", params={"max_items": "1"}) as resp:
+        assert list(await resp.json()) == ["l-2"]
+    async with http.get("/history") as resp:
+        listing = await resp.json()
+    assert list(listing) == ["l-1", "l-2"]
+    assert "api_key_comfy_org" not in listing["l-1"]["prompt"][3]
+    async with http.post("/history", json={"delete": ["l-1"]}) as resp:
+        assert resp.status == 200
+    async with http.get("/history/l-1") as resp:
+        assert await resp.json() == {}
+    async with http.post("/history", json={"clear": True}) as resp:
+        assert resp.status == 200
+    assert comfy_double.history == {}
+
+
+async def test_upload_refuses_escape(http, comfy_double):
+    form = aiohttp.FormData()
+    form.add_field("image", b"x", filename="p.png")
+    form.add_field("subfolder", "../../etc")
+    async with http.post("/upload/image", data=form) as resp:
+        assert resp.status == 400
+    assert not (comfy_double.root.parent / "etc").exists()

@@ -397,6 +397,8 @@ class ComfyDouble:
             }
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         extra = dict(body.get("extra_data") or {})
+        for secret in ("auth_token_comfy_org", "api_key_comfy_org"):  # kept out of history (§2.2)
+            extra.pop(secret, None)
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
         extra["create_time"] = int(time.time() * 1000)
