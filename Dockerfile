@@ -123,7 +123,8 @@ RUN set -eux; \
     rm -rf /tmp/sageattention
 
 # The worker package with its exact pins (pyproject.toml) and the model-download extra.
-COPY pyproject.toml README.md* /worker/
+# pyproject.toml names README.md as the readme: the package does not build without it.
+COPY pyproject.toml README.md /worker/
 COPY xicon_dance /worker/xicon_dance
 RUN pip install -e "/worker[models]" \
     && pip freeze > /opt/pip-freeze.txt \
