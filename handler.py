@@ -30,12 +30,16 @@ from xicon_dance.workflow import Workflow
 log = logging.getLogger("xicon_dance.handler")
 
 _worker: Worker | None = None
+# /history is polled next to the websocket; 0.5 s keeps a lost completion notice under 1 s.
+HISTORY_POLL_S = 0.5
 
 
 def build_worker(settings: Settings) -> Worker:
     """Load and check the workflow; build the worker (no network yet)."""
     workflow = Workflow.load(settings.workflow_path, settings)
-    comfy = ComfyClient(settings.comfy_url, pid_file=settings.comfy_pid_file)
+    comfy = ComfyClient(
+        settings.comfy_url, pid_file=settings.comfy_pid_file, poll_interval_s=HISTORY_POLL_S
+    )
     return Worker(settings, workflow, comfy)
 
 
