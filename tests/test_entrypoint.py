@@ -338,3 +338,61 @@ def test_shellcheck_clean_on_every_shell_script() -> None:
     assert ENTRYPOINT in scripts
     proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_models_linked_from_runpod_cache(rig: Rig) -> None:
+    vae = next(
+        m for m in json.loads((ROOT / "model_manifest.json").read_text())["models"]
+        if m["folder"] == "vae"
+    )  # fmt: skip
+    src = vae["source"]
+    snap = (
+        rig.tmp / "hfcache" / ("models--" + src["repo"].replace("/", "--")) / "snapshots"
+        / src["revision"] / src["path"]
+    )  # fmt: skip
+    snap.parent.mkdir(parents=True)
+    snap.write_bytes(b"cached weights")
+    models = rig.tmp / "models"
+    proc = rig.start(HF_CACHE_DIR=str(rig.tmp / "hfcache"), MODELS_DIR=str(models))
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    linked = models / "vae" / vae["filename"]
+    assert linked.is_symlink() and linked.read_bytes() == b"cached weights"
+
+
+def test_model_download_at_start_fills_the_volume(rig: Rig, http_server) -> None:
+    body = b"tiny model file" * 100
+    url = http_server.serve("/nlf.torchscript", body)
+    manifest = rig.tmp / "manifest.json"
+    entry = {
+        "name": "tiny",
+        "folder": "nlf",
+        "filename": "tiny.torchscript",
+        "source": {"type": "url", "url": url},
+        "size": len(body),
+        "sha256": None,
+    }
+    manifest.write_text(json.dumps({"models": [entry]}))
+    volume = rig.tmp / "volume-models"
+    volume.mkdir()
+    env = {
+        "MODEL_DOWNLOAD_AT_START": "1",
+        "MODEL_MANIFEST": str(manifest),
+        "VOLUME_MODELS_DIR": str(volume),
+    }
+    proc = rig.start(**env)
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    assert (volume / "nlf" / "tiny.torchscript").read_bytes() == body
+
+
+def test_failed_model_download_stops_the_start(rig: Rig, tmp_path: Path) -> None:
+    manifest = tmp_path / "bad.json"
+    manifest.write_text(json.dumps({"models": []}))
+    rc, out = rig.run(MODEL_DOWNLOAD_AT_START="1", MODEL_MANIFEST=str(manifest))
+    assert rc != 0 and "model download failed" in out
+    assert not rig.argv_file.exists()
