@@ -195,6 +195,7 @@ COPY --from=models /models /comfyui/models
 # extension, the onnxruntime CUDA provider and torchaudio (WanVideoWrapper imports it).
 RUN python - <<'PY'
 import onnxruntime, sageattention, torch, torchaudio, torchvision  # noqa: F401
+from sageattention import _fused  # noqa: F401  (compiled for every arch; sageattention itself hides import errors)
 assert torch.version.cuda and torch.version.cuda.startswith("12.8"), torch.version.cuda
 assert "CUDAExecutionProvider" in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()
 print("torch", torch.__version__, "archs", torch.cuda.get_arch_list())
