@@ -249,16 +249,28 @@ def test_real_manifest_is_valid_and_matches_the_graph() -> None:
         pytest.skip("workflow template not committed yet")
     graph = json.loads(workflow.read_text())
     nodes = graph.get("prompt", graph) if isinstance(graph, dict) else {}
+    folder_of = {e.filename: e.folder for e in entries}
     used = set()
     for node in nodes.values():
         if not isinstance(node, dict):
             continue
         for value in node.get("inputs", {}).values():
             if isinstance(value, str) and value.endswith(MODEL_EXTS):
-                used.add(value.rsplit("/", 1)[-1])
+                used.add(value)  # exact: the file lands at <folder>/<filename>, no sub-folder
+                expected = LOADER_FOLDER.get(node.get("class_type"))
+                assert expected is None or folder_of.get(value) == expected, (value, expected)
     assert used == names, f"graph-only: {used - names}, manifest-only: {names - used}"
 
 
+LOADER_FOLDER = {
+    "WanVideoModelLoader": "diffusion_models",
+    "WanVideoVAELoader": "vae",
+    "WanVideoLoraSelect": "loras",
+    "CLIPVisionLoader": "clip_vision",
+    "LoadNLFModel": "nlf",
+    "OnnxDetectionModelLoader": "detection",
+    "WanVideoTextEncodeCached": "text_encoders",
+}
 MODEL_EXTS = (".safetensors", ".onnx", ".torchscript", ".pth", ".pt", ".bin", ".gguf")
 
 
