@@ -111,6 +111,16 @@ start_comfy() {
     printf '%s\n' "$COMFY_PID" >"$COMFY_PID_FILE"
 }
 
+probe() {
+    # One readiness probe of ComfyUI's /system_stats (curl in the image; python as a fallback).
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
+    else
+        "$PYTHON_BIN" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "$1" 2>/dev/null
+    fi
+}
+
 wait_ready() {
     local url="http://${COMFY_HOST}/system_stats" start=$SECONDS
     while true; do
@@ -122,7 +132,7 @@ wait_ready() {
             tail -n 40 "$COMFY_LOG_FILE" >&2 || true
             die "ComfyUI exited with code ${rc} during startup (before answering on ${COMFY_HOST})."
         fi
-        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+        if probe "$url"; then
             log "ComfyUI ready on ${COMFY_HOST} after $((SECONDS - start)) s (pid ${COMFY_PID})."
             return 0
         fi
