@@ -98,3 +98,10 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
     base = Settings.from_env({})
     for name, value in samples.items():
         assert Settings.from_env({name: value}) != base, f"{name} is documented but not read"
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    readme = (PACKAGE_ROOT / "README.md").read_text(encoding="utf-8")
+    for name, (default, _meaning) in ENV_DOC.items():
+        shown = f"`{default}`" if default else "(unset)"
+        assert f"| `{name}` | {shown} |" in readme, f"README settings row for {name} is missing"
