@@ -14,10 +14,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import av
 import pytest
@@ -227,3 +229,48 @@ def test_rp_serve_api_runsync(serve_api: tuple[str, DoubleProcess], media: dict[
 
     again = runsync(url, good)
     assert again["status"] == "COMPLETED", again
+
+
+class _ProgressSink(BaseHTTPRequestHandler):
+    posts: ClassVar[list[dict[str, Any]]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).posts.append(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_progress_updates_reach_the_platform_in_order(
+    comfy_process: Callable[..., DoubleProcess], media: dict[str, str], tmp_path: Path
+) -> None:
+    _ProgressSink.posts = []
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _ProgressSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        double = comfy_process()
+        double.set_faults(step_delay_s=0.15)
+        done_url = f"http://127.0.0.1:{sink.server_address[1]}/done?id=$ID"
+        env = handler_env(
+            double, tmp_path, PROGRESS_INTERVAL_S="0.1", RUNPOD_WEBHOOK_POST_OUTPUT=done_url
+        )
+        job = small(image_base64=media["image_b64"], video_base64=media["video_b64"], steps=8)
+        code, _, logs = run_test_input(job, env)
+        assert code == 0, logs[-2000:]
+    finally:
+        sink.shutdown()
+        sink.server_close()
+    posts = _ProgressSink.posts
+    assert posts and all(p["status"] == "IN_PROGRESS" for p in posts)
+    outputs = [p["output"] for p in posts]
+    assert outputs[0]["stage"] == "downloading"
+    assert all(set(o) == {"stage", "step", "total", "percent", "message"} for o in outputs)
+    steps = [o for o in outputs if o["stage"] == "sampling"]
+    assert steps and all(o["total"] == 8 and 1 <= o["step"] <= 8 for o in steps)
+    percents = [o["percent"] for o in outputs]
+    assert percents == sorted(percents) and percents[-1] < 100
+    assert "Job local_test completed successfully" in logs  # the base64 result line is truncated
