@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import requests
@@ -137,3 +140,70 @@ def test_transient_classification() -> None:
             raise RuntimeError("Failed to upload") from inner
     except RuntimeError as wrapped:
         assert delivery.is_transient(wrapped)
+
+
+class _FlakyProxy(BaseHTTPRequestHandler):
+    """Forwards to the real S3 gateway, but answers 503 to the first ``failures`` PUTs."""
+
+    target = ""
+    failures = 0
+    puts: ClassVar[list[int]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.command == "PUT":
+            type(self).puts.append(len(type(self).puts))
+            if len(type(self).puts) <= type(self).failures:
+                self.send_response(503)
+                payload = b"<Error><Code>ServiceUnavailable</Code><Message>busy</Message></Error>"
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
+        resp = requests.request(
+            self.command, self.target + self.path, headers=headers, data=body, timeout=30
+        )
+        self.send_response(resp.status_code)
+        for key, value in resp.headers.items():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(resp.content)))
+        self.end_headers()
+        self.wfile.write(resp.content)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+@pytest.mark.slow
+async def test_transient_503_is_retried_then_succeeds(
+    tmp_path: Path, s3_env: dict[str, str], s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "REQUEST_ATTEMPTS", 1)  # only our own retry loop
+    monkeypatch.setattr(delivery, "RETRY_BASE_S", 0.01)
+    s3_server.client().create_bucket(Bucket=s3_env["BUCKET_NAME"])  # PUTs below: the object's
+    _FlakyProxy.target = s3_env["BUCKET_ENDPOINT_URL"]
+    _FlakyProxy.failures, _FlakyProxy.puts = 2, []
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{proxy.server_address[1]}"
+        settings = Settings.from_env({**s3_env, "BUCKET_ENDPOINT_URL": f"http://{host}"})
+        video = _video(tmp_path, 3000)
+        out = await delivery.deliver(video, job_id="flaky", mode="url", settings=settings)
+        assert len(_FlakyProxy.puts) == 3  # two refused, the third went through
+        got = requests.get(out["url"], timeout=30)
+        assert got.status_code == 200 and got.content == video.read_bytes()
+
+        _FlakyProxy.failures, _FlakyProxy.puts = 99, []
+        with pytest.raises(DeliveryError) as info:
+            await delivery.deliver(video, job_id="flaky2", mode="url", settings=settings)
+        assert info.value.code == "upload_failed"
+        assert len(_FlakyProxy.puts) == delivery.UPLOAD_ATTEMPTS
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

@@ -48,7 +48,7 @@ PART_SIZE = 8 * 1024 * 1024
 UPLOAD_THREADS = 4
 UPLOAD_ATTEMPTS = 3
 RETRY_BASE_S = 0.5
-REQUEST_ATTEMPTS = 5  # botocore "standard" retries per request
+REQUEST_ATTEMPTS = 5  # botocore "standard" mode: attempts per request, the first included
 _TRANSIENT_CODES = {
     "RequestTimeout",
     "RequestTimeoutException",
@@ -140,7 +140,7 @@ def s3_client(settings: Settings) -> Any:
             config = Config(
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
+                retries={"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,
                 max_pool_connections=UPLOAD_THREADS * 2,
