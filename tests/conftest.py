@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.comfy",
     "tests.plugins.fake_runpod",
+    "tests.plugins.worker",
 ]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import ast
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,9 +24,10 @@ import av
 import pytest
 import requests
 
-from tests.plugins.comfy import DoubleProcess, free_port
+from tests.plugins.comfy import DoubleProcess
 from tests.plugins.http_server import HttpServer
 from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.worker import handler_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -35,27 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_LINE = re.compile(r"Job result: (\{.*\})\s*$", re.MULTILINE)
 # On failure the SDK's local mode logs only the error string, then exits 1 (runpod.md §3.1).
 ERROR_LINE = re.compile(r"Job local_test failed with error: (.*)$", re.MULTILINE)
-
-
-def handler_env(double: DoubleProcess, tmp_path: Path, **extra: str) -> dict[str, str]:
-    default_video = make_video(tmp_path / "default.mp4", 64, 64, 8, 9)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("BUCKET_", "RUNPOD_", "COMFY_"))
-    }
-    env.update(
-        {
-            "COMFY_HOST": double.host,
-            "COMFY_DIR": str(double.root),
-            "COMFY_PID_FILE": str(double.pid_file),
-            "COMFY_STARTUP_TIMEOUT_S": "20",
-            "ALLOW_PRIVATE_URLS": "true",
-            "DEFAULT_VIDEO": str(default_video),
-            "PROGRESS_INTERVAL_S": "0.2",
-            "RUNPOD_LOG_LEVEL": "INFO",
-            **extra,
-        }
-    )
-    return env
 
 
 def run_test_input(job_input: Any, env: dict[str, str]) -> tuple[int, dict[str, Any], str]:
@@ -157,50 +136,6 @@ def test_start_up_refuses_bad_workflow_and_missing_comfy(
     code, _, logs = run_test_input(small(image_base64=media["image_b64"]), env)
     assert code == 3 and "ComfyUI is not available" in logs
     assert time.monotonic() - started < 30
-
-
-@pytest.fixture
-def serve_api(
-    comfy_process: Callable[..., DoubleProcess], tmp_path: Path
-) -> Iterator[tuple[str, DoubleProcess]]:
-    double = comfy_process()
-    port = free_port()
-    env = handler_env(double, tmp_path, JOB_TIMEOUT_S="3")
-    log = (tmp_path / "serve_api.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "handler.py",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve_api.log").read_text()[-3000:]
-            try:
-                requests.get(url + "/docs", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        yield url, double
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def runsync(url: str, job_input: Any) -> dict[str, Any]:
