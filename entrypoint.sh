@@ -10,6 +10,10 @@
 # 4. Wait until ComfyUI answers (COMFY_STARTUP_TIMEOUT_S); if it dies first, exit non-zero.
 # 5. Optional warm-up (WARMUP=1), then exec the handler so that SIGTERM reaches it.
 #
+# Until the handler is exec'd this shell is PID 1: a PID 1 without a handler never receives SIGTERM,
+# so a trap stops ComfyUI and any long step (download, warm-up) at once and exits 143. Long steps
+# run in the background and are waited for, so the trap is not held up until they finish.
+#
 # Paths are overridable (tests run this script against stand-ins): PYTHON_BIN, COMFY_MAIN,
 # HANDLER, WORKER_DIR, COMFY_DIR, MODELS_DIR.
 set -euo pipefail
@@ -29,8 +33,43 @@ VOLUME_MODELS_DIR="${VOLUME_MODELS_DIR:-/runpod-volume/models}"
 HF_CACHE_DIR="${HF_CACHE_DIR:-/runpod-volume/huggingface-cache/hub}"
 MODEL_MANIFEST="${MODEL_MANIFEST:-$WORKER_DIR/model_manifest.json}"
 
+COMFY_PID=""
+CHILD_PID=""
+
 log() { printf '[entrypoint] %s\n' "$*"; }
-die() { printf '[entrypoint] ERROR: %s\n' "$*" >&2; exit 1; }
+die() {
+    printf '[entrypoint] ERROR: %s\n' "$*" >&2
+    stop_children
+    exit 1
+}
+
+stop_children() {
+    local pid
+    for pid in "$CHILD_PID" "$COMFY_PID"; do
+        [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
+    done
+}
+
+on_signal() {
+    log "received SIG$1 during start-up; stopping ComfyUI and exiting."
+    stop_children
+    exit "$2"
+}
+
+run_child() {
+    # Run "$@" in the background and wait for it, so that a SIGTERM is handled at once.
+    "$@" &
+    CHILD_PID=$!
+    local rc=0
+    wait "$CHILD_PID" || rc=$?
+    CHILD_PID=""
+    return "$rc"
+}
+
+check_settings() {
+    [[ "${COMFY_STARTUP_TIMEOUT_S}" =~ ^[0-9]+(\.[0-9]*)?$ ]] \
+        || die "COMFY_STARTUP_TIMEOUT_S must be a number of seconds, got '${COMFY_STARTUP_TIMEOUT_S}'."
+}
 
 is_true() {
     case "${1,,}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
@@ -55,6 +94,17 @@ gpu_preflight() {
     fi
 }
 
+locked_download() {
+    # Runs in a background subshell: take the lock on fd 9, then become the download process, so
+    # that a SIGTERM reaches the download itself.
+    exec 9>>"$1"
+    flock 9 || {
+        printf '[entrypoint] ERROR: could not lock %s (does this filesystem support locks?)\n' "$1" >&2
+        exit 1
+    }
+    exec "$PYTHON_BIN" -m xicon_dance.model_download --manifest "$MODEL_MANIFEST" --models-dir "$2"
+}
+
 prepare_models() {
     local target="$MODELS_DIR"
     if [ -d "$VOLUME_MODELS_DIR" ]; then
@@ -70,19 +120,27 @@ prepare_models() {
     if is_true "${MODEL_DOWNLOAD_AT_START:-0}"; then
         log "MODEL_DOWNLOAD_AT_START: fetching missing model files into ${target}."
         mkdir -p "$target"
-        # One writer at a time on a shared volume.
-        flock "$target/.download.lock" \
-            "$PYTHON_BIN" -m xicon_dance.model_download --manifest "$MODEL_MANIFEST" --models-dir "$target" \
-            || die "model download failed; see the lines above."
+        # One writer at a time on a shared volume: other workers wait, then skip verified files.
+        local lock="$target/.download.lock"
+        local busy=0
+        flock -n -E 75 "$lock" true 2>/dev/null || busy=$?
+        if [ "$busy" -eq 75 ]; then
+            log "another worker holds ${lock} (downloading); waiting for it."
+        fi
+        run_child locked_download "$lock" "$target" || die "model download failed; see the lines above."
     fi
 }
 
 watch_log() {
     # Show every ComfyUI line, keep it in the log file, and shout about a silent sage fallback.
+    # This reader must outlive every write error (a full disk, a removed log file): if it died,
+    # ComfyUI's next print would hit a closed pipe and fail the running job.
+    set +e
+    trap '' TERM INT
     local warned=0 line
-    while IFS= read -r line; do
+    while IFS= read -r line || [ -n "$line" ]; do
         printf '%s\n' "$line"
-        printf '%s\n' "$line" >>"$COMFY_LOG_FILE"
+        printf '%s\n' "$line" 2>/dev/null >>"$COMFY_LOG_FILE"
         if [ "$warned" -eq 0 ] && [[ "$line" == *"Error running sage attention"* ]]; then
             warned=1
             printf '[entrypoint] WARNING: SAGEATTENTION FALLBACK: ComfyUI reports "Error running sage attention" and is using PyTorch attention instead (slower). Check that the image was built for this GPU (IMAGE_CUDA_ARCH_LIST=%s) or set SAGEATTENTION_ENABLED=0.\n' \
@@ -144,17 +202,37 @@ wait_ready() {
     done
 }
 
+# The SDK takes the warm-up job on its command line; Linux limits one argument to 128 KiB.
+WARMUP_INPUT_MAX_BYTES=131000
+
 warmup() {
     is_true "${WARMUP:-0}" || return 0
     local input="${WARMUP_INPUT:-$WORKER_DIR/test_input.json}"
     [ -f "$input" ] || die "WARMUP=1 but WARMUP_INPUT ${input} does not exist."
+    local size
+    size="$(wc -c <"$input")"
+    if [ "$size" -gt "$WARMUP_INPUT_MAX_BYTES" ]; then
+        log "WARNING: WARMUP_INPUT ${input} is ${size} bytes, over the ${WARMUP_INPUT_MAX_BYTES}-byte limit of one command-line argument; warm-up skipped. Use image_url/video_url in the warm-up job instead of base64."
+        return 0
+    fi
     log "WARMUP: running one job from ${input} to load the models before serving."
-    if ! "$PYTHON_BIN" -u "$HANDLER" --test_input "$(cat "$input")"; then
+    # RUNPOD_LOG_LEVEL=WARN: the SDK would otherwise log the whole result (a base64 video).
+    if ! RUNPOD_LOG_LEVEL=WARN run_child "$PYTHON_BIN" -u "$HANDLER" --test_input "$(cat "$input")"; then
+        if ! kill -0 "$COMFY_PID" 2>/dev/null; then
+            printf '[entrypoint] ComfyUI log (last 40 lines):\n' >&2
+            tail -n 40 "$COMFY_LOG_FILE" >&2 || true
+            die "ComfyUI exited during the warm-up job; the worker cannot serve."
+        fi
         log "WARNING: warm-up job failed; serving anyway (the first job loads the models)."
+    else
+        log "WARMUP: done."
     fi
 }
 
 main() {
+    trap 'on_signal TERM 143' TERM
+    trap 'on_signal INT 130' INT
+    check_settings
     gpu_preflight
     prepare_models
     start_comfy
@@ -166,6 +244,7 @@ main() {
         log "SERVE_API_LOCALLY: local API server on port ${RP_API_PORT:-8000}."
     fi
     cd "$WORKER_DIR"
+    trap - TERM INT
     log "starting handler: ${HANDLER} ${handler_args[*]}"
     exec "$PYTHON_BIN" -u "$HANDLER" "${handler_args[@]}"
 }

@@ -46,6 +46,20 @@ MAIN_PY = textwrap.dedent(
               flush=True)
     if mode == "hang":
         time.sleep(600)
+    if mode == "chatty":  # keeps printing like a busy ComfyUI; a failed print is recorded
+        import threading
+        def chatter():
+            n = 0
+            while True:
+                n += 1
+                try:
+                    print(f"chatter {n}", flush=True)
+                except Exception as exc:
+                    with open(os.environ["STANDIN_ARGV"] + ".printerror", "w") as fh:
+                        fh.write(repr(exc))
+                    return
+                time.sleep(0.05)
+        threading.Thread(target=chatter, daemon=True).start()
     args = sys.argv[1:]
     host, port = args[args.index("--listen") + 1], int(args[args.index("--port") + 1])
 
@@ -66,6 +80,15 @@ HANDLER_PY = textwrap.dedent(
     """
     import json, os, signal, sys, time
     out = os.environ["STANDIN_HANDLER"]
+    if "--test_input" in sys.argv:  # the warm-up job
+        job = json.loads(sys.argv[sys.argv.index("--test_input") + 1])
+        with open(out + ".warmup", "w") as fh:
+            json.dump({"job": job, "log_level": os.environ.get("RUNPOD_LOG_LEVEL")}, fh)
+        if os.environ.get("WARMUP_KILLS_COMFY") == "1":
+            with open(os.environ["COMFY_PID_FILE"]) as fh:
+                os.kill(int(fh.read()), signal.SIGKILL)
+            time.sleep(0.5)
+        sys.exit(int(os.environ.get("WARMUP_RC", "0")))
     def on_term(signum, frame):
         with open(out + ".sigterm", "w") as fh:
             fh.write("SIGTERM")
@@ -396,3 +419,106 @@ def test_failed_model_download_stops_the_start(rig: Rig, tmp_path: Path) -> None
     rc, out = rig.run(MODEL_DOWNLOAD_AT_START="1", MODEL_MANIFEST=str(manifest))
     assert rc != 0 and "model download failed" in out
     assert not rig.argv_file.exists()
+
+
+def test_sigterm_during_start_stops_comfy_at_once(rig: Rig) -> None:
+    """Until the handler is exec'd the shell is PID 1: it must act on SIGTERM, not ignore it."""
+    proc = rig.start(STANDIN_MODE="hang", COMFY_STARTUP_TIMEOUT_S="60")
+    try:
+        _wait_for(Path(rig.env["COMFY_PID_FILE"]), proc)
+        _wait_for(rig.argv_file, proc)
+        comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        assert rc == 143 and time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 5
+        while _alive(comfy_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(comfy_pid), "ComfyUI must be stopped with the entrypoint"
+    finally:
+        _kill_group(proc)
+    assert proc.stdout is not None
+    assert "received SIGTERM during start-up" in proc.stdout.read()
+    assert not rig.handler_file.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_bad_startup_timeout_is_refused(rig: Rig) -> None:
+    rc, out = rig.run(COMFY_STARTUP_TIMEOUT_S="15m", timeout=20)
+    assert rc != 0 and "COMFY_STARTUP_TIMEOUT_S must be a number of seconds, got '15m'" in out
+    assert not rig.argv_file.exists()
+
+
+def test_log_reader_survives_a_lost_log_file(rig: Rig) -> None:
+    """A log write error must not kill the reader, or ComfyUI's prints would hit a closed pipe."""
+    logdir = rig.tmp / "logs"
+    logdir.mkdir()
+    proc = rig.start(STANDIN_MODE="chatty", COMFY_LOG_FILE=str(logdir / "comfy.log"))
+    try:
+        _wait_for(rig.handler_file, proc)
+        shutil.rmtree(logdir)  # every later append to the log file fails
+        time.sleep(1.5)
+        assert not (rig.tmp / "argv.json.printerror").exists(), (
+            rig.tmp / "argv.json.printerror"
+        ).read_text()
+    finally:
+        _kill_group(proc)
+
+
+def _warmup_job(rig: Rig, body: str = "x") -> Path:
+    job = rig.tmp / "warmup.json"
+    job.write_text(
+        json.dumps({"input": {"image_url": "https://example.invalid/a.png", "pad": body}})
+    )
+    return job
+
+
+def test_warmup_runs_one_job_then_serves(rig: Rig) -> None:
+    job = _warmup_job(rig)
+    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(job))
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    warm = json.loads(Path(str(rig.handler_file) + ".warmup").read_text())
+    assert warm["job"] == json.loads(job.read_text())
+    assert warm["log_level"] == "WARN"  # the SDK must not log the whole result (a base64 video)
+    assert json.loads(rig.handler_file.read_text())["argv"] == []
+
+
+def test_failed_warmup_with_live_comfy_still_serves(rig: Rig) -> None:
+    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(_warmup_job(rig)), WARMUP_RC="1")
+    try:
+        _wait_for(rig.handler_file, proc)
+        _, out = _stop(proc)
+    finally:
+        _kill_group(proc)
+    assert "warm-up job failed; serving anyway" in out
+
+
+def test_warmup_that_kills_comfy_stops_the_start(rig: Rig) -> None:
+    env = {"WARMUP": "1", "WARMUP_INPUT": str(_warmup_job(rig)), "WARMUP_RC": "1"}
+    rc, out = rig.run(WARMUP_KILLS_COMFY="1", **env)
+    assert rc != 0 and "ComfyUI exited during the warm-up job" in out
+    assert not rig.handler_file.exists()
+
+
+def test_oversized_warmup_input_is_skipped_with_a_reason(rig: Rig) -> None:
+    job = _warmup_job(rig, body="x" * 140_000)
+    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(job))
+    try:
+        _wait_for(rig.handler_file, proc)
+        _, out = _stop(proc)
+    finally:
+        _kill_group(proc)
+    assert "warm-up skipped" in out and "image_url/video_url" in out
+    assert not Path(str(rig.handler_file) + ".warmup").exists()
