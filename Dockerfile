@@ -14,8 +14,8 @@
 #   docker build --platform linux/amd64 --build-arg TORCH_CUDA_ARCH_LIST="8.9;9.0;12.0" ...
 #   docker build --platform linux/amd64 --build-arg BAKE_MODELS=0 ...   (models on a volume)
 
-ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.8.0-cudnn-devel-ubuntu22.04
-ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.8.0-base-ubuntu22.04
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_DEVEL_IMAGE} AS builder
@@ -49,6 +49,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_VERSION=2.11.0+cu128
 ARG TORCHVISION_VERSION=0.26.0+cu128
 ARG TORCHAUDIO_VERSION=2.11.0+cu128
+# onnxruntime-gpu 1.22.0: CUDA 12.x / cuDNN 9.x build (uses the torch wheels' cuBLAS/cuDNN 9.19 once
+# torch is imported). Not 1.23.x: its kernels were built for 90a-virtual and fail on RTX 5090 with
+# "no kernel image is available" (microsoft/onnxruntime #26181, #26221, PR #26230).
 ARG ONNXRUNTIME_GPU_VERSION=1.22.0
 
 # Every later pip install is held to these versions (PIP_CONSTRAINT), so no custom-node
@@ -67,6 +70,7 @@ RUN printf '%s\n' \
         "torchaudio==${TORCHAUDIO_VERSION}"
 
 # ComfyUI and the custom nodes, each at a full commit (git fetch of one commit, no history).
+# ComfyUI v0.34.0 = 12d52794… (Comfy-Org/ComfyUI, the repository's current name).
 ARG COMFYUI_COMMIT=12d5279438bfefc058a269eae805ceab6047777f
 ARG WANVIDEOWRAPPER_COMMIT=088128b224242e110d3906c6750e9a3a348a659b
 ARG VIDEOHELPERSUITE_COMMIT=4ee72c065db22c9d96c2427954dc69e7b908444b
@@ -83,7 +87,7 @@ RUN set -eux; \
         test "$(git -C "$1" rev-parse HEAD)" = "$3"; \
         rm -rf "$1/.git"; \
     }; \
-    clone /comfyui https://github.com/comfyanonymous/ComfyUI.git "${COMFYUI_COMMIT}"; \
+    clone /comfyui https://github.com/Comfy-Org/ComfyUI.git "${COMFYUI_COMMIT}"; \
     N=/comfyui/custom_nodes; \
     clone "$N/ComfyUI-WanVideoWrapper" https://github.com/kijai/ComfyUI-WanVideoWrapper.git "${WANVIDEOWRAPPER_COMMIT}"; \
     clone "$N/ComfyUI-VideoHelperSuite" https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite.git "${VIDEOHELPERSUITE_COMMIT}"; \

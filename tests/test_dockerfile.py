@@ -66,7 +66,7 @@ def test_build_arguments_and_defaults() -> None:
     assert args["BAKE_MODELS"] == "1"
     for name in ("EXT_PARALLEL", "MAX_JOBS"):
         assert args[name].isdigit()
-    assert args["CUDA_DEVEL_IMAGE"] == "nvidia/cuda:12.8.0-cudnn-devel-ubuntu22.04"
+    assert args["CUDA_DEVEL_IMAGE"] == "nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu128"
     for name in ("TORCH_VERSION", "TORCHVISION_VERSION", "TORCHAUDIO_VERSION"):
         assert args[name].endswith("+cu128"), name
