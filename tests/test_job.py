@@ -231,3 +231,39 @@ async def test_unexpected_error_is_internal_and_logged(
     assert result["code"] == "internal_error" and "surprise" not in result["error"]
     assert "Traceback" in caplog.text and "surprise" in caplog.text
     assert leftovers(rig) == []
+
+
+async def test_slow_download_counts_against_the_job_timeout(
+    rig_factory: Callable[..., Rig], http_server: Any
+) -> None:
+    """JOB_TIMEOUT_S bounds the whole job: a server trickling the driving video (each chunk
+    within the read timeout) cannot keep the job past it."""
+    rig = rig_factory(job_timeout_s=1.5)
+    url = http_server.serve_slow("/drive.mp4", rig.video.read_bytes(), chunk_delay_s=0.2)
+    started = asyncio.get_running_loop().time()
+    job = rig.job(video_url=url)
+    del job["input"]["video_base64"]
+    result = await rig.worker.run(job)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert set(result) == {"error", "code", "field"}, result
+    assert result["code"] == "timeout" and "downloading" in result["error"]
+    assert elapsed < 3.0
+    assert rig.double.history == {} and leftovers(rig) == []
+
+
+async def test_comfy_failures_answer_exactly_error_code_field(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ComfyUI's node_errors / exception details go to the log, not into the failure payload
+    (the response is exactly {"error", "code", "field"})."""
+    rig.double.faults.node_errors_in_200 = True
+    result = await rig.worker.run(rig.job())
+    assert set(result) == {"error", "code", "field"}, result
+    assert result["code"] == "comfyui_validation" and "node_errors" in caplog.text
+    rig.double.faults.node_errors_in_200 = False
+    rig.double.faults.error_at_node = "348"
+    result = await rig.worker.run(rig.job())
+    assert set(result) == {"error", "code", "field"}, result
+    assert result["code"] == "comfyui_execution" and "exception_type" in caplog.text
+    rig.double.faults.error_at_node = None
+    assert "error" not in await rig.worker.run(rig.job())

@@ -6,7 +6,8 @@ Contract:
 - ``WorkerError.to_response()`` is the only place that builds the failure payload returned to
   RunPod: ``{"error": "<sentence>", "code": "<code>", "field": <str|None>}``. ``error`` is always a
   string (a dict there breaks RunPod's job status). ``refresh_worker: True`` is added when the
-  worker process should be replaced after this job (ComfyUI died or is unusable).
+  worker process should be replaced after this job (ComfyUI died or is unusable). ``details``
+  (e.g. ComfyUI's ``node_errors``) are for the worker log, never part of the response.
 - Messages never contain secrets: callers pass redacted text (see ``xicon_dance.logs.redact``).
 """
 
@@ -41,8 +42,6 @@ class WorkerError(Exception):
 
     def to_response(self) -> dict[str, Any]:
         response: dict[str, Any] = {"error": self.message, "code": self.code, "field": self.field}
-        if self.details:
-            response["details"] = self.details
         if self.refresh_worker:
             response["refresh_worker"] = True
         return response

@@ -14,6 +14,8 @@ Details:
   ``refresh_worker: True`` (the SDK strips the key and replaces the worker). Any other exception
   is logged with its traceback and answered with ``internal_error_response()``.
 - ``seed`` in the result is the seed actually used (a random one for ``-1``).
+- ``JOB_TIMEOUT_S`` bounds the whole job up to the end of inference: the input downloads run
+  under the job's deadline (``JobTimeout`` when they overrun it) and ComfyUI gets what is left.
 - Timings (seconds): ``download`` (inputs fetched and checked), ``queue`` and ``inference``
   (ComfyUI's queue wait and execution), ``upload`` (output located, probed and delivered),
   ``total`` (the whole ``run``).
@@ -42,7 +44,7 @@ from typing import Any
 from . import media
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
-from .errors import ComfyError, InputError, WorkerError, internal_error_response
+from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
 from .logs import job_context
 from .progress import ProgressReporter
 from .schema import JobInput, parse_job_input
@@ -83,6 +85,8 @@ class Worker:
                 raise
             except WorkerError as exc:
                 log.warning("job failed (%s): %s", exc.code, exc.message)
+                if exc.details:
+                    log.warning("failure details: %s", exc.details)
                 return exc.to_response()
             except Exception:
                 log.exception("job failed with an unexpected error")
@@ -95,11 +99,12 @@ class Worker:
         reporter = self._reporter_factory(job, self.settings.progress_interval_s)
         timings: dict[str, float] = {}
         prefix = unique_prefix(job_id)
+        deadline = started + self.settings.job_timeout_s
         try:
             with media.job_folder(self.settings, job_id) as folder:
                 reporter.update("downloading")
                 t0 = time.monotonic()
-                image, video = await _fetch_inputs(params, folder, self.settings)
+                image, video = await self._fetch_inputs(params, folder, deadline)
                 timings["download"] = time.monotonic() - t0
                 seed = params.resolve_seed()
                 graph = self._graph(params, image, video, seed, prefix)
@@ -111,7 +116,7 @@ class Worker:
                     graph,
                     prompt_id=prompt_id,
                     client_id=self.client_id,
-                    timeout_s=self.settings.job_timeout_s,
+                    timeout_s=max(0.0, deadline - time.monotonic()),
                     on_progress=reporter.on_comfy,
                 )
                 _comfy_timings(timings, run, time.monotonic() - t0)
@@ -130,6 +135,20 @@ class Worker:
             "prompt_id": prompt_id,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
+
+    async def _fetch_inputs(
+        self, params: JobInput, folder: Path, deadline: float
+    ) -> tuple[media.ImageInfo, media.VideoInfo]:
+        """The inputs, fetched within the job's deadline (a trickling server cannot hold the
+        job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download)."""
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await _fetch_inputs(params, folder, self.settings)
+        except TimeoutError:
+            raise JobTimeout(
+                f"The job ran past its limit of {self.settings.job_timeout_s:g} s while "
+                "downloading the inputs."
+            ) from None
 
     def _graph(
         self,
