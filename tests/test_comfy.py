@@ -189,6 +189,27 @@ async def test_node_errors_in_200_is_failure(client, comfy_double, comfy_media):
     assert ("queue", {"delete": [pid["prompt_id"]]}) in comfy_double.requests
 
 
+async def test_refused_prompt_queued_anyway_never_runs(client, comfy_double, comfy_media):
+    """A 200 with node_errors still queues the prompt (protocol §2.2). The abort must stop it
+    whether it is still pending or has just started: delete from the queue first, then interrupt
+    (interrupt first misses a prompt that starts between the two calls)."""
+    comfy_double.faults.node_errors_in_200 = True
+    comfy_double.faults.node_delay_s = 0.02  # a real graph runs long enough to be interrupted
+    pid = ids()
+    with pytest.raises(ComfyError):
+        await client.run(graph_for(comfy_media, prefix="refused"), timeout_s=10, **pid)
+    routes = [route for route, body in comfy_double.requests if route in ("queue", "interrupt")]
+    assert routes == ["queue", "interrupt"]
+    for _ in range(200):
+        if comfy_double.running is None and not comfy_double.pending:
+            break
+        await asyncio.sleep(0.05)
+    entry = comfy_double.history.get(pid["prompt_id"])
+    if entry is not None:
+        assert [m[0] for m in entry["status"]["messages"]][-1] == "execution_interrupted"
+    assert not list(comfy_double.output_dir.glob("refused*"))
+
+
 async def test_foreign_interrupt_is_reported(client, comfy_double, comfy_media):
     comfy_double.faults.step_delay_s = 0.3
     task = asyncio.create_task(run(client, graph_for(comfy_media, steps=10)))

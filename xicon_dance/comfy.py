@@ -469,9 +469,11 @@ class ComfyClient:
                 state.done.exception()  # retrieved: never "exception was never retrieved"
 
     async def _abort(self, state: _Run) -> None:
-        """Interrupt our prompt and drop it from the queue; never raises."""
+        """Drop our prompt from the queue, then interrupt it; never raises. In this order no
+        moment is left uncovered: a prompt still pending is deleted, one that started meanwhile is
+        interrupted (interrupt first would miss a prompt that starts between the two calls)."""
         state.interrupt_requested = True
-        for call in (self.interrupt(state.prompt_id), self.delete_queued(state.prompt_id)):
+        for call in (self.delete_queued(state.prompt_id), self.interrupt(state.prompt_id)):
             try:
                 await asyncio.wait_for(call, 5)
             except Exception as exc:
