@@ -48,11 +48,26 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, out: list
             return
 
 
-async def submit(http: aiohttp.ClientSession, graph: dict, prompt_id: str, client_id: str = "me"):
-    async with http.post(
-        "/prompt", json={"prompt": graph, "client_id": client_id, "prompt_id": prompt_id}
-    ) as resp:
+async def submit(
+    http: aiohttp.ClientSession,
+    graph: dict,
+    prompt_id: str,
+    client_id: str = "me",
+    extra_data: dict | None = None,
+):
+    body = {"prompt": graph, "client_id": client_id, "prompt_id": prompt_id}
+    if extra_data is not None:
+        body["extra_data"] = extra_data
+    async with http.post("/prompt", json=body) as resp:
         return resp.status, await resp.json()
+
+
+async def finished(double: ComfyDouble, prompt_id: str) -> dict:
+    for _ in range(200):
+        if prompt_id in double.history:
+            return double.history[prompt_id]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"prompt {prompt_id} never reached history")
 
 
 async def test_frame_order_and_delivery_rules(http, comfy_double, comfy_media):
@@ -174,7 +189,11 @@ async def test_mp4_written_as_vhs_does(http, comfy_double, comfy_media):
     gif = comfy_double.history["mp4"]["outputs"]["139"]["gifs"][0]
     assert gif["filename"] == "out_00001-audio.mp4" and gif["subfolder"] == "jobs/x"
     folder = comfy_double.output_dir / "jobs" / "x"
-    assert sorted(p.name for p in folder.iterdir()) == ["out_00001-audio.mp4", "out_00001.mp4"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "out_00001-audio.mp4",
+        "out_00001.mp4",
+        "out_00001.png",  # first-frame PNG: no VHS_MetadataImage false in extra_data
+    ]
     with av.open(str(folder / "out_00001.mp4")) as c:
         v = c.streams.video[0]
         assert (v.width, v.height, v.codec_context.name, v.format.name) == (
@@ -208,7 +227,37 @@ async def test_no_audio_file_without_link_or_audio(
             break
         await asyncio.sleep(0.05)
     assert comfy_double.history["na"]["outputs"]["139"]["gifs"][0]["filename"] == "na_00001.mp4"
-    assert [p.name for p in comfy_double.output_dir.iterdir()] == ["na_00001.mp4"]
+    assert sorted(p.name for p in comfy_double.output_dir.iterdir()) == [
+        "na_00001.mp4",
+        "na_00001.png",
+    ]
+
+
+async def test_metadata_png_suppressed_by_extra_data(http, comfy_double, comfy_media):
+    """scail-workflow.md §10 pitfall 19: only extra_pnginfo.workflow.extra.VHS_MetadataImage
+    false stops VHS_VideoCombine from writing <name>.png next to the video."""
+    graph = job_graph(comfy_media.image, comfy_media.video, audio=False, prefix="quiet")
+    extra = {"extra_pnginfo": {"workflow": {"extra": {"VHS_MetadataImage": False}}}}
+    await submit(http, graph, "quiet", extra_data=extra)
+    entry = await finished(comfy_double, "quiet")
+    assert entry["outputs"]["139"]["gifs"][0]["filename"] == "quiet_00001.mp4"
+    assert [p.name for p in comfy_double.output_dir.iterdir()] == ["quiet_00001.mp4"]
+
+
+async def test_unexpected_node_exception_is_an_execution_error(http, comfy_double, comfy_media):
+    """A node that raises (here: a driving 'video' that exists but is no video) fails the prompt
+    with execution_error naming that node, history stored, then executing null (§3.3)."""
+    fake = comfy_double.input_dir / "not_a_video.mp4"
+    fake.write_bytes(b"this is not a video")
+    frames: list = []
+    async with http.ws_connect("/ws?clientId=me") as ws:
+        await submit(http, job_graph(comfy_media.image, fake.name), "broken")
+        await asyncio.wait_for(collect(ws, "broken", frames), 30)
+    core = [f for f in frames if f["type"] not in ("status", "progress_state")]
+    assert [f["type"] for f in core[-2:]] == ["execution_error", "executing"]
+    assert core[-2]["data"]["node_id"] == "139"
+    entry = comfy_double.history["broken"]
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
 
 
 async def test_validation_bodies(http, comfy_double, comfy_media):

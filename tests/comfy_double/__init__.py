@@ -28,8 +28,10 @@ It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.
   ``<filename_prefix>_00001.mp4`` (counter increments), size = INTConstant 203/204, fps =
   139.frame_rate, frames = min(frame_load_cap, driving-video frames at force_rate) truncated to
   4n+1, drawn from the reference image. With an ``audio`` link and a driving video that has audio
-  it also writes ``<name>-audio.mp4`` and names THAT file in ``gifs`` (scail-workflow.md
-  pitfall 19).
+  it also writes ``<name>-audio.mp4`` and names THAT file in ``gifs``; it writes the first-frame
+  ``<name>.png`` unless the prompt's ``extra_data.extra_pnginfo.workflow.extra.VHS_MetadataImage``
+  is false (scail-workflow.md pitfall 19). Any other exception in a node becomes an
+  ``execution_error`` for that node (§3.3).
 
 Fault switches (constructor ``faults=Faults(...)``, CLI flags, or POST ``/_double/faults`` with a
 JSON object of the same names; GET ``/_double/faults`` shows them, GET ``/_double/requests`` lists

@@ -90,6 +90,11 @@ def render_frames(image: Path, width: int, height: int, count: int) -> list[np.n
     return frames
 
 
+def write_png(path: Path, frame: np.ndarray) -> None:
+    """The first-frame PNG VHS_VideoCombine writes next to its video."""
+    Image.fromarray(frame).save(path)
+
+
 def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
     """Encode RGB frames as h264 yuv420p at ``fps``."""
     with av.open(str(path), "w", format="mp4") as out:

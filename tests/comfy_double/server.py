@@ -461,7 +461,7 @@ class ComfyDouble:
                 outputs = copy.deepcopy(cached)
             else:
                 for nid in order:
-                    ui = await self._run_node(nid, prompt, prompt_id, sid)
+                    ui = await self._run_node_reporting(nid, prompt, prompt_id, sid)
                     if ui is not None:
                         outputs[nid] = ui
                         await event(
@@ -529,6 +529,19 @@ class ComfyDouble:
         if self._interrupt_flag:
             self._interrupt_flag = False
             raise InterruptedRun(nid)
+
+    async def _run_node_reporting(
+        self, nid: str, prompt: dict, prompt_id: str, sid: str | None
+    ) -> dict | None:
+        """``_run_node``; any other exception a node raises is an ``execution_error`` naming the
+        node, as in ComfyUI (protocol §3.3), never a run that ends without history."""
+        try:
+            return await self._run_node(nid, prompt, prompt_id, sid)
+        except (InterruptedRun, ExecutionFailed):
+            raise
+        except Exception as exc:
+            exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            raise ExecutionFailed(nid, exc_type, str(exc), {}) from exc
 
     async def _run_node(
         self, nid: str, prompt: dict, prompt_id: str, sid: str | None
@@ -616,6 +629,15 @@ class ComfyDouble:
             int(node["inputs"]["value"]) if node and "value" in node.get("inputs", {}) else default
         )
 
+    def _metadata_image_wanted(self) -> bool:
+        """VHS_VideoCombine writes a first-frame PNG next to the video unless the prompt's
+        ``extra_data.extra_pnginfo.workflow.extra.VHS_MetadataImage`` is false
+        (../shared/reference/scail-workflow.md §10 pitfall 19)."""
+        extra = self.running[3] if self.running else {}
+        for key in ("extra_pnginfo", "workflow", "extra"):
+            extra = extra.get(key) if isinstance(extra, dict) else None
+        return not (isinstance(extra, dict) and extra.get("VHS_MetadataImage", True) is False)
+
     def _combine(self, nid: str, prompt: dict[str, Any]) -> dict[str, Any]:
         inputs = prompt[nid]["inputs"]
         width, height = self._const(prompt, "203", 64), self._const(prompt, "204", 64)
@@ -638,7 +660,10 @@ class ComfyDouble:
         used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
         name = f"{base}_{max(used, default=0) + 1:05}"
         path = folder / f"{name}.mp4"
-        media.write_mp4(path, media.render_frames(image, width, height, count), fps)
+        frames = media.render_frames(image, width, height, count)
+        if self._metadata_image_wanted():
+            media.write_png(folder / f"{name}.png", frames[0])
+        media.write_mp4(path, frames, fps)
         if _is_link(inputs.get("audio"), prompt) and media.has_audio(video):
             audio_path = folder / f"{name}-audio.mp4"
             media.mux_audio(path, video, audio_path)
