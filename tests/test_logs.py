@@ -95,3 +95,19 @@ def test_setup_logging_is_idempotent_and_registers_secrets() -> None:
         for handler in list(root.handlers):
             if handler not in before:
                 root.removeHandler(handler)
+
+
+def test_signed_urls_of_any_provider_lose_their_query_values() -> None:
+    """Input URLs may be GCS- or Azure-signed, not only S3-presigned: no query value of an http(s)
+    URL survives, the host, path and parameter names do."""
+    gcs = (
+        "https://storage.googleapis.com/b/o.mp4?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+        "&X-Goog-Credential=sa%40p.iam.gserviceaccount.com&X-Goog-Signature=deadbeef42"
+    )
+    sas = "https://acct.blob.core.windows.net/c/v.mp4?sv=2022-11-02&se=2026-01-01&sig=AbC%2Bd"
+    other = "http://cdn.example.com/v.mp4?access_token=opensesame&Key-Pair-Id=K2JCJ"
+    out = logs.redact(f"GET {gcs} failed; also {sas} and '{other}'")
+    for secret in ("deadbeef42", "gserviceaccount", "AbC%2Bd", "2026-01-01", "opensesame", "K2JCJ"):
+        assert secret not in out
+    assert "https://storage.googleapis.com/b/o.mp4?X-Goog-Algorithm=[REDACTED]&" in out
+    assert "http://cdn.example.com/v.mp4?access_token=[REDACTED]&Key-Pair-Id=[REDACTED]'" in out

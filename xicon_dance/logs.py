@@ -8,9 +8,10 @@ Contract:
   ``contextvars`` variable, so concurrent asyncio tasks do not mix ids).
 - ``register_secret(value)`` adds a literal (bucket keys, API keys) to the redaction list;
   ``setup_logging`` registers the bucket keys from settings when given.
-- ``redact(text) -> str`` removes registered secrets, presigned URL query strings
-  (``X-Amz-*``, ``Signature=``, ``AWSAccessKeyId=``), ``Authorization`` headers and common
-  ``key=value`` secrets (api_key, token, secret, password).
+- ``redact(text) -> str`` removes registered secrets, every query value of an http(s) URL
+  (presigned/signed URLs of any provider carry credentials there; parameter names are kept),
+  stray signed-query fragments (``X-Amz-*``, ``X-Goog-*``, ``Signature=``, ``AWSAccessKeyId=``),
+  ``Authorization`` headers and common ``key=value`` secrets (api_key, token, secret, password).
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ _secrets: set[str] = set()
 FORMAT = "%(asctime)s %(levelname)s [job=%(job_id)s] %(name)s: %(message)s"
 MASK = "[REDACTED]"
 
+# Every query value of an http(s) URL: signed URLs carry credentials under many names (S3
+# X-Amz-*, GCS X-Goog-*, Azure SAS sig/se/sp, CloudFront Signature/Key-Pair-Id, access_token...).
+_URL_QUERY = re.compile(r"(?i)\bhttps?://[^\s?#\"'<>]*\?[^\s#\"'<>]*")
+_QUERY_VALUE = re.compile(r"=[^&]*")
 _QUERY_SECRET = re.compile(
-    r"(?i)([?&](?:X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId|token|sig)=)[^&\s\"'<>]*"
+    r"(?i)([?&](?:X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|Signature|AWSAccessKeyId|token|sig)=)"
+    r"[^&\s\"'<>]*"
 )
 _HEADER_SECRET = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?[^\s\"',]+")
 _KV_SECRET = re.compile(
@@ -66,6 +72,7 @@ def redact(text: str) -> str:
     for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
+    text = _URL_QUERY.sub(lambda m: _QUERY_VALUE.sub("=" + MASK, m.group(0)), text)
     text = _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, text)
     text = _HEADER_SECRET.sub(lambda m: m.group(1) + MASK, text)
     return _KV_SECRET.sub(lambda m: m.group(1) + MASK, text)
