@@ -267,3 +267,39 @@ async def test_comfy_failures_answer_exactly_error_code_field(
     assert result["code"] == "comfyui_execution" and "exception_type" in caplog.text
     rig.double.faults.error_at_node = None
     assert "error" not in await rig.worker.run(rig.job())
+
+
+async def test_job_fields_and_settings_reach_the_graph(rig_factory: Callable[..., Rig]) -> None:
+    """The graph's own defaults (16 fps, sageattn, gpu render) must not survive: fps, frame cap,
+    prompts, auto_size from the reference aspect (96x160), attention and render device are
+    patched from the job and the settings, and the result reports the probed output."""
+    rig = rig_factory(sageattention_enabled=False, pose_render_device="cpu")
+    job = rig.job(
+        auto_size=True,
+        width=256,
+        fps=10,
+        max_frames=200,
+        prompt="a robot does the robot",
+        negative_prompt="blurry",
+        keep_audio=False,
+    )
+    del job["input"]["height"]
+    result = await rig.worker.run(job)
+    assert "error" not in result, result
+    graph = rig.double.history[result["prompt_id"]]["prompt"][2]
+    assert graph["130"]["inputs"]["force_rate"] == 10 and graph["139"]["inputs"]["frame_rate"] == 10
+    assert graph["130"]["inputs"]["frame_load_cap"] == 197  # 200 -> 4n+1
+    assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
+        256,
+        416,
+        128,
+        208,
+    ]
+    assert graph["368"]["inputs"]["positive_prompt"] == "a robot does the robot"
+    assert graph["368"]["inputs"]["negative_prompt"] == "blurry"
+    assert graph["22"]["inputs"]["attention_mode"] == "sdpa"
+    assert graph["362"]["inputs"]["render_device"] == "cpu"
+    video = result["video"]
+    # the driving clip: 12 frames at 8 fps (1.5 s) -> 15 frames at 10 fps -> 4n+1 = 13
+    assert (video["width"], video["height"], video["frames"], video["fps"]) == (256, 416, 13, 10)
+    assert video["duration_s"] == pytest.approx(1.3, abs=0.05)
