@@ -11,9 +11,9 @@ It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.
   GET/POST ``/queue``, ``/free`` (``free_memory`` resets the cache), ``/system_stats`` (§2.7 shape),
   ``/object_info`` and ``/object_info/{class}`` (from ``tests/fixtures/object_info.json`` or
   ``--object-info``; ``{}`` for an unknown class) and ``/ws?clientId=`` (§3).
-- Validation: ``xicon_dance.graph_check.check_prompt(prompt, object_info[, model_files=])`` when
-  that module exists, else a built-in whole-prompt check (§4.1, dangling links); a ``validator``
-  callable can replace both. Then the existence checks of LoadImage / VHS_LoadVideo files under
+- Validation: ``xicon_dance.graph_check.check_prompt(prompt, object_info[, model_files=])`` (the
+  whole-prompt checks of §4.1 and the input checks of §4.2); a ``validator`` callable can replace
+  it. Then the existence checks of LoadImage / VHS_LoadVideo files under
   ``input/`` (``custom_validation_failed``, "image - Invalid image file: <name>", §4.2).
 - Execution: one prompt at a time from a real queue. Frames in the observed order (§3.2):
   ``execution_start``, ``execution_cached``, per node (topological order) ``progress_state``
@@ -58,6 +58,6 @@ Standalone: ``python -m tests.comfy_double --port P --root DIR [--object-info FI
 ``--pid-file F`` writes the process id there.
 """
 
-from .server import ComfyDouble, Faults, builtin_validate, topological_order
+from .server import ComfyDouble, Faults, topological_order
 
-__all__ = ["ComfyDouble", "Faults", "builtin_validate", "topological_order"]
+__all__ = ["ComfyDouble", "Faults", "topological_order"]

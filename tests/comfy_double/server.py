@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from xicon_dance.graph_check import check_prompt
+
 from . import media
 
 log = logging.getLogger("comfy_double")
@@ -99,45 +101,6 @@ def topological_order(prompt: dict[str, Any]) -> list[str]:
 
 def _err(etype: str, message: str, details: str = "", extra: dict | None = None) -> dict:
     return {"type": etype, "message": message, "details": details, "extra_info": extra or {}}
-
-
-def builtin_validate(
-    prompt: dict[str, Any], object_info: dict[str, Any]
-) -> tuple[dict | None, dict]:
-    """Whole-prompt checks of CUI ``validate_prompt`` (protocol §4.1) and dangling links (§4.2)."""
-    outputs = []
-    for nid, node in prompt.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            return _err(
-                "invalid_prompt",
-                "Cannot execute because a node is missing the class_type property.",
-                f"Node ID '#{nid}'",
-            ), {}
-        cls = node["class_type"]
-        if object_info and cls not in object_info:
-            return _err(
-                "invalid_prompt",
-                f"Cannot execute because node {cls} does not exist.",
-                f"Node ID '#{nid}'",
-            ), {}
-        info = object_info.get(cls, {})
-        if info.get("output_node") or (not object_info and cls in OUTPUT_CLASSES):
-            outputs.append(nid)
-    if not outputs:
-        return _err("prompt_no_outputs", "Prompt has no outputs"), {}
-    node_errors: dict[str, Any] = {}
-    for nid, node in prompt.items():
-        for name, value in node.get("inputs", {}).items():
-            if _is_link(value, prompt) and value[0] not in prompt:
-                node_errors.setdefault(nid, []).append(
-                    _err(
-                        "exception_during_validation",
-                        "Exception when validating node",
-                        f"'{value[0]}'",
-                        {"exception_type": "KeyError", "input_name": name},
-                    )
-                )
-    return None, {k: v for k, v in node_errors.items()}
 
 
 class ComfyDouble:
@@ -311,10 +274,6 @@ class ComfyDouble:
     def _validate(self, prompt: dict[str, Any]) -> tuple[dict | None, dict]:
         if self.validator is not None:
             return self.validator(prompt)
-        try:
-            from xicon_dance.graph_check import check_prompt  # lazily: may not exist yet
-        except ImportError:
-            return builtin_validate(prompt, self.object_info)
         kwargs = {"model_files": self.model_files} if self.model_files is not None else {}
         return check_prompt(prompt, self.object_info, **kwargs)
 
