@@ -565,8 +565,8 @@ class ComfyClient:
             if exc.refresh_worker:
                 state.fail(exc)
             return
-        if entry is None or not state.from_history(entry):
-            return
+        if entry is not None:
+            state.from_history(entry)
 
     async def _poll_history(self, state: _Run) -> None:
         while not state.done.done():

@@ -143,7 +143,7 @@ class Worker:
         job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download)."""
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                return await _fetch_inputs(params, folder, self.settings)
+                return await _fetch_both(params, folder, self.settings)
         except TimeoutError:
             raise JobTimeout(
                 f"The job ran past its limit of {self.settings.job_timeout_s:g} s while "
@@ -219,7 +219,7 @@ class Worker:
                     log.warning("could not remove output file %s: %s", path.name, exc)
 
 
-async def _fetch_inputs(
+async def _fetch_both(
     params: JobInput, folder: Path, settings: Settings
 ) -> tuple[media.ImageInfo, media.VideoInfo]:
     """Fetch image and video concurrently; the first failure cancels the other (image first)."""
