@@ -22,6 +22,8 @@ It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.
   THEN ``executing`` with ``node: null`` (§3.5). Per-prompt frames go only to the socket whose id
   is the prompt's ``client_id``; ``status``, ``progress_state`` and ``execution_interrupted`` are
   broadcast (§3.3, §3.5).
+  LoadImage and VHS_LoadVideo read their input when they run (the double keeps a private copy, as
+  ComfyUI keeps the tensors), so later nodes do not need input/ any more.
   A corrupt reference image fails at LoadImage with ``execution_error``
   (§4.2 last rule). An identical re-run is fully cached: old filenames, nothing written (§7.2).
 - VHS_VideoCombine (node 139) writes a REAL h264/yuv420p MP4 into ``output/`` named

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -147,6 +148,7 @@ class ComfyDouble:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self.dead = False
+        self._loaded: dict[str, Path] = {}  # loader node id -> its input, as read when it ran
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -389,6 +391,8 @@ class ComfyDouble:
 
     async def _execute(self, item: list[Any]) -> None:
         number, prompt_id, prompt, extra, outputs_to_execute = item
+        self._loaded.clear()
+        shutil.rmtree(self.root / "_loaded", ignore_errors=True)
         sid = extra.get("client_id")
         messages: list[list[Any]] = []
 
@@ -550,12 +554,25 @@ class ComfyDouble:
             )
         if cls == "LoadImage":
             self._load_image(nid, inputs)
+            self._keep_loaded(nid, str(inputs.get("image")))
+        elif cls == "VHS_LoadVideo":
+            self._keep_loaded(nid, str(inputs.get("video")))
         elif cls == "WanVideoSamplerv2":
             await self._sample(nid, prompt, prompt_id, sid)
         elif cls == "VHS_VideoCombine":
             return await asyncio.to_thread(self._combine, nid, prompt)
         await self._check_interrupt(nid)
         return None
+
+    def _keep_loaded(self, nid: str, name: str) -> None:
+        """A loader node holds its input in memory once it ran: later nodes never read input/
+        again (a caller may delete its files while the prompt runs). Kept as a private copy."""
+        source = self._input_path(name)
+        if source is None:
+            raise ExecutionFailed(nid, "FileNotFoundError", f"Invalid file: {name}", {})
+        copy_dir = self.root / "_loaded"
+        copy_dir.mkdir(exist_ok=True)
+        self._loaded[nid] = Path(shutil.copy(source, copy_dir / f"{nid}{source.suffix}"))
 
     def _load_image(self, nid: str, inputs: dict[str, Any]) -> None:
         from PIL import Image, UnidentifiedImageError
@@ -602,8 +619,7 @@ class ComfyDouble:
         width, height = self._const(prompt, "203", 64), self._const(prompt, "204", 64)
         fps = float(inputs.get("frame_rate", 8))
         loader = prompt.get("130", {}).get("inputs", {})
-        image = self._input_path(str(prompt.get("106", {}).get("inputs", {}).get("image")))
-        video = self._input_path(str(loader.get("video")))
+        image, video = self._loaded.get("106"), self._loaded.get("130")
         if image is None or video is None:
             raise ExecutionFailed(nid, "FileNotFoundError", "input image or video missing", {})
         count = media.loaded_frame_count(
