@@ -303,3 +303,25 @@ async def test_job_fields_and_settings_reach_the_graph(rig_factory: Callable[...
     # the driving clip: 12 frames at 8 fps (1.5 s) -> 15 frames at 10 fps -> 4n+1 = 13
     assert (video["width"], video["height"], video["frames"], video["fps"]) == (256, 416, 13, 10)
     assert video["duration_s"] == pytest.approx(1.3, abs=0.05)
+
+
+async def test_output_written_after_an_abort_is_removed_later(rig: Rig) -> None:
+    """The interrupt is cooperative (protocol §2.6): a job cancelled while VHS_VideoCombine runs
+    gets its file written after the job's own cleanup. The next job sweeps it away."""
+    rig.double.faults.node_delay_s = 0.1  # per node, before it works: 139 writes 0.1 s later
+    task = asyncio.create_task(rig.worker.run(rig.job(keep_audio=False)))
+    for _ in range(1000):
+        if any(p["stage"] == "writing" for p in rig.sent):
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # the double finishes writing, then notices the interrupt
+        if rig.double.running is None:
+            break
+        await asyncio.sleep(0.05)
+    assert list(rig.double.output_dir.rglob("*.mp4")), "the late file was not written"
+    rig.double.faults.node_delay_s = 0.0
+    assert "error" not in await rig.worker.run(rig.job())
+    assert leftovers(rig) == []

@@ -26,7 +26,9 @@ Details:
   folder. After delivery, succeeded or not, every file carrying this job's unique
   ``filename_prefix`` is deleted from the output folder: the caller has the bucket copy or the
   base64, a failed delivery has already failed the job loudly, and a long-lived worker must not
-  fill its disk with results.
+  fill its disk with results. ComfyUI's interrupt is cooperative, so a job that ended without
+  delivering (timeout, cancel, failure) may get its file written after that sweep: the prefixes
+  of the last ``UNFINISHED_KEPT`` such jobs are swept again after every later job.
 - Progress: ``downloading`` -> ``queued`` -> ComfyUI stages/sampler steps; the reporter is closed
   (last update joined) as soon as inference ends, before delivery (see ``progress``).
 """
@@ -37,6 +39,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ from .workflow import PatchParams, Workflow, unique_prefix
 
 log = logging.getLogger(__name__)
 
+UNFINISHED_KEPT = 16  # failed/cancelled jobs whose late output files are swept after later jobs
 ReporterFactory = Callable[[dict[str, Any], float], ProgressReporter]
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 
@@ -73,6 +77,8 @@ class Worker:
         self.comfy = comfy
         self._reporter_factory = reporter_factory or ProgressReporter
         self.client_id = uuid.uuid4().hex
+        # Prefixes of jobs that ended without delivering: ComfyUI may still write their files.
+        self._unfinished: deque[str] = deque(maxlen=UNFINISHED_KEPT)
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = str(job.get("id") or "unknown") if isinstance(job, dict) else "unknown"
@@ -100,6 +106,7 @@ class Worker:
         timings: dict[str, float] = {}
         prefix = unique_prefix(job_id)
         deadline = started + self.settings.job_timeout_s
+        delivered = False
         try:
             with media.job_folder(self.settings, job_id) as folder:
                 reporter.update("downloading")
@@ -123,11 +130,14 @@ class Worker:
                 await asyncio.to_thread(reporter.close)
                 t0 = time.monotonic()
                 video_out = await self._deliver(run, folder, job_id, params)
+                delivered = True
                 timings["upload"] = time.monotonic() - t0
         finally:
             if not reporter.closed:
                 await asyncio.shield(asyncio.to_thread(reporter.close))
-            self._remove_outputs(prefix)
+            self._remove_outputs(prefix, *self._unfinished)
+            if not delivered:
+                self._unfinished.append(prefix)
         timings["total"] = time.monotonic() - started
         return {
             "video": video_out,
@@ -206,12 +216,12 @@ class Worker:
             return path
         return None
 
-    def _remove_outputs(self, prefix: str) -> None:
+    def _remove_outputs(self, *prefixes: str) -> None:
         for kind in ("output", "temp"):
             root = self._output_root(kind)
             if not root.is_dir():
                 continue
-            for path in root.rglob(f"{prefix}*"):
+            for path in (p for prefix in prefixes for p in root.rglob(f"{prefix}*")):
                 try:
                     path.unlink()
                     log.debug("removed output file %s", path.name)
