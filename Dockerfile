@@ -109,9 +109,12 @@ RUN pip install -r /comfyui/requirements.txt \
        done \
     && pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
 
-# SageAttention 2.2 from source (no 2.x on PyPI for Linux). v2.2.0 = eb615cf…, the first commit
-# whose setup.py honours TORCH_CUDA_ARCH_LIST, so no GPU is needed at build time.
-ARG SAGEATTENTION_COMMIT=eb615cf6cf4d221338033340ee2de1c37fbdba4a
+# SageAttention 2.2 from source (no 2.x on PyPI for Linux). Since v2.2.0 (eb615cf) setup.py honours
+# TORCH_CUDA_ARCH_LIST, so no GPU is needed at build time. Pinned past the tag: at eb615cf the sm90
+# (H100) path silently returns an uninitialised buffer (fixed upstream in d970424; measured in
+# bench/README.md); d1a57a5 built and gave correct output on an H100. entrypoint.sh re-checks
+# sageattn against SDPA on the actual GPU at start.
+ARG SAGEATTENTION_COMMIT=d1a57a546c3d395b1ffcbeecc66d81db76f3b4b5
 ARG TORCH_CUDA_ARCH_LIST=12.0
 ARG EXT_PARALLEL=4
 ARG MAX_JOBS=8

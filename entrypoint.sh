@@ -92,6 +92,21 @@ gpu_preflight() {
     if [ "$rc" -ne 0 ]; then
         die "GPU preflight failed (exit ${rc}); see the GPU PREFLIGHT line above. This worker cannot run jobs on this GPU."
     fi
+    if is_true "${SAGEATTENTION_ENABLED:-1}"; then
+        sage_self_test
+    fi
+}
+
+# SageAttention can be wrong without raising (ComfyUI then never falls back), so compare it with
+# PyTorch attention on this GPU once; if it disagrees, run with sdpa rather than deliver garbage.
+sage_self_test() {
+    local rc=0
+    "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" --sage-self-test || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        printf '[entrypoint] WARNING: SAGEATTENTION SELF-TEST FAILED (exit %s; see the GPU PREFLIGHT line above). This worker runs with PyTorch attention (SAGEATTENTION_ENABLED=0): correct output, slower. Rebuild SageAttention for this GPU to get the speed back.\n' "$rc" >&2
+        SAGEATTENTION_ENABLED=0
+        export SAGEATTENTION_ENABLED
+    fi
 }
 
 locked_download() {

@@ -6,13 +6,23 @@ Contract (run by entrypoint.sh before ComfyUI starts; exit status 0 = fit):
   (``IMAGE_CUDA_ARCH_LIST``, e.g. ``12.0`` or ``8.9;9.0;12.0``: SageAttention's kernels) or not in
   torch's own ``torch.cuda.get_arch_list()``; the message names the GPU, its capability, the
   list and the build argument to change — instead of a later "CUDA error: no kernel image".
+- ``--sage-self-test`` (run by entrypoint.sh when SAGEATTENTION_ENABLED is on): runs
+  ``sageattn`` and PyTorch's SDPA on the same random bf16 q/k/v (NHD layout, head dim 128, as
+  WanVideoWrapper calls it) on this GPU and compares them. exit 0 = they agree (cosine >= 0.99);
+  exit 4 = SageAttention is importable but gives wrong output or raises; exit 5 = it cannot be
+  imported. Why: a SageAttention build can return garbage without raising (tag v2.2.0 on sm90
+  returned an uninitialised buffer, bench/README.md), and ComfyUI only falls back to SDPA on an
+  exception, so the log-line fallback detection cannot see it.
 One line per finding on stderr, prefixed ``GPU PREFLIGHT``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+
+SAGE_MIN_COSINE = 0.99
 
 
 def parse_arch_list(raw: str) -> set[str]:
@@ -61,7 +71,41 @@ def check(arch_list: str) -> int:
     return 0
 
 
-def main() -> int:
+def sage_cosine(tokens: int = 4096, heads: int = 8, dim: int = 128) -> float:
+    """Cosine similarity of ``sageattn`` vs SDPA on one random input (raises on import errors)."""
+    import torch
+    from sageattention import sageattn
+
+    torch.manual_seed(0)
+    shape = (1, tokens, heads, dim)  # NHD: batch, tokens, heads, head dim
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    got = sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+    cos = torch.nn.functional.cosine_similarity(ref.float().flatten(), got.float().flatten(), dim=0)
+    return float(cos.item())
+
+
+def sage_self_test() -> int:
+    try:
+        cos = sage_cosine()
+    except ImportError as exc:
+        _say(f"sageattention cannot be imported: {exc}")
+        return 5
+    except Exception as exc:  # a kernel that raises is as unusable as one that is wrong
+        _say(f"sageattn raised on this GPU: {type(exc).__name__}: {exc}")
+        return 4
+    if not math.isfinite(cos) or cos < SAGE_MIN_COSINE:
+        _say(f"sageattn disagrees with PyTorch attention (cosine {cos:.5f} < {SAGE_MIN_COSINE}).")
+        return 4
+    _say(f"sageattn agrees with PyTorch attention (cosine {cos:.5f}).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--sage-self-test"]:
+        return sage_self_test()
     return check(os.environ.get("IMAGE_CUDA_ARCH_LIST", ""))
 
 

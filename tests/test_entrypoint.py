@@ -95,7 +95,8 @@ HANDLER_PY = textwrap.dedent(
         sys.exit(0)
     signal.signal(signal.SIGTERM, on_term)
     with open(out, "w") as fh:
-        json.dump({"argv": sys.argv[1:], "pid": os.getpid()}, fh)
+        sage = os.environ.get("SAGEATTENTION_ENABLED")
+        json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "sage": sage}, fh)
     while True:
         time.sleep(0.1)
     """
@@ -121,6 +122,7 @@ FAKE_TORCH = textwrap.dedent(
         @staticmethod
         def get_arch_list():
             return ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]
+    bfloat16 = "bfloat16"
     class _T:
         def __matmul__(self, other):
             return self
@@ -128,8 +130,43 @@ FAKE_TORCH = textwrap.dedent(
             return self
         def item(self):
             return 1.0
+        def transpose(self, *a):
+            return self
+        def float(self):
+            return self
+        def flatten(self):
+            return self
     def ones(*a, **k):
         return _T()
+    def randn(*a, **k):
+        return _T()
+    def manual_seed(seed):
+        pass
+    class _Cos:
+        def item(self):
+            return float(os.environ.get("FAKE_SAGE_COS", "0.9999"))
+    class nn:
+        class functional:
+            @staticmethod
+            def scaled_dot_product_attention(q, k, v):
+                return q
+            @staticmethod
+            def cosine_similarity(a, b, dim=0):
+                return _Cos()
+    """
+)
+
+# Stand-in SageAttention: FAKE_SAGE=missing -> ImportError, raise -> the kernel raises; the
+# agreement with SDPA is FAKE_SAGE_COS (read by the fake torch's cosine_similarity).
+FAKE_SAGEATTENTION = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("FAKE_SAGE") == "missing":
+        raise ImportError("No module named 'sageattention._fused'")
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False):
+        if os.environ.get("FAKE_SAGE") == "raise":
+            raise RuntimeError("CUDA error: no kernel image is available for execution")
+        return q
     """
 )
 
@@ -203,6 +240,8 @@ def rig(tmp_path: Path) -> Rig:
     fake = tmp_path / "fakepkgs"
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    (fake / "sageattention").mkdir()
+    (fake / "sageattention" / "__init__.py").write_text(FAKE_SAGEATTENTION)
     env = {
         "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(tmp_path),
@@ -334,6 +373,48 @@ def test_gpu_preflight_passes_for_a_listed_arch(rig: Rig) -> None:
     finally:
         _kill_group(proc)
     assert proc.stdout is not None
+
+
+@pytest.mark.parametrize(
+    ("fake", "expect_sage"),
+    [
+        ({"FAKE_SAGE_COS": "0.9993"}, True),
+        ({"FAKE_SAGE_COS": "-0.00004"}, False),  # tag v2.2.0 on sm90: an uninitialised buffer
+        ({"FAKE_SAGE_COS": "nan"}, False),
+        ({"FAKE_SAGE": "raise"}, False),
+        ({"FAKE_SAGE": "missing"}, False),
+    ],
+    ids=["agrees", "garbage", "nan", "raises", "missing"],
+)
+def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
+    rig: Rig, fake: dict[str, str], expect_sage: bool
+) -> None:
+    env = {"GPU_PREFLIGHT": "1", "IMAGE_CUDA_ARCH_LIST": "9.0;12.0", "FAKE_CAPABILITY": "9.0"}
+    proc = rig.start(**env, **fake, PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}")
+    try:
+        _wait_for(rig.handler_file, proc)
+        _, out = _stop(proc)
+    finally:
+        _kill_group(proc)
+    handler = json.loads(rig.handler_file.read_text())
+    assert ("--use-sage-attention" in rig.comfy_argv()) is expect_sage
+    assert handler["sage"] == (None if expect_sage else "0")
+    assert ("SAGEATTENTION SELF-TEST FAILED" in out) is not expect_sage
+    if expect_sage:
+        assert "sageattn agrees with PyTorch attention (cosine 0.99930)" in out
+
+
+def test_sage_self_test_skipped_when_sage_is_off(rig: Rig) -> None:
+    env = {"GPU_PREFLIGHT": "1", "FAKE_CAPABILITY": "9.0", "SAGEATTENTION_ENABLED": "0"}
+    proc = rig.start(
+        **env, FAKE_SAGE="missing", PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}"
+    )
+    try:
+        _wait_for(rig.handler_file, proc)
+        _, out = _stop(proc)
+    finally:
+        _kill_group(proc)
+    assert "SELF-TEST" not in out and "sageattn" not in out
 
 
 def test_gpu_preflight_without_cuda(rig: Rig) -> None:
