@@ -67,6 +67,16 @@ class ExecutionFailed(Exception):
         super().__init__(message)
         self.node, self.exc_type, self.message, self.inputs = node, exc_type, message, inputs
 
+    def frame_fields(self) -> dict[str, Any]:
+        """The ``execution_error`` fields beyond those it shares with an interrupt (§3.3)."""
+        return {
+            "exception_message": self.message,
+            "exception_type": self.exc_type,
+            "traceback": ["Traceback (most recent call last):\n", f"{self.exc_type}: {self}\n"],
+            "current_inputs": self.inputs,
+            "current_outputs": {},
+        }
+
 
 def _is_link(value: Any, prompt: dict[str, Any]) -> bool:
     return (
@@ -403,75 +413,19 @@ class ComfyDouble:
                 return
             await self.send(etype, data, sid)
 
-        await event("execution_start", {"prompt_id": prompt_id, "timestamp": _ms()})
-        key = json.dumps(prompt, sort_keys=True)
-        cached = self.cache.get(key)
-        order = topological_order(prompt)
-        await event(
-            "execution_cached",
-            {"nodes": order if cached else [], "prompt_id": prompt_id, "timestamp": _ms()},
-        )
         outputs: dict[str, Any] = {}
-        status_str = "success"
+        status_str = "error"
         try:
-            if cached is not None:  # protocol §7.2: fully cached re-run writes nothing
-                for nid, ui in cached.items():
-                    await event(
-                        "executed",
-                        {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id},
-                        store=False,
-                    )
-                outputs = copy.deepcopy(cached)
-            else:
-                for nid in order:
-                    ui = await self._run_node_reporting(nid, prompt, prompt_id, sid)
-                    if ui is not None:
-                        outputs[nid] = ui
-                        await event(
-                            "executed",
-                            {
-                                "node": nid,
-                                "display_node": nid,
-                                "output": ui,
-                                "prompt_id": prompt_id,
-                            },
-                            store=False,
-                        )
-                self.cache[key] = copy.deepcopy(outputs)
-            await event("execution_success", {"prompt_id": prompt_id, "timestamp": _ms()})
+            await self._run_prompt(prompt_id, prompt, sid, outputs, event)
+            status_str = "success"
         except InterruptedRun as exc:
-            status_str = "error"
-            data = {
-                "prompt_id": prompt_id,
-                "node_id": exc.node,
-                "node_type": prompt[exc.node]["class_type"],
-                "executed": list(outputs),
-                "timestamp": _ms(),
-            }
+            data = self._failure_data(prompt_id, prompt, exc.node, outputs)
             messages.append(["execution_interrupted", data])
             await self.broadcast("execution_interrupted", data)  # §3.3: broadcast
         except ExecutionFailed as exc:
-            status_str = "error"
-            await event(
-                "execution_error",
-                {
-                    "prompt_id": prompt_id,
-                    "node_id": exc.node,
-                    "node_type": prompt[exc.node]["class_type"],
-                    "executed": list(outputs),
-                    "exception_message": exc.message,
-                    "exception_type": exc.exc_type,
-                    "traceback": [
-                        "Traceback (most recent call last):\n",
-                        f"{exc.exc_type}: {exc}\n",
-                    ],
-                    "current_inputs": exc.inputs,
-                    "current_outputs": {},
-                    "timestamp": _ms(),
-                },
-            )
-        if status_str == "error":
-            outputs = outputs if any(m[0] == "execution_interrupted" for m in messages) else {}
+            data = self._failure_data(prompt_id, prompt, exc.node, outputs)
+            outputs.clear()  # a failed run stores no outputs (§4.2, last rule)
+            await event("execution_error", {**data, **exc.frame_fields()})
         self.history[prompt_id] = {
             "prompt": [number, prompt_id, prompt, extra, outputs_to_execute],
             "outputs": outputs,
@@ -487,6 +441,53 @@ class ComfyDouble:
         }
         if not self.faults.silent_socket:  # §3.5: node null only AFTER history is stored
             await self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
+
+    async def _run_prompt(
+        self,
+        prompt_id: str,
+        prompt: dict[str, Any],
+        sid: str | None,
+        outputs: dict[str, Any],
+        event: Callable[..., Any],
+    ) -> None:
+        """Every node in order (or the cached outputs), filling ``outputs``; §3.2 frame order."""
+        await event("execution_start", {"prompt_id": prompt_id, "timestamp": _ms()})
+        key = json.dumps(prompt, sort_keys=True)
+        cached = self.cache.get(key)
+        order = topological_order(prompt)
+        await event(
+            "execution_cached",
+            {"nodes": order if cached else [], "prompt_id": prompt_id, "timestamp": _ms()},
+        )
+
+        async def executed(nid: str, ui: dict[str, Any]) -> None:
+            outputs[nid] = ui
+            frame = {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id}
+            await event("executed", frame, store=False)
+
+        if cached is not None:  # protocol §7.2: fully cached re-run writes nothing
+            for nid, ui in copy.deepcopy(cached).items():
+                await executed(nid, ui)
+        else:
+            for nid in order:
+                ui = await self._run_node_reporting(nid, prompt, prompt_id, sid)
+                if ui is not None:
+                    await executed(nid, ui)
+            self.cache[key] = copy.deepcopy(outputs)
+        await event("execution_success", {"prompt_id": prompt_id, "timestamp": _ms()})
+
+    @staticmethod
+    def _failure_data(
+        prompt_id: str, prompt: dict[str, Any], nid: str, outputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The fields shared by ``execution_interrupted`` and ``execution_error`` (§3.3)."""
+        return {
+            "prompt_id": prompt_id,
+            "node_id": nid,
+            "node_type": prompt[nid]["class_type"],
+            "executed": list(outputs),
+            "timestamp": _ms(),
+        }
 
     async def _check_interrupt(self, nid: str) -> None:
         if self._interrupt_flag:
