@@ -233,6 +233,21 @@ async def test_no_audio_file_without_link_or_audio(
     ]
 
 
+@pytest.mark.parametrize(("load_format", "frames"), [("Wan", 5), ("AnimateDiff", 8)])
+async def test_frame_count_follows_the_load_format(
+    http, comfy_double, comfy_media, load_format, frames
+):
+    """scail-workflow.md §10 pitfall 10: only a format with a frame rule (Wan: 4n+1) truncates;
+    AnimateDiff keeps every frame (24 frames at 24 fps loaded at 8 fps -> 8)."""
+    graph = job_graph(comfy_media.image, comfy_media.video, audio=False, force_rate=8, prefix="f")
+    graph["130"]["inputs"]["format"] = load_format
+    await submit(http, graph, load_format)
+    entry = await finished(comfy_double, load_format)
+    name = entry["outputs"]["139"]["gifs"][0]["filename"]
+    with av.open(str(comfy_double.output_dir / name)) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == frames
+
+
 async def test_metadata_png_suppressed_by_extra_data(http, comfy_double, comfy_media):
     """scail-workflow.md §10 pitfall 19: only extra_pnginfo.workflow.extra.VHS_MetadataImage
     false stops VHS_VideoCombine from writing <name>.png next to the video."""

@@ -28,10 +28,11 @@ It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.
   (§4.2 last rule). An identical re-run is fully cached: old filenames, nothing written (§7.2).
 - VHS_VideoCombine (node 139) writes a REAL h264/yuv420p MP4 into ``output/`` named
   ``<filename_prefix>_00001.mp4`` (counter increments), size = INTConstant 203/204, fps =
-  139.frame_rate, frames = min(frame_load_cap, driving-video frames at force_rate) truncated to
-  4n+1, drawn from the reference image. With an ``audio`` link and a driving video that has audio
-  it also writes ``<name>-audio.mp4`` and names THAT file in ``gifs``; it writes the first-frame
-  ``<name>.png`` unless the prompt's ``extra_data.extra_pnginfo.workflow.extra.VHS_MetadataImage``
+  139.frame_rate, frames = min(frame_load_cap, driving-video frames at force_rate) truncated by
+  the load format's frame rule (Wan: 4n+1, from object_info; pitfall 10), drawn from the
+  reference image. With an ``audio`` link and a driving video that has audio it also writes
+  ``<name>-audio.mp4`` and names THAT file in ``gifs``; it writes the first-frame ``<name>.png``
+  unless the prompt's ``extra_data.extra_pnginfo.workflow.extra.VHS_MetadataImage``
   is false (scail-workflow.md pitfall 19). Any other exception in a node becomes an
   ``execution_error`` for that node (§3.3).
 

@@ -59,9 +59,13 @@ def make_video(
     return path
 
 
-def loaded_frame_count(video: Path, force_rate: float, frame_load_cap: int) -> int:
+def loaded_frame_count(
+    video: Path, force_rate: float, frame_load_cap: int, rule: tuple[int, int] | None = (4, 1)
+) -> int:
     """Frames VHS_LoadVideo yields: source frames resampled to ``force_rate`` (0 = source rate),
-    capped by ``frame_load_cap`` (0 = all), truncated to 4n+1 (format "Wan")."""
+    capped by ``frame_load_cap`` (0 = all), truncated to ``step*n + offset`` when the load
+    ``format`` has a frame ``rule`` (Wan: 4n+1; AnimateDiff: none; scail-workflow.md §10
+    pitfall 10)."""
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
         src_fps = float(stream.average_rate or 24)
@@ -69,7 +73,10 @@ def loaded_frame_count(video: Path, force_rate: float, frame_load_cap: int) -> i
     count = src_frames if not force_rate else int(src_frames / src_fps * force_rate)
     if frame_load_cap:
         count = min(count, frame_load_cap)
-    return (count - 1) // 4 * 4 + 1 if count >= 1 else 0
+    if rule is None:
+        return count
+    step, offset = rule
+    return (count - offset) // step * step + offset if count >= offset else 0
 
 
 def has_audio(video: Path) -> bool:

@@ -606,6 +606,15 @@ class ComfyDouble:
             int(node["inputs"]["value"]) if node and "value" in node.get("inputs", {}) else default
         )
 
+    def _frame_rule(self, load_format: str) -> tuple[int, int] | None:
+        """VHS_LoadVideo's frame-count rule (step, offset) for a load ``format``, from the
+        ``formats`` option in object_info (Wan: 4n+1; AnimateDiff: none; pitfall 10)."""
+        inputs = self.object_info.get("VHS_LoadVideo", {}).get("input", {})
+        spec = {**inputs.get("required", {}), **inputs.get("optional", {})}.get("format")
+        formats = spec[1].get("formats", {}) if spec and len(spec) > 1 else {}
+        rule = formats.get(load_format, {}).get("frames")
+        return (int(rule[0]), int(rule[1])) if rule else None
+
     def _metadata_image_wanted(self) -> bool:
         """VHS_VideoCombine writes a first-frame PNG next to the video unless the prompt's
         ``extra_data.extra_pnginfo.workflow.extra.VHS_MetadataImage`` is false
@@ -624,7 +633,10 @@ class ComfyDouble:
         if image is None or video is None:
             raise ExecutionFailed(nid, "FileNotFoundError", "input image or video missing", {})
         count = media.loaded_frame_count(
-            video, float(loader.get("force_rate", 0)), int(loader.get("frame_load_cap", 0))
+            video,
+            float(loader.get("force_rate", 0)),
+            int(loader.get("frame_load_cap", 0)),
+            self._frame_rule(str(loader.get("format", "AnimateDiff"))),
         )
         if count < 1:
             raise ExecutionFailed(nid, "RuntimeError", "No frames generated", {})
