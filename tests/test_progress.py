@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from xicon_dance import logs
 from xicon_dance.progress import ProgressReporter, stage_of
 
 
@@ -108,6 +111,32 @@ def test_sender_errors_never_escape() -> None:
     rep = ProgressReporter({"id": "j"}, 0.0, sender=broken)
     assert rep.update("queued")
     rep.close()
+
+
+def test_sender_thread_logs_carry_the_job_id() -> None:
+    """The update runs in a thread of its own; its log lines still name the job."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(logs.FORMAT))
+    handler.addFilter(logs.JobFilter())
+    logger = logging.getLogger("xicon_dance.progress")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+    def broken(job: dict[str, Any], payload: dict[str, Any]) -> None:
+        raise RuntimeError("network down")
+
+    try:
+        with logs.job_context("job-42"):
+            rep = ProgressReporter({"id": "job-42"}, 0.0, sender=broken)
+            assert rep.update("queued")
+        rep.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = stream.getvalue().splitlines()
+    assert lines and all("[job=job-42]" in line for line in lines), lines
 
 
 class _Sink(BaseHTTPRequestHandler):

@@ -29,6 +29,7 @@ The upload in between adds a further quiet period.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -132,8 +133,9 @@ class ProgressReporter:
         }
         self._last_sent = now
         self.sent.append(payload)
+        context = contextvars.copy_context()  # the thread's log lines keep the job id
         self._thread = threading.Thread(
-            target=self._send, args=(payload,), name="xicon-progress", daemon=True
+            target=context.run, args=(self._send, payload), name="xicon-progress", daemon=True
         )
         self._thread.start()
         return True
