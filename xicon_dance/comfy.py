@@ -9,17 +9,16 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   liveness on every try; raises ``ComfyUnavailable`` with a clear message on death or deadline.
 - ``await run(graph, *, prompt_id, client_id, timeout_s, on_progress) -> RunResult``: submits
   with our client_id and prompt_id, follows the websocket AND /history at the same time (a
-  dropped socket cannot lose the completion; the socket is reconnected), on timeout or task
-  cancellation POSTs /interrupt for that prompt (then raises ``JobTimeout`` /
-  re-raises ``CancelledError``).
+  dropped socket cannot lose the completion; the socket is reconnected), on timeout, task
+  cancellation or a refused 200 deletes the prompt from the pending queue (POST /queue) and then
+  POSTs /interrupt for it (then raises ``JobTimeout`` / re-raises ``CancelledError``).
   Non-empty ``node_errors`` (even in a 200) -> ``ComfyError(code="comfyui_validation")``;
   ``execution_error`` -> ``ComfyError(code="comfyui_execution" | "out_of_memory")`` with message
   "ComfyUI failed at node <id> (<class>): <exception_message>" (OOM: first line plus a hint;
-  ``details`` has node_id, node_type, exception_type); ComfyUI dying ->
+  ``details`` (for the log) has node_id, node_type, exception_type); ComfyUI dying ->
   ``ComfyUnavailable``. ``execution_interrupted`` not requested by us -> code "comfyui_interrupted".
   ``on_progress(Progress)`` is called for node starts (stage = the node's class_type) and
   sampler steps; it must not block (a coroutine result is scheduled, exceptions are logged).
-  On timeout the prompt is also deleted from the pending queue (POST /queue).
 - ``RunResult``: prompt_id, outputs (history ``outputs``), queue_s (submit -> execution_start),
   execution_s (execution_start -> execution_success), node_times (node id -> seconds, from the
   arrival of ``executing`` frames; history timestamps when the socket saw nothing).
