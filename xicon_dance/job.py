@@ -221,7 +221,7 @@ class Worker:
             root = self._output_root(kind)
             if not root.is_dir():
                 continue
-            for path in (p for prefix in prefixes for p in root.rglob(f"{prefix}*")):
+            for path in (p for p in root.rglob("*") if p.name.startswith(prefixes)):
                 try:
                     path.unlink()
                     log.debug("removed output file %s", path.name)
