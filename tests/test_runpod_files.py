@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from xicon_dance.model_download import VALID_FOLDERS
 from xicon_dance.schema import parse_job_input
 from xicon_dance.settings import ENV_DOC, Settings
 
@@ -128,16 +129,7 @@ def test_extra_model_paths_cover_every_manifest_folder() -> None:
     section = conf["runpod_volume"]
     assert section["base_path"] == "/runpod-volume/"
     folders = {m["folder"] for m in _load("model_manifest.json")["models"]}
-    needed = {
-        "diffusion_models",
-        "text_encoders",
-        "vae",
-        "loras",
-        "clip_vision",
-        "nlf",
-        "detection",
-    }
-    assert needed <= set(section) and folders <= set(section)
+    assert VALID_FOLDERS <= set(section) and folders <= set(section)
     for key in needed:
         for path in str(section[key]).split():
             assert path.startswith("models/"), path

@@ -28,6 +28,7 @@ from .client import (
     CANCEL_FAILED,
     CANCEL_SENT,
     DOWNLOADING,
+    OPTION_FIELDS,
     RUN_PAYLOAD_LIMIT,
     RUNSYNC_PAYLOAD_LIMIT,
     SUBMITTED,
@@ -238,22 +239,7 @@ def _run(args: argparse.Namespace, view: ProgressView) -> JobResult:
         raise _usage("--poll-interval must be above 0.")
     if args.timeout is not None and args.timeout <= 0:
         raise _usage("--timeout must be above 0.")
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "prompt",
-            "negative_prompt",
-            "width",
-            "height",
-            "steps",
-            "cfg",
-            "seed",
-            "fps",
-            "max_frames",
-            "keep_audio",
-            "output",
-        )
-    }
+    options = {name: getattr(args, name) for name in OPTION_FIELDS}
     limit = RUNSYNC_PAYLOAD_LIMIT if args.local else RUN_PAYLOAD_LIMIT
     job_input = build_job_input(args.image, args.video, limit=limit, **options)
     return asyncio.run(

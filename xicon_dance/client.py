@@ -67,7 +67,7 @@ CANCEL_FAILED = "CANCEL_FAILED"
 API_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 CHUNK = 1 << 20
-_OPTION_FIELDS = (
+OPTION_FIELDS = (
     "prompt",
     "negative_prompt",
     "width",
@@ -233,7 +233,7 @@ def build_job_input(
     **options: Any,
 ) -> dict[str, Any]:
     """The job ``input``: media as URL or base64, plus the options that are not ``None``."""
-    unknown = set(options) - set(_OPTION_FIELDS)
+    unknown = set(options) - set(OPTION_FIELDS)
     if unknown:
         raise UsageError(f"unknown job option(s): {', '.join(sorted(unknown))}.")
     job: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
