@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.plugins.comfy import stop_process
 from tests.plugins.fake_runpod import API_KEY, FakeRunpod
 from xicon_dance import client
 from xicon_dance.__main__ import ProgressView, main
@@ -419,12 +420,7 @@ def sdk_server(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

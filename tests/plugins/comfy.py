@@ -32,6 +32,17 @@ from tests.comfy_double import ComfyDouble, media
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM a test subprocess, SIGKILL it after 10 s; a no-op when it already exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass(frozen=True)
 class ComfyMedia:
     image: str = "ref.png"
@@ -106,13 +117,7 @@ class DoubleProcess:
         raise TimeoutError("comfy double did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.plugins.comfy import DoubleProcess, free_port
+from tests.plugins.comfy import DoubleProcess, free_port, stop_process
 from tests.plugins.media_factory import make_video
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -76,9 +76,4 @@ def serve_api(
             _wait_until_serving(proc, url, log_path)
             yield url, double
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
