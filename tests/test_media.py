@@ -427,3 +427,51 @@ def test_job_folder_is_removed_on_failure(settings: Settings) -> None:
 def test_safe_job_id_keeps_plain_ids_and_separates_look_alikes() -> None:
     assert safe_job_id("sync-abc_123") == "sync-abc_123"
     assert safe_job_id("a/b") != safe_job_id("a_b")
+
+
+def _special_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every special-purpose network Python's ipaddress module knows, for both families."""
+    found: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for constants in (ipaddress._IPv4Constants, ipaddress._IPv6Constants):  # type: ignore[attr-defined]
+        for name, value in vars(constants).items():
+            if name.startswith("__") or name.endswith("_exceptions"):
+                continue
+            values = value if isinstance(value, list) else [value]
+            found += [
+                v for v in values if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network)
+            ]
+    return found
+
+
+@pytest.mark.parametrize("network", _special_networks(), ids=str)
+def test_every_special_purpose_range_is_refused(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> None:
+    """Both ends of each range are refused, unless ipaddress itself lists them as exceptions
+    (globally reachable hosts inside a special block, e.g. 192.0.0.9 in newer Pythons)."""
+    exceptions = [
+        *getattr(ipaddress._IPv4Constants, "_private_networks_exceptions", []),  # type: ignore[attr-defined]
+        *getattr(ipaddress._IPv6Constants, "_private_networks_exceptions", []),  # type: ignore[attr-defined]
+    ]
+    for ip in (network.network_address, network.broadcast_address):
+        if any(ip in exc for exc in exceptions if exc.version == ip.version):
+            continue
+        assert address_refusal(ip, allow_private=False), f"{ip} (in {network}) passed the guard"
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("fec0::1", "site-local"),  # deprecated site-local: is_global is True in Python 3.11
+        ("feff:ffff::1", "site-local"),
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64 of 169.254.169.254
+        ("64:ff9b:1::1", "reserved"),  # NAT64 local use
+    ],
+)
+def test_site_local_and_nat64_are_refused(address: str, reason: str) -> None:
+    assert reason in address_refusal(ipaddress.ip_address(address), allow_private=False)
+
+
+def test_nat64_of_a_public_address_passes() -> None:
+    assert address_refusal(ipaddress.ip_address("64:ff9b::808:808"), allow_private=False) == ""

@@ -28,7 +28,9 @@ Details:
 - ``check_default_video(settings) -> VideoInfo`` probes the bundled default video; a missing or
   broken one raises ``ConfigError(code="default_video_missing")`` (call it at start).
 - SSRF policy: an address is refused unless it is globally routable unicast; cloud metadata
-  addresses are refused even with ``allow_private_urls`` (no test needs them). Every connection
+  addresses are refused even with ``allow_private_urls`` (no test needs them). Every range
+  Python's ``ipaddress`` marks special (private, reserved, link/site-local, multicast, shared) is
+  refused; IPv4 embedded in IPv6 (mapped, 6to4, Teredo, NAT64) is judged as IPv4. Every connection
   goes through ``GuardedResolver``; IP-literal hosts (which aiohttp does not resolve) and
   non-canonical IPv4 forms are checked per hop. No proxy from the environment is used.
 - Error codes: see ``xicon_dance.schema.INPUT_ERROR_CODES``. Messages show a URL without its
@@ -104,6 +106,10 @@ METADATA_ADDRESSES = frozenset(
         "fd00:ec2::23",
     )
 )
+# NAT64 well-known prefix (RFC 6052): a NAT64 gateway turns an address in it into the IPv4
+# address in its last 32 bits, so that embedded address is what is judged. (The local-use
+# prefix 64:ff9b:1::/48 lies in ::/8, which is_reserved refuses.)
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
 # Media is already compressed; identity also keeps the Content-Length pre-check meaningful (a
 # server that compresses anyway is decoded, and the cap still counts the decoded bytes).
@@ -314,6 +320,8 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_pri
             return address_refusal(embedded, allow_private)
         if ip.teredo is not None:
             return address_refusal(ip.teredo[1], allow_private)
+        if ip in _NAT64_WELL_KNOWN:
+            return address_refusal(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), allow_private)
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
     if allow_private:
@@ -325,8 +333,9 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_pri
         ("is_multicast", "a multicast address"),
         ("is_private", "a private address"),
         ("is_reserved", "a reserved address"),
+        ("is_site_local", "a site-local address"),  # fec0::/10: deprecated, still routed inside
     ):
-        if getattr(ip, attr):
+        if getattr(ip, attr, False):  # is_site_local exists for IPv6 only
             return label
     if not ip.is_global:
         return "a non-public address"
