@@ -349,12 +349,20 @@ async def test_wait_ready_refused_then_up(comfy_process):
     assert time.monotonic() - t0 >= 1.0
 
 
+async def _pid_file_written(pid_file: Path, pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until the double has written its PID (the client's liveness check reads it)."""
+    deadline = time.monotonic() + timeout_s
+    while not (pid_file.is_file() and pid_file.read_text().strip() == str(pid)):
+        assert time.monotonic() < deadline, f"{pid_file} not written within {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.slow
 async def test_wait_ready_process_exits_during_start(comfy_process, tmp_path):
     double = comfy_process(args=["--refuse-start-s", "30"], wait=False)
     async with ComfyClient(double.url, pid_file=double.pid_file) as c:
         task = asyncio.create_task(c.wait_ready(60))
-        await asyncio.sleep(1.0)
+        await _pid_file_written(double.pid_file, double.proc.pid)
         double.proc.kill()
         with pytest.raises(ComfyUnavailable) as err:
             await asyncio.wait_for(task, 5)
