@@ -24,7 +24,7 @@ from xicon_dance.errors import ComfyError, ComfyUnavailable, JobTimeout
 
 
 def ids() -> dict[str, str]:
-    return {"prompt_id": f"p-{uuid.uuid4().hex[:8]}", "client_id": uuid.uuid4().hex}
+    return {"prompt_id": str(uuid.uuid4()), "client_id": uuid.uuid4().hex}
 
 
 async def run(client: ComfyClient, graph: dict, timeout_s: float = 20, **kw) -> RunResult:
@@ -177,6 +177,17 @@ async def test_validation_error_missing_file_readable(client, comfy_double, comf
         "image - Invalid image file: missing.png" in err.value.message
     )
     assert comfy_double.history == {}
+
+
+async def test_non_canonical_prompt_id_refused_readably(client, comfy_double, comfy_media):
+    """ComfyUI v0.33.0 refuses a prompt_id that is not a canonical UUID (HTTP 400)."""
+    with pytest.raises(ComfyError) as err:
+        await client.run(
+            graph_for(comfy_media), prompt_id=uuid.uuid4().hex, client_id="c", timeout_s=10
+        )
+    assert err.value.code == "comfyui_validation"
+    assert "prompt_id must be a valid UUID" in err.value.message
+    assert "canonical lowercase hyphenated" in err.value.message
 
 
 async def test_node_errors_in_200_is_failure(client, comfy_double, comfy_media):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ PER_PROMPT = {
 async def http(comfy_double: ComfyDouble):
     async with aiohttp.ClientSession(comfy_double.url) as session:
         yield session
+
+
+def pid(name: str) -> str:
+    """A canonical prompt id (ComfyUI v0.33.0 refuses any other), stable per ``name``."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 async def collect(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, out: list) -> None:
@@ -77,9 +83,13 @@ async def test_frame_order_and_delivery_rules(http, comfy_double, comfy_media):
         http.ws_connect("/ws?clientId=me") as ws,
         http.ws_connect("/ws?clientId=someone-else") as ws2,
     ):
-        status, body = await submit(http, graph, "fixed-1")
-        assert status == 200 and body == {"prompt_id": "fixed-1", "number": 1, "node_errors": {}}
-        await asyncio.wait_for(collect(ws, "fixed-1", mine), 30)
+        status, body = await submit(http, graph, pid("fixed-1"))
+        assert status == 200 and body == {
+            "prompt_id": pid("fixed-1"),
+            "number": 0,
+            "node_errors": {},
+        }
+        await asyncio.wait_for(collect(ws, pid("fixed-1"), mine), 30)
         await asyncio.sleep(0.1)
         while True:
             try:
@@ -106,7 +116,7 @@ async def test_frame_order_and_delivery_rules(http, comfy_double, comfy_media):
     executing = [f["data"]["node"] for f in mine if f["type"] == "executing"]
     assert executing == [*order, None]
     assert [f["data"]["value"] for f in mine if f["type"] == "progress"] == [1, 2]
-    assert all(f["data"]["prompt_id"] == "fixed-1" for f in mine if f["type"] in PER_PROMPT)
+    assert all(f["data"]["prompt_id"] == pid("fixed-1") for f in mine if f["type"] in PER_PROMPT)
     # protocol §3.5: the other socket gets status and progress_state only
     assert {f["type"] for f in other} == {"status", "progress_state"}
 
@@ -123,10 +133,10 @@ async def test_node_null_sent_only_after_history_stored(http, comfy_double, comf
     comfy_double.send = spy  # type: ignore[method-assign]
     frames: list = []
     async with http.ws_connect("/ws?clientId=me") as ws:
-        await submit(http, job_graph(comfy_media.image, comfy_media.video), "h-1")
-        await asyncio.wait_for(collect(ws, "h-1", frames), 30)
-        async with http.get("/history/h-1") as resp:
-            entry = (await resp.json())["h-1"]
+        await submit(http, job_graph(comfy_media.image, comfy_media.video), pid("h-1"))
+        await asyncio.wait_for(collect(ws, pid("h-1"), frames), 30)
+        async with http.get(f"/history/{pid('h-1')}") as resp:
+            entry = (await resp.json())[pid("h-1")]
     assert seen_history_at_null == [True]
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
     assert [m[0] for m in entry["status"]["messages"]] == [
@@ -134,7 +144,7 @@ async def test_node_null_sent_only_after_history_stored(http, comfy_double, comf
         "execution_cached",
         "execution_success",
     ]
-    assert entry["prompt"][1] == "h-1" and entry["prompt"][3]["client_id"] == "me"
+    assert entry["prompt"][1] == pid("h-1") and entry["prompt"][3]["client_id"] == "me"
     assert "create_time" in entry["prompt"][3]
     gif = entry["outputs"]["139"]["gifs"][0]
     assert set(gif) == {
@@ -154,11 +164,14 @@ async def test_prompt_without_client_id_gets_no_per_prompt_frames(http, comfy_do
     async with http.ws_connect("/ws?clientId=watcher") as ws:
         async with http.post(
             "/prompt",
-            json={"prompt": job_graph(comfy_media.image, comfy_media.video), "prompt_id": "anon"},
+            json={
+                "prompt": job_graph(comfy_media.image, comfy_media.video),
+                "prompt_id": pid("anon"),
+            },
         ) as resp:
             assert resp.status == 200
         for _ in range(100):
-            if "anon" in comfy_double.history:
+            if pid("anon") in comfy_double.history:
                 break
             await asyncio.sleep(0.05)
         while True:
@@ -180,13 +193,13 @@ async def test_mp4_written_as_vhs_does(http, comfy_double, comfy_media):
         frames=81,
         prefix="jobs/x/out",
     )
-    status, _ = await submit(http, graph, "mp4")
+    status, _ = await submit(http, graph, pid("mp4"))
     assert status == 200
     for _ in range(200):
-        if "mp4" in comfy_double.history:
+        if pid("mp4") in comfy_double.history:
             break
         await asyncio.sleep(0.05)
-    gif = comfy_double.history["mp4"]["outputs"]["139"]["gifs"][0]
+    gif = comfy_double.history[pid("mp4")]["outputs"]["139"]["gifs"][0]
     assert gif["filename"] == "out_00001-audio.mp4" and gif["subfolder"] == "jobs/x"
     folder = comfy_double.output_dir / "jobs" / "x"
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -221,12 +234,14 @@ async def test_no_audio_file_without_link_or_audio(
     graph = job_graph(
         comfy_media.image, getattr(comfy_media, video_attr), audio=audio_link, prefix="na"
     )
-    await submit(http, graph, "na")
+    await submit(http, graph, pid("na"))
     for _ in range(200):
-        if "na" in comfy_double.history:
+        if pid("na") in comfy_double.history:
             break
         await asyncio.sleep(0.05)
-    assert comfy_double.history["na"]["outputs"]["139"]["gifs"][0]["filename"] == "na_00001.mp4"
+    assert (
+        comfy_double.history[pid("na")]["outputs"]["139"]["gifs"][0]["filename"] == "na_00001.mp4"
+    )
     assert sorted(p.name for p in comfy_double.output_dir.iterdir()) == [
         "na_00001.mp4",
         "na_00001.png",
@@ -241,8 +256,8 @@ async def test_frame_count_follows_the_load_format(
     AnimateDiff keeps every frame (24 frames at 24 fps loaded at 8 fps -> 8)."""
     graph = job_graph(comfy_media.image, comfy_media.video, audio=False, force_rate=8, prefix="f")
     graph["130"]["inputs"]["format"] = load_format
-    await submit(http, graph, load_format)
-    entry = await finished(comfy_double, load_format)
+    await submit(http, graph, pid(load_format))
+    entry = await finished(comfy_double, pid(load_format))
     name = entry["outputs"]["139"]["gifs"][0]["filename"]
     with av.open(str(comfy_double.output_dir / name)) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == frames
@@ -253,8 +268,8 @@ async def test_metadata_png_suppressed_by_extra_data(http, comfy_double, comfy_m
     false stops VHS_VideoCombine from writing <name>.png next to the video."""
     graph = job_graph(comfy_media.image, comfy_media.video, audio=False, prefix="quiet")
     extra = {"extra_pnginfo": {"workflow": {"extra": {"VHS_MetadataImage": False}}}}
-    await submit(http, graph, "quiet", extra_data=extra)
-    entry = await finished(comfy_double, "quiet")
+    await submit(http, graph, pid("quiet"), extra_data=extra)
+    entry = await finished(comfy_double, pid("quiet"))
     assert entry["outputs"]["139"]["gifs"][0]["filename"] == "quiet_00001.mp4"
     assert [p.name for p in comfy_double.output_dir.iterdir()] == ["quiet_00001.mp4"]
 
@@ -266,24 +281,24 @@ async def test_unexpected_node_exception_is_an_execution_error(http, comfy_doubl
     fake.write_bytes(b"this is not a video")
     frames: list = []
     async with http.ws_connect("/ws?clientId=me") as ws:
-        await submit(http, job_graph(comfy_media.image, fake.name), "broken")
-        await asyncio.wait_for(collect(ws, "broken", frames), 30)
+        await submit(http, job_graph(comfy_media.image, fake.name), pid("broken"))
+        await asyncio.wait_for(collect(ws, pid("broken"), frames), 30)
     core = [f for f in frames if f["type"] not in ("status", "progress_state")]
     assert [f["type"] for f in core[-2:]] == ["execution_error", "executing"]
     assert core[-2]["data"]["node_id"] == "139"
-    entry = comfy_double.history["broken"]
+    entry = comfy_double.history[pid("broken")]
     assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
 
 
 async def test_validation_bodies(http, comfy_double, comfy_media):
-    status, body = await submit(http, {"1": {"class_type": "NoSuchNode", "inputs": {}}}, "v1")
+    status, body = await submit(http, {"1": {"class_type": "NoSuchNode", "inputs": {}}}, pid("v1"))
     assert status == 400 and body["node_errors"] == {}
     assert body["error"]["type"] == "invalid_prompt"
     assert "NoSuchNode" in body["error"]["message"]
     async with http.post("/prompt", json={"client_id": "me"}) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["type"] == "no_prompt"
     graph = job_graph("nope.png", comfy_media.video)
-    status, body = await submit(http, graph, "v2")
+    status, body = await submit(http, graph, pid("v2"))
     assert status == 400
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
     err = body["node_errors"]["106"]
@@ -291,9 +306,51 @@ async def test_validation_bodies(http, comfy_double, comfy_media):
     assert err["errors"][0]["type"] == "custom_validation_failed"
     assert err["errors"][0]["details"] == "image - Invalid image file: nope.png"
     graph = job_graph(comfy_media.image, "../escape.mp4")
-    status, body = await submit(http, graph, "v3")
+    status, body = await submit(http, graph, pid("v3"))
     assert status == 400 and "Invalid video file" in json.dumps(body)
     assert comfy_double.pending == [] and comfy_double.history == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        uuid.UUID(int=0xABCDEF).hex,  # what the worker sent before: uuid4().hex
+        str(uuid.UUID(int=0xABCDEF)).upper(),
+        "{" + str(uuid.UUID(int=0xABCDEF)) + "}",
+        "urn:uuid:" + str(uuid.UUID(int=0xABCDEF)),
+        "fixed-1",
+        "",
+        12,
+    ],
+)
+async def test_prompt_id_must_be_a_canonical_uuid(http, comfy_double, comfy_media, bad):
+    """ComfyUI v0.33.0 (server.py:1090-1104, jobs.py validate_job_id) refuses any client
+    prompt_id that is not ``str(uuid.UUID(x))``, before validating the graph, with this body."""
+    graph = job_graph(comfy_media.image, comfy_media.video)
+    status, body = await submit(http, graph, bad)
+    assert status == 400
+    assert body == {
+        "error": {
+            "type": "invalid_prompt_id",
+            "message": "prompt_id must be a valid UUID",
+            "details": "prompt_id must be a UUID string in canonical lowercase hyphenated "
+            "form; omit it to let the server generate one",
+            "extra_info": {},
+        },
+        "node_errors": {},
+    }
+    assert comfy_double.pending == [] and comfy_double.running is None
+
+
+async def test_prompt_id_absent_or_null_is_minted(http, comfy_double, comfy_media):
+    graph = job_graph(comfy_media.image, comfy_media.video)
+    numbers = []
+    for extra in ({}, {"prompt_id": None}):
+        async with http.post("/prompt", json={"prompt": graph, **extra}) as resp:
+            body = await resp.json()
+        assert resp.status == 200 and str(uuid.UUID(body["prompt_id"])) == body["prompt_id"]
+        numbers.append(body["number"])
+    assert numbers == [0, 1]  # server.py:1081-1086: from 0, one per POST
 
 
 async def test_view_path_rules(http, comfy_double):
@@ -364,17 +421,19 @@ async def test_queue_delete_pending_and_interrupt_broadcast(http, comfy_double, 
     graph = job_graph(comfy_media.image, comfy_media.video, steps=20)
     frames: list = []
     async with http.ws_connect("/ws?clientId=bystander") as ws:
-        await submit(http, graph, "run-1")
-        await submit(http, job_graph(comfy_media.image, comfy_media.video, prefix="q"), "wait-1")
+        await submit(http, graph, pid("run-1"))
+        await submit(
+            http, job_graph(comfy_media.image, comfy_media.video, prefix="q"), pid("wait-1")
+        )
         async with http.get("/queue") as resp:
             queue = await resp.json()
-        assert [i[1] for i in queue["queue_pending"]] == ["wait-1"]
-        async with http.post("/queue", json={"delete": ["wait-1"]}) as resp:
+        assert [i[1] for i in queue["queue_pending"]] == [pid("wait-1")]
+        async with http.post("/queue", json={"delete": [pid("wait-1")]}) as resp:
             assert resp.status == 200
         await asyncio.sleep(0.3)
-        async with http.post("/interrupt", json={"prompt_id": "run-1"}) as resp:
+        async with http.post("/interrupt", json={"prompt_id": pid("run-1")}) as resp:
             assert resp.status == 200
-        await asyncio.wait_for(collect(ws, "run-1", frames), 10)
+        await asyncio.wait_for(collect(ws, pid("run-1"), frames), 10)
     interrupted = frames[-1]
     assert interrupted["type"] == "execution_interrupted"  # broadcast (§3.3)
     assert interrupted["data"]["node_type"] == "WanVideoSamplerv2"
@@ -386,16 +445,16 @@ async def test_queue_delete_pending_and_interrupt_broadcast(http, comfy_double, 
         "timestamp",
     }
     await asyncio.sleep(0.1)
-    assert "wait-1" not in comfy_double.history
-    assert comfy_double.history["run-1"]["status"]["status_str"] == "error"
+    assert pid("wait-1") not in comfy_double.history
+    assert comfy_double.history[pid("run-1")]["status"]["status_str"] == "error"
 
 
 async def test_execution_error_frame_then_node_null(http, comfy_double, comfy_media):
     comfy_double.faults.error_at_node = "348"
     frames: list = []
     async with http.ws_connect("/ws?clientId=me") as ws:
-        await submit(http, job_graph(comfy_media.image, comfy_media.video), "e-1")
-        await asyncio.wait_for(collect(ws, "e-1", frames), 10)
+        await submit(http, job_graph(comfy_media.image, comfy_media.video), pid("e-1"))
+        await asyncio.wait_for(collect(ws, pid("e-1"), frames), 10)
     core = [f for f in frames if f["type"] not in ("status", "progress_state")]
     assert [f["type"] for f in core[-2:]] == ["execution_error", "executing"]
     err = core[-2]["data"]
@@ -412,7 +471,7 @@ async def test_execution_error_frame_then_node_null(http, comfy_double, comfy_me
         "timestamp",
     } == set(err)
     assert not any(f["type"] == "execution_success" for f in frames)
-    entry = comfy_double.history["e-1"]
+    entry = comfy_double.history[pid("e-1")]
     assert entry["outputs"] == {} and entry["status"]["status_str"] == "error"
 
 
@@ -444,27 +503,27 @@ def test_cli_help_lists_every_fault():
 
 
 async def test_history_list_and_edit(http, comfy_double, comfy_media):
-    for pid in ("l-1", "l-2"):
+    for name in ("l-1", "l-2"):
         async with http.post(
             "/prompt",
             json={
-                "prompt": job_graph(comfy_media.image, comfy_media.video, prefix=pid),
-                "prompt_id": pid,
+                "prompt": job_graph(comfy_media.image, comfy_media.video, prefix=name),
+                "prompt_id": pid(name),
                 "extra_data": {"api_key_comfy_org": "k"},
             },
         ) as resp:
             assert resp.status == 200
     for _ in range(200):
-        if "l-2" in comfy_double.history:
+        if pid("l-2") in comfy_double.history:
             break
         await asyncio.sleep(0.05)
     async with http.get("/history", params={"max_items": "1"}) as resp:
-        assert list(await resp.json()) == ["l-2"]
+        assert list(await resp.json()) == [pid("l-2")]
     async with http.get("/history") as resp:
         listing = await resp.json()
-    assert list(listing) == ["l-1", "l-2"]
-    assert "api_key_comfy_org" not in listing["l-1"]["prompt"][3]
-    async with http.post("/history", json={"delete": ["l-1"]}) as resp:
+    assert list(listing) == [pid("l-1"), pid("l-2")]
+    assert "api_key_comfy_org" not in listing[pid("l-1")]["prompt"][3]
+    async with http.post("/history", json={"delete": [pid("l-1")]}) as resp:
         assert resp.status == 200
     async with http.get("/history/l-1") as resp:
         assert await resp.json() == {}

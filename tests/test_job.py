@@ -130,6 +130,7 @@ async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) 
     assert (video["width"], video["height"], video["frames"]) == (256, 256, 9)
     assert video["fps"] == 24 and video["has_audio"] is True
     assert result["seed"] == 1234
+    assert str(uuid.UUID(result["prompt_id"])) == result["prompt_id"]  # canonical: ComfyUI 0.33
     assert set(result["timings"]) == {"download", "queue", "inference", "upload", "total"}
     assert result["timings"]["total"] >= result["timings"]["inference"] > 0
     assert leftovers(rig) == []

@@ -116,7 +116,7 @@ class Worker:
                 seed = params.resolve_seed()
                 graph = self._graph(params, image, video, seed, prefix)
                 reporter.update("queued")
-                prompt_id = uuid.uuid4().hex
+                prompt_id = str(uuid.uuid4())  # canonical form: ComfyUI refuses any other
                 log.info("submitting prompt %s (seed %d)", prompt_id, seed)
                 t0 = time.monotonic()
                 run = await self.comfy.run(

@@ -114,6 +114,30 @@ def _err(etype: str, message: str, details: str = "", extra: dict | None = None)
     return {"type": etype, "message": message, "details": details, "extra_info": extra or {}}
 
 
+# ComfyUI v0.33.0 server.py:1098-1104: the error body for a client prompt_id that
+# comfy_execution/jobs.py:34-50 (validate_job_id) refuses.
+INVALID_PROMPT_ID = _err(
+    "invalid_prompt_id",
+    "prompt_id must be a valid UUID",
+    "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let "
+    "the server generate one",
+)
+
+
+def _prompt_id(value: Any) -> str:
+    """ComfyUI v0.33.0 server.py:1090-1096 and comfy_execution/jobs.py:34-50: absent or null
+    -> a fresh ``str(uuid4())``; otherwise the value itself, which must be a string that is
+    exactly ``str(uuid.UUID(value))`` (ValueError for anything else: hex, upper case, braces,
+    URN forms, numbers)."""
+    if value is None:
+        return str(uuid.uuid4())
+    if not isinstance(value, str):
+        raise ValueError(f"job id must be a string, got {type(value).__name__}")
+    if str(uuid.UUID(value)) != value:
+        raise ValueError("job id must be a UUID in canonical lowercase hyphenated form")
+    return value
+
+
 class ComfyDouble:
     """An aiohttp ComfyUI server double. ``await start()`` / ``await stop()``; ``url``, ``port``."""
 
@@ -338,11 +362,18 @@ class ComfyDouble:
             return web.json_response(
                 {"error": _err("invalid_prompt", "Invalid JSON"), "node_errors": {}}, status=400
             )
-        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            body = {}
+        number = self._queue_number(body)
+        prompt = body.get("prompt")
         if not isinstance(prompt, dict):
             return web.json_response(
                 {"error": _err("no_prompt", "No prompt provided"), "node_errors": {}}, status=400
             )
+        try:  # ComfyUI v0.33.0 server.py:1090-1104, before any validation of the graph
+            prompt_id = _prompt_id(body.get("prompt_id"))
+        except ValueError:
+            return web.json_response({"error": INVALID_PROMPT_ID, "node_errors": {}}, status=400)
         error, node_errors = self._validate(prompt)
         if error is None and not node_errors:
             node_errors = self._file_errors(prompt)
@@ -366,15 +397,12 @@ class ComfyDouble:
                     "class_type": prompt[victim].get("class_type"),
                 }
             }
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         extra = dict(body.get("extra_data") or {})
         for secret in ("auth_token_comfy_org", "api_key_comfy_org"):  # kept out of history (§2.2)
             extra.pop(secret, None)
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
         extra["create_time"] = int(time.time() * 1000)
-        self.number += 1
-        number = -self.number if body.get("front") else body.get("number", self.number)
         self.pending.append([number, prompt_id, prompt, extra, self._outputs_of(prompt)])
         self.pending.sort(key=lambda item: item[0])
         self._wake.set()
@@ -382,6 +410,16 @@ class ComfyDouble:
         return web.json_response(
             {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
         )
+
+    def _queue_number(self, body: dict[str, Any]) -> float | int:
+        """ComfyUI v0.33.0 server.py:1078-1086: a caller's ``number`` is used as given;
+        otherwise the counter (from 0, negated for ``front``) advances on every POST, before
+        the body is checked at all (a refused prompt uses up a number too)."""
+        if "number" in body:
+            return float(body["number"])
+        number = -self.number if body.get("front") else self.number
+        self.number += 1
+        return number
 
     # ---------------------------------------------------------------- execution
     async def _worker(self) -> None:
