@@ -255,7 +255,7 @@ main() {
     warmup
     local -a handler_args=()
     if is_true "${SERVE_API_LOCALLY:-false}"; then
-        handler_args+=(--rp_serve_api --rp_api_host 0.0.0.0)
+        handler_args+=(--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port "${RP_API_PORT:-8000}")
         log "SERVE_API_LOCALLY: local API server on port ${RP_API_PORT:-8000}."
     fi
     cd "$WORKER_DIR"
