@@ -185,6 +185,31 @@ def test_sdk_sender_posts_in_progress_and_close_waits_for_it(
     assert body["output"]["stage"] == "sampling" and body["output"]["step"] == 2
 
 
+def test_local_mode_sends_nothing_and_logs_at_debug(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without RunPod's job-done URL (--test_input, --rp_serve_api) nothing is posted: the SDK
+    would log ERROR "Failed to return job results" for every update."""
+    from runpod.serverless.modules import rp_http
+
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", "JOB_DONE_URL")  # the SDK's local placeholder
+
+    def must_not_post(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a local run posted a progress update")
+
+    monkeypatch.setattr(rp_http, "send_result", must_not_post)
+    caplog.set_level(logging.DEBUG)
+    rep = ProgressReporter({"id": "local_test"}, 0.0)
+    assert rep.update("sampling", 2, 6)
+    rep.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("sampling step 2/6" in r.getMessage() for r in caplog.records)
+    sdk_log = capsys.readouterr().out  # the SDK's own logger prints to stdout
+    assert "Failed to return job results" not in sdk_log and "ERROR" not in sdk_log
+
+
 @pytest.mark.parametrize(
     ("node_class", "stage"),
     [

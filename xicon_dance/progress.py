@@ -17,18 +17,27 @@ Contract:
 - At most one update per ``interval_s`` (settings.progress_interval_s); an update due while the
   previous one is still being posted is dropped (updates are snapshots, the next one supersedes).
 
-Why the race cannot happen (../shared/reference/runpod.md §2.4 and pitfall 4): the SDK's
-``progress_update`` starts a daemon thread per call and nobody waits for it, so an update posted
-just before the handler returns can reach RunPod after the result and leave the job IN_PROGRESS.
-Here each update runs the SDK's own sender (``rp_progress._thread_target``: same URL, same
-payload shape, same session setup) in a thread *we* keep, so ``close()`` can join it. The worker
-calls ``close()`` when inference ends, before the upload; after that no update is started, and
-the last one has finished (or the join timed out, which is logged) before the result is returned.
-The upload in between adds a further quiet period.
+Where updates go (``default_sender``): on a RunPod worker the platform sets the job-done URL
+(``RUNPOD_WEBHOOK_POST_OUTPUT``) and updates are POSTed there; in the local modes
+(``--test_input``, ``--rp_serve_api``) the SDK has no such URL, so nothing is sent and each update
+is logged at DEBUG instead (the SDK would log ``ERROR ... Failed to return job results`` for
+every one).
+
+Why the race cannot happen: the SDK's public ``runpod.serverless.progress_update`` starts a
+daemon thread per call and nobody can wait for it, so an update posted just before the handler
+returns can reach RunPod after the result and leave the job IN_PROGRESS (runpod-python issue
+#250). Here each update is posted with the same public pieces that function uses
+(``runpod.http_client.AsyncClientSession`` and ``rp_http.send_result`` with
+``{"status": "IN_PROGRESS", "output": payload}``: same URL, same payload, same session setup) in
+a thread *we* keep, so ``close()`` can join it. The worker calls ``close()`` when inference ends,
+before the upload; after that no update is started, and the last one has finished (or the join
+timed out, which is logged) before the result is returned. The upload in between adds a further
+quiet period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
@@ -81,10 +90,34 @@ def stage_of(node_class: str) -> str:
     return "preparing"
 
 
-def _default_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
-    from runpod.serverless.modules import rp_progress
+def platform_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
+    """POST one update to RunPod's job-done URL and wait until it has landed."""
+    from runpod.http_client import AsyncClientSession
+    from runpod.serverless.modules.rp_http import send_result
 
-    rp_progress._thread_target(job, payload)
+    async def post() -> None:
+        async with AsyncClientSession() as session:
+            await send_result(session, {"status": "IN_PROGRESS", "output": payload}, job)
+
+    asyncio.run(post())
+
+
+def log_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Local modes: there is no platform to tell; the update goes to the DEBUG log."""
+    log.debug("progress: %s", payload.get("message") or payload)
+
+
+def platform_url() -> str | None:
+    """The job-done URL the SDK posts to, or ``None`` when it has none (a local mode)."""
+    from runpod.serverless.modules import rp_http
+
+    url = str(rp_http.JOB_DONE_URL)
+    return url if url.lower().startswith(("http://", "https://")) else None
+
+
+def default_sender() -> Sender:
+    """``platform_sender`` on a RunPod worker, ``log_sender`` when the SDK runs locally."""
+    return platform_sender if platform_url() else log_sender
 
 
 class ProgressReporter:
@@ -100,7 +133,7 @@ class ProgressReporter:
     ) -> None:
         self._job = {"id": job.get("id", "unknown")}
         self._interval = interval_s
-        self._sender = sender or _default_sender
+        self._sender = sender or default_sender()
         self._clock = clock
         self._last_sent: float | None = None
         self._percent = 0
