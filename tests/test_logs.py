@@ -111,3 +111,36 @@ def test_signed_urls_of_any_provider_lose_their_query_values() -> None:
         assert secret not in out
     assert "https://storage.googleapis.com/b/o.mp4?X-Goog-Algorithm=[REDACTED]&" in out
     assert "http://cdn.example.com/v.mp4?access_token=[REDACTED]&Key-Pair-Id=[REDACTED]'" in out
+
+
+def test_redacting_stream_masks_lines_split_over_writes() -> None:
+    """``print`` writes the message and the newline apart; a URL split over writes is masked."""
+    inner = io.StringIO()
+    stream = logs.RedactingStream(inner)
+    url = "https://s3.example.com/b/k.mp4?X-Amz-Credential=AKIAXYZ&X-Amz-Signature=cafe01"
+    print(f"DEBUG  | job | Handler output: {{'url': '{url}'}}", file=stream)
+    stream.write("partial https://h/x?X-Amz-Sig")
+    stream.write("nature=beef02")
+    assert "beef02" not in inner.getvalue() and "cafe01" not in inner.getvalue()
+    assert "partial" not in inner.getvalue()  # held until its line ends or a flush
+    stream.flush()
+    text = inner.getvalue()
+    assert "AKIAXYZ" not in text and "cafe01" not in text and "beef02" not in text
+    assert "X-Amz-Signature=[REDACTED]" in text and text.count("\n") == 1
+    assert stream.getvalue() == inner.getvalue()  # other attributes are the inner stream's
+
+
+def test_redact_std_streams_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    logs.redact_std_streams()
+    logs.redact_std_streams()
+    import sys
+
+    assert isinstance(sys.stdout, logs.RedactingStream) and sys.stdout.inner is out
+    assert isinstance(sys.stderr, logs.RedactingStream) and sys.stderr.inner is err
+    logs.register_secret("printed-secret-42")
+    print("key printed-secret-42 here")
+    sys.stdout.flush()
+    assert out.getvalue() == f"key {logs.MASK} here\n"

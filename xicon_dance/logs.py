@@ -12,6 +12,11 @@ Contract:
   (presigned/signed URLs of any provider carry credentials there; parameter names are kept),
   stray signed-query fragments (``X-Amz-*``, ``X-Goog-*``, ``Signature=``, ``AWSAccessKeyId=``),
   ``Authorization`` headers and common ``key=value`` secrets (api_key, token, secret, password).
+- ``redact_std_streams()`` replaces ``sys.stdout``/``sys.stderr`` with ``RedactingStream``s:
+  whatever is printed in this process, by any component and at any level, passes through
+  ``redact`` line by line. It exists for the RunPod SDK, whose logger ``print``s directly (its
+  DEBUG lines carry the handler's whole result, presigned URL included) and never reaches
+  ``logging``; uvicorn and tracebacks of uncaught exceptions are covered too. Idempotent.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import contextvars
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
 _job_id: contextvars.ContextVar[str] = contextvars.ContextVar("xicon_job_id", default="-")
 _secrets: set[str] = set()
@@ -123,3 +129,47 @@ def setup_logging(level: str = "INFO", *, secrets: tuple[Any, ...] = ()) -> logg
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler
+
+
+class RedactingStream:
+    """A text stream that writes ``redact``-ed lines to ``inner``.
+
+    Text is held until its line ends, so a secret split over several ``write`` calls (``print``
+    writes the message and the newline separately) is still seen whole; ``flush`` writes a held
+    partial line too. Every other attribute (``fileno``, ``isatty``, ``encoding``...) is the
+    inner stream's."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            if "\n" in self._pending:
+                complete, _, self._pending = self._pending.rpartition("\n")
+                self.inner.write(redact(complete + "\n"))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self.inner.write(redact(self._pending))
+                self._pending = ""
+            self.inner.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def redact_std_streams() -> None:
+    """Route everything printed in this process through ``redact`` (see the module notes)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
