@@ -101,9 +101,9 @@ def startup() -> Worker:
 def main() -> None:
     global _worker
     _worker = startup()
-    import runpod
+    from xicon_dance import sdk
 
-    runpod.serverless.start({"handler": handler})
+    sdk.start(handler)  # refresh_worker ends the job loop; SDK prints are redacted
 
 
 if __name__ == "__main__":
