@@ -36,78 +36,32 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CONSTRAINT=/opt/constraints.txt
+    UV_NO_CACHE=1
 
-# Exact versions. torch/torchvision/torchaudio come from the PyTorch cu128 index only
-# (the default PyPI torch targets CUDA 13 and needs a newer driver than CUDA 12.8 hosts have).
-ARG PIP_VERSION=25.2
-ARG SETUPTOOLS_VERSION=80.9.0
+# The ComfyUI stack, by the one script that CI and developers run too (stack/install.py): ComfyUI and
+# the five custom-node packs cloned at the commits of stack/components.json (each HEAD verified, the
+# T5 tokenizer files checked), the project's ComfyUI extension (stack/comfy_extension), torch
+# 2.11.0+cu128 from PyTorch's CUDA 12.8 index (the CUDA 13 build on PyPI needs a newer driver than
+# CUDA 12.8 hosts have), then every other package exactly as stack/requirements.lock pins it
+# (--no-deps), the worker itself (editable, no deps: its pins are in the lock) and a check that the
+# installed set equals the lock. CI runs the same steps from a source archive with PyPI's torch build.
+COPY stack /build/stack
+COPY pyproject.toml README.md /worker/
+COPY xicon_dance /worker/xicon_dance
+RUN python3.11 -m venv /opt/venv \
+    && /opt/venv/bin/python /build/stack/install.py install --git --comfy-dir /comfyui \
+        --venv /opt/venv --torch-build cu128 --worker /worker --tools-dir /opt/tools \
+    && pip freeze --exclude-editable > /opt/constraints.txt \
+    && rm -rf /opt/tools
+
+# Later pip installs (the SageAttention build) are held to the installed set, so nothing can replace
+# the torch build.
+ENV PIP_CONSTRAINT=/opt/constraints.txt
+
+# Build tools for SageAttention only (not in the runtime lock).
 ARG WHEEL_VERSION=0.45.1
 ARG NINJA_VERSION=1.13.0
-ARG PACKAGING_VERSION=25.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TORCH_VERSION=2.11.0+cu128
-ARG TORCHVISION_VERSION=0.26.0+cu128
-ARG TORCHAUDIO_VERSION=2.11.0+cu128
-# onnxruntime-gpu 1.22.0: CUDA 12.x / cuDNN 9.x build (uses the torch wheels' cuBLAS/cuDNN 9.19 once
-# torch is imported). Not 1.23.x: its kernels were built for 90a-virtual and fail on RTX 5090 with
-# "no kernel image is available" (microsoft/onnxruntime #26181, #26221, PR #26230).
-ARG ONNXRUNTIME_GPU_VERSION=1.22.0
-
-# Every later pip install is held to these versions (PIP_CONSTRAINT), so no custom-node
-# requirements file can replace the torch build or pull the CPU-only onnxruntime in its place.
-RUN printf '%s\n' \
-        "torch==${TORCH_VERSION}" \
-        "torchvision==${TORCHVISION_VERSION}" \
-        "torchaudio==${TORCHAUDIO_VERSION}" \
-        "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
-        > /opt/constraints.txt \
-    && python3.11 -m venv /opt/venv \
-    && pip install "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
-        "wheel==${WHEEL_VERSION}" "ninja==${NINJA_VERSION}" "packaging==${PACKAGING_VERSION}" \
-    && pip install --index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-        "torchaudio==${TORCHAUDIO_VERSION}"
-
-# ComfyUI and the custom nodes, each at a full commit (git fetch of one commit, no history).
-# ComfyUI v0.34.0 = 12d52794… (Comfy-Org/ComfyUI, the repository's current name).
-ARG COMFYUI_COMMIT=12d5279438bfefc058a269eae805ceab6047777f
-ARG WANVIDEOWRAPPER_COMMIT=088128b224242e110d3906c6750e9a3a348a659b
-ARG VIDEOHELPERSUITE_COMMIT=4ee72c065db22c9d96c2427954dc69e7b908444b
-ARG KJNODES_COMMIT=3f20054214fec9f9234fd3841ae6f1e4287948f6
-ARG SCAIL_POSE_COMMIT=11402b150d728440a4a89964faa58907f84c35e6
-ARG WANANIMATEPREPROCESS_COMMIT=1a35b81a418bbba093356ad19b19bf2a76a24f4e
-
-RUN set -eux; \
-    clone() { \
-        git init -q "$1"; \
-        git -C "$1" remote add origin "$2"; \
-        git -C "$1" fetch -q --depth 1 origin "$3"; \
-        git -C "$1" checkout -q FETCH_HEAD; \
-        test "$(git -C "$1" rev-parse HEAD)" = "$3"; \
-        rm -rf "$1/.git"; \
-    }; \
-    clone /comfyui https://github.com/Comfy-Org/ComfyUI.git "${COMFYUI_COMMIT}"; \
-    N=/comfyui/custom_nodes; \
-    clone "$N/ComfyUI-WanVideoWrapper" https://github.com/kijai/ComfyUI-WanVideoWrapper.git "${WANVIDEOWRAPPER_COMMIT}"; \
-    clone "$N/ComfyUI-VideoHelperSuite" https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite.git "${VIDEOHELPERSUITE_COMMIT}"; \
-    clone "$N/ComfyUI-KJNodes" https://github.com/kijai/ComfyUI-KJNodes.git "${KJNODES_COMMIT}"; \
-    clone "$N/ComfyUI-SCAIL-Pose" https://github.com/kijai/ComfyUI-SCAIL-Pose.git "${SCAIL_POSE_COMMIT}"; \
-    clone "$N/ComfyUI-WanAnimatePreprocess" https://github.com/kijai/ComfyUI-WanAnimatePreprocess.git "${WANANIMATEPREPROCESS_COMMIT}"; \
-    T5="$N/ComfyUI-WanVideoWrapper/configs/T5_tokenizer"; \
-    test "$(stat -c %s "$T5/tokenizer.json")" -gt 1000000 \
-        || { echo "T5 tokenizer.json missing or truncated: prompts would be ignored" >&2; exit 1; }; \
-    test "$(stat -c %s "$T5/spiece.model")" -gt 1000000 \
-        || { echo "T5 spiece.model missing or truncated: prompts would be ignored" >&2; exit 1; }
-
-# Upstream requirement files are resolved here under the constraints above; the resolved set is
-# written to /opt/pip-freeze.txt in the image for the record.
-RUN pip install -r /comfyui/requirements.txt \
-    && for n in ComfyUI-WanVideoWrapper ComfyUI-VideoHelperSuite ComfyUI-KJNodes \
-                ComfyUI-SCAIL-Pose ComfyUI-WanAnimatePreprocess; do \
-           pip install -r "/comfyui/custom_nodes/$n/requirements.txt" || exit 1; \
-       done \
-    && pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+RUN pip install "wheel==${WHEEL_VERSION}" "ninja==${NINJA_VERSION}"
 
 # SageAttention 2.2 from source (no 2.x on PyPI for Linux). Since v2.2.0 (eb615cf) setup.py honours
 # TORCH_CUDA_ARCH_LIST, so no GPU is needed at build time. Pinned past the tag: at eb615cf the sm90
@@ -127,15 +81,8 @@ RUN set -eux; \
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" EXT_PARALLEL="${EXT_PARALLEL}" \
         MAX_JOBS="${MAX_JOBS}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS}" \
         pip install --no-build-isolation /tmp/sageattention; \
-    rm -rf /tmp/sageattention
-
-# The worker package with its exact pins (pyproject.toml) and the model-download extra.
-# pyproject.toml names README.md as the readme: the package does not build without it.
-COPY pyproject.toml README.md /worker/
-COPY xicon_dance /worker/xicon_dance
-RUN pip install -e "/worker[models]" \
-    && pip freeze > /opt/pip-freeze.txt \
-    && (pip check || echo "WARNING: pip check reports conflicts (see above)")
+    rm -rf /tmp/sageattention; \
+    pip freeze > /opt/pip-freeze.txt
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_RUNTIME_IMAGE} AS pybase
