@@ -1,28 +1,43 @@
 """RunPod serverless entry point: a thin async handler around ``xicon_dance.job.Worker``.
 
 Start-up, in order, before ``runpod.serverless.start`` takes jobs:
-1. settings from the environment (``ConfigError`` -> clear message, exit code 2);
-2. logging with the job id on every line and the bucket keys registered for redaction;
-3. the workflow template is loaded and its role table checked (a mismatch names the node; exit 2);
-4. ComfyUI must answer within COMFY_STARTUP_TIMEOUT_S, its PID checked for liveness (exit 3).
+1. the SDK's own command-line arguments are read first, so ``--help`` answers at once and a
+   ``--test_input`` that is not JSON is refused (exit 2) before anything waits;
+2. settings from the environment (``ConfigError`` -> clear message, exit code 2);
+3. logging with the job id on every line and the bucket keys registered for redaction;
+4. the workflow template is loaded and its role table checked (a mismatch names the node; exit 2);
+5. ComfyUI must answer within the start-up timeout (``COMFY_STARTUP_TIMEOUT_S``; unset: 900 s on
+   RunPod, 30 s in a local run), its PID checked for liveness (exit 3);
+6. the input folder the worker writes to must be the one ComfyUI reads (a probe file read back
+   through ComfyUI's ``/view``; a mismatch names both folders; exit 2).
 Then the SDK runs jobs through ``handler`` (an async function, so that a cancelled or timed-out
 job cancels its task and the ComfyUI client interrupts the prompt).
 
-Local modes (../shared/reference/runpod.md §3): ``python handler.py --test_input '{"input": …}'``
-runs one job; ``python handler.py --rp_serve_api`` serves ``POST /runsync`` locally.
+Local runs (see ``xicon_dance.local_run``): ``python handler.py`` (reads ``test_input.json``),
+``python handler.py --test_input '{"input": …}'`` (one job, then exit: 0 done, 1 failed), and
+``python handler.py --rp_serve_api`` (the SDK's local ``POST /runsync`` server). In a local run
+every finished video is also saved to ``LOCAL_OUTPUT_DIR`` (default ``output/`` in the worker
+folder, ``/worker/output`` in the image) with a one-line summary in the log, and progress
+updates are logged at DEBUG instead of being sent to RunPod.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from xicon_dance import media
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.errors import ConfigError, WorkerError
+from xicon_dance.input_probe import check_input_folder
 from xicon_dance.job import Worker
+from xicon_dance.local_run import is_local_run, save_result
 from xicon_dance.logs import setup_logging
 from xicon_dance.settings import Settings, get_settings
 from xicon_dance.workflow import Workflow
@@ -30,6 +45,7 @@ from xicon_dance.workflow import Workflow
 log = logging.getLogger("xicon_dance.handler")
 
 _worker: Worker | None = None
+_save_dir: Path | None = None  # local runs: where finished videos are written
 # /history is polled next to the websocket; 0.5 s keeps a lost completion notice under 1 s.
 HISTORY_POLL_S = 0.5
 
@@ -56,14 +72,33 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """RunPod handler: one job in, the result or the failure response out."""
     if _worker is None:  # imported without start-up (e.g. by a test): fail clearly
         raise RuntimeError("handler called before start-up; run this file as a script")
+    job_id = str(job.get("id") or "local")
     try:
-        return await _worker.run(job)
+        result = await _worker.run(job)
+        if _save_dir is not None:
+            await save_result(result, _save_dir, job_id)
+        return result
     finally:
-        if job.get("id") == "local_test":  # --test_input: the SDK exits right after this job
+        if job_id == "local_test":  # --test_input: the SDK exits right after this job
             await _worker.comfy.close()
 
 
-def startup() -> Worker:
+def sdk_arguments(argv: Sequence[str]) -> dict[str, Any]:
+    """The RunPod SDK's own arguments, parsed by the SDK's parser (``--help`` exits here)."""
+    from runpod.serverless import parser
+
+    args, _unknown = parser.parse_known_args(list(argv))
+    if args.test_input:
+        try:
+            json.loads(args.test_input)
+        except json.JSONDecodeError as exc:
+            logging.basicConfig()
+            log.critical("--test_input is not valid JSON: %s", exc)
+            sys.exit(2)
+    return vars(args)
+
+
+def startup(local: bool) -> Worker:
     """Everything that must succeed before the job loop starts; exits with a message if not."""
     try:
         settings = get_settings()
@@ -84,23 +119,37 @@ def startup() -> Worker:
         media.check_default_video(settings)
     except ConfigError as exc:
         log.warning("%s", exc.message)
-    log.info(
-        "waiting up to %.0fs for ComfyUI at %s",
-        settings.comfy_startup_timeout_s,
-        settings.comfy_url,
-    )
+    timeout_s = settings.startup_timeout_s(local)
+    log.info("waiting up to %.0fs for ComfyUI at %s", timeout_s, settings.comfy_url)
     try:
-        asyncio.run(wait_for_comfy(worker, settings.comfy_startup_timeout_s))
+        asyncio.run(wait_for_comfy(worker, timeout_s))
     except WorkerError as exc:
         log.critical("ComfyUI is not available, the worker stops: %s", exc.message)
+        if local:
+            log.critical(
+                "Start ComfyUI first (COMFY_HOST=%s), or wait longer with "
+                "COMFY_STARTUP_TIMEOUT_S (a local run waits %.0f s by default).",
+                settings.comfy_host,
+                timeout_s,
+            )
         sys.exit(3)
+    try:
+        asyncio.run(check_input_folder(settings))
+    except ConfigError as exc:
+        log.critical("configuration error, the worker stops: %s", exc.message)
+        sys.exit(2)
     log.info("ComfyUI is ready; starting the RunPod job loop")
     return worker
 
 
-def main() -> None:
-    global _worker
-    _worker = startup()
+def main(argv: Sequence[str] | None = None) -> None:
+    global _worker, _save_dir
+    args = sdk_arguments(sys.argv[1:] if argv is None else argv)
+    local = is_local_run(bool(args.get("rp_serve_api")), os.environ)
+    _worker = startup(local)
+    if local and _worker.settings.local_output_dir is not None:
+        _save_dir = _worker.settings.local_output_dir
+        log.info("local run: result videos are saved to %s (LOCAL_OUTPUT_DIR)", _save_dir)
     from xicon_dance import sdk
 
     sdk.start(handler)  # refresh_worker ends the job loop; SDK prints are redacted

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +103,9 @@ def test_test_input_mode_url_inputs_and_s3_output(
         for name in ("X-Amz-Signature=", "X-Amz-Credential="):
             assert line.count(name) == line.count(name + "[REDACTED]"), line
     assert not list((double.root / "output").rglob("*.mp4"))  # outputs removed after delivery
+    saved = list((tmp_path / "saved").glob("*.mp4"))  # a local run keeps the video (from the URL)
+    assert len(saved) == 1 and saved[0].read_bytes() == content
+    assert f"saved the result video: {saved[0]} (" in logs and "9 frames" in logs
 
 
 def test_test_input_mode_failures_exit_1(
@@ -213,3 +217,53 @@ def test_progress_updates_reach_the_platform_in_order(
     percents = [o["percent"] for o in outputs]
     assert percents == sorted(percents) and percents[-1] < 100
     assert "Job local_test completed successfully" in logs  # the base64 result line is truncated
+    (saved,) = (tmp_path / "saved").glob("*.mp4")  # the local run saved the base64 video
+    with av.open(str(saved)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9
+
+
+def test_rp_serve_api_success_logs_no_error(
+    serve_api: tuple[str, DoubleProcess], media: dict[str, str], tmp_path: Path
+) -> None:
+    """Progress updates in a local run are not sent (the SDK logged ERROR for each one)."""
+    url, double = serve_api
+    double.set_faults(step_delay_s=0.05)
+    job = small(image_base64=media["image_b64"], video_base64=media["video_b64"], steps=6)
+    done = runsync(url, job)
+    assert done["status"] == "COMPLETED", done
+    (saved,) = (tmp_path / "saved").glob("*.mp4")
+    assert saved.stat().st_size == done["output"]["video"]["bytes"]
+    logs = (tmp_path / "serve_api.log").read_text()
+    assert "saved the result video" in logs
+    errors = [line for line in logs.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert errors == [], errors
+
+
+def test_start_up_refuses_an_input_folder_comfyui_does_not_read(
+    comfy_process: Callable[..., DoubleProcess], media: dict[str, str], tmp_path: Path
+) -> None:
+    double = comfy_process()
+    elsewhere = tmp_path / "not-comfy" / "input"
+    env = handler_env(double, tmp_path, COMFY_INPUT_DIR=str(elsewhere))
+    code, _, logs = run_test_input(small(image_base64=media["image_b64"]), env)
+    assert code == 2, logs[-3000:]
+    assert f"the worker writes inputs to {elsewhere}" in logs
+    assert "but ComfyUI reads" in logs and "COMFY_DIR" in logs
+    assert "Traceback" not in logs
+    assert list(elsewhere.iterdir()) == []  # the probe file is removed again
+
+
+def test_help_answers_without_comfyui(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "COMFY_"))}
+    env["COMFY_HOST"] = "127.0.0.1:9"  # nothing listens there; --help must not wait for it
+    proc = subprocess.run(
+        [sys.executable, "handler.py", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--test_input" in proc.stdout and "--rp_serve_api" in proc.stdout
+    assert "waiting" not in proc.stdout + proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,22 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
     assert name in err.value.message
 
 
+def test_startup_timeout_is_short_in_a_local_run_unless_set() -> None:
+    default = Settings.from_env({})
+    assert default.startup_timeout_s(local=False) == 900
+    assert default.startup_timeout_s(local=True) == 30
+    explicit = Settings.from_env({"COMFY_STARTUP_TIMEOUT_S": "120"})
+    assert explicit.startup_timeout_s(local=True) == explicit.startup_timeout_s(local=False) == 120
+
+
+def test_local_output_dir_default_relative_and_off() -> None:
+    assert Settings.from_env({}).local_output_dir == PACKAGE_ROOT / "output"
+    assert Settings.from_env({"LOCAL_OUTPUT_DIR": "runs"}).local_output_dir == PACKAGE_ROOT / "runs"
+    assert Settings.from_env({"LOCAL_OUTPUT_DIR": "/output"}).local_output_dir == Path("/output")
+    for off in ("off", "OFF", "none", "0"):
+        assert Settings.from_env({"LOCAL_OUTPUT_DIR": off}).local_output_dir is None
+
+
 def test_every_env_variable_is_documented_and_parsed() -> None:
     # Each documented variable must change the parsed settings when set to a non-default value.
     assert len(ENV_DOC) == len(fields(Settings))
@@ -86,6 +103,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "BUCKET_REGION": "r",
         "BUCKET_PREFIX": "p",
         "PRESIGN_EXPIRY_S": "60",
+        "UPLOAD_TIMEOUT_S": "30",
         "MAX_BASE64_OUTPUT_BYTES": "100",
         "DEFAULT_VIDEO": "/v.mp4",
         "WORKFLOW_PATH": "/w.json",
@@ -93,6 +111,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "POSE_RENDER_DEVICE": "cpu",
         "PROGRESS_INTERVAL_S": "2",
         "LOG_LEVEL": "debug",
+        "LOCAL_OUTPUT_DIR": "/o",
     }
     assert set(samples) == set(ENV_DOC)
     base = Settings.from_env({})

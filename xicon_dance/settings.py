@@ -13,7 +13,7 @@ Contract:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +24,9 @@ from .errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
+STARTUP_TIMEOUT_S = 900.0  # RunPod worker: ComfyUI may load for minutes on a cold start
+LOCAL_STARTUP_TIMEOUT_S = 30.0  # local run: ComfyUI is already up, or the user waits in vain
+OFF = frozenset({"off", "none", "no", "false", "0"})
 
 
 def _s(env: Mapping[str, str], name: str, default: str) -> str:
@@ -53,6 +56,16 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -
     return value
 
 
+def _optional_float(env: Mapping[str, str], name: str, lo: float) -> float | None:
+    return None if _s(env, name, "") == "" else _float(env, name, 0.0, lo)
+
+
+def _optional_path(
+    resolve: Callable[[str, Path], Path], env: Mapping[str, str], name: str, default: str
+) -> Path | None:
+    return None if _s(env, name, default).lower() in OFF else resolve(name, Path(default))
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = _s(env, name, "1" if default else "0").lower()
     if raw in {"1", "true", "yes", "on"}:
@@ -68,7 +81,11 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "COMFY_DIR": ("/comfyui", "ComfyUI installation folder"),
     "COMFY_INPUT_DIR": ("$COMFY_DIR/input", "ComfyUI input folder; each job gets a sub-folder"),
     "COMFY_PID_FILE": ("/tmp/comfyui.pid", "PID file written by entrypoint.sh"),
-    "COMFY_STARTUP_TIMEOUT_S": ("900", "how long the worker waits for ComfyUI to answer at start"),
+    "COMFY_STARTUP_TIMEOUT_S": (
+        "900",
+        "how long the worker waits for ComfyUI to answer at start; unset in a local run: "
+        f"{LOCAL_STARTUP_TIMEOUT_S:g}",
+    ),
     "JOB_TIMEOUT_S": ("1800", "per-job limit; on overrun ComfyUI is interrupted"),
     "MAX_FRAMES": ("241", "upper bound for the job field max_frames (rounded down to 4n+1)"),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
@@ -84,6 +101,7 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "BUCKET_REGION": ("us-east-1", "region used for request signing"),
     "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
     "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
+    "UPLOAD_TIMEOUT_S": ("600", "limit for the whole result upload (after JOB_TIMEOUT_S)"),
     "MAX_BASE64_OUTPUT_BYTES": (
         "7340032",
         "largest inline base64 video (10 MB /run cap)",
@@ -94,6 +112,11 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "POSE_RENDER_DEVICE": ("gpu", "taichi device for RenderNLFPoses (gpu, cuda, cpu, vulkan)"),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
+    "LOCAL_OUTPUT_DIR": (
+        "output",
+        "local runs only: folder that receives each result video (relative to the worker "
+        "folder, /worker/output in the image); off: do not save",
+    ),
 }
 
 
@@ -103,7 +126,7 @@ class Settings:
     comfy_dir: Path = Path("/comfyui")
     comfy_input_dir: Path = Path("/comfyui/input")
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
-    comfy_startup_timeout_s: float = 900.0
+    comfy_startup_timeout_s: float | None = None  # None: by mode, see startup_timeout_s()
     job_timeout_s: float = 1800.0
     max_frames: int = 241
     max_image_bytes: int = 50 * MB
@@ -119,6 +142,7 @@ class Settings:
     bucket_region: str = "us-east-1"
     bucket_prefix: str = "results"
     presign_expiry_s: int = 604800
+    upload_timeout_s: float = 600.0
     max_base64_output_bytes: int = 7 * MB
     default_video: Path = PACKAGE_ROOT / "assets" / "default_video.mp4"
     workflow_path: Path = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
@@ -126,6 +150,7 @@ class Settings:
     pose_render_device: str = "gpu"
     progress_interval_s: float = 1.0
     log_level: str = "INFO"
+    local_output_dir: Path | None = PACKAGE_ROOT / "output"
 
     @property
     def comfy_url(self) -> str:
@@ -138,6 +163,12 @@ class Settings:
             and self.bucket_access_key_id.get_secret_value()
             and self.bucket_secret_access_key.get_secret_value()
         )
+
+    def startup_timeout_s(self, local: bool) -> float:
+        """COMFY_STARTUP_TIMEOUT_S when set, else 900 s on RunPod and 30 s in a local run."""
+        if self.comfy_startup_timeout_s is not None:
+            return self.comfy_startup_timeout_s
+        return LOCAL_STARTUP_TIMEOUT_S if local else STARTUP_TIMEOUT_S
 
     @property
     def attention_mode(self) -> str:
@@ -160,7 +191,7 @@ class Settings:
             comfy_dir=comfy_dir,
             comfy_input_dir=Path(_s(env, "COMFY_INPUT_DIR", str(comfy_dir / "input"))),
             comfy_pid_file=Path(_s(env, "COMFY_PID_FILE", "/tmp/comfyui.pid")),
-            comfy_startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT_S", 900.0, 1.0),
+            comfy_startup_timeout_s=_optional_float(env, "COMFY_STARTUP_TIMEOUT_S", 1.0),
             job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1800.0, 1.0),
             max_frames=_int(env, "MAX_FRAMES", 241, 5),
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
@@ -176,6 +207,7 @@ class Settings:
             bucket_region=_s(env, "BUCKET_REGION", "us-east-1"),
             bucket_prefix=_s(env, "BUCKET_PREFIX", "results").strip("/"),
             presign_expiry_s=_int(env, "PRESIGN_EXPIRY_S", 604800, 1),
+            upload_timeout_s=_float(env, "UPLOAD_TIMEOUT_S", 600.0, 1.0),
             max_base64_output_bytes=_int(env, "MAX_BASE64_OUTPUT_BYTES", 7 * MB, 1),
             default_video=path("DEFAULT_VIDEO", Path("assets/default_video.mp4")),
             workflow_path=path("WORKFLOW_PATH", Path("XiCON_Dance_SCAIL_vFinal.json")),
@@ -183,6 +215,7 @@ class Settings:
             pose_render_device=render_device,
             progress_interval_s=_float(env, "PROGRESS_INTERVAL_S", 1.0, 0.0),
             log_level=_s(env, "LOG_LEVEL", "INFO").upper(),
+            local_output_dir=_optional_path(path, env, "LOCAL_OUTPUT_DIR", "output"),
         )
 
 

@@ -2,10 +2,10 @@
 
 - ``handler_env(double, tmp_path, **extra)``: the environment a handler subprocess needs to use
   the double (host, folders, PID file), a tiny default video, private URLs allowed for the local
-  input server, and fast progress updates.
-- ``serve_api`` fixture: ``python handler.py --rp_serve_api`` (the RunPod SDK's own local server,
-  ../shared/reference/runpod.md §3.2) on a free port, with ``JOB_TIMEOUT_S=3``; yields
-  ``(base_url, double)``.
+  input server, fast progress updates, and ``<tmp_path>/saved`` as the local run's video folder.
+- ``serve_api`` fixture: ``python handler.py --rp_serve_api`` (the RunPod SDK's own local server)
+  on a free port, with ``JOB_TIMEOUT_S=3``; yields ``(base_url, double)``; its log is
+  ``<tmp_path>/serve_api.log``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def handler_env(double: DoubleProcess, tmp_path: Path, **extra: str) -> dict[str
             "DEFAULT_VIDEO": str(default_video),
             "PROGRESS_INTERVAL_S": "0.2",
             "RUNPOD_LOG_LEVEL": "INFO",
+            "LOCAL_OUTPUT_DIR": str(tmp_path / "saved"),
             **extra,
         }
     )
