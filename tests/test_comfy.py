@@ -54,8 +54,18 @@ async def test_success_outputs_progress_and_timings(client, comfy_double, comfy_
         assert (v.width, v.height) == (64, 64)
         assert len(c.streams.audio) == 1
         assert sum(1 for _ in c.decode(v)) == 9
-    steps = [(p.step, p.total) for p in seen if p.step is not None]
+    steps = [(p.step, p.total) for p in seen if p.stage == "WanVideoSamplerv2" and p.step]
     assert steps == [(1, 3), (2, 3), (3, 3)]
+    # other nodes report progress too (ComfyUI's hook sends it for any ProgressBar): each is
+    # tagged with its own class, never taken for a sampler step
+    decode = [(p.step, p.total) for p in seen if p.stage == "WanVideoDecode" and p.step]
+    assert decode == [(1, 3), (2, 3), (3, 3)]
+    assert {p.stage for p in seen if p.step} == {
+        "WanVideoSamplerv2",
+        "WanVideoDecode",
+        "WanVideoModelLoader",
+        "PoseDetectionVitPoseToDWPose",
+    }
     assert {p.stage for p in seen if p.step is None} >= {"LoadImage", "VHS_VideoCombine"}
     assert seen[0].stage == graph[seen[0].node]["class_type"]
     assert set(result.node_times) == set(graph)
@@ -188,6 +198,38 @@ async def test_non_canonical_prompt_id_refused_readably(client, comfy_double, co
     assert err.value.code == "comfyui_validation"
     assert "prompt_id must be a valid UUID" in err.value.message
     assert "canonical lowercase hyphenated" in err.value.message
+
+
+async def wait_for(condition, what: str, timeout_s: float = 5.0) -> None:
+    """Wait until ``condition()`` holds; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_failed_submissions_leave_no_websocket_open(client, comfy_double, comfy_media):
+    """The socket opened before /prompt is closed when the submission fails: ComfyUI never
+    closes it (server.py websocket_handler), so each failure would leak one on both ends."""
+    baseline = comfy_double.open_websockets
+    good = graph_for(comfy_media)
+    failures = [
+        (make_graph("missing.png", comfy_media.video), str(uuid.uuid4())),  # 400 node_errors
+        (good, uuid.uuid4().hex),  # 400 invalid_prompt_id
+        (good, str(uuid.uuid4())),  # 200 with node_errors (fault below)
+    ]
+    for n, (graph, prompt_id) in enumerate(failures * 2):
+        comfy_double.faults.node_errors_in_200 = n % 3 == 2
+        with pytest.raises(ComfyError):
+            await client.run(graph, prompt_id=prompt_id, client_id="same", timeout_s=10)
+        await wait_for(
+            lambda: comfy_double.open_websockets == baseline,
+            f"the server to see the socket of failed submission {n + 1} closed",
+        )
+    comfy_double.faults.node_errors_in_200 = False
+    await run(client, good)  # the same client still works; its socket is closed too
+    await wait_for(lambda: comfy_double.open_websockets == baseline, "the last socket")
 
 
 async def test_node_errors_in_200_is_failure(client, comfy_double, comfy_media):
@@ -413,7 +455,7 @@ async def test_socket_reconnects_and_keeps_following(client, comfy_double, comfy
     seen: list[Progress] = []
     result = await run(client, graph_for(comfy_media, steps=4), on_progress=seen.append)
     # the socket was closed at node 106; sampler steps arrive later, so only a new socket saw them
-    assert [p.step for p in seen if p.step is not None] == [1, 2, 3, 4]
+    assert [p.step for p in seen if p.stage == "WanVideoSamplerv2" and p.step] == [1, 2, 3, 4]
     assert output_files(result.outputs)
 
 
@@ -438,3 +480,25 @@ async def test_wait_ready_live_pid_still_honours_deadline(tmp_path):
         with pytest.raises(ComfyUnavailable) as err:
             await c.wait_ready(0.7)
     assert "did not answer" in err.value.message
+
+
+async def test_progress_from_a_node_outside_the_graph_is_not_a_sampler_step():
+    """A ``progress`` frame whose node is not in the graph (an expanded node id, or none)
+    counts for the node now executing; before any node runs it is dropped."""
+    from xicon_dance.comfy import _Run
+
+    graph = {"28": {"class_type": "WanVideoDecode"}, "348": {"class_type": "WanVideoSamplerv2"}}
+    seen: list[Progress] = []
+    state = _Run("p", graph, seen.append)
+    state.on_frame("progress", {"prompt_id": "p", "node": "28.0.1", "value": 1, "max": 9})
+    assert seen == []
+    state.on_frame("executing", {"prompt_id": "p", "node": "28"})
+    state.on_frame("progress", {"prompt_id": "p", "node": "28.0.1", "value": 2, "max": 9})
+    state.on_frame("progress", {"prompt_id": "p", "node": None, "value": 3, "max": 9})
+    state.on_frame("progress", {"prompt_id": "other", "node": "348", "value": 1, "max": 4})
+    assert seen == [
+        Progress("WanVideoDecode", "28"),
+        Progress("WanVideoDecode", "28", 2, 9),
+        Progress("WanVideoDecode", "28", 3, 9),
+    ]
+    state.done.cancel()

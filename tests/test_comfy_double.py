@@ -6,6 +6,7 @@ Raw HTTP and websocket calls (no worker code) against the in-process double.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -102,23 +103,33 @@ async def test_frame_order_and_delivery_rules(http, comfy_double, comfy_media):
         "type": "status",
         "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "me"},
     }
-    core = [t for t in types if t not in ("status", "progress_state")]
+    core = [t for t in types if t != "status"]
     order = topological_order(graph)
+    # progress frames per node: the sampler's steps, and the packs' own progress bars
+    counts = {"WanVideoSamplerv2": 2, "WanVideoModelLoader": 4, "WanVideoDecode": 3}
+    counts["PoseDetectionVitPoseToDWPose"] = 18  # two per frame, 9 frames
     expected = ["execution_start", "execution_cached"]
     for nid in order:
-        expected.append("executing")
-        if graph[nid]["class_type"] == "WanVideoSamplerv2":
-            expected += ["progress", "progress"]
+        expected += ["progress_state", "executing"]
+        expected += ["progress_state", "progress"] * counts.get(graph[nid]["class_type"], 0)
         if graph[nid]["class_type"] == "VHS_VideoCombine":
             expected.append("executed")
+        expected.append("progress_state")  # finished
     expected += ["execution_success", "executing"]
     assert core == expected
     executing = [f["data"]["node"] for f in mine if f["type"] == "executing"]
     assert executing == [*order, None]
-    assert [f["data"]["value"] for f in mine if f["type"] == "progress"] == [1, 2]
+    sampler = [f["data"] for f in mine if f["type"] == "progress" and f["data"]["node"] == "348"]
+    assert [(d["value"], d["max"]) for d in sampler] == [(1, 2), (2, 2)]
+    decode = [f["data"] for f in mine if f["type"] == "progress" and f["data"]["node"] == "28"]
+    assert [(d["value"], d["max"]) for d in decode] == [(1, 3), (2, 3), (3, 3)]
     assert all(f["data"]["prompt_id"] == pid("fixed-1") for f in mine if f["type"] in PER_PROMPT)
-    # protocol §3.5: the other socket gets status and progress_state only
-    assert {f["type"] for f in other} == {"status", "progress_state"}
+    last_state = [f["data"]["nodes"] for f in mine if f["type"] == "progress_state"][-1]
+    assert set(last_state) == set(order)  # every node ran: all reported, none pending
+    assert {n["state"] for n in last_state.values()} == {"finished"}
+    # ComfyUI v0.33.0: progress_state (progress.py:183-185) and every per-prompt frame go to
+    # the prompt's client only; another socket sees the queue status broadcasts
+    assert {f["type"] for f in other} == {"status"}
 
 
 async def test_node_null_sent_only_after_history_stored(http, comfy_double, comfy_media):
@@ -179,7 +190,11 @@ async def test_prompt_without_client_id_gets_no_per_prompt_frames(http, comfy_do
                 frames.append(json.loads((await ws.receive(timeout=0.2)).data))
             except TimeoutError:
                 break
-    assert {f["type"] for f in frames} <= {"status", "progress_state"}
+    # ComfyUI v0.33.0: without a client the guarded frames are not sent at all
+    # (execution.py:494, 577, 683; main.py:383), the unguarded ones go to every socket
+    # (send_json with sid None, server.py:1385-1388): progress_state and progress
+    types = {f["type"] for f in frames}
+    assert types == {"status", "progress_state", "progress"}
 
 
 async def test_mp4_written_as_vhs_does(http, comfy_double, comfy_media):
@@ -416,11 +431,11 @@ async def test_info_and_control_routes(http, comfy_double):
         assert resp.status == 400
 
 
-async def test_queue_delete_pending_and_interrupt_broadcast(http, comfy_double, comfy_media):
+async def test_queue_delete_pending_and_interrupt(http, comfy_double, comfy_media):
     comfy_double.faults.step_delay_s = 0.2
     graph = job_graph(comfy_media.image, comfy_media.video, steps=20)
     frames: list = []
-    async with http.ws_connect("/ws?clientId=bystander") as ws:
+    async with http.ws_connect("/ws?clientId=me") as ws:
         await submit(http, graph, pid("run-1"))
         await submit(
             http, job_graph(comfy_media.image, comfy_media.video, prefix="q"), pid("wait-1")
@@ -435,7 +450,7 @@ async def test_queue_delete_pending_and_interrupt_broadcast(http, comfy_double, 
             assert resp.status == 200
         await asyncio.wait_for(collect(ws, pid("run-1"), frames), 10)
     interrupted = frames[-1]
-    assert interrupted["type"] == "execution_interrupted"  # broadcast (§3.3)
+    assert interrupted["type"] == "execution_interrupted"  # to the prompt's client
     assert interrupted["data"]["node_type"] == "WanVideoSamplerv2"
     assert set(interrupted["data"]) == {
         "prompt_id",
@@ -475,14 +490,104 @@ async def test_execution_error_frame_then_node_null(http, comfy_double, comfy_me
     assert entry["outputs"] == {} and entry["status"]["status_str"] == "error"
 
 
-async def test_same_client_id_replaces_old_socket(http, comfy_double):
+async def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (server-side effects of a client action are async)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_same_client_id_replaces_but_never_closes_the_old_socket(
+    http, comfy_double, comfy_media
+):
+    """ComfyUI v0.33.0 server.py:274-281 and 324-325: the second socket takes the entry, the
+    first stays open (nothing is sent to it any more); when the first one closes, its handler
+    pops the entry of its id unconditionally: the second socket stops getting frames."""
     async with http.ws_connect("/ws?clientId=dup") as first:
-        await first.receive(timeout=2)  # status
-        async with http.ws_connect("/ws?clientId=dup") as second:
-            await second.receive(timeout=2)
-            msg = await first.receive(timeout=2)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            assert comfy_double.sockets["dup"] is not None
+        assert json.loads((await first.receive(timeout=2)).data)["type"] == "status"
+        second = await http.ws_connect("/ws?clientId=dup")
+        assert json.loads((await second.receive(timeout=2)).data)["type"] == "status"
+        assert comfy_double.open_websockets == 2 and comfy_double.sockets["dup"] is not None
+        with pytest.raises(TimeoutError):
+            await first.receive(timeout=0.3)  # not closed by the server
+        assert not first.closed
+    await wait_for(lambda: comfy_double.open_websockets == 1, "the first socket's handler")
+    assert "dup" not in comfy_double.sockets  # the live second socket was unregistered
+    await submit(http, job_graph(comfy_media.image, comfy_media.video), pid("orphan"), "dup")
+    await finished(comfy_double, pid("orphan"))
+    with pytest.raises(TimeoutError):
+        while True:  # only frames the table no longer routes: nothing at all arrives
+            msg = await second.receive(timeout=0.3)
+            assert json.loads(msg.data)["type"] == "status", msg.data
+    await second.close()
+    await wait_for(lambda: comfy_double.open_websockets == 0, "every handler to finish")
+
+
+async def test_reconnect_mid_run_gets_executing_without_prompt_id(http, comfy_double, comfy_media):
+    """ComfyUI v0.33.0 server.py:287-290: a socket that connects with the running prompt's
+    client id gets ``status`` then ``executing`` with the current node and no prompt_id."""
+    comfy_double.faults.step_delay_s = 0.2
+    graph = job_graph(comfy_media.image, comfy_media.video, steps=20)
+    async with http.ws_connect("/ws?clientId=me"):
+        await submit(http, graph, pid("re-1"))
+        await wait_for(lambda: comfy_double.last_node_id == "348", "the sampler to start")
+    async with http.ws_connect("/ws?clientId=me") as again:
+        first = json.loads((await again.receive(timeout=2)).data)
+        second = json.loads((await again.receive(timeout=2)).data)
+    async with http.ws_connect("/ws?clientId=someone-else") as other:
+        only = json.loads((await other.receive(timeout=2)).data)
+        with pytest.raises(TimeoutError):
+            while True:
+                frame = json.loads((await other.receive(timeout=0.3)).data)
+                assert frame["type"] == "status", frame
+    assert first["type"] == "status" and first["data"]["sid"] == "me"
+    assert second == {"type": "executing", "data": {"node": "348"}}
+    assert only["type"] == "status"
+    async with http.post("/interrupt", json={}) as resp:
+        assert resp.status == 200
+    await finished(comfy_double, pid("re-1"))
+    assert comfy_double.last_node_id is None
+
+
+async def test_interrupt_goes_to_the_prompt_client_only(http, comfy_double, comfy_media):
+    """ComfyUI v0.33.0 execution.py:699 with :683-684: execution_interrupted is sent to the
+    prompt's client (send_sync with server.client_id), not to every socket."""
+    comfy_double.faults.step_delay_s = 0.2
+    mine, other = [], []
+    async with (
+        http.ws_connect("/ws?clientId=me") as ws,
+        http.ws_connect("/ws?clientId=bystander") as ws2,
+    ):
+        await submit(http, job_graph(comfy_media.image, comfy_media.video, steps=20), pid("i-1"))
+        await wait_for(lambda: comfy_double.last_node_id == "348", "the sampler to start")
+        async with http.post("/interrupt", json={"prompt_id": pid("i-1")}) as resp:
+            assert resp.status == 200
+        await asyncio.wait_for(collect(ws, pid("i-1"), mine), 10)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                other.append(json.loads((await ws2.receive(timeout=0.3)).data))
+    assert mine[-1]["type"] == "execution_interrupted"
+    assert {f["type"] for f in other} == {"status"}
+
+
+async def test_outputs_of_nodes_that_ran_are_kept_on_error(http, comfy_double, comfy_media):
+    """ComfyUI v0.33.0 execution.py:775, 828-834: the ui outputs collected before the failing
+    node are stored in history (status error); the file they name exists."""
+    graph = job_graph(comfy_media.image, comfy_media.video, prefix="kept")
+    graph["900"] = {"class_type": "PreviewAny", "inputs": {"source": ["139", 0]}}
+    comfy_double.validator = lambda prompt: (None, {})  # PreviewAny: not in the fixture
+    comfy_double.faults.error_at_node = "900"
+    status, _ = await submit(http, graph, pid("kept"))
+    assert status == 200
+    entry = await finished(comfy_double, pid("kept"))
+    assert entry["status"]["status_str"] == "error"
+    gif = entry["outputs"]["139"]["gifs"][0]
+    assert (comfy_double.output_dir / gif["filename"]).is_file()
+    error = dict(entry["status"]["messages"])["execution_error"]
+    assert error["node_id"] == "900" and "139" in error["executed"]
+    assert set(error["executed"]) == set(graph) - {"900"}
 
 
 def test_cli_help_lists_every_fault():

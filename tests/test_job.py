@@ -136,6 +136,13 @@ async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) 
     assert leftovers(rig) == []
     stages = [p["stage"] for p in rig.sent]
     assert stages[:2] == ["downloading", "queued"] and "sampling" in stages
+    # loader, pose detection and VAE decode send progress frames too: never sampler steps
+    assert {"loading", "pose", "decoding"} <= set(stages)
+    steps = [(p["step"], p["total"]) for p in rig.sent if p["step"] is not None]
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert all(p["stage"] == "sampling" for p in rig.sent if p["step"] is not None)
+    percents = [p["percent"] for p in rig.sent]
+    assert percents == sorted(percents)
     submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
     assert submitted["348"]["inputs"]["seed"] == 1234
     assert submitted["205"]["inputs"]["value"] == 128
@@ -326,3 +333,31 @@ async def test_output_written_after_an_abort_is_removed_later(rig: Rig) -> None:
     rig.double.faults.node_delay_s = 0.0
     assert "error" not in await rig.worker.run(rig.job())
     assert leftovers(rig) == []
+
+
+async def test_failed_submissions_leak_no_websocket(rig: Rig) -> None:
+    """Jobs refused at /prompt close the websocket they opened (the server never does); the
+    server's count of open sockets is back at its baseline after each one."""
+    baseline = rig.double.open_websockets
+    rig.double.faults.node_errors_in_200 = True
+    for n in range(3):
+        result = await rig.worker.run(rig.job())
+        assert result["code"] == "comfyui_validation", result
+        for _ in range(500):
+            if rig.double.open_websockets == baseline:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.double.open_websockets == baseline, f"socket of job {n + 1} left open"
+    rig.double.faults.node_errors_in_200 = False
+    assert "error" not in await rig.worker.run(rig.job())
+
+
+async def test_each_job_has_its_own_websocket_client_id(rig: Rig) -> None:
+    """A socket closing unregisters whatever socket holds its client id at that moment
+    (ComfyUI server.py websocket_handler): jobs never share one."""
+    first = await rig.worker.run(rig.job())
+    second = await rig.worker.run(rig.job())
+    clients = [
+        rig.double.history[r["prompt_id"]]["prompt"][3]["client_id"] for r in (first, second)
+    ]
+    assert clients[0] != clients[1]

@@ -17,8 +17,11 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   "ComfyUI failed at node <id> (<class>): <exception_message>" (OOM: first line plus a hint;
   ``details`` (for the log) has node_id, node_type, exception_type); ComfyUI dying ->
   ``ComfyUnavailable``. ``execution_interrupted`` not requested by us -> code "comfyui_interrupted".
-  ``on_progress(Progress)`` is called for node starts (stage = the node's class_type) and
-  sampler steps; it must not block (a coroutine result is scheduled, exceptions are logged).
+  ``on_progress(Progress)`` is called for node starts (stage = the node's class_type, no step)
+  and for ``progress`` frames (step/total, stage = the class of the node that sent them: the
+  sampler, but also loaders, pose detection and VAE decode report progress; a frame naming a
+  node outside the graph counts for the node now executing); it must not block (a coroutine
+  result is scheduled, exceptions are logged).
 - ``RunResult``: prompt_id, outputs (history ``outputs``), queue_s (submit -> execution_start),
   execution_s (execution_start -> execution_success), node_times (node id -> seconds, from the
   arrival of ``executing`` frames; history timestamps when the socket saw nothing).
@@ -30,12 +33,17 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   ``await history(prompt_id)``; pure ``validation_message(body)``, ``execution_error(data)``,
   ``pid_alive(pid)``.
 
-Protocol facts (../shared/reference/comfyui-protocol.md): the socket is opened BEFORE POST /prompt
-(per-prompt frames go only to the socket named by client_id, §3.5); completion is ``executing``
-with ``node: null`` (sent after history is stored) or ``/history/{id}`` showing the prompt
-finished, whichever comes first; ``execution_interrupted`` is broadcast (§3.3). The submitted
-``extra_data`` sets ``VHS_MetadataImage: false`` so VHS writes no first-frame PNG
-(../shared/reference/scail-workflow.md §10 pitfall 19).
+Protocol facts (ComfyUI v0.33.0: server.py, execution.py, main.py): the socket is opened BEFORE
+POST /prompt, because per-prompt frames (``executing``, ``progress``, ``progress_state``,
+``execution_*``) go only to the socket registered under the prompt's client_id; completion is
+``executing`` with ``node: null`` (sent after history is stored) or ``/history/{id}`` showing
+the prompt finished, whichever comes first. ComfyUI never closes a client's socket, and a
+socket that closes unregisters whichever socket then holds its client id: every socket opened
+here is closed here, whatever the outcome (a refused submission included). On reconnect the
+server may send ``executing`` without a ``prompt_id``; frames without our prompt_id are
+ignored. A client ``prompt_id`` must be a canonical lowercase hyphenated UUID (``str(uuid4())``),
+else ``/prompt`` answers HTTP 400 ``invalid_prompt_id``. The submitted ``extra_data`` sets
+``VHS_MetadataImage: false`` so VideoHelperSuite writes no first-frame PNG next to the video.
 """
 
 from __future__ import annotations
@@ -136,7 +144,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def validation_message(body: dict[str, Any]) -> str:
-    """One readable sentence from a /prompt error body (protocol §4)."""
+    """One readable sentence from a /prompt error body (``error`` and ``node_errors``)."""
     parts = []
     for nid, entry in (body.get("node_errors") or {}).items():
         cls = entry.get("class_type", "?") if isinstance(entry, dict) else "?"
@@ -239,11 +247,7 @@ class _Run:
             cls = self.graph.get(str(node), {}).get("class_type", str(node))
             self.progress(Progress(stage=cls, node=str(node)))
         elif etype == "progress":
-            node = data.get("node")
-            cls = self.graph.get(str(node), {}).get("class_type", "sampling")
-            self.progress(
-                Progress(stage=cls, node=node, step=data.get("value"), total=data.get("max"))
-            )
+            self._node_progress(data)
         elif etype == "execution_success":
             self.close_node(now)
             self.finished = now
@@ -252,6 +256,22 @@ class _Run:
         elif etype == "execution_interrupted" and not self.interrupt_requested:
             self.fail(interrupted_error(data))
         return False
+
+    def _node_progress(self, data: dict[str, Any]) -> None:
+        """A ``progress`` frame: any node that reports progress sends them (model loader per
+        weight, pose detector per frame, VAE decode per latent frame, the sampler per step),
+        so the stage is that node's class; a node id not in the graph is attributed to the
+        node now executing, never guessed to be the sampler."""
+        node = data.get("node")
+        cls = self.graph.get(str(node), {}).get("class_type") if node is not None else None
+        if cls is None and self.current is not None:
+            node = self.current[0]
+            cls = self.graph.get(node, {}).get("class_type")
+        if cls is None:
+            return
+        step, total = data.get("value"), data.get("max")
+        if isinstance(step, int | float) and isinstance(total, int | float):
+            self.progress(Progress(stage=cls, node=str(node), step=int(step), total=int(total)))
 
     def from_history(self, entry: dict[str, Any]) -> bool:
         """Finish from a /history entry; True when the prompt is finished."""
@@ -440,9 +460,10 @@ class ComfyClient:
     ) -> RunResult:
         state = _Run(prompt_id, graph, on_progress)
         tasks: list[asyncio.Task] = []
+        ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                ws = await self._connect(client_id, first=True)  # before /prompt (§3.5)
+                ws = await self._connect(client_id, first=True)  # before /prompt: frames go to this id
                 await self._submit(graph, prompt_id, client_id)
                 state.submitted = time.monotonic()
                 tasks = [
@@ -462,10 +483,23 @@ class ComfyClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if ws is not None and not ws.closed:  # a failed submission: nobody followed it
+                await asyncio.shield(self._close_socket(ws))
             if not state.done.done():
                 state.done.cancel()
             elif not state.done.cancelled():
                 state.done.exception()  # retrieved: never "exception was never retrieved"
+
+    @staticmethod
+    async def _close_socket(ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Close a socket of ours; never raises. ComfyUI never closes a client's socket, not
+        even one replaced by a newer socket with the same client id, and a replaced socket that
+        closes later unregisters its successor (server.py websocket_handler): a socket left
+        open leaks on both ends."""
+        try:
+            await ws.close()
+        except Exception as exc:
+            log.debug("closing the ComfyUI websocket failed: %s", type(exc).__name__)
 
     async def _abort(self, state: _Run) -> None:
         """Drop our prompt from the queue, then interrupt it; never raises. In this order no
@@ -538,7 +572,7 @@ class ComfyClient:
             try:
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue  # binary previews / text frames (§3.6)
+                        continue  # binary preview images
                     try:
                         frame = json.loads(msg.data)
                         etype, data = frame.get("type"), frame.get("data") or {}
@@ -550,7 +584,7 @@ class ComfyClient:
             except (aiohttp.ClientError, TimeoutError):
                 pass
             finally:
-                await ws.close()
+                await self._close_socket(ws)
             if not state.done.done():
                 log.warning(
                     "ComfyUI websocket dropped during prompt %s; reconnecting", state.prompt_id

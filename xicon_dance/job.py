@@ -76,7 +76,9 @@ class Worker:
         self.workflow = workflow
         self.comfy = comfy
         self._reporter_factory = reporter_factory or ProgressReporter
+        # One websocket client id per job (see ``_client_id``).
         self.client_id = uuid.uuid4().hex
+        self._jobs = 0
         # Prefixes of jobs that ended without delivering: ComfyUI may still write their files.
         self._unfinished: deque[str] = deque(maxlen=UNFINISHED_KEPT)
 
@@ -122,7 +124,7 @@ class Worker:
                 run = await self.comfy.run(
                     graph,
                     prompt_id=prompt_id,
-                    client_id=self.client_id,
+                    client_id=self._client_id(),
                     timeout_s=max(0.0, deadline - time.monotonic()),
                     on_progress=reporter.on_comfy,
                 )
@@ -145,6 +147,15 @@ class Worker:
             "prompt_id": prompt_id,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
+
+    def _client_id(self) -> str:
+        """A websocket client id of its own for each job. ComfyUI routes a prompt's frames to
+        the socket registered under its client id, and a socket that closes unregisters
+        whatever socket holds that id at that moment (server.py websocket_handler): with one id
+        per job, a socket of an earlier job can never unregister this job's socket, and frames
+        of an earlier, aborted prompt never reach it."""
+        self._jobs += 1
+        return f"{self.client_id}-{self._jobs}"
 
     async def _fetch_inputs(
         self, params: JobInput, folder: Path, deadline: float

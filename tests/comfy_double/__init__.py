@@ -2,30 +2,48 @@
 
 It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.0):
 
-- Routes, each also under ``/api/`` (§2.1): POST/GET ``/prompt`` (§2.2; the caller's ``prompt_id``
-  is honoured; 200 ``{"prompt_id", "number", "node_errors": {}}``; 400 ``{"error", "node_errors"}``
-  in the shapes of §4), ``/history`` and ``/history/{id}`` (§2.3; unknown id -> ``{}``), ``/view``
+Where ComfyUI v0.33.0 differs from that description, the double follows v0.33.0 (each rule
+cites the file and line of that release next to the code that copies it):
+
+- Routes, each also under ``/api/`` (§2.1): POST/GET ``/prompt`` (§2.2; the queue number counts
+  every POST from 0; a client ``prompt_id`` must be a canonical lowercase hyphenated UUID, else
+  HTTP 400 ``invalid_prompt_id`` before any graph check; absent or null -> the double mints one;
+  200 ``{"prompt_id", "number", "node_errors": {}}``; 400 ``{"error", "node_errors"}`` in the
+  shapes of §4), ``/history`` and ``/history/{id}`` (§2.3; unknown id -> ``{}``; POST
+  ``{"delete": [ids]}`` / ``{"clear": true}``), ``/view``
   (§2.4: 400 for a leading ``/`` or ``..``, 403 for a subfolder escape, 404 missing),
   ``/upload/image`` (§2.5, hash dedupe and ``name (1).ext``), ``/interrupt`` (§2.6: optional
-  prompt_id, no-op when not running, bare 200, cooperative at the next node or sampler step),
-  GET/POST ``/queue``, ``/free`` (``free_memory`` resets the cache), ``/system_stats`` (§2.7 shape),
-  ``/object_info`` and ``/object_info/{class}`` (from ``tests/fixtures/object_info.json`` or
-  ``--object-info``; ``{}`` for an unknown class) and ``/ws?clientId=`` (§3).
+  prompt_id, no-op when not running, bare 200, cooperative: noticed before the next node starts
+  and at the next progress frame), GET/POST ``/queue``, ``/free`` (``free_memory`` resets the
+  cache), ``/system_stats`` (§2.7 shape), ``/object_info`` and ``/object_info/{class}`` (from
+  ``tests/fixtures/object_info.json`` or ``--object-info``; ``{}`` for an unknown class) and
+  ``/ws?clientId=`` (§3).
+- Websockets: a socket with a clientId already in use takes over the table entry but the old
+  socket is NOT closed; a socket whose handler ends pops the entry of its id unconditionally
+  (so a replaced socket closing later unregisters its successor). A new socket gets ``status``
+  (with its ``sid``), and, when its id is the running prompt's client, ``executing`` with the
+  node now running and no ``prompt_id``. ``open_websockets`` counts the sockets still open on
+  the server (replaced ones included); GET ``/_double/sockets`` shows it.
 - Validation: ``xicon_dance.graph_check.check_prompt(prompt, object_info[, model_files=])`` (the
   whole-prompt checks of §4.1 and the input checks of §4.2); a ``validator`` callable can replace
   it. Then the existence checks of LoadImage / VHS_LoadVideo files under
   ``input/`` (``custom_validation_failed``, "image - Invalid image file: <name>", §4.2).
 - Execution: one prompt at a time from a real queue. Frames in the observed order (§3.2):
   ``execution_start``, ``execution_cached``, per node (topological order) ``progress_state``
-  (broadcast) and ``executing``, ``progress`` per sampler step (WanVideoSamplerv2, ``steps`` from
-  its scheduler link), ``executed`` for output nodes, ``execution_success``; history is stored,
-  THEN ``executing`` with ``node: null`` (§3.5). Per-prompt frames go only to the socket whose id
-  is the prompt's ``client_id``; ``status``, ``progress_state`` and ``execution_interrupted`` are
-  broadcast (§3.3, §3.5).
+  (start), ``executing``, its ``progress`` frames (each after a ``progress_state``), ``executed``
+  for output nodes, ``progress_state`` (finished); then ``execution_success``; history is stored,
+  THEN ``executing`` with ``node: null`` (§3.5). ``progress`` comes from the sampler (one per
+  step, ``steps`` from its scheduler link) AND from other nodes, as the packs' progress bars send
+  it: WanVideoModelLoader, PoseDetectionVitPoseToDWPose (two per frame), WanVideoDecode (one per
+  latent frame). Every per-prompt frame, ``progress_state`` and ``execution_interrupted``
+  included, goes only to the socket whose id is the prompt's ``client_id``; for a prompt without
+  one, ``progress``, ``progress_state`` and ``execution_interrupted`` go to every socket and the
+  others are not sent. ``status`` is broadcast.
   LoadImage and VHS_LoadVideo read their input when they run (the double keeps a private copy, as
   ComfyUI keeps the tensors), so later nodes do not need input/ any more.
   A corrupt reference image fails at LoadImage with ``execution_error``
   (§4.2 last rule). An identical re-run is fully cached: old filenames, nothing written (§7.2).
+  A failed or interrupted run keeps in history the outputs of the nodes that ran before it.
 - VHS_VideoCombine (node 139) writes a REAL h264/yuv420p MP4 into ``output/`` named
   ``<filename_prefix>_00001.mp4`` (counter increments), size = INTConstant 203/204, fps =
   139.frame_rate, frames = min(frame_load_cap, driving-video frames at force_rate) truncated by

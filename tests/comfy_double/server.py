@@ -171,6 +171,10 @@ class ComfyDouble:
         self.model_files = model_files
         self.exit_process_on_die = exit_process_on_die
         self.sockets: dict[str, web.WebSocketResponse] = {}
+        self._open_ws: set[web.WebSocketResponse] = set()
+        self.client_id: str | None = None  # the running (or last) prompt's client (server.py:265)
+        self.last_node_id: str | None = None  # node now executing (server.py:264)
+        self._registry: dict[str, dict[str, Any]] = {}  # progress of this prompt's nodes
         self.history: dict[str, dict[str, Any]] = {}
         self.pending: list[list[Any]] = []
         self.running: list[Any] | None = None
@@ -214,6 +218,7 @@ class ComfyDouble:
         app.router.add_post("/_double/faults", self.post_faults)
         app.router.add_get("/_double/faults", self.get_faults)
         app.router.add_get("/_double/requests", self.get_requests)
+        app.router.add_get("/_double/sockets", self.get_sockets)
         return app
 
     async def start(self) -> ComfyDouble:
@@ -241,7 +246,7 @@ class ComfyDouble:
         await self._bind()
 
     async def stop(self) -> None:
-        for ws in list(self.sockets.values()):
+        for ws in list(self._open_ws):
             with contextlib.suppress(Exception):
                 await ws.close()
         self.sockets.clear()
@@ -260,27 +265,44 @@ class ComfyDouble:
         return task
 
     # ---------------------------------------------------------------- websocket
+    @property
+    def open_websockets(self) -> int:
+        """Server-side websockets whose handler still runs (replaced ones included)."""
+        return len(self._open_ws)
+
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """ComfyUI v0.33.0 server.py:270-327. A second socket with the same clientId takes the
+        table entry (server.py:274-276, 281) but the old socket is NOT closed; whichever socket
+        finishes pops the entry for its id unconditionally (server.py:324-325), so a replaced
+        socket closing later unregisters its successor. A new socket gets ``status`` with its
+        sid, then ``executing`` with the node now running (no ``prompt_id``) when its id is the
+        running prompt's client (server.py:287-290)."""
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
-        sid = request.query.get("clientId") or uuid.uuid4().hex
-        old = self.sockets.get(sid)
-        self.sockets[sid] = ws  # protocol §3.1: replaces any older socket with that id
-        if old is not None:
-            await old.close()
-        await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
+        sid = request.query.get("clientId", "")
+        if sid:
+            self.sockets.pop(sid, None)
+        else:
+            sid = uuid.uuid4().hex
+        self.sockets[sid] = ws
+        self._open_ws.add(ws)
         try:
+            await self.send("status", {"status": self._exec_info(), "sid": sid}, sid)
+            if self.client_id == sid and self.last_node_id is not None:
+                await self.send("executing", {"node": self.last_node_id}, sid)
+            first = True
             async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    with contextlib.suppress(ValueError):
-                        data = json.loads(msg.data)
-                        if isinstance(data, dict) and data.get("type") == "feature_flags":
-                            await self._send_to(
-                                ws, "feature_flags", {"supports_preview_metadata": False}
-                            )
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                with contextlib.suppress(ValueError):
+                    data = json.loads(msg.data)
+                    # server.py:302-312: only a first message of type feature_flags is answered
+                    if first and isinstance(data, dict) and data.get("type") == "feature_flags":
+                        await self.send("feature_flags", {"supports_preview_metadata": False}, sid)
+                first = False
         finally:
-            if self.sockets.get(sid) is ws:
-                del self.sockets[sid]
+            self.sockets.pop(sid, None)
+            self._open_ws.discard(ws)
         return ws
 
     @staticmethod
@@ -290,14 +312,23 @@ class ComfyDouble:
                 await ws.send_str(json.dumps({"type": etype, "data": data}))
 
     async def send(self, etype: str, data: Any, sid: str | None) -> None:
-        """Per-prompt event: only to the socket whose id is the prompt's client_id (§3.5)."""
-        ws = self.sockets.get(sid) if sid else None
-        if ws is not None:
+        """ComfyUI v0.33.0 server.py:1382-1390 (send_json): ``sid`` None -> every socket in the
+        table; else only the socket registered under ``sid`` (none -> dropped)."""
+        if sid is None:
+            await self.broadcast(etype, data)
+        elif (ws := self.sockets.get(sid)) is not None:
             await self._send_to(ws, etype, data)
 
     async def broadcast(self, etype: str, data: Any) -> None:
         for ws in list(self.sockets.values()):
             await self._send_to(ws, etype, data)
+
+    async def to_client(self, etype: str, data: Any) -> None:
+        """A frame the real server sends only when the running prompt has a client
+        (``if server.client_id is not None``: execution.py:494 ``executing``, :577 ``executed``,
+        :682-684 ``add_message(broadcast=False)``, main.py:383 ``executing`` node null)."""
+        if self.client_id is not None:
+            await self.send(etype, data, self.client_id)
 
     def _exec_info(self) -> dict[str, Any]:
         remaining = len(self.pending) + (1 if self.running else 0)
@@ -441,7 +472,8 @@ class ComfyDouble:
         number, prompt_id, prompt, extra, outputs_to_execute = item
         self._loaded.clear()
         shutil.rmtree(self.root / "_loaded", ignore_errors=True)
-        sid = extra.get("client_id")
+        self.client_id = extra.get("client_id")  # execution.py:736-739
+        self._registry = {}
         messages: list[list[Any]] = []
 
         async def event(etype: str, data: dict[str, Any], *, store: bool = True) -> None:
@@ -449,21 +481,26 @@ class ComfyDouble:
                 messages.append([etype, data])
             if etype in ("execution_success",) and self.faults.silent_socket:
                 return
-            await self.send(etype, data, sid)
+            await self.to_client(etype, data)
 
         outputs: dict[str, Any] = {}
+        executed: list[str] = []
         status_str = "error"
         try:
-            await self._run_prompt(prompt_id, prompt, sid, outputs, event)
+            await self._run_prompt(prompt_id, prompt, outputs, executed, event)
             status_str = "success"
         except InterruptedRun as exc:
-            data = self._failure_data(prompt_id, prompt, exc.node, outputs)
+            data = self._failure_data(prompt_id, prompt, exc.node, executed)
             messages.append(["execution_interrupted", data])
-            await self.broadcast("execution_interrupted", data)  # §3.3: broadcast
+            # execution.py:699 + :683-684 (broadcast=True): to the prompt's client only; to every
+            # socket when the prompt has none
+            await self.send("execution_interrupted", data, self.client_id)
         except ExecutionFailed as exc:
-            data = self._failure_data(prompt_id, prompt, exc.node, outputs)
-            outputs.clear()  # a failed run stores no outputs (§4.2, last rule)
+            data = self._failure_data(prompt_id, prompt, exc.node, executed)
             await event("execution_error", {**data, **exc.frame_fields()})
+        # execution.py:775, 828-834: the ui outputs of the nodes that ran are stored even when a
+        # later node failed or the run was interrupted
+        self.last_node_id = None  # execution.py:835
         self.history[prompt_id] = {
             "prompt": [number, prompt_id, prompt, extra, outputs_to_execute],
             "outputs": outputs,
@@ -477,18 +514,19 @@ class ComfyDouble:
                 for n in outputs
             },
         }
-        if not self.faults.silent_socket:  # §3.5: node null only AFTER history is stored
-            await self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
+        if not self.faults.silent_socket:  # main.py:383-384: node null AFTER history is stored
+            await self.to_client("executing", {"node": None, "prompt_id": prompt_id})
 
     async def _run_prompt(
         self,
         prompt_id: str,
         prompt: dict[str, Any],
-        sid: str | None,
         outputs: dict[str, Any],
+        executed: list[str],
         event: Callable[..., Any],
     ) -> None:
-        """Every node in order (or the cached outputs), filling ``outputs``; §3.2 frame order."""
+        """Every node in order (or the cached outputs), filling ``outputs`` and ``executed``;
+        §3.2 frame order."""
         await event("execution_start", {"prompt_id": prompt_id, "timestamp": _ms()})
         key = json.dumps(prompt, sort_keys=True)
         cached = self.cache.get(key)
@@ -498,32 +536,69 @@ class ComfyDouble:
             {"nodes": order if cached else [], "prompt_id": prompt_id, "timestamp": _ms()},
         )
 
-        async def executed(nid: str, ui: dict[str, Any]) -> None:
+        async def ui_output(nid: str, ui: dict[str, Any]) -> None:
             outputs[nid] = ui
             frame = {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id}
             await event("executed", frame, store=False)
 
         if cached is not None:  # protocol §7.2: fully cached re-run writes nothing
             for nid, ui in copy.deepcopy(cached).items():
-                await executed(nid, ui)
+                await ui_output(nid, ui)
         else:
             for nid in order:
-                ui = await self._run_node_reporting(nid, prompt, prompt_id, sid)
+                ui = await self._run_node_reporting(nid, prompt, prompt_id)
                 if ui is not None:
-                    await executed(nid, ui)
+                    await ui_output(nid, ui)
+                await self._progress_state(prompt_id, nid, "finished")  # execution.py:659
+                executed.append(nid)  # execution.py:660
             self.cache[key] = copy.deepcopy(outputs)
         await event("execution_success", {"prompt_id": prompt_id, "timestamp": _ms()})
 
+    async def _progress_state(
+        self, prompt_id: str, nid: str, state: str, value: float = 0.0, max_value: float = 1.0
+    ) -> None:
+        """comfy_execution/progress.py:160-185 and :276-313: on a node's start, every progress
+        update and its finish, ``progress_state`` with every node not pending, to the prompt's
+        client (to every socket when it has none)."""
+        entry = self._registry.setdefault(nid, {"value": 0.0, "max": 1.0})
+        if state == "finished":
+            value, max_value = entry["max"], entry["max"]
+        entry.update(value=value, max=max_value, state=state)
+        nodes = {
+            n: {
+                "value": e["value"],
+                "max": e["max"],
+                "state": e["state"],
+                "node_id": n,
+                "prompt_id": prompt_id,
+                "display_node_id": n,
+                "parent_node_id": None,
+                "real_node_id": n,
+            }
+            for n, e in self._registry.items()
+        }
+        await self.send("progress_state", {"prompt_id": prompt_id, "nodes": nodes}, self.client_id)
+
+    async def _report(self, prompt_id: str, nid: str, value: int, total: int) -> None:
+        """The progress hook, main.py:436-450: checks the interrupt first (so any node that
+        reports progress is interruptible there), updates the registry (``progress_state``),
+        then sends ``progress`` to the prompt's client (to every socket when it has none)."""
+        await self._check_interrupt(nid)
+        await self._progress_state(prompt_id, nid, "running", value, total)
+        frame = {"value": value, "max": total, "prompt_id": prompt_id, "node": nid}
+        await self.send("progress", frame, self.client_id)
+
     @staticmethod
     def _failure_data(
-        prompt_id: str, prompt: dict[str, Any], nid: str, outputs: dict[str, Any]
+        prompt_id: str, prompt: dict[str, Any], nid: str, executed: list[str]
     ) -> dict[str, Any]:
-        """The fields shared by ``execution_interrupted`` and ``execution_error`` (§3.3)."""
+        """The fields shared by ``execution_interrupted`` and ``execution_error``
+        (execution.py:692-711)."""
         return {
             "prompt_id": prompt_id,
             "node_id": nid,
             "node_type": prompt[nid]["class_type"],
-            "executed": list(outputs),
+            "executed": list(executed),
             "timestamp": _ms(),
         }
 
@@ -532,49 +607,48 @@ class ComfyDouble:
             self._interrupt_flag = False
             raise InterruptedRun(nid)
 
-    async def _run_node_reporting(
-        self, nid: str, prompt: dict, prompt_id: str, sid: str | None
-    ) -> dict | None:
+    async def _run_node_reporting(self, nid: str, prompt: dict, prompt_id: str) -> dict | None:
         """``_run_node``; any other exception a node raises is an ``execution_error`` naming the
         node, as in ComfyUI (protocol §3.3), never a run that ends without history."""
         try:
-            return await self._run_node(nid, prompt, prompt_id, sid)
+            return await self._run_node(nid, prompt, prompt_id)
         except (InterruptedRun, ExecutionFailed):
             raise
         except Exception as exc:
             exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
             raise ExecutionFailed(nid, exc_type, str(exc), {}) from exc
 
-    async def _run_node(
-        self, nid: str, prompt: dict, prompt_id: str, sid: str | None
-    ) -> dict | None:
-        await self._check_interrupt(nid)
+    async def _run_node(self, nid: str, prompt: dict, prompt_id: str) -> dict | None:
+        """One node as execution.py:438-660 runs it: ``progress_state`` (start), ``executing``
+        (only with a client), the interrupt check before the node's function
+        (execution.py:258-259), the work with its progress frames; the caller sends the rest."""
         node = prompt[nid]
         cls, inputs = node["class_type"], node.get("inputs", {})
-        await self.broadcast(
-            "progress_state",
-            {
-                "prompt_id": prompt_id,
-                "nodes": {
-                    nid: {
-                        "value": 0,
-                        "max": 1,
-                        "state": "running",
-                        "node_id": nid,
-                        "prompt_id": prompt_id,
-                        "display_node_id": nid,
-                        "parent_node_id": None,
-                        "real_node_id": nid,
-                    }
-                },
-            },
-        )
-        await self.send(
-            "executing", {"node": nid, "display_node": nid, "prompt_id": prompt_id}, sid
-        )
+        await self._progress_state(prompt_id, nid, "running")  # execution.py:492
+        if self.client_id is not None:  # execution.py:494-496
+            self.last_node_id = nid
+            await self.to_client(
+                "executing", {"node": nid, "display_node": nid, "prompt_id": prompt_id}
+            )
+        await self._check_interrupt(nid)
+        await self._inject_faults(nid, cls)
+        for k in range(1, self._progress_total(cls, prompt) + 1):
+            await self._report(prompt_id, nid, k, self._progress_total(cls, prompt))
+        if cls == "LoadImage":
+            self._load_image(nid, inputs)
+            self._keep_loaded(nid, str(inputs.get("image")))
+        elif cls == "VHS_LoadVideo":
+            self._keep_loaded(nid, str(inputs.get("video")))
+        elif cls == "WanVideoSamplerv2":
+            await self._sample(nid, prompt, prompt_id)
+        elif cls == "VHS_VideoCombine":
+            return await asyncio.to_thread(self._combine, nid, prompt)
+        return None
+
+    async def _inject_faults(self, nid: str, cls: str) -> None:
         faults = self.faults
-        if faults.drop_socket_at_node == nid and sid in self.sockets:
-            await self.sockets[sid].close()  # fault: the socket drops mid-run
+        if faults.drop_socket_at_node == nid and self.client_id in self.sockets:
+            await self.sockets[self.client_id].close()  # fault: the socket drops mid-run
         if faults.die_at_node == nid:
             await self._die()
         if faults.node_delay_s:
@@ -591,17 +665,20 @@ class ComfyDouble:
                 "accidentally set the batch_size to a large number.",
                 {},
             )
-        if cls == "LoadImage":
-            self._load_image(nid, inputs)
-            self._keep_loaded(nid, str(inputs.get("image")))
-        elif cls == "VHS_LoadVideo":
-            self._keep_loaded(nid, str(inputs.get("video")))
-        elif cls == "WanVideoSamplerv2":
-            await self._sample(nid, prompt, prompt_id, sid)
-        elif cls == "VHS_VideoCombine":
-            return await asyncio.to_thread(self._combine, nid, prompt)
-        await self._check_interrupt(nid)
-        return None
+
+    @staticmethod
+    def _progress_total(cls: str, prompt: dict[str, Any]) -> int:
+        """How many ``progress`` frames a node other than the sampler sends (0: none), as the
+        packs' ``comfy.utils.ProgressBar`` calls do: WanVideoModelLoader one per weight
+        (ComfyUI-WanVideoWrapper nodes_model_loading.py:812; a few here), the ViTPose detector
+        two per frame (ComfyUI-SCAIL-Pose nodes.py:178), WanVideoDecode one per latent frame
+        (ComfyUI-WanVideoWrapper wanvideo/wan_video_vae.py:1131-1137)."""
+        frames = int(prompt.get("130", {}).get("inputs", {}).get("frame_load_cap") or 9)
+        return {
+            "WanVideoModelLoader": 4,
+            "PoseDetectionVitPoseToDWPose": 2 * frames,
+            "WanVideoDecode": 1 + (frames - 1) // 4,
+        }.get(cls, 0)
 
     def _keep_loaded(self, nid: str, name: str) -> None:
         """A loader node holds its input in memory once it ran: later nodes never read input/
@@ -625,7 +702,7 @@ class ComfyDouble:
                 nid, "PIL.UnidentifiedImageError", str(exc), {"image": [inputs.get("image")]}
             ) from None
 
-    async def _sample(self, nid: str, prompt: dict, prompt_id: str, sid: str | None) -> None:
+    async def _sample(self, nid: str, prompt: dict, prompt_id: str) -> None:
         steps = 1
         link = prompt[nid].get("inputs", {}).get("scheduler")
         if _is_link(link, prompt):
@@ -633,10 +710,7 @@ class ComfyDouble:
         for k in range(1, steps + 1):
             if self.faults.step_delay_s:
                 await asyncio.sleep(self.faults.step_delay_s)
-            await self._check_interrupt(nid)
-            await self.send(
-                "progress", {"value": k, "max": steps, "prompt_id": prompt_id, "node": nid}, sid
-            )
+            await self._report(prompt_id, nid, k, steps)
 
     def _const(self, prompt: dict, nid: str, default: int) -> int:
         node = prompt.get(nid)
@@ -867,6 +941,9 @@ class ComfyDouble:
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(asdict(self.faults))
+
+    async def get_sockets(self, request: web.Request) -> web.Response:
+        return web.json_response({"open": self.open_websockets, "registered": sorted(self.sockets)})
 
     async def get_requests(self, request: web.Request) -> web.Response:
         return web.json_response([list(r) for r in self.requests])
