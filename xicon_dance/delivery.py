@@ -3,25 +3,32 @@
 Contract:
 - ``await deliver(path: Path, *, job_id: str, mode: "auto"|"url"|"base64", settings) -> dict``
   returning ``{"url"|"base64": ..., "filename", "content_type": "video/mp4", "bytes"}``.
-  Bucket (when BUCKET_ENDPOINT_URL + keys are set): multipart upload, ContentType video/mp4, key
-  ``<prefix>/<job_id>/<file>.mp4``, presigned GET with settings.presign_expiry_s, retries on
-  transient errors; failure -> ``DeliveryError``. base64 only under
-  settings.max_base64_output_bytes, else a ``DeliveryError`` telling the caller to configure a
-  bucket. ``mode="url"`` without a bucket -> error. ``"auto"`` is url with a bucket, else base64.
+  Bucket (when BUCKET_ENDPOINT_URL + keys are set): upload, ContentType video/mp4, key
+  ``<prefix>/<job_id>/<file>.mp4``, presigned GET with settings.presign_expiry_s; failure ->
+  ``DeliveryError(code="upload_failed")``. base64 only under settings.max_base64_output_bytes,
+  else a ``DeliveryError`` telling the caller to configure a bucket. ``mode="url"`` without a
+  bucket -> error. ``"auto"`` is url with a bucket, else base64.
+- The whole upload ends within ``settings.upload_timeout_s`` (UPLOAD_TIMEOUT_S) or fails naming
+  that setting; a cancelled job (platform cancel, SDK stop) stops it at once: nothing of it keeps
+  running after ``deliver`` returns or raises.
+- Rights needed: ``PutObject`` (which covers the multipart calls) on the bucket, nothing else.
+  The bucket must exist; a missing one is an error naming BUCKET_NAME (no HeadBucket or
+  CreateBucket on the job path: a put-only key works, and a typo does not create buckets).
 
 Decisions:
-- boto3 is blocking: every S3 call runs in a worker thread (``asyncio.to_thread``); the event loop
-  stays free for ComfyUI's socket and RunPod's job-stop channel.
-- ``upload_file`` with a ``TransferConfig`` (8 MiB parts, 4 threads, small IO queue) streams the
-  file from disk: memory stays bounded (about parts x threads) whatever the video size.
-- Retries: botocore's "standard" mode retries throttling/5xx/connection errors per request; on top,
-  a failed transfer caused by a transient error (connection, timeout, 5xx, throttling) is retried
-  as a whole ``UPLOAD_ATTEMPTS`` times with backoff. Permanent errors (bad keys, access denied)
-  fail at once. Every failure becomes ``DeliveryError(code="upload_failed")``; nothing falls back
-  to a local path silently (the SDK's ``rp_upload`` does, see ../shared/reference/runpod.md §2.6).
-- The bucket is created when it does not exist (once per process; checked with ``head_bucket``):
-  a fresh endpoint works out of the box, and a key without CreateBucket rights gets a clear error
-  naming the bucket.
+- The bytes go over aiohttp, not boto3: every request is a coroutine, so a cancel or the
+  deadline interrupts it mid-transfer (boto3 runs in threads that cannot be interrupted and
+  outlive the job). botocore only signs: each request uses a presigned URL
+  (``generate_presigned_url``, local computation, no network) for PutObject, or for
+  CreateMultipartUpload / UploadPart / CompleteMultipartUpload / AbortMultipartUpload.
+- Files up to ``PART_SIZE`` (8 MiB) are one PUT; larger ones are a multipart upload with
+  ``UPLOAD_CONCURRENCY`` parts in flight. Bodies are streamed from disk in 1 MiB reads with their
+  length declared, so memory stays a few MiB whatever the video size. A failed, timed-out or
+  cancelled multipart upload is aborted (best effort, at most ``ABORT_TIMEOUT_S``), so no orphan
+  parts stay billed.
+- Retries: each request is tried ``REQUEST_ATTEMPTS`` times on transient errors (connection,
+  timeouts, 5xx, throttling) with backoff, always inside the overall deadline. Permanent errors
+  (bad keys, access denied, missing bucket) fail at once.
 - Error texts pass through ``logs.redact``: keys and presigned query strings never leak.
 """
 
@@ -34,8 +41,13 @@ import logging
 import re
 import threading
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import aiohttp
 
 from .errors import DeliveryError
 from .logs import redact, register_secret
@@ -45,10 +57,13 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "video/mp4"
 PART_SIZE = 8 * 1024 * 1024
-UPLOAD_THREADS = 4
-UPLOAD_ATTEMPTS = 3
+UPLOAD_CONCURRENCY = 4
+REQUEST_ATTEMPTS = 4
 RETRY_BASE_S = 0.5
-REQUEST_ATTEMPTS = 5  # botocore "standard" mode: attempts per request, the first included
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # between bytes of an answer; the overall deadline is UPLOAD_TIMEOUT_S
+ABORT_TIMEOUT_S = 3.0
+READ_CHUNK = 1024 * 1024
 _TRANSIENT_CODES = {
     "RequestTimeout",
     "RequestTimeoutException",
@@ -57,16 +72,12 @@ _TRANSIENT_CODES = {
     "ThrottlingException",
     "InternalError",
     "ServiceUnavailable",
-    "503",
-    "500",
-    "502",
-    "504",
 }
+_KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden"}
 
 Mode = Literal["auto", "url", "base64"]
 
-_clients: dict[tuple[str, ...], Any] = {}
-_ready_buckets: set[tuple[str, str, int]] = set()
+_signers: dict[tuple[str, ...], Any] = {}
 _lock = threading.Lock()
 
 
@@ -85,8 +96,7 @@ async def deliver(
         )
     meta = {"filename": path.name, "content_type": CONTENT_TYPE, "bytes": size}
     if use_bucket:
-        url = await asyncio.to_thread(upload_and_presign, path, job_id, settings)
-        return {"url": url, **meta}
+        return {"url": await upload(path, job_id, settings), **meta}
     return {"base64": await asyncio.to_thread(_encode, path, size, settings), **meta}
 
 
@@ -97,34 +107,60 @@ def object_key(settings: Settings, job_id: str, filename: str) -> str:
     return "/".join(p for p in parts if p)
 
 
-def upload_and_presign(path: Path, job_id: str, settings: Settings) -> str:
-    """Blocking: upload ``path`` (multipart, video/mp4) and return a presigned GET URL."""
-    client = s3_client(settings)
-    key = object_key(settings, job_id, path.name)
+async def upload(path: Path, job_id: str, settings: Settings) -> str:
+    """Upload ``path`` under its object key within UPLOAD_TIMEOUT_S; return a presigned GET."""
+    signer = await asyncio.to_thread(s3_client, settings)
+    target = _Target(signer, settings.bucket_name, object_key(settings, job_id, path.name))
     started = time.monotonic()
-    _ensure_bucket(client, settings)
-    _upload_with_retries(client, path, settings.bucket_name, key)
+    deadline = asyncio.timeout(settings.upload_timeout_s)
     try:
-        url = client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": settings.bucket_name, "Key": key},
-            ExpiresIn=settings.presign_expiry_s,
-        )
-    except Exception as exc:
-        raise _failure("could not sign the download URL", exc) from None
+        async with deadline:
+            size = await _send(path, target)
+    except Exception as exc:  # every failure is the job's DeliveryError, explained
+        raise _explain(exc, deadline.expired(), settings) from None
+    url = target.sign("get_object", expires=settings.presign_expiry_s)
     log.info(
         "uploaded %s (%d bytes) to s3://%s/%s in %.2fs",
         path.name,
-        path.stat().st_size,
-        settings.bucket_name,
-        key,
+        size,
+        target.bucket,
+        target.key,
         time.monotonic() - started,
     )
     return url
 
 
+async def _send(path: Path, target: _Target) -> int:
+    size = path.stat().st_size
+    timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=UPLOAD_CONCURRENCY)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        if size <= PART_SIZE:
+            await _put_object(session, target, path)
+        else:
+            await _multipart(session, target, path, size)
+    return size
+
+
+def _explain(exc: Exception, expired: bool, settings: Settings) -> DeliveryError:
+    if expired:
+        limit = settings.upload_timeout_s
+        return _failure(f"the upload did not finish within UPLOAD_TIMEOUT_S ({limit:g} s)", None)
+    if isinstance(exc, _S3Error):
+        return _failure(exc.explain(settings.bucket_name), exc)
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        where = settings.bucket_endpoint_url
+        return _failure(f"the bucket endpoint {where} is not reachable", exc)
+    return _failure("the upload failed", exc)
+
+
+def upload_and_presign(path: Path, job_id: str, settings: Settings) -> str:
+    """Blocking form of ``upload`` for scripts (bench/); never call it from an event loop."""
+    return asyncio.run(upload(path, job_id, settings))
+
+
 def s3_client(settings: Settings) -> Any:
-    """One cached boto3 S3 client per endpoint and key (client creation costs ~0.1 s)."""
+    """One cached botocore S3 client per endpoint and key, used only to sign URLs."""
     key_id = settings.bucket_access_key_id.get_secret_value()
     secret = settings.bucket_secret_access_key.get_secret_value()
     register_secret(key_id)
@@ -132,19 +168,12 @@ def s3_client(settings: Settings) -> Any:
     digest = hashlib.sha256(f"{key_id}\0{secret}".encode()).hexdigest()
     cache_key = (settings.bucket_endpoint_url, digest, settings.bucket_region)
     with _lock:
-        client = _clients.get(cache_key)
+        client = _signers.get(cache_key)
         if client is None:
             import boto3
             from botocore.config import Config
 
-            config = Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                retries={"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-                max_pool_connections=UPLOAD_THREADS * 2,
-            )
+            config = Config(signature_version="s3v4", s3={"addressing_style": "path"})
             client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=settings.bucket_endpoint_url,
@@ -153,101 +182,211 @@ def s3_client(settings: Settings) -> Any:
                 region_name=settings.bucket_region,
                 config=config,
             )
-            _clients[cache_key] = client
+            _signers[cache_key] = client
     return client
 
 
-def _transfer_config() -> Any:
-    from boto3.s3.transfer import TransferConfig
+@dataclass(frozen=True)
+class _Target:
+    signer: Any
+    bucket: str
+    key: str
 
-    return TransferConfig(
-        multipart_threshold=PART_SIZE,
-        multipart_chunksize=PART_SIZE,
-        max_concurrency=UPLOAD_THREADS,
-        max_io_queue=4,
-        io_chunksize=256 * 1024,
-        use_threads=True,
+    def sign(self, operation: str, expires: int = 3600, **params: Any) -> str:
+        return self.signer.generate_presigned_url(
+            operation, Params={"Bucket": self.bucket, "Key": self.key, **params}, ExpiresIn=expires
+        )
+
+
+class _S3Error(Exception):
+    """An S3 answer other than success: HTTP status, S3 error code, message."""
+
+    def __init__(self, status: int, code: str, message: str, operation: str) -> None:
+        super().__init__(f"{operation}: HTTP {status} {code}: {message}".strip())
+        self.status, self.code, self.operation = status, code, operation
+
+    @property
+    def transient(self) -> bool:
+        return self.status >= 500 or self.status == 429 or self.code in _TRANSIENT_CODES
+
+    def explain(self, bucket: str) -> str:
+        if self.code == "NoSuchBucket" or (self.status == 404 and self.code in {"", "NotFound"}):
+            return (
+                f"bucket {bucket!r} does not exist (BUCKET_NAME); create it or set BUCKET_NAME "
+                "to an existing bucket (the worker does not create buckets)"
+            )
+        if self.code in _KEY_CODES or self.status in (401, 403):
+            return (
+                f"the bucket refused the key ({self.code or self.status}): check "
+                f"BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY and that the key may PutObject "
+                f"in bucket {bucket!r}"
+            )
+        return f"upload to bucket {bucket!r} failed"
+
+
+async def _request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    operation: str,
+    *,
+    data: bytes | _FileRange | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[bytes, Mapping[str, str]]:
+    """One S3 call with retries on transient failures; returns (body, headers) or raises."""
+    for attempt in range(1, REQUEST_ATTEMPTS + 1):
+        try:
+            body_in: Any = data
+            if isinstance(data, _FileRange):  # a fresh stream per attempt, its length declared
+                body_in = data.stream()
+                headers = {**(headers or {}), "Content-Length": str(data.length)}
+            async with session.request(method, url, data=body_in, headers=headers) as resp:
+                body = await resp.read()
+                if resp.status < 300 and b"<Error>" not in body[:512]:
+                    return body, resp.headers.copy()  # case-insensitive (ETag, Etag)
+                error = _s3_error(resp.status, body, operation)
+            if not error.transient:
+                raise error
+            failure: BaseException = error
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            failure = exc
+        if attempt == REQUEST_ATTEMPTS:
+            raise failure
+        delay = RETRY_BASE_S * 2 ** (attempt - 1)
+        log.warning(
+            "%s attempt %d/%d failed (%s); retrying in %.1fs",
+            operation,
+            attempt,
+            REQUEST_ATTEMPTS,
+            redact(str(failure)) or type(failure).__name__,
+            delay,
+        )
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def _put_object(session: aiohttp.ClientSession, target: _Target, path: Path) -> None:
+    data = _FileRange(path, 0, path.stat().st_size)
+    url = target.sign("put_object", ContentType=CONTENT_TYPE)
+    await _request(
+        session, "PUT", url, "PutObject", data=data, headers={"Content-Type": CONTENT_TYPE}
     )
 
 
-def _ensure_bucket(client: Any, settings: Settings) -> None:
-    from botocore.exceptions import ClientError
-
-    marker = (settings.bucket_endpoint_url, settings.bucket_name, id(client))
-    if marker in _ready_buckets:
-        return
+async def _multipart(
+    session: aiohttp.ClientSession, target: _Target, path: Path, size: int
+) -> None:
+    url = target.sign("create_multipart_upload", ContentType=CONTENT_TYPE)
+    body, _ = await _request(
+        session, "POST", url, "CreateMultipartUpload", headers={"Content-Type": CONTENT_TYPE}
+    )
+    upload_id = _xml_text(body, "UploadId")
+    if not upload_id:
+        raise _S3Error(200, "", "no UploadId in the answer", "CreateMultipartUpload")
     try:
-        client.head_bucket(Bucket=settings.bucket_name)
-    except ClientError as exc:
-        if _error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
-            raise _failure(f"bucket {settings.bucket_name!r} is not accessible", exc) from None
-        try:
-            client.create_bucket(Bucket=settings.bucket_name)
-            log.info("created bucket %s", settings.bucket_name)
-        except ClientError as create_exc:
-            if _error_code(create_exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                raise _failure(
-                    f"bucket {settings.bucket_name!r} does not exist and could not be created",
-                    create_exc,
-                ) from None
-    except Exception as exc:
-        raise _failure(f"bucket {settings.bucket_name!r} is not reachable", exc) from None
-    _ready_buckets.add(marker)
+        etags = await _upload_parts(session, target, path, size, upload_id)
+        parts = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+            for n, etag in enumerate(etags, start=1)
+        )
+        url = target.sign("complete_multipart_upload", UploadId=upload_id)
+        xml = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        await _request(session, "POST", url, "CompleteMultipartUpload", data=xml)
+    except BaseException:  # failure, deadline or cancel: drop the parts already stored
+        await _abort(session, target, upload_id)
+        raise
 
 
-def _upload_with_retries(client: Any, path: Path, bucket: str, key: str) -> None:
-    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+async def _upload_parts(
+    session: aiohttp.ClientSession, target: _Target, path: Path, size: int, upload_id: str
+) -> list[str]:
+    count = -(-size // PART_SIZE)
+    etags = [""] * count
+    gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+    async def one(index: int) -> None:
+        async with gate:
+            offset = index * PART_SIZE
+            data = _FileRange(path, offset, min(PART_SIZE, size - offset))
+            url = target.sign("upload_part", UploadId=upload_id, PartNumber=index + 1)
+            _, headers = await _request(session, "PUT", url, "UploadPart", data=data)
+            etags[index] = headers.get("ETag", "")
+
+    try:
+        async with asyncio.TaskGroup() as group:  # the first failure cancels the other parts
+            for index in range(count):
+                group.create_task(one(index))
+    except BaseExceptionGroup as failed:  # report the first part's failure as it is
+        raise failed.exceptions[0] from None
+    return etags
+
+
+async def _abort(session: aiohttp.ClientSession, target: _Target, upload_id: str) -> None:
+    """Best effort, bounded: a cancel must not wait for an unreachable endpoint."""
+    url = target.sign("abort_multipart_upload", UploadId=upload_id)
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT_S):
+            async with session.delete(url) as resp:
+                await resp.read()
+    except (Exception, asyncio.CancelledError) as exc:  # best effort: log, never raise
+        log.warning(
+            "could not abort the multipart upload: %s", redact(str(exc)) or type(exc).__name__
+        )
+
+
+@dataclass(frozen=True)
+class _FileRange:
+    """``length`` bytes of ``path`` from ``offset``, streamed in ``READ_CHUNK`` pieces: memory
+    per request in flight stays about one chunk plus the socket buffer, whatever the part size."""
+
+    path: Path
+    offset: int
+    length: int
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        fh = await asyncio.to_thread(self.path.open, "rb")
         try:
-            client.upload_file(
-                str(path),
-                bucket,
-                key,
-                ExtraArgs={"ContentType": CONTENT_TYPE},
-                Config=_transfer_config(),
-            )
-            return
-        except Exception as exc:
-            if attempt == UPLOAD_ATTEMPTS or not is_transient(exc):
-                raise _failure(f"upload to bucket {bucket!r} failed", exc) from None
-            delay = RETRY_BASE_S * 2 ** (attempt - 1)
-            log.warning(
-                "upload attempt %d/%d failed (%s); retrying in %.1fs",
-                attempt,
-                UPLOAD_ATTEMPTS,
-                redact(str(exc)),
-                delay,
-            )
-            time.sleep(delay)
+            await asyncio.to_thread(fh.seek, self.offset)
+            left = self.length
+            while left > 0:
+                chunk = await asyncio.to_thread(fh.read, min(READ_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{self.path.name} shrank while it was uploaded")
+                left -= len(chunk)
+                yield chunk
+        finally:
+            fh.close()
+
+
+def _xml_text(body: bytes, tag: str) -> str:
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return ""
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == tag:
+            return (element.text or "").strip()
+    return ""
+
+
+def _s3_error(status: int, body: bytes, operation: str) -> _S3Error:
+    code = _xml_text(body, "Code")
+    message = _xml_text(body, "Message") or body[:200].decode("utf-8", "replace").strip()
+    return _S3Error(status, code, message, operation)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Connection problems, timeouts, throttling and 5xx are worth another try."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (ConnectionError, HTTPClientError, TimeoutError, OSError)):
-            return True
-        if isinstance(current, ClientError):
-            return _error_code(current) in _TRANSIENT_CODES
-        current = current.__cause__ or current.__context__
-    text = str(exc)
-    return any(code in text for code in ("(500)", "(502)", "(503)", "(504)", "SlowDown"))
+    if isinstance(exc, _S3Error):
+        return exc.transient
+    return isinstance(exc, (aiohttp.ClientError, TimeoutError, OSError))
 
 
-def _error_code(exc: Any) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-def _failure(what: str, exc: BaseException) -> DeliveryError:
-    detail = redact(str(exc)) or type(exc).__name__
-    log.error("delivery failed: %s: %s", what, detail)
-    return DeliveryError(
-        f"The result video could not be delivered: {what} ({detail}).", code="upload_failed"
-    )
+def _failure(what: str, exc: BaseException | None) -> DeliveryError:
+    detail = (redact(str(exc)) or type(exc).__name__) if exc is not None else ""
+    text = f"{what} ({detail})" if detail else what
+    log.error("delivery failed: %s", text)
+    return DeliveryError(f"The result video could not be delivered: {text}.", code="upload_failed")
 
 
 def _size(path: Path) -> int:

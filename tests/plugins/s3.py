@@ -6,9 +6,12 @@ Fixtures:
   gateway answers a signed request, and kills the process tree at the end of the session
   (well under 1 s; see ``stop_server``). ``start_server(root)`` does the same for one test.
   Yields an ``S3Server`` (endpoint, access_key, secret_key, region). Tests that need it are
-  skipped with a clear reason when the ``weed`` binary is missing.
+  skipped with a clear reason when the ``weed`` binary is missing. A second identity
+  (``put_only_key``, ``put_only_secret``) may only write objects ("Write": PutObject and the
+  multipart calls; no HeadBucket, CreateBucket or reads), like a least-privilege worker key.
 - ``s3_env`` (function): the bucket environment variables (RunPod's names) for that server and
-  a fresh bucket name, ready for ``Settings.from_env``.
+  a fresh bucket name, ready for ``Settings.from_env``; the bucket is created (the worker does
+  not create buckets).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class S3Server:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    put_only_key: str = ""
+    put_only_secret: str = ""
 
     def client(self) -> Any:
         import boto3
@@ -155,7 +160,13 @@ def start_server(root: Path) -> tuple[S3Server, subprocess.Popen]:
         "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
-    config.write_text(json.dumps({"identities": [identity]}))
+    put_key, put_secret = "PK" + secrets.token_hex(8).upper(), secrets.token_hex(20)
+    put_only = {
+        "name": "put-only",
+        "credentials": [{"accessKey": put_key, "secretKey": put_secret}],
+        "actions": ["Write"],
+    }
+    config.write_text(json.dumps({"identities": [identity, put_only]}))
     ports = _free_ports(4)
     log = root / "weed.log"
     with log.open("wb") as out:
@@ -166,7 +177,13 @@ def start_server(root: Path) -> tuple[S3Server, subprocess.Popen]:
             cwd=root,
             start_new_session=True,
         )
-    server = S3Server(f"http://127.0.0.1:{ports[3]}", access, secret)
+    server = S3Server(
+        f"http://127.0.0.1:{ports[3]}",
+        access,
+        secret,
+        put_only_key=put_key,
+        put_only_secret=put_secret,
+    )
     try:
         _wait_ready(server, proc, log)
     except BaseException:
@@ -186,10 +203,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture
 def s3_env(s3_server: S3Server) -> dict[str, str]:
+    bucket = "results-" + secrets.token_hex(4)
+    s3_server.client().create_bucket(Bucket=bucket)
     return {
         "BUCKET_ENDPOINT_URL": s3_server.endpoint,
         "BUCKET_ACCESS_KEY_ID": s3_server.access_key,
         "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "BUCKET_NAME": "results-" + secrets.token_hex(4),
+        "BUCKET_NAME": bucket,
         "BUCKET_REGION": s3_server.region,
     }
