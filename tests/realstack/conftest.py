@@ -216,6 +216,7 @@ def entrypoint_env(stack: Stack, base: Path, comfy_port: int, api_port: int) -> 
         VOLUME_MODELS_DIR=str(base / "no-volume"),
         HF_CACHE_DIR=str(base / "no-hf-cache"),
         JOB_TIMEOUT_S="900",
+        LOCAL_OUTPUT_DIR=str(base / "saved"),
         PYTHONUNBUFFERED="1",
     )
     return env
