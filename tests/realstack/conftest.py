@@ -44,8 +44,8 @@ from xicon_dance.schema import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GRAPH = ROOT / "XiCON_Dance_SCAIL_vFinal.json"
-STARTUP_TIMEOUT_S = 900.0
-TEST_TIMEOUT_S = 1800  # session set-up (models, ComfyUI start) counts against the first test  # a loaded 2-core machine imports torch and the packs slowly
+STARTUP_TIMEOUT_S = 900.0  # a loaded 2-core machine imports torch and the packs slowly
+TEST_TIMEOUT_S = 1800  # session set-up (models, ComfyUI start) counts against the first test
 POLL_S = 0.5
 
 
@@ -197,6 +197,7 @@ def realstack_base(
 def entrypoint_env(stack: Stack, base: Path, comfy_port: int, api_port: int) -> dict[str, str]:
     graph = base / "graph_cpu.json"
     graph.write_text(json.dumps(cpu_graph(json.loads(GRAPH.read_text("utf-8")))), "utf-8")
+    db = base / "user" / "comfyui.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "BUCKET_"))}
     env.update(
         PYTHON_BIN=str(stack.python),
@@ -205,7 +206,8 @@ def entrypoint_env(stack: Stack, base: Path, comfy_port: int, api_port: int) -> 
         COMFY_HOST=f"127.0.0.1:{comfy_port}",
         COMFY_PID_FILE=str(base / "comfyui.pid"),
         COMFY_LOG_FILE=str(base / "comfyui.log"),
-        COMFY_EXTRA_ARGS=f"--cpu --base-directory {base}",
+        # the database lives in <ComfyUI>/user by default, like the image's; here in the base
+        COMFY_EXTRA_ARGS=f"--cpu --base-directory {base} --database-url sqlite:///{db}",
         COMFY_STARTUP_TIMEOUT_S=str(int(STARTUP_TIMEOUT_S)),
         GPU_PREFLIGHT="0",
         SAGEATTENTION_ENABLED="0",
