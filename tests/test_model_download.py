@@ -230,6 +230,8 @@ def test_corrupt_present_file_is_fetched_again(hub, tmp_path: Path) -> None:
         ({"sha256": "ABC"}, "sha256"),
         ({"size": -1}, "size"),
         ({"filename": "../x"}, "filename"),
+        ({"aliases": ["../x.pth"]}, "aliases"),
+        ({"aliases": "x.pth"}, "aliases"),
     ],
 )
 def test_bad_manifest_entries_are_named(tmp_path: Path, patch: dict, needle: str) -> None:
@@ -308,3 +310,19 @@ def test_link_from_hf_cache(tmp_path: Path) -> None:
     dest = models / "vae" / "k.safetensors"
     assert dest.is_symlink() and dest.read_bytes() == body
     assert md.main(args) == 0  # already present and verified: no server needed
+
+
+def test_an_alias_present_counts_as_present(tmp_path: Path) -> None:
+    """A volume laid out with the original file name (e.g. Wan2.1_VAE.pth) fetches nothing."""
+    entry = _hf_entry("vae", b"x") | {"folder": "vae", "aliases": ["Wan2.1_VAE.pth"]}
+    (loaded,) = md.load_manifest(_manifest(tmp_path, [entry]))
+    models = tmp_path / "models"
+    assert not md.is_present(loaded, models)
+    (models / "vae").mkdir(parents=True)
+    (models / "vae" / "Wan2.1_VAE.pth").write_bytes(b"weights")
+    assert md.is_present(loaded, models)
+
+
+def test_real_manifest_names_the_seed_vae_as_an_alias() -> None:
+    entries = {e.name: e for e in md.load_manifest(ROOT / "model_manifest.json")}
+    assert entries["wan21_vae"].aliases == ("Wan2.1_VAE.pth",)

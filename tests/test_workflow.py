@@ -177,3 +177,33 @@ def test_production_graph_passes_the_role_check() -> None:
     wf = Workflow.load(REAL_GRAPH)
     graph = wf.build(params())
     assert graph["205"]["inputs"]["value"] == 208
+
+
+@pytest.mark.skipif(not REAL_GRAPH.exists(), reason="the production graph is not in the tree yet")
+def test_model_alias_is_adopted_only_when_the_canonical_file_is_absent() -> None:
+    wf = Workflow.load(REAL_GRAPH)
+    vae = ("WanVideoVAELoader", "model_name")
+    aliases = {"Wan2_1_VAE_bf16.safetensors": ("Wan2.1_VAE.pth",)}
+    both = {vae: ["Wan2.1_VAE.pth", "Wan2_1_VAE_bf16.safetensors"]}
+    assert wf.adopt_model_aliases(both, aliases) == {}
+    assert wf.adopt_model_aliases({vae: ["other.safetensors"]}, aliases) == {}
+    assert wf.build(params())["38"]["inputs"]["model_name"] == "Wan2_1_VAE_bf16.safetensors"
+    assert wf.adopt_model_aliases({vae: ["Wan2.1_VAE.pth"]}, aliases) == {
+        "38.model_name": "Wan2.1_VAE.pth"
+    }
+    assert wf.build(params())["38"]["inputs"]["model_name"] == "Wan2.1_VAE.pth"
+
+
+def test_model_inputs_cover_every_loader_of_the_graph() -> None:
+    wf = Workflow.load(REAL_GRAPH)
+    found = {(node, name) for node, _cls, name in wf.model_inputs()}
+    assert found == {
+        ("22", "model"),
+        ("56", "lora"),
+        ("38", "model_name"),
+        ("368", "model_name"),
+        ("326", "clip_name"),
+        ("335", "nlf_model"),
+        ("364", "vitpose_model"),
+        ("364", "yolo_model"),
+    }

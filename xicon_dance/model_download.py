@@ -64,6 +64,9 @@ class Entry:
     source: dict[str, Any]
     size: int | None
     sha256: str | None
+    # Other file names the same model may have in its folder (a volume laid out by another
+    # guide): the worker uses one of them when the canonical file is absent.
+    aliases: tuple[str, ...] = ()
 
     def dest(self, models_dir: Path) -> Path:
         return models_dir / self.folder / self.filename
@@ -96,7 +99,14 @@ def _entry(raw: dict[str, Any], index: int) -> Entry:
         raise DownloadFailed(f"{where} ({raw['name']}): size must be a positive integer or null.")
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
         raise DownloadFailed(f"{where} ({raw['name']}): sha256 must be 64 lowercase hex or null.")
-    return Entry(raw["name"], raw["folder"], raw["filename"], src, size, sha)
+    aliases = raw.get("aliases", [])
+    if not isinstance(aliases, list) or any(
+        not isinstance(a, str) or not a or "/" in a or a.startswith(".") for a in aliases
+    ):
+        raise DownloadFailed(
+            f"{where} ({raw['name']}): aliases must be a list of plain file names."
+        )
+    return Entry(raw["name"], raw["folder"], raw["filename"], src, size, sha, tuple(aliases))
 
 
 def load_manifest(path: Path) -> list[Entry]:
@@ -141,6 +151,10 @@ def verify(entry: Entry, path: Path) -> None:
 def is_present(entry: Entry, models_dir: Path) -> bool:
     dest = entry.dest(models_dir)
     if not dest.is_file():
+        for alias in entry.aliases:
+            if (dest.parent / alias).is_file():
+                log.info("%s: %s is present under its other name; not fetching.", dest, alias)
+                return True
         return False
     try:
         verify(entry, dest)

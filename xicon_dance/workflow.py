@@ -18,6 +18,10 @@ Details:
   ``audio`` input is optional in the template; every other role's input must exist in it.
 - ``unique_prefix(job_id)`` gives a per-job ``filename_prefix`` (no path separators), so two
   jobs never read each other's output and the output file can be found and removed.
+- ``Workflow.adopt_model_aliases(listed, aliases)``: for each model-file input of the template
+  (``graph_check.MODEL_FILE_INPUTS``) whose file ComfyUI does not list but one of its aliases
+  (``model_manifest.json``) it does, the template uses the alias from then on; returns
+  ``{"<node>.<input>": alias}``. Called once at start-up with ComfyUI's live lists.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .graph_check import MODEL_FILE_INPUTS
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,6 +154,34 @@ class Workflow:
     def template(self) -> dict[str, Any]:
         """A deep copy of the template (the original is never handed out)."""
         return copy.deepcopy(self._template)
+
+    def model_inputs(self) -> list[tuple[str, str, str]]:
+        """(node id, class_type, input) of every model-file input of the template."""
+        return [
+            (node_id, node["class_type"], name)
+            for node_id, node in self._template.items()
+            for name in node.get("inputs", {})
+            if (node.get("class_type"), name) in MODEL_FILE_INPUTS
+        ]
+
+    def adopt_model_aliases(
+        self, listed: dict[tuple[str, str], list[str]], aliases: dict[str, tuple[str, ...]]
+    ) -> dict[str, str]:
+        """Point model inputs whose file is not listed at a listed alias (see module doc)."""
+        adopted = {}
+        for node_id, class_type, name in self.model_inputs():
+            inputs = self._template[node_id]["inputs"]
+            available = listed.get((class_type, name))
+            if available is None or inputs[name] in available:
+                continue
+            alias = next((a for a in aliases.get(inputs[name], ()) if a in available), None)
+            if alias is not None:
+                log.info(
+                    "node %s (%s): %s is absent, using %s", node_id, class_type, inputs[name], alias
+                )
+                inputs[name] = alias
+                adopted[f"{node_id}.{name}"] = alias
+        return adopted
 
     def build(self, params: PatchParams) -> dict[str, Any]:
         graph = copy.deepcopy(self._template)
