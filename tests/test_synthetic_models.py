@@ -1,0 +1,329 @@
+"""make_synthetic_models.py: the tables follow each loader's rules; the files are valid.
+
+Table tests need no torch (they run in the project's own venv). Tests that write files need torch,
+safetensors and onnx and skip with a reason where those are missing; the comparison with the real
+model classes (``check_against_upstream``) runs when ``XICON_STACK_HOME`` points at the real stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "make_synthetic_models.py"
+MANIFEST = ROOT / "model_manifest.json"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("make_synthetic_models", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+msm = _load_module()
+
+
+def _names(specs) -> dict:
+    return {s.name: s for s in specs}
+
+
+def _has(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+needs_torch = pytest.mark.skipif(
+    not _has("torch", "safetensors"),
+    reason="writing model files needs torch and safetensors (the stack venv)",
+)
+
+
+# ---- tables (no torch) ------------------------------------------------------------------------
+
+
+def test_every_manifest_entry_has_a_generator():
+    names = {m["name"] for m in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
+    assert names == set(msm.KNOWN_MODELS)
+
+
+@pytest.mark.parametrize(
+    ("size", "dim", "ffn", "blocks"),
+    [("tiny", 96, 128, 30), ("full", 5120, 13824, 40)],
+)
+def test_diffusion_table_drives_the_loader_to_the_intended_model(size, dim, ffn, blocks):
+    t = _names(msm.wan_specs(size))
+    # WanVideoModelLoader: dim/in_dim from patch_embedding, ffn from blocks.0.ffn.0.bias,
+    # i2v from k_img, SCAIL from patch_embedding_pose; heads/layers follow from dim
+    assert t["patch_embedding.weight"].shape == (dim, 20, 1, 2, 2)
+    assert t["patch_embedding_pose.weight"].shape == (dim, 20, 1, 2, 2)
+    assert t["blocks.0.ffn.0.bias"].shape == (ffn,)
+    assert "blocks.0.cross_attn.k_img.weight" in t
+    assert t["text_embedding.0.weight"].shape == (dim, 4096)
+    assert t["img_emb.proj.1.weight"].shape == (1280, 1280)
+    assert {int(k.split(".")[1]) for k in t if k.startswith("blocks.")} == set(range(blocks))
+
+
+def test_tiny_diffusion_has_no_fp8_so_the_loader_keeps_quantization_disabled():
+    specs = msm.wan_specs("tiny")
+    assert {s.dtype for s in specs} == {"bfloat16"}
+    assert not [s for s in specs if s.name.endswith(".scale_weight") or s.name == "scaled_fp8"]
+
+
+def test_full_diffusion_follows_the_fp8_scaled_layout():
+    t = _names(msm.wan_specs("full"))
+    fp8 = {k for k, s in t.items() if s.dtype == "float8_e4m3fn" and k != "scaled_fp8"}
+    expected = {f"blocks.{i}.{layer}.weight" for i in range(40) for layer in msm.BLOCK_LINEARS}
+    assert fp8 == expected
+    for key in expected:
+        scale = t[key.replace(".weight", ".scale_weight")]
+        assert (scale.shape, scale.dtype) == ((1,), "float32")
+    assert "scaled_fp8" in t
+    assert t["patch_embedding.weight"].dtype == "bfloat16"
+    # 14 B-class: the block linears alone are 16.3 G parameters
+    assert 16.0e9 < sum(s.numel for s in t.values()) < 16.6e9
+
+
+@pytest.mark.parametrize(("size", "rank"), [("tiny", 4), ("full", 64)])
+def test_lora_patches_exactly_the_block_linears_with_matching_shapes(size, rank):
+    model = _names(msm.wan_specs(size))
+    lora = msm.lora_specs(size)
+    assert len(lora) == 3 * len(msm.BLOCK_LINEARS) * msm.WAN_SIZES[size]["layers"]
+    for s in lora:
+        key = s.name.removeprefix("diffusion_model.")
+        if key.endswith(".alpha"):
+            assert s.shape == () and s.value == rank, s.name
+            continue
+        layer, kind, _ = key.rsplit(".", 2)
+        out_f, in_f = model[f"{layer}.weight"].shape
+        assert s.shape == ((rank, in_f) if kind == "lora_down" else (out_f, rank)), s.name
+
+
+@pytest.mark.parametrize(("size", "decoder_width"), [("tiny", 96), ("full", 384)])
+def test_vae_has_194_keys_and_the_width_that_selects_the_variant(size, decoder_width):
+    t = _names(msm.vae_specs(size))
+    assert len(t) == 194
+    assert t["conv2.weight"].shape[0] == 16  # Wan 2.1, not 2.2
+    assert t["decoder.conv1.bias"].shape == (decoder_width,)  # 96 -> lightVAE
+
+
+def test_full_vae_matches_the_real_126_9_m_parameters():
+    assert sum(s.numel for s in msm.vae_specs("full")) == 126_892_531
+
+
+def test_clip_is_the_full_vit_h_in_both_sizes():
+    for size in msm.SIZES:
+        t = _names(msm.clip_specs(size))
+        assert len(t) == 520
+        assert "vision_model.encoder.layers.31.layer_norm1.weight" in t
+        assert "vision_model.encoder.layers.32.layer_norm1.weight" not in t
+        assert sum(s.numel for s in t.values()) == 632_076_800
+
+
+def test_full_t5_is_umt5_xxl_and_tiny_is_a_placeholder():
+    full = msm.t5_specs("full")
+    assert len(full) == 242
+    assert sum(s.numel for s in full) == 5_680_910_336
+    assert [s.name for s in msm.t5_specs("tiny")] == ["synthetic_placeholder"]
+
+
+@pytest.mark.parametrize("name", ["umt5_xxl", "clip_vision_h"])
+def test_full_files_come_within_a_header_of_the_real_file_sizes(name):
+    entry = next(
+        m for m in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"] if m["name"] == name
+    )
+    ours = sum(s.nbytes for s in msm.specs_for(name, "full"))
+    # the real file is our tensor bytes plus its JSON header (tens of KiB)
+    assert 0 < entry["size"] - ours < 256 * 1024
+
+
+def test_header_offsets_are_contiguous_and_aligned():
+    specs = msm.vae_specs("tiny")
+    raw = msm._header(specs, {"synthetic": "true"})
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n == len(raw) - 8 and n % 8 == 0
+    header = json.loads(raw[8:])
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert spans[-1][1] == sum(s.nbytes for s in specs)
+
+
+def test_text_cache_key_is_the_sha256_of_the_stripped_prompt():
+    assert msm.text_cache_key("  a dancer \n") == hashlib.sha256(b"a dancer").hexdigest()
+
+
+def test_dry_run_prints_every_tensor_without_torch():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--size",
+            "full",
+            "--dry-run",
+            "--only",
+            "wan21_vae",
+            "umt5_xxl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert len([ln for ln in lines if not ln.startswith("#")]) == 194 + 242
+    assert lines[-1].startswith("# total tensor bytes: 11,615,605,734 ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--size", "tiny", "--dry-run", "--only", "nope"], "--only: unknown model name(s) nope"),
+        (["--size", "tiny"], "--out: required"),
+        ([], "nothing to do"),
+        (["--text-cache", "x"], "--text-cache: give at least one --prompt"),
+    ],
+)
+def test_cli_errors_name_the_option(argv, message):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- files (torch, safetensors, onnx) ---------------------------------------------------------
+
+
+@needs_torch
+def test_tiny_files_load_with_the_shapes_and_dtypes_of_the_tables(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    only = ["scail_diffusion", "lightx2v_lora", "wan21_vae", "umt5_xxl"]
+    written = msm.make_models(tmp_path, "tiny", MANIFEST, only=only, seed=3)
+    for name in only:
+        table = _names(msm.specs_for(name, "tiny"))
+        with safe_open(str(written[name]), framework="pt") as f:
+            assert set(f.keys()) == set(table)
+            for key, spec in table.items():
+                t = f.get_tensor(key)
+                assert tuple(t.shape) == spec.shape and t.dtype == getattr(torch, spec.dtype), key
+            assert f.metadata()["synthetic_size"] == "tiny"
+    with safe_open(str(written["scail_diffusion"]), framework="pt") as f:
+        w = f.get_tensor("blocks.3.self_attn.q.weight").float()
+        assert 0.01 < w.std().item() < 0.03  # small-magnitude random, not zeros
+        assert torch.equal(f.get_tensor("blocks.3.norm3.weight").float(), torch.ones(96))
+
+
+@needs_torch
+def test_same_seed_same_bytes_and_only_does_not_change_them(tmp_path):
+    a = msm.make_models(tmp_path / "a", "tiny", MANIFEST, only=["lightx2v_lora"], seed=5)
+    b = msm.make_models(
+        tmp_path / "b", "tiny", MANIFEST, only=["lightx2v_lora", "wan21_vae"], seed=5
+    )
+    c = msm.make_models(tmp_path / "c", "tiny", MANIFEST, only=["lightx2v_lora"], seed=6)
+    assert a["lightx2v_lora"].read_bytes() == b["lightx2v_lora"].read_bytes()
+    assert a["lightx2v_lora"].read_bytes() != c["lightx2v_lora"].read_bytes()
+
+
+@needs_torch
+def test_fp8_tensors_round_trip_through_the_streaming_writer(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    specs = [
+        msm.TensorSpec("w", (8, 4), "float8_e4m3fn", std=1.0),
+        msm.TensorSpec("w.scale_weight", (1,), "float32", "const", value=0.02),
+        msm.TensorSpec("scaled_fp8", (0,), "float8_e4m3fn", "zeros"),
+    ]
+    msm.write_safetensors(tmp_path / "m.safetensors", specs, seed=1)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    assert sd["w"].dtype == torch.float8_e4m3fn and sd["w"].shape == (8, 4)
+    assert sd["w.scale_weight"].item() == pytest.approx(0.02)
+    assert sd["scaled_fp8"].numel() == 0
+
+
+@needs_torch
+def test_nlf_answers_the_calls_the_nodes_make(tmp_path):
+    import torch
+
+    path = tmp_path / "nlf.torchscript"
+    msm.write_nlf(path)
+    model = torch.jit.load(str(path)).eval().to("cpu")
+    for _ in range(2):  # LoadNLFModel's warm-up
+        model.detect_smpl_batched(torch.zeros(1, 3, 256, 256))
+    pred = model.detect_smpl_batched(torch.rand(3, 3, 128, 96))
+    assert len(pred["boxes"]) == 3 and pred["boxes"][0].shape == (1, 5)
+    joints = pred["joints3d_nonparam"][1]
+    assert joints.shape == (1, 24, 3)
+    depth_mm = joints[0, :, 2]
+    assert depth_mm.min().item() > 3000 and depth_mm.max().item() < 5000  # ~4 m away
+
+
+@pytest.mark.skipif(not _has("onnx", "onnxruntime", "numpy"), reason="needs onnx and onnxruntime")
+def test_onnx_detectors_have_the_io_the_loaders_read(tmp_path):
+    import numpy as np
+    import onnxruntime
+
+    msm.write_yolo(tmp_path / "yolo.onnx")
+    msm.write_vitpose(tmp_path / "vitpose.onnx", seed=0)
+    yolo = onnxruntime.InferenceSession(
+        str(tmp_path / "yolo.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert yolo.get_inputs()[0].shape == [1, 3, 640, 640]
+    (boxes,) = yolo.run(None, {yolo.get_inputs()[0].name: np.zeros((1, 3, 640, 640), np.float32)})
+    assert boxes.shape == (1, 1, 6) and boxes[0, 0, 4] > 0.05 and boxes[0, 0, 5] == 0
+    pose = onnxruntime.InferenceSession(
+        str(tmp_path / "vitpose.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert pose.get_inputs()[0].shape[2:] == [256, 192]
+    (heat,) = pose.run(None, {pose.get_inputs()[0].name: np.zeros((1, 3, 256, 192), np.float32)})
+    assert heat.shape == (1, 133, 64, 48)
+
+
+@needs_torch
+def test_seeded_text_cache_is_what_the_node_loads(tmp_path):
+    import torch
+
+    prompts = ["A person dances.", "  静态，模糊  "]
+    paths = msm.seed_text_cache(tmp_path, prompts)
+    for prompt, path in zip(prompts, paths, strict=True):
+        assert path.name == hashlib.sha256(prompt.strip().encode()).hexdigest() + ".pt"
+        loaded = torch.load(path)  # the node's call: default weights_only loading
+        assert isinstance(loaded, list) and len(loaded) == 1
+        assert loaded[0].ndim == 2 and loaded[0].shape[1] == 4096 and loaded[0].shape[0] >= 1
+
+
+# ---- against the real model classes (real stack) ----------------------------------------------
+
+
+@pytest.mark.realstack
+@pytest.mark.slow
+@pytest.mark.parametrize("size", msm.SIZES)
+def test_tables_equal_the_real_classes_on_the_meta_device(size):
+    home = os.environ.get("XICON_STACK_HOME")
+    if not home:
+        if os.environ.get("XICON_REQUIRE_REALSTACK") == "1":
+            pytest.fail("XICON_STACK_HOME is not set")
+        pytest.skip("needs the real stack (XICON_STACK_HOME)")
+    python = Path(home) / "venv" / "bin" / "python"
+    proc = subprocess.run(
+        [str(python), str(SCRIPT), "--size", size, "--check-upstream", str(Path(home) / "ComfyUI")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("matches the real class") == (5 if size == "full" else 4)
