@@ -296,7 +296,8 @@ def lock(args: argparse.Namespace) -> None:
             name = Path(tmp) / f"{comp['name']}.requirements.txt"
             shutil.copyfile(req, name)
             inputs.append(name.name)
-        worker = [*project["dependencies"], *project["optional-dependencies"]["models"]]
+        extras = project["optional-dependencies"]
+        worker = [*project["dependencies"], *extras["worker"], *extras["models"]]
         (Path(tmp) / "worker.requirements.txt").write_text("\n".join(worker) + "\n")
         inputs.append("worker.requirements.txt")
         shutil.copyfile(CONSTRAINTS, Path(tmp) / "constraints.txt")

@@ -2,8 +2,8 @@
 
 The server (``tests/plugins/fake_runpod.py``) implements ``/run``, ``/status`` and ``/cancel`` as
 documented at https://docs.runpod.io/serverless/endpoints/operation-reference and the states of
-https://docs.runpod.io/serverless/endpoints/job-states (``../shared/reference/runpod.md`` §8.1),
-and the SDK's local ``--rp_serve_api`` server (§3.2). Jobs follow scripted lifecycles.
+https://docs.runpod.io/serverless/endpoints/job-states, and the SDK's local ``--rp_serve_api``
+server. Jobs follow scripted lifecycles.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -436,3 +439,136 @@ def test_against_the_sdk_local_server(sdk_server, image, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "c.mp4"), "--local", "--seed", "13"]) == 1
     assert "FAILED: seed: unlucky." in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a newcomer's errors
+
+
+@pytest.mark.parametrize("case", ["folder", "under_a_file", "unwritable"])
+def test_bad_out_is_refused_before_anything_is_sent(fake_runpod, image, tmp_path, capsys, case):
+    if case == "folder":
+        out = tmp_path / "videos"
+        out.mkdir()
+        expected = "is a folder"
+    elif case == "under_a_file":
+        (tmp_path / "notes.txt").write_text("x")
+        out = tmp_path / "notes.txt" / "sub" / "a.mp4"
+        expected = "which is a file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write into any folder")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "a.mp4"
+        expected = "is not writable"
+    assert cli(fake_runpod, image, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --out:") and expected in err and "Traceback" not in err
+    assert fake_runpod.requests == []
+
+
+def test_connection_retries_are_shown_as_they_happen(fake_runpod, image, tmp_path, capsys):
+    fake_runpod.fail_next("/run", 503, times=2)
+    fake_runpod.queue_job([completed({"base64": client_b64()})])
+    assert cli(fake_runpod, image, tmp_path / "a.mp4") == 0
+    err = capsys.readouterr().err
+    assert "HTTP 503; retry 1 of 5 in" in err and "HTTP 503; retry 2 of 5 in" in err
+
+
+async def test_an_unreachable_endpoint_reports_each_retry(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    seen: list[tuple[float, str]] = []
+    started = time.monotonic()
+
+    def on_update(update: client.JobUpdate) -> None:
+        if update.status == client.RETRYING:
+            seen.append((time.monotonic() - started, update.detail or ""))
+
+    with pytest.raises(client.ApiError) as err:
+        await client.run_job(
+            {"image_url": "https://x/a.png"},
+            base_url=f"http://127.0.0.1:{port}",
+            on_update=on_update,
+            retries=3,
+        )
+    assert [d.split(";")[1].strip()[:10] for _, d in seen] == ["retry 1 of", "retry 2 of"]
+    assert all(f"cannot reach http://127.0.0.1:{port}" in d for _, d in seen)
+    assert seen[0][0] < 2.0  # the first failure is shown at once, not after all retries
+    assert "cannot reach" in err.value.message
+
+
+class _HtmlErrors(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        page = (
+            "<!DOCTYPE html><html><head><title>404 Not Found</title><style>body{}</style>"
+            "</head><body>" + "<p>nothing here</p>" * 500 + "</body></html>"
+        ).encode()
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+
+def test_html_error_page_is_reduced_to_status_and_title(image, tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        args = ["run", "--base-url", url, "--image", str(image), "--out", str(tmp_path / "a.mp4")]
+        assert main(args) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "POST /run failed with HTTP 404: 404 Not Found." in err
+    assert "<" not in err and "nothing here" not in err and len(err) < 400
+
+
+async def test_a_finished_video_is_never_lost(fake_runpod, tmp_path, monkeypatch):
+    """The --out folder vanished (here: became a file) while the job ran: saved elsewhere."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (tmp_path / "gone").write_text("now a file")
+    fake_runpod.queue_job([completed({"base64": client_b64()})])
+    result = await client.run_job(
+        {"image_url": "https://x/a.png"},
+        base_url=fake_runpod.url,
+        api_key=API_KEY,
+        out=tmp_path / "gone" / "a.mp4",
+        poll_interval=0.02,
+    )
+    assert result.video_path is not None and result.video_path.parent == cwd
+    assert result.video_path.name == f"xicon-dance-{result.job_id}.mp4"
+    assert result.video_path.read_bytes() == VIDEO
+    assert result.note and str(tmp_path / "gone" / "a.mp4") in result.note
+    assert str(result.video_path) in result.note
+
+
+def test_the_client_imports_without_the_worker_dependencies():
+    """`pip install '.[client]'` brings aiohttp only; the command must work with just that."""
+    blocked = ["runpod", "boto3", "botocore", "av", "PIL", "pydantic", "numpy"]
+    code = (
+        "import sys\n"
+        f"class Block:\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        f"            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from xicon_dance.__main__ import main\n"
+        "sys.exit(main(['run', '--help']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--image" in proc.stdout
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    base = {req.split("==")[0].lower() for req in project["project"]["dependencies"]}
+    assert base.isdisjoint({"runpod", "boto3", "botocore", "av", "pillow", "pydantic"})
+    assert "client" in project["project"]["optional-dependencies"]

@@ -57,7 +57,8 @@ def test_lock_agrees_with_the_source_archive_manifest() -> None:
 def test_worker_pins_are_the_locked_versions() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     locked = install.lock_pins()
-    for req in [*project["dependencies"], *project["optional-dependencies"]["models"]]:
+    extras = project["optional-dependencies"]
+    for req in [*project["dependencies"], *extras["worker"], *extras["models"]]:
         name, version = req.split("==")
         assert locked.get(install.normalise(name)) == version, req
 

@@ -5,9 +5,15 @@ Contract:
   returns the exit code: 0 the video was saved, 1 the job ended without a video (FAILED,
   CANCELLED, TIMED_OUT, ``--timeout``), 2 a usage problem (nothing was sent: bad flag, missing
   file, request over RunPod's payload limit, no API key), 3 the API or the download failed,
-  130 interrupted with Ctrl-C (the job is cancelled first).
+  130 interrupted with Ctrl-C (the job is cancelled first). ``--out`` is checked before anything
+  is sent (a folder, a path under a file, an unwritable folder: exit 2). A user error never
+  prints a traceback; an unexpected one prints one line (the traceback with ``-v``).
+- Installs without the worker: ``pip install '.[client]'`` needs only aiohttp (no runpod, boto3,
+  av or pillow); this module and ``client`` import nothing else.
 - Progress goes to stderr: on a terminal one bar redrawn in place, otherwise one line per change.
-  The summary (file, video facts, seed, timings) goes to stdout. ``-v`` adds diagnostic logs.
+  Connection retries are shown as they happen. The summary (file, video facts, seed, timings)
+  goes to stdout; when the video could not be written to ``--out`` it names where it went
+  instead. ``-v`` adds diagnostic logs.
 - The API key is read from ``RUNPOD_API_KEY`` and never printed.
 """
 
@@ -29,6 +35,7 @@ from .client import (
     CANCEL_SENT,
     DOWNLOADING,
     OPTION_FIELDS,
+    RETRYING,
     RUN_PAYLOAD_LIMIT,
     RUNSYNC_PAYLOAD_LIMIT,
     SUBMITTED,
@@ -39,6 +46,7 @@ from .client import (
     Progress,
     UsageError,
     build_job_input,
+    check_out,
     default_base_url,
     run_job,
 )
@@ -46,6 +54,7 @@ from .client import (
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_UNEXPECTED = 3
 BAR_WIDTH = 24
 TIMING_KEYS = ("download", "queue", "inference", "upload", "total")
 
@@ -91,6 +100,8 @@ class ProgressView:
             return f"[{clock}] submitted job {update.job_id or '(local)'}"
         if update.status == DOWNLOADING:
             return f"[{clock}] saving the video"
+        if update.status == RETRYING:
+            return f"[{clock}] {update.detail or 'retrying'}"
         if update.status == CANCEL_SENT:
             return f"[{clock}] cancel sent for job {update.job_id}"
         if update.status == CANCEL_FAILED:
@@ -228,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         view.note(_describe_error(exc))
         return exc.exit_code
+    except Exception as exc:  # a bug, not a user error: one line, the traceback only with -v
+        logging.getLogger("xicon_dance").debug("unexpected error", exc_info=True)
+        hint = "" if args.verbose else " (run with -v for details)"
+        view.note(f"Error: unexpected {type(exc).__name__}: {exc}{hint}")
+        return EXIT_UNEXPECTED
     view.close()
     _print_summary(result, sys.stdout)
     return EXIT_OK
@@ -239,6 +255,7 @@ def _run(args: argparse.Namespace, view: ProgressView) -> JobResult:
         raise _usage("--poll-interval must be above 0.")
     if args.timeout is not None and args.timeout <= 0:
         raise _usage("--timeout must be above 0.")
+    out = check_out(args.out)
     options = {name: getattr(args, name) for name in OPTION_FIELDS}
     limit = RUNSYNC_PAYLOAD_LIMIT if args.local else RUN_PAYLOAD_LIMIT
     job_input = build_job_input(args.image, args.video, limit=limit, **options)
@@ -247,7 +264,7 @@ def _run(args: argparse.Namespace, view: ProgressView) -> JobResult:
             job_input,
             base_url=base_url,
             api_key=api_key,
-            out=args.out,
+            out=out,
             local=args.local,
             poll_interval=args.poll_interval,
             timeout=args.timeout,
@@ -286,6 +303,8 @@ def _describe_error(exc: ClientError) -> str:
 
 def _print_summary(result: JobResult, out: TextIO) -> None:
     video = result.video
+    if result.note:
+        out.write(f"Note: {result.note}\n")
     if result.video_path is not None:
         out.write(f"Saved {result.video_path} ({_size(video.get('bytes'))})\n")
     facts = _video_facts(video)

@@ -7,8 +7,10 @@ Contract:
   file raises ``UsageError``; a file whose base64 would push the request over ``limit`` raises
   ``PayloadTooLarge`` before the file is read.
 - ``encode_request(job_input, limit) -> bytes`` is the exact JSON body ``{"input": {...}}``;
-  over ``limit`` bytes (RunPod: 10 MB for ``/run``, 20 MB for ``/runsync``,
-  ``../shared/reference/runpod.md`` §5.1) it raises ``PayloadTooLarge`` naming the sizes.
+  over ``limit`` bytes (RunPod: 10 MB for ``/run``, 20 MB for ``/runsync``) it raises
+  ``PayloadTooLarge`` naming the sizes.
+- ``check_out(path) -> Path`` refuses, before anything is sent, an ``--out`` that is a folder, lies
+  under a file, or is in a folder that cannot be created or written (``UsageError``).
 - ``await run_job(job_input, base_url=..., ...) -> JobResult`` submits with ``POST /run``, polls
   ``GET /status/{id}`` and reports each change to ``on_update(JobUpdate)``; while the job is
   IN_PROGRESS the worker's latest progress payload (``stage``, ``step``, ``total``, ``percent``,
@@ -19,15 +21,20 @@ Contract:
   (``POST /status/{id}``).
 - COMPLETED: the video (``output.video.url``, streamed, or ``output.video.base64``) is written
   to ``out`` (through a ``.part`` file, size checked against ``video.bytes``); the returned
-  ``JobResult`` carries the output without the base64 text. FAILED, CANCELLED, TIMED_OUT raise
+  ``JobResult`` carries the output without the base64 text. A finished video is never lost: if
+  ``out`` cannot be written (disk full, folder removed meanwhile...) it is saved as
+  ``xicon-dance-<job id>.mp4`` in the current folder, else in the temp folder, and
+  ``JobResult.note`` says where and why. FAILED, CANCELLED, TIMED_OUT raise
   ``JobFailed`` with the worker's message, ``code`` and ``field``. COMPLETED without output
   (a result over RunPod's size limit) raises ``JobFailed`` too.
 - Cancellation: ``asyncio.CancelledError`` or ``KeyboardInterrupt`` while the job runs sends
   ``POST /cancel/{id}`` before re-raising; passing ``timeout`` does the same, then raises
   ``ClientTimeout``.
-- HTTP 429, 5xx and connection errors are retried with back-off (``Retry-After`` honoured);
-  other HTTP errors raise ``ApiError``. The API key goes only to the API, never to the video URL,
-  and never into messages.
+- HTTP 429, 5xx and connection errors are retried with back-off (``Retry-After`` honoured), each
+  retry reported at once to ``on_update`` (status ``RETRYING``, ``detail`` says why and when);
+  other HTTP errors raise ``ApiError`` with the status and a short text excerpt (an HTML error
+  page is reduced to its title or first words). The API key goes only to the API, never to the
+  video URL, and never into messages.
 - Every error is a ``ClientError`` whose ``exit_code`` the command line uses: 1 the job did not
   produce a video, 2 a usage problem (nothing was sent), 3 the API or the download failed.
 """
@@ -38,10 +45,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import html
 import json
 import logging
 import os
 import random
+import re
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,7 +65,7 @@ from .logs import redact
 log = logging.getLogger(__name__)
 
 MB = 1000 * 1000
-RUN_PAYLOAD_LIMIT = 10 * MB  # POST /run (../shared/reference/runpod.md §5.1)
+RUN_PAYLOAD_LIMIT = 10 * MB  # POST /run (RunPod's documented request limit)
 RUNSYNC_PAYLOAD_LIMIT = 20 * MB  # POST /runsync
 DEFAULT_BASE_URL = "https://api.runpod.ai/v2/{endpoint}"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -64,6 +74,7 @@ SUBMITTED = "SUBMITTED"
 DOWNLOADING = "DOWNLOADING"
 CANCEL_SENT = "CANCEL_SENT"
 CANCEL_FAILED = "CANCEL_FAILED"
+RETRYING = "RETRYING"
 API_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 CHUNK = 1 << 20
@@ -195,6 +206,7 @@ class JobResult:
     output: dict[str, Any]
     video_path: Path | None = None
     status_doc: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None  # set when the video went somewhere else than ``out``
 
     @property
     def video(self) -> dict[str, Any]:
@@ -248,6 +260,25 @@ def build_job_input(
         else:
             job[f"{name}_base64"] = base64.b64encode(Path(value).read_bytes()).decode("ascii")
     return job
+
+
+def check_out(path: Path | str) -> Path:
+    """``path`` if a video can be written there, else ``UsageError`` (nothing was sent)."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UsageError(
+            f"--out: {out} is a folder; give a file name such as {out / 'result.mp4'}."
+        )
+    parent = out.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"--out: {out} lies under {existing}, which is a file, not a folder.")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == parent else f" (needed to create {parent})"
+        raise UsageError(f"--out: the folder {existing} is not writable{where}.")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out: {out} exists and is not writable.")
+    return out
 
 
 def _check_file(name: str, path: Path) -> None:
@@ -307,8 +338,10 @@ class _Api:
         base_url: str,
         api_key: str | None,
         retries: int,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self.session = session
+        self.on_retry = on_retry
         self.base_url = base_url.rstrip("/")
         self.headers = {"content-type": "application/json"}
         if api_key:
@@ -338,7 +371,8 @@ class _Api:
                     if resp.status in allow:
                         return resp.status, None
                     if _retryable(resp.status) and not last:
-                        await _backoff(attempt, resp.headers.get("Retry-After"), method, path)
+                        why = f"HTTP {resp.status}"
+                        await self._backoff(attempt, resp.headers.get("Retry-After"), path, why)
                         continue
                     if resp.status >= 400:
                         raise ApiError(
@@ -346,13 +380,21 @@ class _Api:
                         )
                     return resp.status, _json(text, method, path)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                why = f"cannot reach {self.base_url} ({_exc_text(exc)})"
                 if last:
-                    raise ApiError(
-                        f"{method} {path}: cannot reach {self.base_url} "
-                        f"({type(exc).__name__}: {redact(str(exc)) or 'no answer'})."
-                    ) from None
-                await _backoff(attempt, None, method, path)
+                    raise ApiError(f"{method} {path}: {why}.") from None
+                await self._backoff(attempt, None, path, why)
+            except aiohttp.ClientError as exc:  # e.g. an invalid URL: retrying cannot help
+                raise ApiError(f"{method} {path}: {_exc_text(exc)}.") from None
         raise AssertionError("unreachable")
+
+    async def _backoff(self, attempt: int, retry_after: str | None, path: str, why: str) -> None:
+        delay = _delay(attempt, retry_after)
+        text = f"{why}; retry {attempt} of {self.retries - 1} in {delay:.1f} s"
+        log.info("%s: %s", path, text)
+        if self.on_retry is not None:
+            self.on_retry(text)
+        await asyncio.sleep(delay)
 
     async def submit(self, body: bytes, *, local: bool, timeout_s: float | None) -> dict[str, Any]:
         path = "/runsync" if local else "/run"
@@ -385,13 +427,35 @@ def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-async def _backoff(attempt: int, retry_after: str | None, method: str, path: str) -> None:
+def _delay(attempt: int, retry_after: str | None) -> float:
     delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 1)) * (0.75 + random.random() / 2)
     if retry_after:
         with contextlib.suppress(ValueError):
             delay = min(MAX_BACKOFF_S, max(0.0, float(retry_after)))
+    return delay
+
+
+async def _backoff(attempt: int, retry_after: str | None, method: str, path: str) -> None:
+    delay = _delay(attempt, retry_after)
     log.info("%s %s: retrying in %.1f s (attempt %d)", method, path, delay, attempt + 1)
     await asyncio.sleep(delay)
+
+
+def _exc_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {redact(str(exc)) or 'no answer'}"
+
+
+def excerpt(text: str, limit: int = 200) -> str:
+    """A short, single-line excerpt of an HTTP body; an HTML page gives its title or words."""
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title and title.group(1).strip():
+        text = title.group(1)
+    elif "<" in text and ">" in text:
+        text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.IGNORECASE | re.DOTALL)
+        text = re.sub(r"<[^>]+>", " ", text)
+    flat = " ".join(html.unescape(text).split())
+    flat = redact(flat)
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
 
 
 def _http_message(method: str, path: str, status: int, text: str) -> str:
@@ -401,8 +465,8 @@ def _http_message(method: str, path: str, status: int, text: str) -> str:
         404: " Check the endpoint id / --base-url (a finished job's result is kept 30 min).",
         413: " The request is too large; pass URLs instead of local files.",
     }.get(status, "")
-    excerpt = redact(" ".join(text.split()))[:300]
-    shown = f": {excerpt}" if excerpt else ""
+    short = excerpt(text)
+    shown = f": {short}" if short else ""
     return f"{method} {path} failed with HTTP {status}{shown}.{hint}"
 
 
@@ -410,7 +474,7 @@ def _json(text: str, method: str, path: str) -> Any:
     try:
         return json.loads(text) if text.strip() else None
     except json.JSONDecodeError:
-        raise ApiError(f"{method} {path}: the answer is not JSON: {text[:200]!r}.") from None
+        raise ApiError(f"{method} {path}: the answer is not JSON: {excerpt(text)!r}.") from None
 
 
 def _as_doc(doc: Any, what: str) -> dict[str, Any]:
@@ -440,8 +504,10 @@ async def run_job(
     own = session is None
     session = session or aiohttp.ClientSession()
     try:
-        api = _Api(session, base_url, api_key, retries)
         tracker = _Tracker(on_update, time.monotonic(), timeout)
+        api = _Api(
+            session, base_url, api_key, retries, lambda why: tracker.emit(RETRYING, None, why)
+        )
         doc = await _submit_and_wait(api, body, local, max(0.05, poll_interval), tracker)
         return await _finish(session, doc, tracker, Path(out) if out else None, retries)
     finally:
@@ -565,9 +631,52 @@ async def _finish(
     result = JobResult(tracker.job_id, {**output, "video": video}, None, _without(doc, "output"))
     if out is not None:
         tracker.emit(DOWNLOADING)
+        await _save(session, video, b64, out, retries, result)
+    return result
+
+
+async def _save(
+    session: aiohttp.ClientSession,
+    video: dict[str, Any],
+    b64: Any,
+    out: Path,
+    retries: int,
+    result: JobResult,
+) -> None:
+    """Write to ``out``; when that fails on the file system, to a safe name elsewhere."""
+    try:
         await _write_video(session, video, b64, out, retries)
         result.video_path = out
-    return result
+        return
+    except OSError as exc:
+        first = exc
+    name = "xicon-dance-" + (re.sub(r"[^A-Za-z0-9_-]", "_", result.job_id or "") or "result")
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        target = _free_name(folder, name)
+        try:
+            await _write_video(session, video, b64, target, retries)
+        except OSError:
+            continue
+        result.video_path = target
+        result.note = f"could not save to {out} ({_os_reason(first)}); saved to {target} instead"
+        log.warning("%s", result.note)
+        return
+    raise ClientError(
+        f"The job {result.job_id} finished, but its video could not be saved to {out} "
+        f"({_os_reason(first)}) nor to the current or temp folder. Its result stays available "
+        "from the endpoint's /status for a while (RunPod keeps finished results for 30 min)."
+    )
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    target, n = folder / f"{stem}.mp4", 1
+    while target.exists():
+        target, n = folder / f"{stem}-{n}.mp4", n + 1
+    return target
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
 def _without(doc: dict[str, Any], key: str) -> dict[str, Any]:
