@@ -9,7 +9,9 @@ Start-up, in order, before ``runpod.serverless.start`` takes jobs:
 5. ComfyUI must answer within the start-up timeout (``COMFY_STARTUP_TIMEOUT_S``; unset: 900 s on
    RunPod, 30 s in a local run), its PID checked for liveness (exit 3);
 6. the input folder the worker writes to must be the one ComfyUI reads (a probe file read back
-   through ComfyUI's ``/view``; a mismatch names both folders; exit 2).
+   through ComfyUI's ``/view``; a mismatch names both folders; exit 2);
+7. a model file that ComfyUI lists only under an alias of ``model_manifest.json`` (e.g. the
+   original ``Wan2.1_VAE.pth``) is used under that name (``Workflow.adopt_model_aliases``).
 Then the SDK runs jobs through ``handler`` (an async function, so that a cancelled or timed-out
 job cancels its task and the ComfyUI client interrupts the prompt).
 
@@ -39,13 +41,15 @@ from xicon_dance.input_probe import check_input_folder
 from xicon_dance.job import Worker
 from xicon_dance.local_run import is_local_run, save_result
 from xicon_dance.logs import setup_logging
-from xicon_dance.settings import Settings, get_settings
+from xicon_dance.model_download import load_manifest
+from xicon_dance.settings import PACKAGE_ROOT, Settings, get_settings
 from xicon_dance.workflow import Workflow
 
 log = logging.getLogger("xicon_dance.handler")
 
 _worker: Worker | None = None
 _save_dir: Path | None = None  # local runs: where finished videos are written
+MANIFEST = PACKAGE_ROOT / "model_manifest.json"
 # /history is polled next to the websocket; 0.5 s keeps a lost completion notice under 1 s.
 HISTORY_POLL_S = 0.5
 
@@ -60,12 +64,26 @@ def build_worker(settings: Settings) -> Worker:
 
 
 async def wait_for_comfy(worker: Worker, timeout_s: float) -> None:
-    """Block until ComfyUI answers; the start-up session is closed again (jobs run in the SDK's
-    own event loop and open their own)."""
+    """Block until ComfyUI answers, then adopt model aliases; the start-up session is closed
+    again (jobs run in the SDK's own event loop and open their own)."""
     try:
         await worker.comfy.wait_ready(timeout_s)
+        await adopt_model_aliases(worker)
     finally:
         await worker.comfy.close()
+
+
+async def adopt_model_aliases(worker: Worker) -> None:
+    """Point the graph at an alias file where ComfyUI lists the alias but not the canonical name."""
+    aliases = {e.filename: e.aliases for e in load_manifest(MANIFEST) if e.aliases}
+    listed: dict[tuple[str, str], list[str]] = {}
+    for _node, class_type, name in worker.workflow.model_inputs():
+        spec = (await worker.comfy.object_info(class_type)).get(class_type, {}).get("input", {})
+        options = {**spec.get("required", {}), **spec.get("optional", {})}.get(name)
+        if options and isinstance(options[0], list):
+            listed[(class_type, name)] = options[0]
+    for where, alias in worker.workflow.adopt_model_aliases(listed, aliases).items():
+        log.warning("model file for %s not found under its usual name; using %s", where, alias)
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
