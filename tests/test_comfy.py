@@ -112,6 +112,69 @@ async def test_timeout_interrupts_our_prompt(client, comfy_double, comfy_media):
     status = comfy_double.history[pid["prompt_id"]]["status"]
     assert status["status_str"] == "error"
     assert status["messages"][-1][0] == "execution_interrupted"
+    assert not err.value.refresh_worker  # it stopped: this worker stays
+
+
+async def test_timeout_with_a_prompt_that_never_stops_asks_for_a_new_worker(
+    comfy_double, comfy_media
+):
+    """The interrupt is cooperative: a node that never checks it keeps the prompt running and
+    every later prompt queues behind it. After the grace period the timeout asks for a new
+    worker."""
+    comfy_double.faults.hang_at_node = "348"
+    pid = ids()
+    async with ComfyClient(comfy_double.url, poll_interval_s=0.1, interrupt_grace_s=1.0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(JobTimeout) as err:
+            await c.run(graph_for(comfy_media), timeout_s=1.0, **pid)
+    assert 2.0 <= time.monotonic() - t0 < 6
+    assert err.value.refresh_worker and err.value.to_response()["refresh_worker"] is True
+    assert "did not stop it within 1 s" in err.value.message
+    assert comfy_double.running is not None and comfy_double.running[1] == pid["prompt_id"]
+    comfy_double.faults.hang_at_node = None  # released: the pending interrupt stops it
+    for _ in range(100):
+        if pid["prompt_id"] in comfy_double.history:
+            break
+        await asyncio.sleep(0.05)
+    assert comfy_double.history[pid["prompt_id"]]["status"]["messages"][-1][0] == (
+        "execution_interrupted"
+    )
+
+
+@pytest.mark.slow
+async def test_timeout_while_comfy_is_frozen_asks_for_a_new_worker(comfy_process):
+    """ComfyUI frozen mid-run (SIGSTOP: the kernel still accepts connections, nothing answers):
+    the abort and the queue check get no answer; the job timeout asks for a new worker."""
+    import signal
+
+    double = comfy_process(args=["--step-delay-s", "0.3"])
+    seen: list[Progress] = []
+    sampling = asyncio.Event()
+
+    def on_progress(p: Progress) -> None:
+        seen.append(p)
+        if p.stage == "WanVideoSamplerv2":
+            sampling.set()
+
+    async with ComfyClient(
+        double.url, pid_file=double.pid_file, poll_interval_s=0.2, interrupt_grace_s=1.0
+    ) as c:
+        task = asyncio.create_task(
+            c.run(
+                make_graph("ref.png", "drive.mp4", steps=50),
+                timeout_s=3.0,
+                on_progress=on_progress,
+                **ids(),
+            )
+        )
+        await asyncio.wait_for(sampling.wait(), 20)
+        os.kill(double.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(JobTimeout) as err:
+                await asyncio.wait_for(task, 30)
+        finally:
+            os.kill(double.proc.pid, signal.SIGCONT)
+    assert err.value.refresh_worker
 
 
 async def test_cancellation_interrupts_and_reraises(client, comfy_double, comfy_media):

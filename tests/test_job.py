@@ -195,8 +195,22 @@ async def test_timeout_interrupts_and_answers_timeout(rig_factory: Callable[...,
     rig.double.faults.step_delay_s = 0.5
     result = await rig.worker.run(rig.job(steps=20))
     assert result["code"] == "timeout" and "interrupted" in result["error"]
+    assert "refresh_worker" not in result  # the prompt stopped: this worker stays
     assert any(route == "interrupt" for route, _ in rig.double.requests)
     assert leftovers(rig) == []
+
+
+async def test_timeout_with_a_stuck_prompt_replaces_the_worker(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(job_timeout_s=1.0)
+    rig.worker.comfy.interrupt_grace_s = 0.5
+    rig.double.faults.hang_at_node = "348"
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "timeout" and result["refresh_worker"] is True
+    assert set(result) == {"error", "code", "field", "refresh_worker"}
+    assert "replaced" in result["error"]
+    rig.double.faults.hang_at_node = None
 
 
 async def test_cancel_interrupts_and_reraises(rig: Rig) -> None:

@@ -2,7 +2,8 @@
 
 Contract (all network errors are mapped to the errors module; nothing else leaks):
 - ``ComfyClient(base_url: str, *, pid_file: Path | None = None, poll_interval_s=1.0,
-  unreachable_grace_s=15.0, request_timeout_s=30.0)``; ``async with`` or ``await close()``.
+  unreachable_grace_s=15.0, request_timeout_s=30.0, interrupt_grace_s=INTERRUPT_GRACE_S)``;
+  ``async with`` or ``await close()``.
   While ComfyUI cannot be reached, a dead PID in ``pid_file`` (or a zombie) gives
   ``ComfyUnavailable`` at once; without a PID verdict, after ``unreachable_grace_s``.
 - ``await wait_ready(timeout_s)``: polls until ComfyUI answers; checks the PID in ``pid_file`` for
@@ -11,7 +12,11 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   with our client_id and prompt_id, follows the websocket AND /history at the same time (a
   dropped socket cannot lose the completion; the socket is reconnected), on timeout, task
   cancellation or a refused 200 deletes the prompt from the pending queue (POST /queue) and then
-  POSTs /interrupt for it (then raises ``JobTimeout`` / re-raises ``CancelledError``).
+  POSTs /interrupt for it (then raises ``JobTimeout`` / re-raises ``CancelledError``). The
+  interrupt is cooperative: after a timeout the client watches ``/queue`` for up to
+  ``interrupt_grace_s`` (default ``INTERRUPT_GRACE_S``); a prompt still running or queued then,
+  or a ComfyUI that does not answer, gives ``JobTimeout`` with ``refresh_worker`` (a stuck
+  prompt would hold every later job behind it).
   Non-empty ``node_errors`` (even in a 200) -> ``ComfyError(code="comfyui_validation")``;
   ``execution_error`` -> ``ComfyError(code="comfyui_execution" | "out_of_memory")`` with message
   "ComfyUI failed at node <id> (<class>): <exception_message>" (OOM: first line plus a hint;
@@ -73,6 +78,10 @@ OOM_HINT = (
 )
 EXTRA_DATA = {"extra_pnginfo": {"workflow": {"extra": {"VHS_MetadataImage": False}}}}
 OUTPUT_KEYS = ("gifs", "videos", "images")
+# After a job timeout: how long the interrupted prompt may take to stop before the worker asks
+# to be replaced. ComfyUI checks the interrupt before each node and at each progress update
+# (a sampler step, a decoded latent frame), so this must exceed the slowest such interval.
+INTERRUPT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,14 @@ def interrupted_error(data: dict[str, Any]) -> ComfyError:
         "without a request from this worker.",
         code="comfyui_interrupted",
     )
+
+
+def _queued(body: Any, prompt_id: str) -> bool:
+    """Whether a ``GET /queue`` answer lists ``prompt_id`` as running or pending."""
+    if not isinstance(body, dict):
+        return True  # not a queue listing: no proof that it stopped
+    items = [*(body.get("queue_running") or []), *(body.get("queue_pending") or [])]
+    return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in items)
 
 
 class _Run:
@@ -322,12 +339,14 @@ class ComfyClient:
         poll_interval_s: float = 1.0,
         unreachable_grace_s: float = 15.0,
         request_timeout_s: float = 30.0,
+        interrupt_grace_s: float = INTERRUPT_GRACE_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.pid_file = pid_file
         self.poll_interval_s = poll_interval_s
         self.unreachable_grace_s = unreachable_grace_s
         self.request_timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self.interrupt_grace_s = interrupt_grace_s
         self._session: aiohttp.ClientSession | None = None
         self._unreachable_since: float | None = None
 
@@ -463,7 +482,7 @@ class ComfyClient:
         ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                ws = await self._connect(client_id, first=True)  # before /prompt: frames go to this id
+                ws = await self._connect(client_id, first=True)  # before /prompt
                 await self._submit(graph, prompt_id, client_id)
                 state.submitted = time.monotonic()
                 tasks = [
@@ -473,6 +492,13 @@ class ComfyClient:
                 return await asyncio.shield(state.done)
         except TimeoutError:
             await asyncio.shield(self._abort(state))
+            if not await asyncio.shield(self._stops_within(prompt_id, self.interrupt_grace_s)):
+                raise JobTimeout(
+                    f"The job ran past its limit of {timeout_s:g} s and ComfyUI did not stop it "
+                    f"within {self.interrupt_grace_s:g} s of the interrupt; the worker will be "
+                    "replaced.",
+                    refresh_worker=True,
+                ) from None
             raise JobTimeout(
                 f"The job ran past its limit of {timeout_s:g} s; ComfyUI was interrupted."
             ) from None
@@ -489,6 +515,32 @@ class ComfyClient:
                 state.done.cancel()
             elif not state.done.cancelled():
                 state.done.exception()  # retrieved: never "exception was never retrieved"
+
+    async def _stops_within(self, prompt_id: str, grace_s: float) -> bool:
+        """True once ``/queue`` lists the prompt neither running nor pending (ComfyUI removes it
+        from the running set and stores its history in one step), within ``grace_s``. False when
+        it is still there at the deadline, or ComfyUI does not answer (frozen or dead): the
+        interrupt is cooperative, and a prompt that never stops holds every later job behind it
+        in the queue."""
+        try:
+            async with asyncio.timeout(grace_s):
+                while True:
+                    try:
+                        status, body = await self._json("GET", "/queue")
+                    except ComfyUnavailable as exc:
+                        if exc.refresh_worker:  # dead, or unreachable past the grace period
+                            return False
+                    else:
+                        if status == 200 and not _queued(body, prompt_id):
+                            return True
+                    await asyncio.sleep(self.poll_interval_s)
+        except TimeoutError:
+            log.error(
+                "prompt %s still running %.0f s after the interrupt; asking for a new worker",
+                prompt_id,
+                grace_s,
+            )
+            return False
 
     @staticmethod
     async def _close_socket(ws: aiohttp.ClientWebSocketResponse) -> None:

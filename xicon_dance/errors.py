@@ -6,7 +6,9 @@ Contract:
 - ``WorkerError.to_response()`` is the only place that builds the failure payload returned to
   RunPod: ``{"error": "<sentence>", "code": "<code>", "field": <str|None>}``. ``error`` is always a
   string (a dict there breaks RunPod's job status). ``refresh_worker: True`` is added when the
-  worker process should be replaced after this job (ComfyUI died or is unusable). ``details``
+  worker process should be replaced after this job: ComfyUI died or is unusable
+  (``ComfyUnavailable``), or a timed-out prompt did not stop after the interrupt (``JobTimeout``
+  raised with ``refresh_worker=True``: every later job would queue behind it). ``details``
   (e.g. ComfyUI's ``node_errors``) are for the worker log, never part of the response.
 - Messages never contain secrets: callers pass redacted text (see ``xicon_dance.logs.redact``).
 """
@@ -73,7 +75,8 @@ class ComfyUnavailable(ComfyError):
 
 
 class JobTimeout(WorkerError):
-    """The job ran past its time limit; ComfyUI was interrupted."""
+    """The job ran past its time limit; ComfyUI was interrupted (``refresh_worker`` when the
+    prompt kept running anyway)."""
 
     code = "timeout"
 

@@ -74,6 +74,9 @@ the interrupt / queue / free calls received):
   seconds per node and per sampler step.
 - ``refuse_start_s`` (``--refuse-start-s S``): connections are refused for the first S seconds
   (the port is not bound yet), as while ComfyUI imports its nodes.
+- ``hang_at_node`` (``--hang-at-node ID``): node ID never returns and never checks the
+  interrupt (a hung CUDA call, a node without interrupt checks): the prompt stays running until
+  the fault is cleared; a pending interrupt is then noticed before the next node.
 
 Standalone: ``python -m tests.comfy_double --port P --root DIR [--object-info FILE] [faults]``;
 ``--pid-file F`` writes the process id there.

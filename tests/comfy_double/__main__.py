@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-delay-s", type=float, default=0.0)
     p.add_argument("--step-delay-s", type=float, default=0.0)
     p.add_argument("--refuse-start-s", type=float, default=0.0)
+    p.add_argument("--hang-at-node", default=None)
     return p.parse_args(argv)
 
 
@@ -42,6 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
         node_delay_s=args.node_delay_s,
         step_delay_s=args.step_delay_s,
         refuse_start_s=args.refuse_start_s,
+        hang_at_node=args.hang_at_node,
     )
     double = ComfyDouble(
         args.root,

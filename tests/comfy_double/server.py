@@ -48,6 +48,7 @@ class Faults:
     node_delay_s: float = 0.0
     step_delay_s: float = 0.0
     refuse_start_s: float = 0.0
+    hang_at_node: str | None = None
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name: f for f in fields(self)}
@@ -651,6 +652,8 @@ class ComfyDouble:
             await self.sockets[self.client_id].close()  # fault: the socket drops mid-run
         if faults.die_at_node == nid:
             await self._die()
+        while faults.hang_at_node == nid:  # a node that never returns nor checks interrupts
+            await asyncio.sleep(0.05)
         if faults.node_delay_s:
             await asyncio.sleep(faults.node_delay_s)
         if faults.error_at_node == nid:
