@@ -602,7 +602,7 @@ def check_image(path: Path, field: str) -> tuple[int, int, str]:
     """Decode the image fully; returns (width, height, format) after EXIF orientation."""
     limit = Image.MAX_IMAGE_PIXELS or 89_478_485
     try:
-        with Image.open(path) as im:
+        with _bomb_is_an_error(), Image.open(path) as im:
             fmt = im.format or ""
             width, height = im.size
             _check_image_header(fmt, width, height, limit, field)
@@ -613,7 +613,7 @@ def check_image(path: Path, field: str) -> tuple[int, int, str]:
                     code="invalid_image",
                 )
             im.verify()
-        with Image.open(path) as im:
+        with _bomb_is_an_error(), Image.open(path) as im:
             orientation = im.getexif().get(0x0112, 1)
             im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -661,10 +661,19 @@ def _too_many_pixels(field: str, limit: int, size: str = "") -> InputError:
     )
 
 
-# Truncated images must fail, not be padded with grey; a possible bomb is an error, not a warning
-# (Pillow's documented way; it only makes Pillow stricter in this process).
+@contextlib.contextmanager
+def _bomb_is_an_error() -> Iterator[None]:
+    """Pillow *warns* for MAX_IMAGE_PIXELS..2x and raises only above 2x; here both are errors
+    (caught by ``check_image`` and answered as ``too_many_pixels``), so nothing is printed. The
+    filter is scoped to the block, not set for the whole process (where pytest, for one, resets
+    it and the warning would be printed after all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+# Truncated images must fail, not be padded with grey (it only makes Pillow stricter here).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 # --------------------------------------------------------------------------- videos
