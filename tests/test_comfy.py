@@ -383,6 +383,31 @@ async def test_progress_callback_errors_and_coroutines_do_not_break(client, comf
     await run(client, graph_for(comfy_media, prefix="boom"), on_progress=boom)
 
 
+async def test_download_stall_is_a_job_error_not_a_dead_comfy(comfy_double, tmp_path):
+    """A /view transfer that stops for longer than the read timeout fails this job only:
+    ComfyUI still answers, so the worker is not replaced; the partial file is removed."""
+    (comfy_double.output_dir / "big.mp4").write_bytes(os.urandom(64 * 1024))
+    comfy_double.faults.view_stall_s = 3.0
+    async with ComfyClient(comfy_double.url, download_read_timeout_s=0.3) as c:
+        with pytest.raises(ComfyError) as err:
+            await c.download(OutputFile("big.mp4"), tmp_path)
+    assert err.value.code == "comfyui_output_unreadable" and not err.value.refresh_worker
+    assert "timed out" in err.value.message and "big.mp4" in err.value.message
+    assert not (tmp_path / "big.mp4").exists()
+
+
+async def test_download_from_a_comfy_that_went_away_is_unavailable(comfy_double, tmp_path):
+    (comfy_double.output_dir / "big.mp4").write_bytes(os.urandom(64 * 1024))
+    comfy_double.faults.view_stall_s = 3.0
+    async with ComfyClient(comfy_double.url, download_read_timeout_s=1.0) as c:
+        task = asyncio.create_task(c.download(OutputFile("big.mp4"), tmp_path))
+        await wait_for((tmp_path / "big.mp4").exists, "the transfer to start")
+        await comfy_double.stop()
+        with pytest.raises(ComfyUnavailable) as err:
+            await task
+    assert err.value.refresh_worker and "no longer answers" in err.value.message
+
+
 async def test_download_missing_file(client, tmp_path):
     with pytest.raises(ComfyError) as err:
         await client.download(OutputFile("nope.mp4"), tmp_path)

@@ -375,3 +375,20 @@ async def test_each_job_has_its_own_websocket_client_id(rig: Rig) -> None:
         rig.double.history[r["prompt_id"]]["prompt"][3]["client_id"] for r in (first, second)
     ]
     assert clients[0] != clients[1]
+
+
+async def test_view_stall_fails_the_job_but_keeps_the_worker(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """ComfyUI's output folder is not on this machine (so the result comes over /view) and the
+    transfer stalls past the read timeout: the job fails, ComfyUI still answers, the worker
+    stays, and the next job succeeds."""
+    rig = rig_factory(comfy_dir=str(tmp_path / "elsewhere"))
+    rig.worker.comfy.download_read_timeout_s = 0.3
+    rig.double.faults.view_stall_s = 3.0
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "comfyui_output_unreadable", result
+    assert "refresh_worker" not in result
+    rig.double.faults.view_stall_s = 0.0
+    ok = await rig.worker.run(rig.job())
+    assert "error" not in ok, ok

@@ -340,6 +340,7 @@ class ComfyClient:
         unreachable_grace_s: float = 15.0,
         request_timeout_s: float = 30.0,
         interrupt_grace_s: float = INTERRUPT_GRACE_S,
+        download_read_timeout_s: float = 60.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.pid_file = pid_file
@@ -347,6 +348,7 @@ class ComfyClient:
         self.unreachable_grace_s = unreachable_grace_s
         self.request_timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self.interrupt_grace_s = interrupt_grace_s
+        self.download_read_timeout_s = download_read_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._unreachable_since: float | None = None
 
@@ -664,13 +666,16 @@ class ComfyClient:
     output_files = staticmethod(output_files)
 
     async def download(self, item: OutputFile, dest: Path) -> Path:
-        """Stream ``/view`` for ``item`` into ``dest`` (a file path, or a folder)."""
+        """Stream ``/view`` for ``item`` into ``dest`` (a file path, or a folder). A transfer
+        that fails (no byte for ``download_read_timeout_s``, a dropped connection) is a
+        ``ComfyUnavailable`` only when ComfyUI then does not answer either; otherwise it is a
+        ``ComfyError`` for this job alone (code ``comfyui_output_unreadable``)."""
         target = dest / item.filename if dest.is_dir() else dest
         try:
             async with self.session.get(
                 self.base_url + "/view",
                 params=item.as_query(),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.download_read_timeout_s),
             ) as resp:
                 if resp.status != 200:
                     raise ComfyError(
@@ -682,7 +687,28 @@ class ComfyClient:
                         fh.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             target.unlink(missing_ok=True)
+            what = "timed out" if isinstance(exc, TimeoutError) else "failed"
+            if await self._answers():
+                raise ComfyError(
+                    f"Downloading {item.filename!r} from ComfyUI {what} "
+                    f"({type(exc).__name__}); ComfyUI itself still answers.",
+                    code="comfyui_output_unreadable",
+                ) from None
             raise ComfyUnavailable(
-                f"Downloading {item.filename!r} from ComfyUI failed ({type(exc).__name__})."
+                f"Downloading {item.filename!r} from ComfyUI {what} ({type(exc).__name__}) and "
+                "ComfyUI no longer answers."
             ) from None
         return target
+
+    async def _answers(self, timeout_s: float = 5.0) -> bool:
+        """Whether ComfyUI is alive and answers ``/system_stats`` within ``timeout_s``."""
+        if self.process_dead():
+            return False
+        try:
+            async with self.session.get(
+                self.base_url + "/system_stats", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False

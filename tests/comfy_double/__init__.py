@@ -77,6 +77,8 @@ the interrupt / queue / free calls received):
 - ``hang_at_node`` (``--hang-at-node ID``): node ID never returns and never checks the
   interrupt (a hung CUDA call, a node without interrupt checks): the prompt stays running until
   the fault is cleared; a pending interrupt is then noticed before the next node.
+- ``view_stall_s`` (``--view-stall-s S``): ``/view`` sends the headers and the first KiB of the
+  file, then nothing for S seconds (a slow disk, a busy event loop), then the rest.
 
 Standalone: ``python -m tests.comfy_double --port P --root DIR [--object-info FILE] [faults]``;
 ``--pid-file F`` writes the process id there.

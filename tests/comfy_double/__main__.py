@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-delay-s", type=float, default=0.0)
     p.add_argument("--refuse-start-s", type=float, default=0.0)
     p.add_argument("--hang-at-node", default=None)
+    p.add_argument("--view-stall-s", type=float, default=0.0)
     return p.parse_args(argv)
 
 
@@ -44,6 +45,7 @@ async def serve(args: argparse.Namespace) -> None:
         step_delay_s=args.step_delay_s,
         refuse_start_s=args.refuse_start_s,
         hang_at_node=args.hang_at_node,
+        view_stall_s=args.view_stall_s,
     )
     double = ComfyDouble(
         args.root,

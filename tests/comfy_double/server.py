@@ -49,6 +49,7 @@ class Faults:
     step_delay_s: float = 0.0
     refuse_start_s: float = 0.0
     hang_at_node: str | None = None
+    view_stall_s: float = 0.0
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name: f for f in fields(self)}
@@ -832,7 +833,23 @@ class ComfyDouble:
         path = folder / filename
         if not path.is_file():
             return web.Response(status=404)
-        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{filename}"'})
+        headers = {"Content-Disposition": f'filename="{filename}"'}
+        if self.faults.view_stall_s:
+            return await self._stalled_view(request, path, headers)
+        return web.FileResponse(path, headers=headers)
+
+    async def _stalled_view(
+        self, request: web.Request, path: Path, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Fault ``view_stall_s``: headers and the first KiB, then silence for that long."""
+        data = path.read_bytes()
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[:1024])
+        await asyncio.sleep(self.faults.view_stall_s)
+        await resp.write(data[1024:])
+        return resp
 
     async def upload_image(self, request: web.Request) -> web.Response:
         form = await request.post()
