@@ -9,7 +9,7 @@ CUDA GPU.
 Shapes (tokens after Wan 2.1's 8x spatial / 4x temporal VAE and 2x2 patches):
 
 - ``scail``: 416x672, 81 frames: video 21x26x42 = 22,932, reference 1,092, pose at half size
-  21x13x21 = 5,733; total 29,757 (../shared/reference/scail-workflow.md section 9).
+  21x13x21 = 5,733; total 29,757.
 - ``wan480``: a standard Wan 2.1 480x832, 81-frame run: 21x30x52 = 32,760.
 
 For each kernel: warm-up calls, then each measured call bracketed by its own pair of CUDA

@@ -4,7 +4,7 @@ Contract (pure functions, no I/O except the two loaders):
 
 - ``check_prompt(prompt, object_info, *, model_files=None) -> (error, node_errors)`` reproduces
   ComfyUI's ``POST /prompt`` validation (``execution.py`` ``validate_prompt`` / ``validate_inputs``)
-  with ComfyUI's exact result shapes (see ../shared/reference/comfyui-protocol.md §4):
+  with ComfyUI's exact result shapes (ComfyUI v0.33.0 ``execution.py`` and ``server.py``):
   ``error`` is ``{"type", "message", "details", "extra_info"}`` or ``None`` when the prompt would be
   accepted; ``node_errors`` maps node id -> ``{"errors": [...], "dependent_outputs": [...],
   "class_type": ...}``. As in ComfyUI, only nodes reachable from an output node are input-checked,
