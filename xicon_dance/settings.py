@@ -102,7 +102,6 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
     "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
     "UPLOAD_TIMEOUT_S": ("600", "limit for the whole result upload (after JOB_TIMEOUT_S)"),
-    "UPLOAD_TIMEOUT_S": ("600", "limit for the whole result upload (after JOB_TIMEOUT_S)"),
     "MAX_BASE64_OUTPUT_BYTES": (
         "7340032",
         "largest inline base64 video (10 MB /run cap)",
@@ -143,7 +142,6 @@ class Settings:
     bucket_region: str = "us-east-1"
     bucket_prefix: str = "results"
     presign_expiry_s: int = 604800
-    upload_timeout_s: float = 600.0
     upload_timeout_s: float = 600.0
     max_base64_output_bytes: int = 7 * MB
     default_video: Path = PACKAGE_ROOT / "assets" / "default_video.mp4"
@@ -209,7 +207,6 @@ class Settings:
             bucket_region=_s(env, "BUCKET_REGION", "us-east-1"),
             bucket_prefix=_s(env, "BUCKET_PREFIX", "results").strip("/"),
             presign_expiry_s=_int(env, "PRESIGN_EXPIRY_S", 604800, 1),
-            upload_timeout_s=_float(env, "UPLOAD_TIMEOUT_S", 600.0, 1.0),
             upload_timeout_s=_float(env, "UPLOAD_TIMEOUT_S", 600.0, 1.0),
             max_base64_output_bytes=_int(env, "MAX_BASE64_OUTPUT_BYTES", 7 * MB, 1),
             default_video=path("DEFAULT_VIDEO", Path("assets/default_video.mp4")),
