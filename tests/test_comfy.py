@@ -6,6 +6,7 @@ Every test runs the real client over real HTTP and websocket connections to the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -293,6 +294,20 @@ async def test_failed_submissions_leave_no_websocket_open(client, comfy_double, 
     comfy_double.faults.node_errors_in_200 = False
     await run(client, good)  # the same client still works; its socket is closed too
     await wait_for(lambda: comfy_double.open_websockets == baseline, "the last socket")
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_unexpected_prompt_status_keeps_the_cause(client, comfy_double, comfy_media, status):
+    comfy_double.faults.prompt_http_status = status
+    with pytest.raises(ComfyError) as err:
+        await run(client, graph_for(comfy_media))
+    assert err.value.message == f"ComfyUI refused the prompt with HTTP {status}."
+    assert not err.value.refresh_worker
+    details = err.value.details
+    assert details["http_status"] == status
+    assert "Injected cause: the prompt queue is not accepting prompts" in details["body"]
+    assert len(details["body"]) < 2100 and details["body"].endswith("more characters]")
+    assert "Injected cause" not in json.dumps(err.value.to_response())
 
 
 async def test_node_errors_in_200_is_failure(client, comfy_double, comfy_media):

@@ -288,6 +288,12 @@ async def test_comfy_failures_answer_exactly_error_code_field(
     assert set(result) == {"error", "code", "field"}, result
     assert result["code"] == "comfyui_execution" and "exception_type" in caplog.text
     rig.double.faults.error_at_node = None
+    rig.double.faults.prompt_http_status = 500
+    result = await rig.worker.run(rig.job())
+    assert set(result) == {"error", "code", "field"}, result
+    assert "HTTP 500" in result["error"] and "Injected cause" not in result["error"]
+    assert "Injected cause: the prompt queue is not accepting prompts" in caplog.text
+    rig.double.faults.prompt_http_status = 0
     assert "error" not in await rig.worker.run(rig.job())
 
 

@@ -17,7 +17,9 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   ``interrupt_grace_s`` (default ``INTERRUPT_GRACE_S``); a prompt still running or queued then,
   or a ComfyUI that does not answer, gives ``JobTimeout`` with ``refresh_worker`` (a stuck
   prompt would hold every later job behind it).
-  Non-empty ``node_errors`` (even in a 200) -> ``ComfyError(code="comfyui_validation")``;
+  Non-empty ``node_errors`` (even in a 200) -> ``ComfyError(code="comfyui_validation")``; any
+  other answer than 200/400 -> ``ComfyError`` whose ``details`` keep the status and the body
+  (the cause; cut to ``BODY_EXCERPT_CHARS``);
   ``execution_error`` -> ``ComfyError(code="comfyui_execution" | "out_of_memory")`` with message
   "ComfyUI failed at node <id> (<class>): <exception_message>" (OOM: first line plus a hint;
   ``details`` (for the log) has node_id, node_type, exception_type); ComfyUI dying ->
@@ -82,6 +84,7 @@ OUTPUT_KEYS = ("gifs", "videos", "images")
 # to be replaced. ComfyUI checks the interrupt before each node and at each progress update
 # (a sampler step, a decoded latent frame), so this must exceed the slowest such interval.
 INTERRUPT_GRACE_S = 60.0
+BODY_EXCERPT_CHARS = 2000  # of an unexpected HTTP answer, kept in the error details (logged)
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,14 @@ def validation_message(body: dict[str, Any]) -> str:
         elif err:
             parts.append(str(err))
     return "ComfyUI rejected the graph: " + ("; ".join(parts) or "no reason given") + "."
+
+
+def body_excerpt(body: Any, limit: int = BODY_EXCERPT_CHARS) -> str:
+    """An HTTP answer body as text for the log, cut to ``limit`` characters."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
 def execution_error(data: dict[str, Any]) -> ComfyError:
@@ -592,9 +603,14 @@ class ComfyClient:
             "prompt_id": prompt_id,
             "extra_data": EXTRA_DATA,
         }
-        status, answer = await self._json("POST", "/prompt", body)
-        answer = answer if isinstance(answer, dict) else {"error": str(answer)[:300]}
-        if status == 400 or (status == 200 and answer.get("node_errors")):
+        status, raw = await self._json("POST", "/prompt", body)
+        answer = raw if isinstance(raw, dict) else {"error": str(raw)[:300]}
+        if status not in (200, 400):
+            raise ComfyError(
+                f"ComfyUI refused the prompt with HTTP {status}.",
+                details={"http_status": status, "body": body_excerpt(raw)},
+            )
+        if status == 400 or answer.get("node_errors"):
             if status == 200:
                 await self._abort(_Run(prompt_id, graph, None))
             raise ComfyError(
@@ -602,8 +618,6 @@ class ComfyClient:
                 code="comfyui_validation",
                 details={"node_errors": answer.get("node_errors") or {}},
             )
-        if status != 200:
-            raise ComfyError(f"ComfyUI refused the prompt with HTTP {status}.")
         log.info("submitted prompt %s (queue number %s)", prompt_id, answer.get("number"))
 
     async def _follow_socket(

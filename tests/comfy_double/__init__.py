@@ -79,6 +79,9 @@ the interrupt / queue / free calls received):
   the fault is cleared; a pending interrupt is then noticed before the next node.
 - ``view_stall_s`` (``--view-stall-s S``): ``/view`` sends the headers and the first KiB of the
   file, then nothing for S seconds (a slow disk, a busy event loop), then the rest.
+- ``prompt_http_status`` (``--prompt-http-status N``): ``/prompt`` answers HTTP N with a text
+  body (aiohttp's 500 text, an injected cause, then about 6 KB of traceback lines); nothing is
+  queued.
 
 Standalone: ``python -m tests.comfy_double --port P --root DIR [--object-info FILE] [faults]``;
 ``--pid-file F`` writes the process id there.

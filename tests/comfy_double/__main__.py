@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refuse-start-s", type=float, default=0.0)
     p.add_argument("--hang-at-node", default=None)
     p.add_argument("--view-stall-s", type=float, default=0.0)
+    p.add_argument("--prompt-http-status", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -46,6 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
         refuse_start_s=args.refuse_start_s,
         hang_at_node=args.hang_at_node,
         view_stall_s=args.view_stall_s,
+        prompt_http_status=args.prompt_http_status,
     )
     double = ComfyDouble(
         args.root,

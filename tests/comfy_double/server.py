@@ -50,6 +50,7 @@ class Faults:
     refuse_start_s: float = 0.0
     hang_at_node: str | None = None
     view_stall_s: float = 0.0
+    prompt_http_status: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name: f for f in fields(self)}
@@ -115,6 +116,13 @@ def topological_order(prompt: dict[str, Any]) -> list[str]:
 def _err(etype: str, message: str, details: str = "", extra: dict | None = None) -> dict:
     return {"type": etype, "message": message, "details": details, "extra_info": extra or {}}
 
+
+# Fault ``prompt_http_status``: the text aiohttp answers for an exception in a handler, the
+# cause, and a long tail (a traceback's worth) that a log line must not carry in full.
+PROMPT_FAILURE = (
+    "500 Internal Server Error\n\nServer got itself in trouble\n"
+    "Injected cause: the prompt queue is not accepting prompts\n" + "traceback line\n" * 400
+)
 
 # ComfyUI v0.33.0 server.py:1098-1104: the error body for a client prompt_id that
 # comfy_execution/jobs.py:34-50 (validate_job_id) refuses.
@@ -389,6 +397,8 @@ class ComfyDouble:
         return path
 
     async def post_prompt(self, request: web.Request) -> web.Response:
+        if self.faults.prompt_http_status:  # fault: /prompt fails before queueing anything
+            return web.Response(status=self.faults.prompt_http_status, text=PROMPT_FAILURE)
         try:
             body = await request.json()
         except ValueError:
