@@ -141,11 +141,15 @@ def _block_linear_shape(layer: str, dim: int, ffn_dim: int) -> tuple[int, int]:
     return dim, dim
 
 
-def wan_specs(size: str) -> list[TensorSpec]:
-    """Tensors of the SCAIL diffusion model file of one size class (see module docstring)."""
+def wan_specs(size: str, fp8: bool | None = None) -> list[TensorSpec]:
+    """Tensors of the SCAIL diffusion model file of one size class (see module docstring).
+
+    ``fp8`` picks the layout (default: fp8-scaled for ``full`` only); ``wan_specs("tiny", True)``
+    is a small file in the real file's fp8-scaled layout, to exercise that loader path on a CPU.
+    """
     cfg = WAN_SIZES[size]
     dim, ffn_dim, layers = cfg["dim"], cfg["ffn_dim"], cfg["layers"]
-    fp8 = size == "full"
+    fp8 = size == "full" if fp8 is None else fp8
     dt = "bfloat16"
     patch = (dim, WAN_IN_DIM, *WAN_PATCH)
     specs: list[TensorSpec] = [
@@ -831,6 +835,32 @@ def check_against_upstream(
                 )
         result["lightx2v_lora"] = problems
     return result
+
+
+def probe_diffusion_loader(comfy_dir: Path, model_file: Path) -> dict[str, Any]:
+    """Load ``model_file`` with the real WanVideoModelLoader (CPU, sdpa, quantization "disabled" as
+    in the shipped graph) and report what it detected: quantization, scale count, blocks, width."""
+    import torch
+
+    _import_upstream(comfy_dir)
+    import importlib
+
+    import folder_paths
+
+    model_file = Path(model_file).resolve()
+    folder_paths.add_model_folder_path("diffusion_models", str(model_file.parent), is_default=True)
+    loader = importlib.import_module("_wvw_synthetic_check.nodes_model_loading").WanVideoModelLoader
+    with torch.inference_mode():
+        (patcher,) = loader().loadmodel(
+            model_file.name, "bf16", "offload_device", "disabled", attention_mode="sdpa"
+        )
+    model = patcher.model
+    return {
+        "quantization": model["quantization"],
+        "scale_weights": len(model["scale_weights"]),
+        "blocks": len(model.diffusion_model.blocks),
+        "dim": model.diffusion_model.dim,
+    }
 
 
 # --------------------------------------------------------------------------------------------

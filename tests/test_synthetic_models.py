@@ -309,21 +309,68 @@ def test_seeded_text_cache_is_what_the_node_loads(tmp_path):
 # ---- against the real model classes (real stack) ----------------------------------------------
 
 
-@pytest.mark.realstack
-@pytest.mark.slow
-@pytest.mark.parametrize("size", msm.SIZES)
-def test_tables_equal_the_real_classes_on_the_meta_device(size):
+def _stack_home() -> Path:
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
         if os.environ.get("XICON_REQUIRE_REALSTACK") == "1":
             pytest.fail("XICON_STACK_HOME is not set")
         pytest.skip("needs the real stack (XICON_STACK_HOME)")
-    python = Path(home) / "venv" / "bin" / "python"
+    return Path(home)
+
+
+@pytest.mark.realstack
+@pytest.mark.slow
+@pytest.mark.parametrize("size", msm.SIZES)
+def test_tables_equal_the_real_classes_on_the_meta_device(size):
+    home = _stack_home()
+    python = home / "venv" / "bin" / "python"
     proc = subprocess.run(
-        [str(python), str(SCRIPT), "--size", size, "--check-upstream", str(Path(home) / "ComfyUI")],
+        [str(python), str(SCRIPT), "--size", size, "--check-upstream", str(home / "ComfyUI")],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("matches the real class") == (5 if size == "full" else 4)
+
+
+PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import make_synthetic_models as m
+from pathlib import Path
+out = Path(sys.argv[3])
+name = "Wan21-14B-SCAIL-preview_fp8_e4m3fn_scaled_KJ.safetensors"
+result = {}
+for layout, fp8 in (("bf16", False), ("fp8_scaled", True)):
+    path = out / layout / name
+    m.write_safetensors(path, m.wan_specs("tiny", fp8=fp8), seed=0)
+    result[layout] = m.probe_diffusion_loader(Path(sys.argv[2]), path)
+print("PROBE " + json.dumps(result))
+"""
+
+
+@pytest.mark.realstack
+@pytest.mark.slow
+def test_real_loader_reads_quantization_from_the_tensors_not_the_file_name(tmp_path):
+    """The shipped file name says fp8_e4m3fn_scaled; the loader decides by dtype and scale keys."""
+    home = _stack_home()
+    python = str(home / "venv" / "bin" / "python")
+    argv = [python, "-c", PROBE, str(SCRIPT.parent), str(home / "ComfyUI"), str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE "))
+    result = json.loads(line.removeprefix("PROBE "))
+    assert result["bf16"] == {
+        "quantization": "disabled",
+        "scale_weights": 0,
+        "blocks": 30,
+        "dim": 96,
+    }
+    blocks = 30 * len(msm.BLOCK_LINEARS)
+    assert result["fp8_scaled"] == {
+        "quantization": "fp8_e4m3fn_scaled",
+        "scale_weights": blocks,
+        "blocks": 30,
+        "dim": 96,
+    }
