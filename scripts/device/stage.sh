@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Stage the ComfyUI stack on the offline GPU machine from the parts made by scripts/device/pack.sh.
+# Run from the repository root there; each step is one carried call, made back to back (files
+# outside the repository copy, under STAGE, survive between calls while the machine stays warm).
+#
+#   scripts/device/stage.sh part DIR     copy the parts in DIR (.device/cN) to $STAGE
+#   scripts/device/stage.sh stack        unpack the stack as $COMFY_DIR (ComfyUI v0.33.0 + packs,
+#                                        commits checked against MANIFEST.json by
+#                                        stack/install.py) and add the project's ComfyUI extension
+#   scripts/device/stage.sh site         join site.tar.xz.NN, check its sha256, unpack it as $SITE
+#   scripts/device/stage.sh check        import every module the graph and the worker need
+#
+# Then use: PYTHONPATH=$SITE python3 ...  (the machine's python3 holds torch).
+set -euo pipefail
+
+STAGE="${STAGE:-/tmp/stage}"
+SITE="${SITE:-/tmp/site}"
+STACK_ROOT="${STACK_ROOT:-/tmp/stack}"
+COMFY_DIR="${COMFY_DIR:-$STACK_ROOT/ComfyUI}"
+PY="${PYTHON:-python3}"
+
+log() { printf '[stage] %s\n' "$*"; }
+
+part() {
+    local dir="${1:?folder of parts}"
+    mkdir -p "$STAGE"
+    cp -v "$dir"/* "$STAGE"/
+}
+
+site() {
+    local t0=$SECONDS
+    cat "$STAGE"/site.tar.xz.[0-9][0-9] >"$STAGE/site.tar.xz"
+    echo "$(cat "$STAGE/site.tar.xz.sha256")  $STAGE/site.tar.xz" | sha256sum -c --quiet
+    rm -rf "$SITE" && mkdir -p "$(dirname "$SITE")"
+    tar -C "$(dirname "$SITE")" -xJf "$STAGE/site.tar.xz"
+    [ "$(basename "$SITE")" = site ] || mv "$(dirname "$SITE")/site" "$SITE"
+    rm -f "$STAGE/site.tar.xz" "$STAGE"/site.tar.xz.[0-9][0-9]
+    ln -sf "$SITE/imageio_ffmpeg/binaries/"ffmpeg-* "$SITE/bin/ffmpeg" 2>/dev/null || true
+    log "site unpacked to $SITE in $((SECONDS - t0)) s ($(du -sh "$SITE" | cut -f1))"
+}
+
+stack() {
+    local t0=$SECONDS archive
+    archive="$(ls "$STAGE"/comfy-stack-*.tar.gz)"
+    rm -rf "$COMFY_DIR" && mkdir -p "$(dirname "$COMFY_DIR")"
+    "$PY" - "$COMFY_DIR" "$archive" <<'EOF'
+import logging, sys
+from pathlib import Path
+sys.path.insert(0, "stack")
+import install  # stack/install.py: the same placing and checks as the image and CI
+logging.basicConfig(level=logging.INFO, format="[stage] %(message)s")
+comfy, archive = Path(sys.argv[1]), Path(sys.argv[2])
+heads = install.place_from_archive(comfy, archive)
+install.verify_sources(comfy, heads)
+install.add_extension(comfy)
+EOF
+    log "stack placed at $COMFY_DIR; total $((SECONDS - t0)) s"
+}
+
+check() {
+    PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
+import importlib, sys
+mods = ["av", "taichi", "imageio_ffmpeg", "comfy_kitchen", "comfy_aimdo", "diffusers", "torchsde",
+        "kornia", "spandrel", "ftfy", "gguf", "pyloudnorm", "alembic", "sqlalchemy", "pydantic",
+        "pydantic_settings", "simpleeval", "blake3", "color_matcher", "mss", "runpod", "boto3",
+        "onnxruntime", "cv2", "transformers", "accelerate", "peft", "torch"]
+bad = 0
+for m in mods:
+    try:
+        mod = importlib.import_module(m)
+        print(f"ok   {m} {getattr(mod, '__version__', '')}")
+    except Exception as exc:  # report every missing module, not only the first
+        bad += 1
+        print(f"FAIL {m}: {type(exc).__name__}: {exc}")
+import onnxruntime, imageio_ffmpeg, torch
+print("onnxruntime providers:", onnxruntime.get_available_providers())
+print("ffmpeg:", imageio_ffmpeg.get_ffmpeg_exe())
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+sys.exit(1 if bad else 0)
+EOF
+}
+
+case "${1:-}" in
+part) part "${2:-}" ;;
+stack) stack ;;
+site) site ;;
+check) check ;;
+*)
+    echo "usage: $0 part DIR | stack | site | check" >&2
+    exit 2
+    ;;
+esac
