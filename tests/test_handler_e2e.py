@@ -143,6 +143,8 @@ def test_start_up_refuses_bad_workflow_and_missing_comfy(
     started = time.monotonic()
     code, _, logs = run_test_input(small(image_base64=media["image_b64"]), env)
     assert code == 3 and "ComfyUI is not available" in logs
+    assert f"Start ComfyUI first (COMFY_HOST={double.host})" in logs  # a local run says what to do
+    assert "Traceback" not in logs
     assert time.monotonic() - started < 30
 
 
