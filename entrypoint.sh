@@ -3,16 +3,32 @@
 #
 # 1. GPU preflight: nvidia-smi, then scripts/gpu_preflight.py (torch sees the GPU and the image's
 #    arch list covers its compute capability). GPU_PREFLIGHT=0 skips it.
-# 2. Models: RunPod cached models are linked in; MODEL_DOWNLOAD_AT_START=1 fetches the manifest
+# 2. SageAttention self-test (SAGEATTENTION_ENABLED=1 and SAGE_SELF_TEST=1, independent of
+#    GPU_PREFLIGHT): sageattn against PyTorch attention at the job's attention shape, bounded by
+#    SAGE_SELF_TEST_TIMEOUT_S; on disagreement, failure or overrun the worker runs with sdpa.
+# 3. Models: RunPod cached models are linked in; MODEL_DOWNLOAD_AT_START=1 fetches the manifest
 #    onto the network volume (or the image's models folder when there is no volume).
-# 3. ComfyUI on COMFY_HOST (127.0.0.1:8188), in the background, PID in COMFY_PID_FILE; its log is
-#    shown and kept in COMFY_LOG_FILE; "Error running sage attention" raises a loud warning.
-# 4. Wait until ComfyUI answers (COMFY_STARTUP_TIMEOUT_S); if it dies first, exit non-zero.
-# 5. Optional warm-up (WARMUP=1), then exec the handler so that SIGTERM reaches it.
+# 4. ComfyUI on COMFY_HOST, which must be 127.0.0.1:<port> or localhost:<port> (ComfyUI has no
+#    authentication: it never listens beyond loopback, and COMFY_EXTRA_ARGS may not carry
+#    --listen), in the background, PID in COMFY_PID_FILE, without the worker's secrets in its
+#    environment. Its log is shown and kept in COMFY_LOG_FILE, rotated to COMFY_LOG_FILE.1 past
+#    COMFY_LOG_MAX_BYTES; "Error running sage attention" raises a loud warning.
+# 5. Wait until ComfyUI answers (COMFY_STARTUP_TIMEOUT_S); if it dies first, exit non-zero.
+# 6. Optional warm-up (WARMUP=1), then the handler, as a child of this shell (see below), with
+#    RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true (the SDK's start-up checks would import torch and open a
+#    second CUDA context in the handler beside the model; the GPU was checked in step 1) and the
+#    SDK's log level RUNPOD_LOG_LEVEL=INFO unless set. SERVE_API_LOCALLY=true serves the SDK's
+#    local API on 0.0.0.0:RP_API_PORT (8000).
 #
-# Until the handler is exec'd this shell is PID 1: a PID 1 without a handler never receives SIGTERM,
-# so a trap stops ComfyUI and any long step (download, warm-up) at once and exits 143. Long steps
-# run in the background and are waited for, so the trap is not held up until they finish.
+# This shell is PID 1 for the container's whole life, a small supervisor: it is the only process
+# that gets the platform's SIGTERM, and the parent of ComfyUI and of the handler. During start-up
+# a trap stops ComfyUI and any long step (download, warm-up) at once and exits 143; long steps run
+# in the background and are waited for, so the trap is not held up. While serving, SIGTERM/SIGINT
+# are forwarded to the handler (the SDK finishes or stops its job and ends its loop). When the
+# handler exits, ComfyUI is stopped (SIGTERM, SIGKILL after COMFY_STOP_TIMEOUT_S) and reaped, and
+# the shell exits with the handler's status. When ComfyUI dies first, the handler is stopped the
+# same way (HANDLER_STOP_TIMEOUT_S) and the shell exits 1, so the platform replaces the worker.
+# As PID 1, bash also reaps any orphan re-parented to it: nothing is left a zombie.
 #
 # Paths are overridable (tests run this script against stand-ins): PYTHON_BIN, COMFY_MAIN,
 # HANDLER, WORKER_DIR, COMFY_DIR, MODELS_DIR.
@@ -28,6 +44,14 @@ COMFY_PID_FILE="${COMFY_PID_FILE:-/tmp/comfyui.pid}"
 COMFY_LOG_FILE="${COMFY_LOG_FILE:-/tmp/comfyui.log}"
 COMFY_STARTUP_TIMEOUT_S="${COMFY_STARTUP_TIMEOUT_S:-900}"
 COMFY_EXTRA_ARGS="${COMFY_EXTRA_ARGS:-}"
+COMFY_LOG_MAX_BYTES="${COMFY_LOG_MAX_BYTES:-52428800}"
+COMFY_STOP_TIMEOUT_S="${COMFY_STOP_TIMEOUT_S:-10}"
+HANDLER_STOP_TIMEOUT_S="${HANDLER_STOP_TIMEOUT_S:-60}"
+SAGE_SELF_TEST_TIMEOUT_S="${SAGE_SELF_TEST_TIMEOUT_S:-300}"
+RP_API_PORT="${RP_API_PORT:-8000}"
+# Never handed to ComfyUI: it needs none of them, and custom nodes may log their environment.
+SECRET_ENV_NAMES=(BUCKET_ACCESS_KEY_ID BUCKET_SECRET_ACCESS_KEY RUNPOD_AI_API_KEY RUNPOD_API_KEY
+    AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN HF_TOKEN HUGGING_FACE_HUB_TOKEN)
 MODELS_DIR="${MODELS_DIR:-$COMFY_DIR/models}"
 VOLUME_MODELS_DIR="${VOLUME_MODELS_DIR:-/runpod-volume/models}"
 HF_CACHE_DIR="${HF_CACHE_DIR:-/runpod-volume/huggingface-cache/hub}"
@@ -35,6 +59,7 @@ MODEL_MANIFEST="${MODEL_MANIFEST:-$WORKER_DIR/model_manifest.json}"
 
 COMFY_PID=""
 CHILD_PID=""
+HANDLER_PID=""
 
 log() { printf '[entrypoint] %s\n' "$*"; }
 die() {
@@ -67,8 +92,23 @@ run_child() {
 }
 
 check_settings() {
-    [[ "${COMFY_STARTUP_TIMEOUT_S}" =~ ^[0-9]+(\.[0-9]*)?$ ]] \
-        || die "COMFY_STARTUP_TIMEOUT_S must be a number of seconds, got '${COMFY_STARTUP_TIMEOUT_S}'."
+    local name
+    for name in COMFY_STARTUP_TIMEOUT_S COMFY_STOP_TIMEOUT_S HANDLER_STOP_TIMEOUT_S \
+        SAGE_SELF_TEST_TIMEOUT_S; do
+        [[ "${!name}" =~ ^[0-9]+(\.[0-9]*)?$ ]] \
+            || die "${name} must be a number of seconds, got '${!name}'."
+    done
+    [[ "${COMFY_LOG_MAX_BYTES}" =~ ^[0-9]+$ ]] \
+        || die "COMFY_LOG_MAX_BYTES must be a number of bytes, got '${COMFY_LOG_MAX_BYTES}'."
+    [[ "${RP_API_PORT}" =~ ^[0-9]+$ ]] && [ "${RP_API_PORT}" -ge 1 ] && [ "${RP_API_PORT}" -le 65535 ] \
+        || die "RP_API_PORT must be a port number (1-65535), got '${RP_API_PORT}'."
+    case "${COMFY_HOST%:*}" in
+        127.0.0.1 | localhost) ;;
+        *) die "COMFY_HOST must be 127.0.0.1:<port> or localhost:<port>, got '${COMFY_HOST}': ComfyUI has no authentication and must not listen beyond loopback." ;;
+    esac
+    [[ "${COMFY_HOST##*:}" =~ ^[0-9]+$ ]] || die "COMFY_HOST needs a port (127.0.0.1:<port>), got '${COMFY_HOST}'."
+    [[ " ${COMFY_EXTRA_ARGS} " != *" --listen"* ]] \
+        || die "COMFY_EXTRA_ARGS may not set --listen: ComfyUI listens on COMFY_HOST (loopback) only."
 }
 
 is_true() {
@@ -92,16 +132,25 @@ gpu_preflight() {
     if [ "$rc" -ne 0 ]; then
         die "GPU preflight failed (exit ${rc}); see the GPU PREFLIGHT line above. This worker cannot run jobs on this GPU."
     fi
-    if is_true "${SAGEATTENTION_ENABLED:-1}"; then
-        sage_self_test
-    fi
 }
 
 # SageAttention can be wrong without raising (ComfyUI then never falls back), so compare it with
-# PyTorch attention on this GPU once; if it disagrees, run with sdpa rather than deliver garbage.
+# PyTorch attention on this GPU once, at the job's attention shape (the kernel path the job takes);
+# if it disagrees, fails or overruns SAGE_SELF_TEST_TIMEOUT_S, run with sdpa rather than deliver
+# garbage. Independent of GPU_PREFLIGHT; SAGE_SELF_TEST=0 skips it.
 sage_self_test() {
+    is_true "${SAGEATTENTION_ENABLED:-1}" || return 0
+    if ! is_true "${SAGE_SELF_TEST:-1}"; then
+        log "SageAttention self-test skipped (SAGE_SELF_TEST=${SAGE_SELF_TEST})."
+        return 0
+    fi
     local rc=0
-    "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" --sage-self-test || rc=$?
+    run_child timeout --kill-after=10 "$SAGE_SELF_TEST_TIMEOUT_S" \
+        "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" --sage-self-test || rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        printf '[entrypoint] GPU PREFLIGHT: the SageAttention self-test ran past SAGE_SELF_TEST_TIMEOUT_S (%s s).\n' \
+            "$SAGE_SELF_TEST_TIMEOUT_S" >&2
+    fi
     if [ "$rc" -ne 0 ]; then
         printf '[entrypoint] WARNING: SAGEATTENTION SELF-TEST FAILED (exit %s; see the GPU PREFLIGHT line above). This worker runs with PyTorch attention (SAGEATTENTION_ENABLED=0): correct output, slower. Rebuild SageAttention for this GPU to get the speed back.\n' "$rc" >&2
         SAGEATTENTION_ENABLED=0
@@ -149,13 +198,18 @@ prepare_models() {
 watch_log() {
     # Show every ComfyUI line, keep it in the log file, and shout about a silent sage fallback.
     # This reader must outlive every write error (a full disk, a removed log file): if it died,
-    # ComfyUI's next print would hit a closed pipe and fail the running job.
+    # ComfyUI's next print would hit a closed pipe and fail the running job. The file is rotated
+    # to COMFY_LOG_FILE.1 past COMFY_LOG_MAX_BYTES (0: never), so at most twice that is kept.
     set +e
     trap '' TERM INT
-    local warned=0 line
+    local warned=0 line written=0
     while IFS= read -r line || [ -n "$line" ]; do
         printf '%s\n' "$line"
-        printf '%s\n' "$line" 2>/dev/null >>"$COMFY_LOG_FILE"
+        if [ "$COMFY_LOG_MAX_BYTES" -gt 0 ] && [ "$written" -ge "$COMFY_LOG_MAX_BYTES" ]; then
+            mv -f "$COMFY_LOG_FILE" "$COMFY_LOG_FILE.1" 2>/dev/null
+            written=0
+        fi
+        printf '%s\n' "$line" 2>/dev/null >>"$COMFY_LOG_FILE" && written=$((written + ${#line} + 1))
         if [ "$warned" -eq 0 ] && [[ "$line" == *"Error running sage attention"* ]]; then
             warned=1
             printf '[entrypoint] WARNING: SAGEATTENTION FALLBACK: ComfyUI reports "Error running sage attention" and is using PyTorch attention instead (slower). Check that the image was built for this GPU (IMAGE_CUDA_ARCH_LIST=%s) or set SAGEATTENTION_ENABLED=0.\n' \
@@ -178,8 +232,12 @@ start_comfy() {
         args+=("${extra[@]}")
     fi
     : >"$COMFY_LOG_FILE"
+    rm -f "$COMFY_LOG_FILE.1"
+    local -a unset_secrets=()
+    local name
+    for name in "${SECRET_ENV_NAMES[@]}"; do unset_secrets+=(-u "$name"); done
     log "starting ComfyUI: ${COMFY_MAIN} ${args[*]}"
-    "$PYTHON_BIN" -u "$COMFY_MAIN" "${args[@]}" > >(watch_log) 2>&1 &
+    env "${unset_secrets[@]}" "$PYTHON_BIN" -u "$COMFY_MAIN" "${args[@]}" > >(watch_log) 2>&1 &
     COMFY_PID=$!
     printf '%s\n' "$COMFY_PID" >"$COMFY_PID_FILE"
 }
@@ -244,24 +302,78 @@ warmup() {
     fi
 }
 
+running() {
+    # Is child "$1" still running (not gone, not a zombie waiting to be reaped)?
+    local stat state
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+    state="${stat##*) }"
+    [ "${state%% *}" != "Z" ]
+}
+
+stop_pid() {
+    # SIGTERM child "$1", SIGKILL it after "$2" seconds, and reap it.
+    local pid="$1" ticks=$((${2%.*} * 10))
+    kill -TERM "$pid" 2>/dev/null || true
+    while running "$pid" && [ "$ticks" -gt 0 ]; do
+        sleep 0.1
+        ticks=$((ticks - 1))
+    done
+    if running "$pid"; then
+        log "pid ${pid} ignored SIGTERM for ${2} s; killing it."
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+forward_signal() {
+    log "received SIG$1; passing it to the handler (pid ${HANDLER_PID})."
+    kill -"$1" "$HANDLER_PID" 2>/dev/null || true
+}
+
+serve() {
+    # Run the handler as a child; supervise it and ComfyUI until one of them ends (see the top).
+    local -a handler_args=()
+    if is_true "${SERVE_API_LOCALLY:-false}"; then
+        handler_args+=(--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port "$RP_API_PORT")
+        log "SERVE_API_LOCALLY: local API server on port ${RP_API_PORT}."
+    fi
+    cd "$WORKER_DIR"
+    export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="${RUNPOD_SKIP_AUTO_SYSTEM_CHECKS:-true}"
+    export RUNPOD_LOG_LEVEL="${RUNPOD_LOG_LEVEL:-INFO}"
+    log "starting handler: ${HANDLER} ${handler_args[*]}"
+    "$PYTHON_BIN" -u "$HANDLER" "${handler_args[@]}" &
+    HANDLER_PID=$!
+    trap 'forward_signal TERM' TERM
+    trap 'forward_signal INT' INT
+    local ended="" rc=0
+    while [ -z "${ended:-}" ]; do # none ended: a trapped signal interrupted the wait
+        rc=0
+        wait -n -p ended "$HANDLER_PID" "$COMFY_PID" || rc=$?
+    done
+    trap '' TERM INT
+    if [ "$ended" = "$HANDLER_PID" ]; then
+        log "handler exited with code ${rc}; stopping ComfyUI."
+        stop_pid "$COMFY_PID" "$COMFY_STOP_TIMEOUT_S"
+        return "$rc"
+    fi
+    sleep 0.2 # let the log reader flush
+    printf '[entrypoint] ERROR: ComfyUI exited with code %s while serving; stopping the handler so that the platform replaces this worker. ComfyUI log (last 40 lines):\n' "$rc" >&2
+    tail -n 40 "$COMFY_LOG_FILE" >&2 || true
+    stop_pid "$HANDLER_PID" "$HANDLER_STOP_TIMEOUT_S"
+    return 1
+}
+
 main() {
     trap 'on_signal TERM 143' TERM
     trap 'on_signal INT 130' INT
     check_settings
     gpu_preflight
+    sage_self_test
     prepare_models
     start_comfy
     wait_ready
     warmup
-    local -a handler_args=()
-    if is_true "${SERVE_API_LOCALLY:-false}"; then
-        handler_args+=(--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port "${RP_API_PORT:-8000}")
-        log "SERVE_API_LOCALLY: local API server on port ${RP_API_PORT:-8000}."
-    fi
-    cd "$WORKER_DIR"
-    trap - TERM INT
-    log "starting handler: ${HANDLER} ${handler_args[*]}"
-    exec "$PYTHON_BIN" -u "$HANDLER" "${handler_args[@]}"
+    serve
 }
 
 main "$@"

@@ -1,10 +1,12 @@
 """entrypoint.sh run for real against stand-ins (a ComfyUI-like main.py, a handler, nvidia-smi and
 a fake ``torch`` module), plus shellcheck on every shell script of the repository.
 
-The stand-in main.py logs its argv, then behaves as STANDIN_MODE says: ``ok`` (answers
-``/system_stats`` after a short boot), ``die`` (exits 3 during boot), ``sagefail`` (logs ComfyUI's
-sage fallback line, then answers), ``hang`` (never answers). The stand-in handler records its argv
-and a received SIGTERM.
+The stand-in main.py logs its argv and environment, then behaves as STANDIN_MODE says: ``ok``
+(answers ``/system_stats`` after a short boot), ``die`` (exits 3 during boot), ``sagefail`` (logs
+ComfyUI's sage fallback line, then answers), ``hang`` (never answers), ``chatty`` (answers and
+prints all the time); ``STANDIN_DIE_FILE`` makes it exit 9 once that file appears. The stand-in
+handler records its argv, pid, parent, environment and a received SIGTERM; ``HANDLER_EXIT`` makes
+it exit with that code on its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +38,8 @@ MAIN_PY = textwrap.dedent(
     from http.server import BaseHTTPRequestHandler, HTTPServer
     with open(os.environ["STANDIN_ARGV"], "w") as fh:
         json.dump(sys.argv[1:], fh)
+    with open(os.environ["STANDIN_ARGV"] + ".env", "w") as fh:
+        json.dump(sorted(os.environ), fh)
     mode = os.environ.get("STANDIN_MODE", "ok")
     print("Starting server (stand-in)", flush=True)
     time.sleep(0.5)
@@ -60,6 +65,14 @@ MAIN_PY = textwrap.dedent(
                     return
                 time.sleep(0.05)
         threading.Thread(target=chatter, daemon=True).start()
+    if os.environ.get("STANDIN_DIE_FILE"):  # dies while serving, once the test says so
+        import threading
+        def die_later():
+            while not os.path.exists(os.environ["STANDIN_DIE_FILE"]):
+                time.sleep(0.05)
+            print("Killed: out of memory (stand-in)", flush=True)
+            os._exit(9)
+        threading.Thread(target=die_later, daemon=True).start()
     args = sys.argv[1:]
     host, port = args[args.index("--listen") + 1], int(args[args.index("--port") + 1])
 
@@ -94,9 +107,18 @@ HANDLER_PY = textwrap.dedent(
             fh.write("SIGTERM")
         sys.exit(0)
     signal.signal(signal.SIGTERM, on_term)
-    with open(out, "w") as fh:
-        sage = os.environ.get("SAGEATTENTION_ENABLED")
-        json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "sage": sage}, fh)
+    info = {
+        "argv": sys.argv[1:],
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "sage": os.environ.get("SAGEATTENTION_ENABLED"),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("RUNPOD_", "BUCKET_"))},
+    }
+    with open(out + ".tmp", "w") as fh:
+        json.dump(info, fh)
+    os.replace(out + ".tmp", out)
+    if os.environ.get("HANDLER_EXIT"):
+        sys.exit(int(os.environ["HANDLER_EXIT"]))
     while True:
         time.sleep(0.1)
     """
@@ -124,6 +146,8 @@ FAKE_TORCH = textwrap.dedent(
             return ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]
     bfloat16 = "bfloat16"
     class _T:
+        def __init__(self, shape=()):
+            self.shape = shape
         def __matmul__(self, other):
             return self
         def sum(self):
@@ -139,7 +163,7 @@ FAKE_TORCH = textwrap.dedent(
     def ones(*a, **k):
         return _T()
     def randn(*a, **k):
-        return _T()
+        return _T(a[0] if len(a) == 1 else a)
     def manual_seed(seed):
         pass
     class _Cos:
@@ -164,6 +188,12 @@ FAKE_SAGEATTENTION = textwrap.dedent(
     if os.environ.get("FAKE_SAGE") == "missing":
         raise ImportError("No module named 'sageattention._fused'")
     def sageattn(q, k, v, tensor_layout="HND", is_causal=False):
+        if os.environ.get("FAKE_SAGE_SHAPE"):
+            with open(os.environ["FAKE_SAGE_SHAPE"], "w") as fh:
+                fh.write(repr(q.shape))
+        if os.environ.get("FAKE_SAGE") == "hang":
+            import time
+            time.sleep(600)
         if os.environ.get("FAKE_SAGE") == "raise":
             raise RuntimeError("CUDA error: no kernel image is available for execution")
         return q
@@ -257,6 +287,7 @@ def rig(tmp_path: Path) -> Rig:
         "VOLUME_MODELS_DIR": str(tmp_path / "no-volume"),
         "HF_CACHE_DIR": str(tmp_path / "no-cache"),
         "GPU_PREFLIGHT": "0",
+        "SAGE_SELF_TEST": "0",  # the tests of the self-test turn it on, with the fakes
         "STANDIN_ARGV": str(tmp_path / "argv.json"),
         "STANDIN_HANDLER": str(tmp_path / "handler.json"),
         "PYTHONPATH": str(ROOT),
@@ -276,12 +307,13 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> N
 
 
 def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
+    """The entrypoint stays PID 1 as a supervisor: the handler is its child, SIGTERM is passed on,
+    and once the handler exits ComfyUI is stopped and reaped; the exit status is the handler's."""
     proc = rig.start()
     try:
         _wait_for(rig.handler_file, proc)
-        time.sleep(0.3)  # the handler installs its SIGTERM handler before writing the file
         info = json.loads(rig.handler_file.read_text())
-        assert info["pid"] == proc.pid, "the handler must replace the shell (exec)"
+        assert info["ppid"] == proc.pid and info["pid"] != proc.pid
         assert info["argv"] == []
         argv = rig.comfy_argv()
         for flag in ("--disable-auto-launch", "--disable-metadata", "--log-stdout"):
@@ -290,13 +322,63 @@ def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
         host, port = rig.env["COMFY_HOST"].split(":")
         assert argv[argv.index("--listen") + 1] == host and argv[argv.index("--port") + 1] == port
         comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
-        os.kill(comfy_pid, 0)  # alive
+        assert _alive(comfy_pid)
         rc, out = _stop(proc)
         assert (rig.tmp / "handler.json.sigterm").read_text() == "SIGTERM"
         assert rc == 0
-        assert "ComfyUI ready" in out
+        assert "ComfyUI ready" in out and "passing it to the handler" in out
+        assert "handler exited with code 0; stopping ComfyUI" in out
+        assert not _alive(comfy_pid), "ComfyUI must be stopped (and reaped) with the handler"
     finally:
         _kill_group(proc)
+
+
+def test_handler_exit_stops_comfy_and_passes_its_status(rig: Rig) -> None:
+    rc, out = rig.run(HANDLER_EXIT="3")
+    comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
+    assert rc == 3, out
+    assert "handler exited with code 3; stopping ComfyUI" in out
+    assert not _alive(comfy_pid)
+
+
+def test_comfy_dying_while_serving_stops_the_handler(rig: Rig) -> None:
+    """ComfyUI gone means no job can succeed: the handler is stopped, the worker exits 1 with
+    ComfyUI's last lines, and the platform starts a fresh one."""
+    die_file = rig.tmp / "die-now"
+    proc = rig.start(STANDIN_DIE_FILE=str(die_file))
+    try:
+        _wait_for(rig.handler_file, proc)
+        die_file.write_text("x")
+        rc = proc.wait(timeout=20)
+    finally:
+        _kill_group(proc)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    assert rc == 1, out
+    assert "ComfyUI exited with code 9 while serving" in out
+    assert "Killed: out of memory (stand-in)" in out  # the log tail
+    assert (rig.tmp / "handler.json.sigterm").read_text() == "SIGTERM"
+
+
+def test_handler_environment_keeps_the_sdk_off_the_gpu(rig: Rig) -> None:
+    """The SDK's automatic system checks import torch and allocate on the GPU in the handler
+    process (a second CUDA context beside the model); the entrypoint turns them off and sets the
+    SDK's log level, unless the operator set them."""
+    proc = rig.start()
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    env = json.loads(rig.handler_file.read_text())["env"]
+    assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
+    assert env["RUNPOD_LOG_LEVEL"] == "INFO"
+    rig.handler_file.unlink()
+    proc = rig.start(RUNPOD_LOG_LEVEL="DEBUG")
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    assert json.loads(rig.handler_file.read_text())["env"]["RUNPOD_LOG_LEVEL"] == "DEBUG"
 
 
 def test_sageattention_disabled_drops_the_flag(rig: Rig) -> None:
@@ -309,14 +391,20 @@ def test_sageattention_disabled_drops_the_flag(rig: Rig) -> None:
         _kill_group(proc)
 
 
-def test_serve_api_locally_adds_sdk_flags(rig: Rig) -> None:
-    proc = rig.start(SERVE_API_LOCALLY="true")
+@pytest.mark.parametrize(("port", "expect"), [(None, "8000"), ("8123", "8123")])
+def test_serve_api_locally_adds_sdk_flags(rig: Rig, port: str | None, expect: str) -> None:
+    proc = rig.start(SERVE_API_LOCALLY="true", **({"RP_API_PORT": port} if port else {}))
     try:
         _wait_for(rig.handler_file, proc)
         argv = json.loads(rig.handler_file.read_text())["argv"]
-        assert argv == ["--rp_serve_api", "--rp_api_host", "0.0.0.0"]
+        assert argv == ["--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", expect]
     finally:
         _kill_group(proc)
+
+
+def test_bad_api_port_is_refused(rig: Rig) -> None:
+    rc, out = rig.run(SERVE_API_LOCALLY="true", RP_API_PORT="80a", timeout=20)
+    assert rc != 0 and "RP_API_PORT must be a port number (1-65535), got '80a'" in out
 
 
 def test_comfy_dying_during_boot_fails_loudly(rig: Rig) -> None:
@@ -383,14 +471,24 @@ def test_gpu_preflight_passes_for_a_listed_arch(rig: Rig) -> None:
         ({"FAKE_SAGE_COS": "nan"}, False),
         ({"FAKE_SAGE": "raise"}, False),
         ({"FAKE_SAGE": "missing"}, False),
+        ({"FAKE_SAGE": "hang", "SAGE_SELF_TEST_TIMEOUT_S": "1"}, False),
     ],
-    ids=["agrees", "garbage", "nan", "raises", "missing"],
+    ids=["agrees", "garbage", "nan", "raises", "missing", "overruns"],
 )
+@pytest.mark.parametrize("preflight", ["1", "0"], ids=["preflight", "no-preflight"])
 def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
-    rig: Rig, fake: dict[str, str], expect_sage: bool
+    rig: Rig, fake: dict[str, str], expect_sage: bool, preflight: str
 ) -> None:
-    env = {"GPU_PREFLIGHT": "1", "IMAGE_CUDA_ARCH_LIST": "9.0;12.0", "FAKE_CAPABILITY": "9.0"}
-    proc = rig.start(**env, **fake, PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}")
+    """The self-test runs whether or not GPU_PREFLIGHT is on, at the job's attention shape."""
+    env = {"GPU_PREFLIGHT": preflight, "IMAGE_CUDA_ARCH_LIST": "9.0;12.0", "FAKE_CAPABILITY": "9.0"}
+    shape = rig.tmp / "sage_shape.txt"
+    proc = rig.start(
+        **env,
+        **fake,
+        SAGE_SELF_TEST="1",
+        FAKE_SAGE_SHAPE=str(shape),
+        PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
+    )
     try:
         _wait_for(rig.handler_file, proc)
         _, out = _stop(proc)
@@ -402,12 +500,20 @@ def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
     assert ("SAGEATTENTION SELF-TEST FAILED" in out) is not expect_sage
     if expect_sage:
         assert "sageattn agrees with PyTorch attention (cosine 0.99930)" in out
+        assert "at 29757 tokens x 40 heads x 128" in out
+    if fake.get("FAKE_SAGE") != "missing":
+        assert shape.read_text() == "(1, 29757, 40, 128)"  # NHD at the job's shape
+    if fake.get("FAKE_SAGE") == "hang":
+        assert "ran past SAGE_SELF_TEST_TIMEOUT_S (1 s)" in out
 
 
 def test_sage_self_test_skipped_when_sage_is_off(rig: Rig) -> None:
     env = {"GPU_PREFLIGHT": "1", "FAKE_CAPABILITY": "9.0", "SAGEATTENTION_ENABLED": "0"}
     proc = rig.start(
-        **env, FAKE_SAGE="missing", PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}"
+        **env,
+        SAGE_SELF_TEST="1",
+        FAKE_SAGE="missing",
+        PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
     )
     try:
         _wait_for(rig.handler_file, proc)
@@ -603,3 +709,175 @@ def test_oversized_warmup_input_is_skipped_with_a_reason(rig: Rig) -> None:
         _kill_group(proc)
     assert "warm-up skipped" in out and "image_url/video_url" in out
     assert not Path(str(rig.handler_file) + ".warmup").exists()
+
+
+# ------------------------------------------------------------------ ComfyUI's log, address, env
+
+
+def test_comfy_log_is_rotated_past_its_cap(rig: Rig) -> None:
+    log_file = Path(rig.env["COMFY_LOG_FILE"])
+    rotated = Path(str(log_file) + ".1")
+    proc = rig.start(STANDIN_MODE="chatty", COMFY_LOG_MAX_BYTES="400")
+    try:
+        _wait_for(rig.handler_file, proc)
+        deadline = time.monotonic() + 20
+        while _last_chatter(rotated) <= 20:  # rotated more than once
+            assert time.monotonic() < deadline, "the log was never rotated"
+            time.sleep(0.05)
+        for path in (log_file, rotated):
+            assert path.stat().st_size <= 400 + 40, (path, path.stat().st_size)
+    finally:
+        _kill_group(proc)
+
+
+def _last_chatter(path: Path) -> int:
+    lines = path.read_text().split("chatter ") if path.exists() else []
+    return int(lines[-1].split()[0]) if len(lines) > 1 else 0
+
+
+def test_comfy_listens_on_loopback_only(rig: Rig) -> None:
+    """From the entrypoint's real command line: ComfyUI (no authentication) is bound to
+    127.0.0.1 and nothing else; it is not reachable on this machine's other addresses."""
+    proc = rig.start()
+    try:
+        _wait_for(rig.handler_file, proc)
+        comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
+        argv = rig.comfy_argv()
+        assert argv.count("--listen") == 1 and argv[argv.index("--listen") + 1] == "127.0.0.1"
+        port = int(rig.env["COMFY_HOST"].rsplit(":", 1)[1])
+        listening = [
+            c.laddr
+            for c in psutil.Process(comfy_pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        for address in _other_local_addresses():
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2)
+                s.connect((address, port))
+    finally:
+        _kill_group(proc)
+
+
+def _other_local_addresses() -> list[str]:
+    return [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"COMFY_HOST": "0.0.0.0:8188"}, "COMFY_HOST must be 127.0.0.1:<port> or localhost:<port>"),
+        ({"COMFY_EXTRA_ARGS": "--reserve-vram 1 --listen 0.0.0.0"}, "may not set --listen"),
+        ({"COMFY_HOST": "127.0.0.1"}, "COMFY_HOST needs a port"),
+    ],
+    ids=["all-interfaces", "extra-args", "no-port"],
+)
+def test_comfy_beyond_loopback_is_refused(rig: Rig, env: dict[str, str], reason: str) -> None:
+    rc, out = rig.run(timeout=20, **env)
+    assert rc != 0 and reason in out
+    assert not rig.argv_file.exists(), "ComfyUI must not start"
+
+
+def test_comfy_does_not_get_the_worker_secrets(rig: Rig) -> None:
+    secrets = {
+        "BUCKET_ACCESS_KEY_ID": "AKIDSECRET1",
+        "BUCKET_SECRET_ACCESS_KEY": "bucket-secret-2",
+        "RUNPOD_AI_API_KEY": "rp-secret-3",
+    }
+    proc = rig.start(**secrets)
+    try:
+        _wait_for(rig.handler_file, proc)
+    finally:
+        _kill_group(proc)
+    comfy_env = json.loads(Path(str(rig.argv_file) + ".env").read_text())
+    assert not set(secrets) & set(comfy_env)
+    handler_env = json.loads(rig.handler_file.read_text())["env"]
+    assert all(handler_env[name] == value for name, value in secrets.items())
+
+
+# ------------------------------------------------------------------ the SDK's fitness checks
+
+FITNESS_HANDLER_PY = textwrap.dedent(
+    """
+    import asyncio, json, os
+    from runpod.serverless.modules import rp_fitness
+    asyncio.run(rp_fitness.run_fitness_checks())  # what the SDK's run_worker does first
+    with open(os.environ["STANDIN_HANDLER"] + ".tmp", "w") as fh:
+        json.dump({"ppid": os.getppid()}, fh)
+    os.replace(os.environ["STANDIN_HANDLER"] + ".tmp", os.environ["STANDIN_HANDLER"])
+    """
+)
+
+# nvidia-smi as the SDK probes it: "NVIDIA-SMI" in the banner, one line per GPU for --list-gpus.
+SDK_NVIDIA_SMI = (
+    "#!/bin/sh\n"
+    'if [ "$1" = "--list-gpus" ]; then echo "GPU 0: Fake GPU (UUID: GPU-0)"; exit 0; fi\n'
+    'echo "| NVIDIA-SMI 570.86.10    Driver Version: 570.86.10    CUDA Version: 12.8 |"\n'
+)
+
+TRACING_TORCH = textwrap.dedent(
+    """
+    import os
+    def _touch(what):
+        with open(os.environ["TORCH_TRACE"], "a") as fh:
+            fh.write(what + "\\n")
+    class _Props:
+        total_memory = 32 * 2**30
+    class cuda:
+        is_available = staticmethod(lambda: True)
+        device_count = staticmethod(lambda: 1)
+        reset_peak_memory_stats = staticmethod(lambda *a: _touch("reset_peak_memory_stats"))
+        synchronize = staticmethod(lambda *a: _touch("synchronize"))
+        get_device_properties = staticmethod(lambda i: _Props())
+    def zeros(*a, device=None, **k):
+        _touch(f"zeros on {device}")
+    def randn(*a, device=None, **k):
+        _touch(f"randn on {device}")
+    def matmul(a, b):
+        _touch("matmul")
+    """
+)
+
+
+@pytest.fixture
+def sdk_rig(rig: Rig) -> Rig:
+    (rig.tmp / "handler.py").write_text(FITNESS_HANDLER_PY)
+    smi = rig.tmp / "bin" / "nvidia-smi"
+    smi.write_text(SDK_NVIDIA_SMI)
+    smi.chmod(0o755)
+    torch_dir = rig.tmp / "tracing" / "torch"
+    torch_dir.mkdir(parents=True)
+    (torch_dir / "__init__.py").write_text(TRACING_TORCH)
+    rig.env["PYTHONPATH"] = f"{rig.tmp / 'tracing'}{os.pathsep}{ROOT}"
+    rig.env["TORCH_TRACE"] = str(rig.tmp / "torch_trace.txt")
+    return rig
+
+
+def test_sdk_fitness_checks_touch_the_gpu_without_the_entrypoint(sdk_rig: Rig) -> None:
+    """Control: the SDK's CUDA checks (registered when nvidia-smi answers) import torch and
+    allocate on the GPU in the calling process."""
+    code = (
+        "import asyncio; from runpod.serverless.modules import rp_system_fitness as f; "
+        "asyncio.run(f._check_cuda_initialization()); asyncio.run(f._check_gpu_compute_benchmark())"
+    )
+    env = {**sdk_rig.env, "RUNPOD_LOG_LEVEL": "ERROR"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    trace = Path(sdk_rig.env["TORCH_TRACE"]).read_text()
+    assert "zeros on cuda:0" in trace and "randn on cuda" in trace
+
+
+def test_handler_started_by_the_entrypoint_runs_no_torch_fitness_check(sdk_rig: Rig) -> None:
+    """The same SDK start-up, run as the entrypoint's handler: the SDK's own GPU check (its
+    gpu_test binary or nvidia-smi, in a separate process) still runs; torch is never touched."""
+    proc = sdk_rig.start()
+    try:
+        _wait_for(sdk_rig.handler_file, proc)
+        assert json.loads(sdk_rig.handler_file.read_text())["ppid"] == proc.pid
+    finally:
+        _kill_group(proc)
+    assert not Path(sdk_rig.env["TORCH_TRACE"]).exists()
