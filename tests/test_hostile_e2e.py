@@ -60,7 +60,7 @@ async def test_hostile_case_then_good_job(
     )
     settings = dataclasses.replace(case_settings(case, base), default_video=env.default_video)
     worker = Worker(settings, Workflow.load(GRAPH), comfy, reporter_factory=_quiet)
-    submitted_before = len(comfy_double.history)
+    submitted_before = len(comfy_double.prompts)
 
     result = await worker.run({"id": f"hostile-{case.id}", "input": case.make_input(env)})
 
@@ -69,7 +69,7 @@ async def test_hostile_case_then_good_job(
     assert isinstance(result["error"], str) and result["error"].endswith(".")
     assert case.field in result["error"] or case.field == "input"
     assert "Traceback" not in result["error"] and "refresh_worker" not in result
-    assert len(comfy_double.history) == submitted_before  # never reached ComfyUI
+    assert len(comfy_double.prompts) == submitted_before  # never reached ComfyUI
     assert not any((comfy_double.input_dir / "jobs").glob("*"))
 
     good = dict(good_job_input(env), width=256, height=256)

@@ -143,7 +143,7 @@ async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) 
     assert all(p["stage"] == "sampling" for p in rig.sent if p["step"] is not None)
     percents = [p["percent"] for p in rig.sent]
     assert percents == sorted(percents)
-    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    submitted = rig.double.prompts[result["prompt_id"]][2]
     assert submitted["348"]["inputs"]["seed"] == 1234
     assert submitted["205"]["inputs"]["value"] == 128
 
@@ -153,7 +153,7 @@ async def test_random_seed_is_returned_and_used(rig: Rig) -> None:
     assert "error" not in result, result
     seed = result["seed"]
     assert 0 <= seed < 2**32
-    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    submitted = rig.double.prompts[result["prompt_id"]][2]
     assert submitted["348"]["inputs"]["seed"] == seed
     assert "audio" not in submitted["139"]["inputs"]
     assert result["video"]["has_audio"] is False
@@ -162,7 +162,7 @@ async def test_random_seed_is_returned_and_used(rig: Rig) -> None:
 async def test_silent_driving_video_drops_the_audio_link(rig: Rig) -> None:
     result = await rig.worker.run(rig.job(video_base64=b64(rig.silent), keep_audio=True))
     assert result["video"]["has_audio"] is False
-    submitted = rig.double.history[result["prompt_id"]]["prompt"][2]
+    submitted = rig.double.prompts[result["prompt_id"]][2]
     assert "audio" not in submitted["139"]["inputs"]
 
 
@@ -270,7 +270,7 @@ async def test_slow_download_counts_against_the_job_timeout(
     assert set(result) == {"error", "code", "field"}, result
     assert result["code"] == "timeout" and "downloading" in result["error"]
     assert elapsed < 3.0
-    assert rig.double.history == {} and leftovers(rig) == []
+    assert rig.double.prompts == {} and leftovers(rig) == []
 
 
 async def test_comfy_failures_answer_exactly_error_code_field(
@@ -314,7 +314,7 @@ async def test_job_fields_and_settings_reach_the_graph(rig_factory: Callable[...
     del job["input"]["height"]
     result = await rig.worker.run(job)
     assert "error" not in result, result
-    graph = rig.double.history[result["prompt_id"]]["prompt"][2]
+    graph = rig.double.prompts[result["prompt_id"]][2]
     assert graph["130"]["inputs"]["force_rate"] == 10 and graph["139"]["inputs"]["frame_rate"] == 10
     assert graph["130"]["inputs"]["frame_load_cap"] == 197  # 200 -> 4n+1
     assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
@@ -377,9 +377,7 @@ async def test_each_job_has_its_own_websocket_client_id(rig: Rig) -> None:
     (ComfyUI server.py websocket_handler): jobs never share one."""
     first = await rig.worker.run(rig.job())
     second = await rig.worker.run(rig.job())
-    clients = [
-        rig.double.history[r["prompt_id"]]["prompt"][3]["client_id"] for r in (first, second)
-    ]
+    clients = [rig.double.prompts[r["prompt_id"]][3]["client_id"] for r in (first, second)]
     assert clients[0] != clients[1]
 
 
@@ -398,3 +396,25 @@ async def test_view_stall_fails_the_job_but_keeps_the_worker(
     rig.double.faults.view_stall_s = 0.0
     ok = await rig.worker.run(rig.job())
     assert "error" not in ok, ok
+
+
+async def test_history_entries_are_deleted_after_each_job(rig: Rig) -> None:
+    """ComfyUI keeps up to 10,000 history entries, each with its graph: the worker deletes its
+    own after a success at once, and after a failure or timeout once the prompt has stored it
+    (at the latest after the next job)."""
+    ok = await rig.worker.run(rig.job())
+    assert "error" not in ok and rig.double.history == {}
+    assert ("history", {"delete": [ok["prompt_id"]]}) in rig.double.requests
+    rig.double.faults.error_at_node = "348"
+    failed = await rig.worker.run(rig.job())
+    assert failed["code"] == "comfyui_execution"
+    rig.double.faults.error_at_node = None
+    rig.worker.settings = dataclasses.replace(rig.settings, job_timeout_s=1.0)
+    rig.double.faults.step_delay_s = 0.5
+    timed_out = await rig.worker.run(rig.job(steps=20))
+    assert timed_out["code"] == "timeout"
+    rig.double.faults.step_delay_s = 0.0
+    rig.worker.settings = rig.settings
+    last = await rig.worker.run(rig.job())
+    assert "error" not in last and rig.double.history == {}
+    assert len(rig.double.prompts) == 4

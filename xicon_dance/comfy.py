@@ -36,6 +36,7 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   (filename, subfolder, type, format); ``await download(item, dest: Path) -> Path`` streams /view.
 - ``Progress(stage: str, node: str | None, step: int | None, total: int | None)``.
 - Helpers: ``await interrupt(prompt_id)``, ``await delete_queued(prompt_id)``,
+  ``await delete_history(prompt_ids)`` (never raises),
   ``await free(unload_models, free_memory)``, ``await object_info(node_class=None)``,
   ``await history(prompt_id)``; pure ``validation_message(body)``, ``execution_error(data)``,
   ``pid_alive(pid)``.
@@ -70,7 +71,7 @@ from typing import Any
 
 import aiohttp
 
-from .errors import ComfyError, ComfyUnavailable, JobTimeout
+from .errors import ComfyError, ComfyUnavailable, JobTimeout, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +461,18 @@ class ComfyClient:
 
     async def delete_queued(self, prompt_id: str) -> None:
         await self._json("POST", "/queue", {"delete": [prompt_id]})
+
+    async def delete_history(self, prompt_ids: list[str]) -> None:
+        """Forget these prompts' history entries (``POST /history {"delete": [...]}``; unknown
+        ids are ignored by ComfyUI). ComfyUI keeps up to 10,000 entries, each with its whole
+        graph, for the life of the process. Never raises: a failure is logged."""
+        if not prompt_ids:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await self._json("POST", "/history", {"delete": list(prompt_ids)})
+        except (WorkerError, TimeoutError) as exc:
+            log.warning("could not delete ComfyUI history entries: %s", type(exc).__name__)
 
     async def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
         await self._json(

@@ -29,6 +29,10 @@ Details:
   fill its disk with results. ComfyUI's interrupt is cooperative, so a job that ended without
   delivering (timeout, cancel, failure) may get its file written after that sweep: the prefixes
   of the last ``UNFINISHED_KEPT`` such jobs are swept again after every later job.
+- ComfyUI history: after each job, succeeded or not, the job's ``/history`` entry is deleted
+  (ComfyUI keeps up to 10,000, each holding the whole graph); the ids of prompts that may store
+  their entry after the job ended (failure, timeout, cancel) are deleted again after each of the
+  next ``UNFINISHED_KEPT`` jobs.
 - Progress: ``downloading`` -> ``queued`` -> ComfyUI stages/sampler steps; the reporter is closed
   (last update joined) as soon as inference ends, before delivery (see ``progress``).
 """
@@ -56,7 +60,7 @@ from .workflow import PatchParams, Workflow, unique_prefix
 
 log = logging.getLogger(__name__)
 
-UNFINISHED_KEPT = 16  # failed/cancelled jobs whose late output files are swept after later jobs
+UNFINISHED_KEPT = 16  # failed/cancelled jobs whose late files and history are removed later
 ReporterFactory = Callable[[dict[str, Any], float], ProgressReporter]
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 
@@ -81,6 +85,8 @@ class Worker:
         self._jobs = 0
         # Prefixes of jobs that ended without delivering: ComfyUI may still write their files.
         self._unfinished: deque[str] = deque(maxlen=UNFINISHED_KEPT)
+        # Prompts of jobs that ended before their prompt did: ComfyUI may store history later.
+        self._unfinished_prompts: deque[str] = deque(maxlen=UNFINISHED_KEPT)
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = str(job.get("id") or "unknown") if isinstance(job, dict) else "unknown"
@@ -109,6 +115,8 @@ class Worker:
         prefix = unique_prefix(job_id)
         deadline = started + self.settings.job_timeout_s
         delivered = False
+        prompt_id: str | None = None
+        run: RunResult | None = None
         try:
             with media.job_folder(self.settings, job_id) as folder:
                 reporter.update("downloading")
@@ -140,6 +148,7 @@ class Worker:
             self._remove_outputs(prefix, *self._unfinished)
             if not delivered:
                 self._unfinished.append(prefix)
+            await asyncio.shield(self._forget_prompt(prompt_id, finished=run is not None))
         timings["total"] = time.monotonic() - started
         return {
             "video": video_out,
@@ -147,6 +156,17 @@ class Worker:
             "prompt_id": prompt_id,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
+
+    async def _forget_prompt(self, prompt_id: str | None, *, finished: bool) -> None:
+        """Delete this job's ComfyUI history entry, and those of earlier jobs that ended before
+        their prompt did. The entry of a prompt whose result was read exists now; a prompt
+        that failed, timed out or was cancelled may store its entry later (the error frame
+        precedes the history; an interrupted prompt stops when it checks), so its id is kept
+        and deleted again after each of the next ``UNFINISHED_KEPT`` jobs."""
+        ids = [prompt_id] if prompt_id else []
+        await self.comfy.delete_history([*ids, *self._unfinished_prompts])
+        if prompt_id and not finished:
+            self._unfinished_prompts.append(prompt_id)
 
     def _client_id(self) -> str:
         """A websocket client id of its own for each job. ComfyUI routes a prompt's frames to

@@ -56,7 +56,8 @@ cites the file and line of that release next to the code that copies it):
 
 Fault switches (constructor ``faults=Faults(...)``, CLI flags, or POST ``/_double/faults`` with a
 JSON object of the same names; GET ``/_double/faults`` shows them, GET ``/_double/requests`` lists
-the interrupt / queue / free calls received):
+the interrupt / queue / free / POST history calls received; ``prompts`` keeps every queued item
+by prompt id, even once its history entry is deleted):
 
 - ``drop_socket_at_node`` (``--drop-socket-at-node ID``): closes the prompt's socket right after
   its ``executing`` frame for node ID; the client may reconnect (§3.1) — completion must still be

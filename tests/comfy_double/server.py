@@ -30,6 +30,7 @@ from . import media
 
 log = logging.getLogger("comfy_double")
 
+MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI v0.33.0 execution.py:1249
 OUTPUT_CLASSES = {"VHS_VideoCombine", "SaveImage", "PreviewImage", "SaveVideo"}
 Validator = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, dict[str, Any]]]
 DEFAULT_OBJECT_INFO = Path(__file__).resolve().parent.parent / "fixtures" / "object_info.json"
@@ -186,6 +187,7 @@ class ComfyDouble:
         self.last_node_id: str | None = None  # node now executing (server.py:264)
         self._registry: dict[str, dict[str, Any]] = {}  # progress of this prompt's nodes
         self.history: dict[str, dict[str, Any]] = {}
+        self.prompts: dict[str, list[Any]] = {}  # every queued item by prompt id, for tests
         self.pending: list[list[Any]] = []
         self.running: list[Any] | None = None
         self.number = 0
@@ -446,7 +448,9 @@ class ComfyDouble:
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
         extra["create_time"] = int(time.time() * 1000)
-        self.pending.append([number, prompt_id, prompt, extra, self._outputs_of(prompt)])
+        item = [number, prompt_id, prompt, extra, self._outputs_of(prompt)]
+        self.pending.append(item)
+        self.prompts[prompt_id] = item
         self.pending.sort(key=lambda item: item[0])
         self._wake.set()
         await self.broadcast("status", {"status": self._exec_info()})
@@ -513,6 +517,8 @@ class ComfyDouble:
         # execution.py:775, 828-834: the ui outputs of the nodes that ran are stored even when a
         # later node failed or the run was interrupted
         self.last_node_id = None  # execution.py:835
+        if len(self.history) > MAXIMUM_HISTORY_SIZE:  # execution.py:1290-1291: oldest goes
+            self.history.pop(next(iter(self.history)))
         self.history[prompt_id] = {
             "prompt": [number, prompt_id, prompt, extra, outputs_to_execute],
             "outputs": outputs,
@@ -820,7 +826,10 @@ class ComfyDouble:
         return web.json_response({pid: self.history[pid]} if pid in self.history else {})
 
     async def post_history(self, request: web.Request) -> web.Response:
+        """ComfyUI v0.33.0 server.py:1203-1214: ``clear`` wipes it, ``delete`` pops each id
+        (unknown ids ignored); a bare 200."""
         body = await request.json()
+        self.requests.append(("history", body))
         if body.get("clear"):
             self.history.clear()
         for pid in body.get("delete", []):
