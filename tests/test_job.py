@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -418,3 +419,22 @@ async def test_history_entries_are_deleted_after_each_job(rig: Rig) -> None:
     last = await rig.worker.run(rig.job())
     assert "error" not in last and rig.double.history == {}
     assert len(rig.double.prompts) == 4
+
+
+async def test_output_sweep_runs_off_the_event_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep walks the whole output tree (large on a long-lived worker): in a thread, so
+    the event loop (websocket heartbeats, the SDK's job loop) is never blocked by it."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    sweep = rig.worker._remove_outputs
+
+    def spy(*prefixes: str) -> None:
+        threads.append(threading.get_ident())
+        sweep(*prefixes)
+
+    monkeypatch.setattr(rig.worker, "_remove_outputs", spy)
+    assert "error" not in await rig.worker.run(rig.job())
+    assert threads and loop_thread not in threads
+    assert leftovers(rig) == []

@@ -28,7 +28,8 @@ Details:
   base64, a failed delivery has already failed the job loudly, and a long-lived worker must not
   fill its disk with results. ComfyUI's interrupt is cooperative, so a job that ended without
   delivering (timeout, cancel, failure) may get its file written after that sweep: the prefixes
-  of the last ``UNFINISHED_KEPT`` such jobs are swept again after every later job.
+  of the last ``UNFINISHED_KEPT`` such jobs are swept again after every later job. The sweep
+  walks the output tree in a worker thread, never on the event loop.
 - ComfyUI history: after each job, succeeded or not, the job's ``/history`` entry is deleted
   (ComfyUI keeps up to 10,000, each holding the whole graph); the ids of prompts that may store
   their entry after the job ended (failure, timeout, cancel) are deleted again after each of the
@@ -145,7 +146,8 @@ class Worker:
         finally:
             if not reporter.closed:
                 await asyncio.shield(asyncio.to_thread(reporter.close))
-            self._remove_outputs(prefix, *self._unfinished)
+            # a walk of the whole output tree: in a thread, the event loop keeps serving
+            await asyncio.shield(asyncio.to_thread(self._remove_outputs, prefix, *self._unfinished))
             if not delivered:
                 self._unfinished.append(prefix)
             await asyncio.shield(self._forget_prompt(prompt_id, finished=run is not None))
