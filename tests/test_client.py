@@ -223,7 +223,15 @@ def test_ctrl_c_in_the_command_cancels_and_exits_130(fake_runpod, image, tmp_pat
     cmd = [sys.executable, "-m", "xicon_dance", "run", "--base-url", fake_runpod.url]
     cmd += ["--image", str(image), "--out", str(tmp_path / "r.mp4"), "--poll-interval", "0.05"]
     env = {**os.environ, "RUNPOD_API_KEY": API_KEY}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C in a terminal: SIGINT at its default. A test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and so would the client.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         fake_runpod.wait_for(lambda: fake_runpod.paths("GET").count(_status_path(fake_runpod)) >= 2)
         proc.send_signal(signal.SIGINT)
