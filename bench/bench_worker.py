@@ -254,7 +254,7 @@ async def bench_completion(comfy: Any, graph: dict[str, Any], record: Path, port
         _set_faults(port, **{"drop_socket_at_node": None, "silent_socket": False, **faults})
         latencies = []
         for i in range(10):
-            prompt_id = uuid.uuid4().hex
+            prompt_id = str(uuid.uuid4())  # canonical: ComfyUI refuses any other form
             g = json.loads(json.dumps(graph))
             g["348"]["inputs"]["seed"] = 1000 + i + len(label)  # never a cached re-run
             await comfy.run(g, prompt_id=prompt_id, client_id=uuid.uuid4().hex, timeout_s=60)
