@@ -386,7 +386,7 @@ async def run_bench(n_jobs: int) -> None:
             http.close()
             from tests.plugins import s3
 
-            s3._stop(s3_proc)
+            s3.stop_server(s3_proc)
             s3_log.close()
 
 
