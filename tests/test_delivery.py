@@ -316,6 +316,7 @@ async def test_s3_down_during_multipart_upload_fails_in_bounded_time(
             _video(tmp_path, 20 * 1024 * 1024), job_id="down", mode="url", settings=settings
         )
     took = time.monotonic() - started
+    print(f"S3 down mid-upload: upload_failed after {took:.2f} s")
     assert info.value.code == "upload_failed" and "not reachable" in info.value.message
     assert took < delivery.ABORT_TIMEOUT_S + 5, took
     assert s3_env["BUCKET_SECRET_ACCESS_KEY"] not in info.value.message
@@ -337,7 +338,8 @@ async def test_deadline_bounds_a_stalled_upload(
         )
     took = time.monotonic() - started
     assert "did not finish within UPLOAD_TIMEOUT_S (1.5 s)" in info.value.message
-    assert 1.5 <= took < 1.5 + 2, took
+    print(f"stalled upload failed after {took:.2f} s (UPLOAD_TIMEOUT_S 1.5)")
+    assert 1.5 <= took < 1.5 + delivery.ABORT_TIMEOUT_S + 1, took
     assert s3_proxy.hung_up, "the stalled request must be dropped, not left running"
     uploads = s3_server.client().list_multipart_uploads(Bucket=s3_env["BUCKET_NAME"])
     assert not uploads.get("Uploads"), "the multipart upload must be aborted"
@@ -363,11 +365,13 @@ async def test_cancel_stops_the_upload_at_once(
     with pytest.raises(asyncio.CancelledError):
         await task
     took = time.monotonic() - cancelled
-    assert took < 1.0, f"cancel took {took:.2f} s"
+    print(f"cancel answered in {took:.3f} s")
+    # Not the stalled request's 30 s: at most the bounded abort of the multipart upload.
+    assert took < delivery.ABORT_TIMEOUT_S + 1, f"cancel took {took:.2f} s"
     deadline = time.monotonic() + 2
     while not s3_proxy.hung_up and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    assert s3_proxy.hung_up and s3_proxy.hung_up[0] - cancelled < 1.0
+    assert s3_proxy.hung_up and s3_proxy.hung_up[0] - cancelled < 2.0
     uploads = s3_server.client().list_multipart_uploads(Bucket=s3_env["BUCKET_NAME"])
     assert not uploads.get("Uploads"), "the multipart upload must be aborted"
     assert "DELETE" in {m for m, _ in s3_proxy.requests}, s3_proxy.requests
