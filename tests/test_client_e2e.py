@@ -1,5 +1,5 @@
 """The command-line client end to end: ``xicon-dance run`` against the worker's own
-``--rp_serve_api`` server (RunPod SDK, ../shared/reference/runpod.md §3.2) in front of the ComfyUI
+``--rp_serve_api`` server (the RunPod SDK's local test server) in front of the ComfyUI
 double. The saved file must be the real MP4 the worker produced."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_LINE = re.compile(r"Job result: (\{.*\})\s*$", re.MULTILINE)
-# On failure the SDK's local mode logs only the error string, then exits 1 (runpod.md §3.1).
+# On failure the SDK's local mode logs only the error string, then exits 1 (runpod 1.12.0).
 ERROR_LINE = re.compile(r"Job local_test failed with error: (.*)$", re.MULTILINE)
 
 

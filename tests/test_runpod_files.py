@@ -1,5 +1,5 @@
-"""RunPod Hub and local-run files, checked against the schema facts of
-../shared/reference/runpod.md §7 (hub.json, tests.json) and the job input schema: .runpod/hub.json,
+"""RunPod Hub and local-run files, checked against RunPod's Hub schema (hub.json, tests.json as
+documented for the RunPod Hub) and the job input schema: .runpod/hub.json,
 .runpod/tests.json, test_input.json, docker-compose.yml and extra_model_paths.yaml."""
 
 from __future__ import annotations
@@ -121,6 +121,20 @@ def test_docker_compose_local_gpu_run() -> None:
     assert svc["environment"]["SERVE_API_LOCALLY"] == "true"
     assert any(v.split(":")[1] == "/runpod-volume" for v in svc["volumes"])
     assert svc["platform"] == "linux/amd64"
+
+
+def test_local_runs_save_to_a_mounted_folder() -> None:
+    """The image's LOCAL_OUTPUT_DIR default (<worker folder>/output, the package lives in /worker)
+    is what the README's first command and docker-compose.yml mount."""
+    yaml = pytest.importorskip("yaml")
+    assert "COPY xicon_dance /worker/xicon_dance" in (ROOT / "Dockerfile").read_text()
+    target = "/worker/output"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    svc = next(iter(compose["services"].values()))
+    assert f"./output:{target}" in svc["volumes"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_command = next(line for line in readme.splitlines() if "docker run" in line)
+    assert f'-v "$PWD/output:{target}"' in first_command
 
 
 def test_extra_model_paths_cover_every_manifest_folder() -> None:

@@ -694,7 +694,9 @@ def _failure(doc: dict[str, Any], status: str, job_id: str | None) -> JobFailed:
     elif status == "TIMED_OUT":
         message = (
             "The job TIMED_OUT on RunPod: it expired in the queue (TTL) or ran past the "
-            "endpoint's execution timeout (600 s by default; raise it in the endpoint settings)."
+            "endpoint's execution timeout (600 s by default; this worker needs more than "
+            "JOB_TIMEOUT_S + UPLOAD_TIMEOUT_S, 2400 s with its defaults: raise it in the "
+            "endpoint settings)."
         )
     else:
         message = f"The job ended with status {status!r}" + (f": {reason}" if reason else ".")
