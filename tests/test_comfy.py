@@ -550,6 +550,8 @@ async def test_process_faults_via_control_route(comfy_process, tmp_path):
         dest = await c.download(item, tmp_path / "out.mp4")
     assert dest.stat().st_size > 1000
     assert Path(double.root / "output" / item.filename).is_file()
+    # the run closed its socket; the server sees it a moment later
+    await wait_for(lambda: double.sockets() == {"open": 0, "registered": []}, "socket closed")
 
 
 async def test_socket_reconnects_and_keeps_following(client, comfy_double, comfy_media):
@@ -599,6 +601,11 @@ async def test_progress_from_a_node_outside_the_graph_is_not_a_sampler_step():
     state.on_frame("progress", {"prompt_id": "p", "node": "28.0.1", "value": 2, "max": 9})
     state.on_frame("progress", {"prompt_id": "p", "node": None, "value": 3, "max": 9})
     state.on_frame("progress", {"prompt_id": "other", "node": "348", "value": 1, "max": 4})
+    # what ComfyUI sends a socket that reconnects mid-run: no prompt_id, so not ours to judge;
+    # even a node-null frame without our prompt_id is no completion
+    assert state.on_frame("executing", {"node": "348"}) is False
+    assert state.on_frame("executing", {"node": None}) is False
+    assert state.on_frame("executing", {"node": None, "prompt_id": "other"}) is False
     assert seen == [
         Progress("WanVideoDecode", "28"),
         Progress("WanVideoDecode", "28", 2, 9),

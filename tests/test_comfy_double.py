@@ -429,6 +429,10 @@ async def test_info_and_control_routes(http, comfy_double):
         assert await resp.json() == {"exec_info": {"queue_remaining": 0}}
     async with http.post("/_double/faults", json={"no_such_fault": 1}) as resp:
         assert resp.status == 400
+    async with http.ws_connect("/ws?clientId=counted") as ws:
+        await ws.receive(timeout=2)  # status: sent once the socket is registered
+        async with http.get("/_double/sockets") as resp:
+            assert await resp.json() == {"open": 1, "registered": ["counted"]}
 
 
 async def test_queue_delete_pending_and_interrupt(http, comfy_double, comfy_media):

@@ -727,7 +727,7 @@ class ComfyClient:
             ) from None
         return target
 
-    async def _answers(self, timeout_s: float = 5.0) -> bool:
+    async def _answers(self, timeout_s: float = 10.0) -> bool:
         """Whether ComfyUI is alive and answers ``/system_stats`` within ``timeout_s``."""
         if self.process_dead():
             return False

@@ -9,7 +9,8 @@ Fixtures:
 - ``comfy_process``: a factory ``start(root=None, *, args=(), wait=True) -> DoubleProcess`` that
   runs ``python -m tests.comfy_double`` as a subprocess (for end-to-end tests of the handler).
   ``DoubleProcess`` has ``url``, ``host`` (``127.0.0.1:<port>``, the COMFY_HOST value), ``port``,
-  ``root``, ``pid_file``, ``proc``, ``set_faults(**faults)``. Every process started is
+  ``root``, ``pid_file``, ``proc``, ``set_faults(**faults)``, ``sockets()`` (websockets open on
+  the server, replaced ones included). Every process started is
   terminated at the end of the test.
 """
 
@@ -102,6 +103,11 @@ class DoubleProcess:
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def sockets(self) -> dict:
+        """``{"open": n, "registered": [client ids]}``: websockets still open on the server."""
+        with urllib.request.urlopen(self.url + "/_double/sockets", timeout=5) as resp:
             return json.loads(resp.read())
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
