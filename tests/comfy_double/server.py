@@ -78,7 +78,7 @@ class ExecutionFailed(Exception):
             "exception_type": self.exc_type,
             "traceback": ["Traceback (most recent call last):\n", f"{self.exc_type}: {self}\n"],
             "current_inputs": self.inputs,
-            "current_outputs": {},
+            "current_outputs": [],  # execution.py:710: a list of node ids
         }
 
 
