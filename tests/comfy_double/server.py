@@ -338,7 +338,7 @@ class ComfyDouble:
     async def to_client(self, etype: str, data: Any) -> None:
         """A frame the real server sends only when the running prompt has a client
         (``if server.client_id is not None``: execution.py:494 ``executing``, :577 ``executed``,
-        :682-684 ``add_message(broadcast=False)``, main.py:383 ``executing`` node null)."""
+        :677-684 ``add_message(broadcast=False)``, main.py:383 ``executing`` node null)."""
         if self.client_id is not None:
             await self.send(etype, data, self.client_id)
 
