@@ -106,6 +106,7 @@ def test_test_input_mode_url_inputs_and_s3_output(
     saved = list((tmp_path / "saved").glob("*.mp4"))  # a local run keeps the video (from the URL)
     assert len(saved) == 1 and saved[0].read_bytes() == content
     assert f"saved the result video: {saved[0]} (" in logs and "9 frames" in logs
+    assert [line for line in logs.splitlines() if "ERROR" in line] == []  # a quiet local run
 
 
 def test_test_input_mode_failures_exit_1(
