@@ -340,6 +340,8 @@ def test_urls_pass_through_without_reading_files():
         (["--image", "https://x.test/a.png", "--endpoint", "abc"], "RUNPOD_API_KEY"),
         (["--image", "https://x.test/a.png"], "--endpoint"),
         (["--image", "https://x.test/a.png", "--base-url", "ftp://h"], "--base-url"),
+        (["--image", "https://x.test/a.png", "--base-url", "http://"], "not a valid URL"),
+        (["--image", "https://x.test/a.png", "--base-url", "http://[::1"], "not a valid URL"),
     ],
 )
 def test_usage_errors_exit_2(monkeypatch, capsys, args, message):

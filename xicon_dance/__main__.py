@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from yarl import URL
+
 from . import __version__
 from .client import (
     CANCEL_FAILED,
@@ -278,12 +280,21 @@ def _target(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.base_url:
         if not args.base_url.lower().startswith(("http://", "https://")):
             raise _usage("--base-url must start with http:// or https://.")
+        if not _host(args.base_url):
+            raise _usage(f"--base-url {args.base_url!r} is not a valid URL (no host).")
         return args.base_url, api_key
     if not args.endpoint:
         raise _usage("give --endpoint ID (or --base-url URL for another server).")
     if api_key is None:
         raise _usage("RUNPOD_API_KEY is not set; export your RunPod API key first.")
     return default_base_url(args.endpoint), api_key
+
+
+def _host(url: str) -> str | None:
+    try:
+        return URL(url).host
+    except ValueError:
+        return None
 
 
 def _usage(message: str) -> UsageError:
