@@ -26,7 +26,9 @@ Files are written by a streaming safetensors writer: the header is computed from
 first, then one tensor at a time is generated (on ``--device``), cast, copied to the host and
 appended, so peak memory is one tensor however large the file. ``--dry-run`` prints the table and
 total bytes without allocating anything. Every tensor is seeded from ``--seed`` and its own name,
-so ``--only`` reproduces the same bytes as a full run.
+so ``--only`` reproduces the same bytes as a full run (on the same device type: CPU and CUDA
+generators differ). Measured on two CPU cores: ``tiny`` about 30 s (1.3 GB, mostly CLIP), ``full``
+about 6 min (28.2 GiB of tensors, peak RSS 2.9 GiB: the T5 token embedding).
 
 ``check_against_upstream(comfy_dir, size)`` compares the key set and shapes with the real model
 classes built on the meta device (WanVideoWrapper's ``WanModel``, ``WanVideoVAE``, umt5-xxl, comfy's
