@@ -20,7 +20,8 @@ Local runs (see ``xicon_dance.local_run``): ``python handler.py`` (reads ``test_
 ``python handler.py --rp_serve_api`` (the SDK's local ``POST /runsync`` server). In a local run
 every finished video is also saved to ``LOCAL_OUTPUT_DIR`` (default ``output/`` in the worker
 folder, ``/worker/output`` in the image) with a one-line summary in the log, and progress
-updates are logged at DEBUG instead of being sent to RunPod.
+updates are logged at DEBUG instead of being sent to RunPod; the SDK logs at INFO unless
+``RUNPOD_LOG_LEVEL`` says otherwise (its DEBUG default prints the whole result).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from xicon_dance.errors import ConfigError, WorkerError
 from xicon_dance.input_probe import check_input_folder
 from xicon_dance.job import Worker
 from xicon_dance.local_run import is_local_run, save_result
-from xicon_dance.logs import setup_logging
+from xicon_dance.logs import job_context, setup_logging
 from xicon_dance.model_download import load_manifest
 from xicon_dance.settings import PACKAGE_ROOT, Settings, get_settings
 from xicon_dance.workflow import Workflow
@@ -94,7 +95,8 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     try:
         result = await _worker.run(job)
         if _save_dir is not None:
-            await save_result(result, _save_dir, job_id)
+            with job_context(job_id):
+                await save_result(result, _save_dir, job_id)
         return result
     finally:
         if job_id == "local_test":  # --test_input: the SDK exits right after this job
@@ -162,7 +164,14 @@ def startup(local: bool) -> Worker:
 
 def main(argv: Sequence[str] | None = None) -> None:
     global _worker, _save_dir
-    args = sdk_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Our log handler first: importing the SDK runs logging.basicConfig (runpod's rp_upload),
+    # which would otherwise add a second root handler and print every line twice.
+    setup_logging()
+    if is_local_run("--rp_serve_api" in argv, os.environ):
+        # The SDK's own default is DEBUG, which prints the whole result (the video as base64).
+        os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    args = sdk_arguments(argv)
     local = is_local_run(bool(args.get("rp_serve_api")), os.environ)
     _worker = startup(local)
     if local and _worker.settings.local_output_dir is not None:

@@ -204,6 +204,7 @@ def test_progress_updates_reach_the_platform_in_order(
         env = handler_env(
             double, tmp_path, PROGRESS_INTERVAL_S="0.1", RUNPOD_WEBHOOK_POST_OUTPUT=done_url
         )
+        del env["RUNPOD_LOG_LEVEL"]  # the local run's own default applies
         job = small(image_base64=media["image_b64"], video_base64=media["video_b64"], steps=8)
         code, _, logs = run_test_input(job, env)
         assert code == 0, logs[-2000:]
@@ -221,6 +222,9 @@ def test_progress_updates_reach_the_platform_in_order(
     assert percents == sorted(percents) and percents[-1] < 100
     assert "Job local_test completed successfully" in logs  # the base64 result line is truncated
     (saved,) = (tmp_path / "saved").glob("*.mp4")  # the local run saved the base64 video
+    (summary,) = [line for line in logs.splitlines() if "saved the result video" in line]
+    assert "[job=local_test]" in summary and str(saved) in summary  # one line, not two
+    assert "Handler output" not in logs  # the SDK's DEBUG dump of the result is off by default
     with av.open(str(saved)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
 
