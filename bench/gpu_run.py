@@ -13,8 +13,9 @@ What it does, in order:
 1. Starts ``nvidia-smi`` sampling every 200 ms (memory used, utilisation) into
    ``RESULTS/vram.csv``; peaks are reported per phase, so they are sampled, not estimated.
 2. Starts ComfyUI through the project's ``entrypoint.sh`` (GPU preflight, the SageAttention
-   self-test when ``--attention sageattn``, ComfyUI on 127.0.0.1:8188, then the SDK's local API on
-   port 8000 via ``SERVE_API_LOCALLY``), and measures spawn -> ``/system_stats`` answering.
+   self-test when ``--attention sageattn``, ComfyUI on 127.0.0.1:8188), and measures spawn ->
+   ``/system_stats`` answering. The entrypoint's last step, the SDK job loop, needs RunPod's job
+   queue; a process that only waits stands in for it (``HANDLER``), so ComfyUI stays up.
 3. Runs jobs with ``xicon_dance.job.Worker`` built exactly as ``handler.py`` builds it, against
    that ComfyUI, at the job defaults (416x672, 81 frames, 6 steps, cfg 1) with the reference image
    of ``test_input.json`` and the bundled driving video. Each job records the worker's timings
@@ -26,10 +27,12 @@ What it does, in order:
    - ``t5_off``: ``use_disk_cache`` false: the umt5-xxl file is loaded and the prompt encoded;
    - ``t5_hit``: ``use_disk_cache`` true again: the prompt is found in the disk cache, the
      umt5-xxl file is not read.
-4. ``--sdk-job``: one more warm job through the RunPod SDK (``POST /runsync`` on the local API
-   server that ``entrypoint.sh`` started), the full product path.
-5. Probes the first job's MP4 (frames, fps, size, codec) and writes it to ``RESULTS/cold.mp4``
-   when it is under 15 MiB.
+4. ``--sdk-job``: one more warm job through the RunPod SDK (``python handler.py --test_input``
+   against the same ComfyUI), the full product path; its worker log line holds the timings.
+5. Writes the first job's MP4 to ``RESULTS/cold.mp4`` and probes it (frames, fps, size, codec).
+
+``--width/--height/--steps/--max-frames`` shrink the job for a smoke test of this script on a CPU
+(``GPU_PREFLIGHT=0``, ``--render-device cpu``, ``--comfy-args "--cpu ..."``).
 
 Output: ``RESULTS/summary.json`` (every figure above), ``RESULTS/entrypoint.log`` (entrypoint and
 ComfyUI output), ``RESULTS/vram.csv``. Exit status 0 when every job returned a video, 1 otherwise.
@@ -62,7 +65,6 @@ log = logging.getLogger("gpu_run")
 JOB_DEFAULTS = {"width": 416, "height": 672, "steps": 6, "cfg": 1.0, "seed": 42, "max_frames": 81}
 PROMPT = "a person dancing in a bright studio, full body, smooth motion"
 TEXT_NODE_CLASS = "WanVideoTextEncodeCached"
-MAX_MP4_BACK = 15 * 1024 * 1024
 
 
 @dataclass
@@ -268,25 +270,37 @@ def probe_mp4(path: Path) -> dict[str, Any]:
         }
 
 
-def sdk_job(port: int, vram: VramSampler) -> dict[str, Any]:
-    """One job through the SDK's local API server (``POST /runsync``)."""
-    body = json.dumps({"input": job_input()}).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/runsync", data=body, headers={"Content-Type": "application/json"}
-    )
+def hold_script(out: Path) -> Path:
+    path = out / "hold.py"
+    path.write_text("import signal\nsignal.pause()\n")
+    return path
+
+
+def sdk_test_input(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """One job through the RunPod SDK: ``python handler.py --test_input`` against this ComfyUI."""
+    job = json.dumps({"input": job_input()})
     t0 = time.monotonic()
-    with urllib.request.urlopen(req, timeout=900) as resp:
-        answer = json.loads(resp.read())
-    t1 = time.monotonic()
-    output = answer.get("output") or {}
+    proc = subprocess.run(
+        [sys.executable, "-u", str(ROOT / "handler.py"), "--test_input", job],
+        cwd=ROOT,
+        env={**env, "RUNPOD_LOG_LEVEL": "WARN"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    wall = time.monotonic() - t0
+    done = [
+        line
+        for line in proc.stderr.splitlines() + proc.stdout.splitlines()
+        if "job done in" in line
+    ]
+    (args.out / "sdk_test_input.log").write_text(proc.stderr[-20000:])
     return {
-        "job": "sdk_runsync",
-        "wall_s": round(t1 - t0, 3),
-        "status": answer.get("status"),
-        "ok": isinstance(output, dict) and "video" in output,
-        "timings": output.get("timings") if isinstance(output, dict) else None,
-        "error": None if isinstance(output, dict) and "video" in output else answer,
-        "vram_peak_mib": vram.peak(t0, t1),
+        "job": "sdk_test_input",
+        "wall_s": round(wall, 3),
+        "ok": proc.returncode == 0 and bool(done),
+        "returncode": proc.returncode,
+        "worker_log": done[-1][-400:] if done else None,
     }
 
 
@@ -334,7 +348,7 @@ def summarise(records: list[dict], out: Path) -> None:
         b64 = r.pop("_b64", None)
         if r is first and b64:
             data = base64.b64decode(b64)
-            path = out / "cold.mp4" if len(data) <= MAX_MP4_BACK else Path("/tmp/gpu_run_cold.mp4")
+            path = out / "cold.mp4"
             path.write_bytes(data)
             r["mp4_probe"] = probe_mp4(path)
             r["mp4_path"] = str(path)
@@ -374,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             "MODEL_DOWNLOAD_AT_START": "0",
             "VOLUME_MODELS_DIR": str(args.out / "no-volume"),
             "HF_CACHE_DIR": str(args.out / "no-hf-cache"),
-            "SERVE_API_LOCALLY": "true",
-            "RP_API_PORT": "8000",
+            # entrypoint.sh ends by exec'ing the handler's SDK job loop, which needs RunPod's
+            # queue; a process that only waits stands in for it so ComfyUI stays up.
+            "HANDLER": str(hold_script(args.out)),
         }
     )
     summary: dict[str, Any] = {"attention": args.attention, "job": JOB_DEFAULTS}
@@ -393,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("ComfyUI ready %.1f s after the entrypoint started", summary["comfy_ready_s"])
         asyncio.run(run_jobs(args, graphs, vram, records))
         if args.sdk_job:
-            wait_http("http://127.0.0.1:8000/docs", proc, 120)
-            records.append(sdk_job(8000, vram))
+            records.append(sdk_test_input(args, worker_env(args, graphs[True])))
         rc = 0 if all(r.get("ok") for r in records) else 1
     except (Exception, SystemExit) as exc:  # keep whatever was measured; the log says what broke
         log.exception("run failed")

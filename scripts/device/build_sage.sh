@@ -4,7 +4,7 @@
 # is staged: every result is written under RESULTS and a build never blocks the caller.
 #
 #   scripts/device/build_sage.sh SRC_TARBALL RESULTS ARCHLIST [ARCHLIST ...]
-#     e.g. build_sage.sh /tmp/stage/sageattention-d1a57a5.tar.gz /tmp/sage "9.0;12.0" "12.0"
+#     e.g. build_sage.sh "$STAGE/sageattention-d1a57a5.tar.gz" "$TMPDIR/sage" "12.0" "9.0"
 #
 # For each ARCHLIST (tag: the list with ';' and '.' removed, "9.0;12.0" -> 90120):
 #   RESULTS/<tag>/site/            the installed package (PYTHONPATH=RESULTS/<tag>/site)

@@ -16,7 +16,7 @@
 # (deflate inside) become 203 MB (comfy-kitchen's CUDA fatbins shrink from 58 to 28 MB), so the
 # payload with the 26 MB stack travels in four calls instead of five; `xz -6` saves little more
 # and took over ten minutes on two busy cores. scripts/device/stage.sh joins the parts there and
-# unpacks the tree as /tmp/site.
+# unpacks the tree as $SITE.
 #
 # The pins are the stack's (stack/requirements.lock) for every package the GPU image lacks
 # (its package list: torch 2.11 cu130, transformers, accelerate, peft, onnx, onnxruntime,

@@ -13,9 +13,10 @@
 # Then use: PYTHONPATH=$SITE python3 ...  (the machine's python3 holds torch).
 set -euo pipefail
 
-STAGE="${STAGE:-/tmp/stage}"
-SITE="${SITE:-/tmp/site}"
-STACK_ROOT="${STACK_ROOT:-/tmp/stack}"
+TMP="${TMPDIR:-/tmp}"
+STAGE="${STAGE:-$TMP/xicon-stage}"
+SITE="${SITE:-$TMP/xicon-site}"
+STACK_ROOT="${STACK_ROOT:-$TMP/xicon-stack}"
 COMFY_DIR="${COMFY_DIR:-$STACK_ROOT/ComfyUI}"
 PY="${PYTHON:-python3}"
 
@@ -32,8 +33,10 @@ site() {
     cat "$STAGE"/site.tar.xz.[0-9][0-9] >"$STAGE/site.tar.xz"
     echo "$(cat "$STAGE/site.tar.xz.sha256")  $STAGE/site.tar.xz" | sha256sum -c --quiet
     rm -rf "$SITE" && mkdir -p "$(dirname "$SITE")"
-    tar -C "$(dirname "$SITE")" -xJf "$STAGE/site.tar.xz"
-    [ "$(basename "$SITE")" = site ] || mv "$(dirname "$SITE")/site" "$SITE"
+    local unpack
+    unpack="$(mktemp -d "$(dirname "$SITE")/site.XXXXXX")"
+    tar -C "$unpack" -xJf "$STAGE/site.tar.xz"
+    mv "$unpack/site" "$SITE" && rmdir "$unpack"
     rm -f "$STAGE/site.tar.xz" "$STAGE"/site.tar.xz.[0-9][0-9]
     ln -sf "$SITE/imageio_ffmpeg/binaries/"ffmpeg-* "$SITE/bin/ffmpeg" 2>/dev/null || true
     log "site unpacked to $SITE in $((SECONDS - t0)) s ($(du -sh "$SITE" | cut -f1))"
