@@ -35,6 +35,8 @@ import contextlib
 import json
 import os
 import platform as host
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,23 +70,9 @@ from tests.realstack.test_faults import (  # noqa: E402
     serve_platform,
     usage,
 )
+from xicon_dance.schema import INPUT_ERROR_CODES  # noqa: E402
 
 JOB_TIMEOUT_S = 5
-# InputError codes (xicon_dance.schema, xicon_dance.media): a hostile input must get one of them.
-INPUT_CODES = frozenset(
-    {
-        "invalid_input",
-        "invalid_image",
-        "invalid_video",
-        "missing_image",
-        "too_large",
-        "too_many_pixels",
-        "unsupported_url",
-        "url_forbidden",
-        "conflicting_inputs",
-        "unknown_field",
-    }
-)
 KINDS = ("good", "good", "hostile", "good", "error", "good", "timeout", "good", "cancel", "good")
 MB = 1024.0
 
@@ -222,7 +210,7 @@ class Soak:
             result = self._answer(job_id)
             answer = result.get("output", {}).get("code") if "error" in result else "ok"
             answer = f"{answer} + stopPod" if result.get("stopPod") else answer
-        expected = answer in INPUT_CODES if want == "input error" else answer == want
+        expected = answer in INPUT_ERROR_CODES if want == "input error" else answer == want
         return Outcome(kind, time.monotonic() - started, str(answer), expected, detail)
 
     def _cancel(self, job_id: str) -> str:
@@ -251,7 +239,12 @@ def double_worker(
         double.wait_ready()
         with serve_platform() as platform:
             env = handler_env(double, folder, **platform.env())
+            hook = folder / "hook"
+            hook.mkdir(exist_ok=True)
+            (hook / "sitecustomize.py").write_text(THREAD_DUMP_HOOK)
             env.update(
+                PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+                SOAK_THREAD_DUMP=str(folder / "threads.json"),
                 JOB_TIMEOUT_S=str(JOB_TIMEOUT_S),
                 PROGRESS_INTERVAL_S="0.5",
                 RUNPOD_LOG_LEVEL="INFO",
@@ -279,6 +272,30 @@ def double_worker(
                 stop_process(proc)
     finally:
         stop_process(double_proc)
+
+
+# Loaded into the handler through PYTHONPATH (a sitecustomize of this benchmark only): on SIGUSR1
+# it writes the names of the process's Python threads to $SOAK_THREAD_DUMP.
+THREAD_DUMP_HOOK = """
+import json, os, signal, threading
+def _dump(signum, frame):
+    path = os.environ["SOAK_THREAD_DUMP"]
+    with open(path + ".part", "w") as fh:
+        json.dump(sorted(t.name for t in threading.enumerate()), fh)
+    os.replace(path + ".part", path)
+if os.environ.get("SOAK_THREAD_DUMP"):
+    signal.signal(signal.SIGUSR1, _dump)
+"""
+
+
+def thread_names(proc: subprocess.Popen, dump: Path) -> dict[str, int]:
+    """The handler's Python threads by name, numbers folded (``asyncio_N``: the event loop's
+    default executor, a pool of at most min(32, CPUs + 4) threads that stay once started)."""
+    dump.unlink(missing_ok=True)
+    proc.send_signal(signal.SIGUSR1)
+    wait_until("the handler's thread list", dump.is_file, 10)
+    names = Counter(re.sub(r"\d+", "N", name) for name in json.loads(dump.read_text()))
+    return dict(sorted(names.items()))
 
 
 def figures_table(before: Usage, after: Usage, left_before: int, left_after: int) -> list[str]:
@@ -321,6 +338,7 @@ def double_soak(jobs: int, folder: Path) -> bool:
             soak = Soak(double, platform, proc, media)
             warm = [soak.run(kind) for kind in ("good", "hostile", "error", "timeout", "cancel")]
             before = drained_usage(proc.pid, double.port)
+            threads_before = thread_names(proc, folder / "threads.json")
             left_before = len(leftovers(double.root))
             started = time.monotonic()
             outcomes: list[Outcome] = []
@@ -335,6 +353,7 @@ def double_soak(jobs: int, folder: Path) -> bool:
                     )
             wall = time.monotonic() - started
             after = drained_usage(proc.pid, double.port)
+            threads_after = thread_names(proc, folder / "threads.json")
             left_after = leftovers(double.root)
             socket_count = get_json(double.url + "/_double/sockets")
     finally:
@@ -343,6 +362,7 @@ def double_soak(jobs: int, folder: Path) -> bool:
     print(f"{jobs} jobs in {wall:.0f} s")
     print("\n".join(outcome_lines(outcomes)))
     print("\n".join(figures_table(before, after, left_before, len(left_after))))
+    print(f"threads by name: before {threads_before}, after {threads_after}")
     print(f"double: websockets still open on the server side: {socket_count}")
     return report_failures(outcomes + warm, before, after, left_after, rss_limit_mb=10.0)
 

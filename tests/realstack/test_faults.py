@@ -303,9 +303,15 @@ class FaultWorker:
         queue = self.queue()
         return bool(queue["queue_running"] or queue["queue_pending"])
 
-    def wait_running(self) -> None:
-        """Until ComfyUI runs a prompt (the job's graph is in ComfyUI's hands)."""
-        wait_until("ComfyUI runs the job's prompt", lambda: self.queue()["queue_running"], JOB_S)
+    def wait_running(self, box: dict[str, Any] | None = None) -> None:
+        """Until ComfyUI runs a prompt (the job's graph is in ComfyUI's hands); fails at once
+        when the job already ended (``box`` of ``runsync_async``)."""
+
+        def running() -> bool:
+            assert not box or "at" not in box, f"the job ended before it ran: {box}"
+            return bool(self.queue()["queue_running"])
+
+        wait_until("ComfyUI runs the job's prompt", running, JOB_S)
 
     def wait_result(self, job_id: str, timeout_s: float = JOB_S) -> dict[str, Any]:
         assert self.platform is not None
@@ -345,6 +351,8 @@ def start_worker(stack: Stack, base: Path, **env: str) -> FaultWorker:
     try:
         wait_for(f"{worker.comfy_url}/system_stats", shell, log, STARTUP_TIMEOUT_S)
         wait_until("the handler starts its job loop", lambda: "job loop" in worker.log_text(), 300)
+        if full.get("SERVE_API_LOCALLY") == "1":
+            wait_for(f"{worker.api_url}/docs", shell, log, 120)
     except BaseException:
         stop_worker(worker)
         raise
@@ -669,7 +677,7 @@ def test_comfyui_frozen_times_out_and_asks_for_a_new_worker(
     the worker will be replaced (``refresh_worker``, which ends the job loop on the platform)."""
     worker = local_worker
     box = runsync_async(worker, job_input(realstack_media))
-    worker.wait_running()
+    worker.wait_running(box)
     os.kill(worker.comfy_pid, signal.SIGSTOP)
     started = time.monotonic()
     try:
