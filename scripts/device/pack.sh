@@ -33,7 +33,9 @@ PY="${PYTHON:-python3}"
 # torchsde, alembic, SQLAlchemy, simpleeval, blake3, pydantic(-settings), kornia, spandrel;
 # WanVideoWrapper: diffusers, ftfy, gguf, pyloudnorm; SCAIL-Pose: taichi; VHS: imageio-ffmpeg (its
 # ffmpeg binary; the machine has none); KJNodes: color-matcher, mss; the worker: runpod and the
-# parts of its dependency tree that are missing there, boto3.
+# parts of its dependency tree that are missing there, boto3. Enough for `handler.py --test_input`;
+# the SDK's local API server (`--rp_serve_api`) also needs fastapi's opentelemetry packages, which
+# are not carried.
 PKGS=(
     av==18.1.0 taichi==1.7.4 dill==0.4.1 imageio-ffmpeg==0.8.1 comfy-kitchen==0.2.31
     comfy-aimdo==0.4.13 diffusers==0.42.1 importlib_metadata==10.2.0 torchsde==0.2.6
@@ -64,14 +66,12 @@ rm -rf "$OUT/site"
 find "$OUT/site" -name __pycache__ -type d -prune -exec rm -rf {} +
 
 tar -C "$OUT" -cf - site | xz -T0 -1 >"$OUT/site.tar.xz"
-rm -rf "$OUT"/site.tar.xz.[0-9][0-9] "$OUT"/c[0-9]
-split -b "${PART_MIB}M" -d -a 2 "$OUT/site.tar.xz" "$OUT/site.tar.xz."
+rm -rf "$OUT"/c[0-9] "$OUT"/part.*
 sha256sum "$OUT/site.tar.xz" | awk '{print $1}' >"$OUT/site.tar.xz.sha256"
 
 # Call 1 also carries the stack (26 MB) and the SageAttention source, so its part of the site
 # archive is smaller: re-split the first part across c1 and the rest.
 first_budget=$(( PART_MIB * 1024 * 1024 - $(stat -c %s "$STACK_ARCHIVE") - $(stat -c %s "$SAGE_SRC") - 65536 ))
-rm -f "$OUT"/site.tar.xz.[0-9][0-9]
 mkdir -p "$OUT/c1"
 head -c "$first_budget" "$OUT/site.tar.xz" >"$OUT/c1/site.tar.xz.00"
 tail -c +"$((first_budget + 1))" "$OUT/site.tar.xz" | split -b "${PART_MIB}M" -d -a 2 --numeric-suffixes=1 - "$OUT/part."
