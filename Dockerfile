@@ -11,7 +11,7 @@
 #
 # Build (linux/amd64):
 #   docker build --platform linux/amd64 -t blendx/xicon-dance-scail:5090 .
-#   docker build --platform linux/amd64 --build-arg TORCH_CUDA_ARCH_LIST="8.9;9.0;12.0" ...
+#   docker build --platform linux/amd64 --build-arg TORCH_CUDA_ARCH_LIST="9.0" ...   (H100/H200)
 #   docker build --platform linux/amd64 --build-arg BAKE_MODELS=0 ...   (models on a volume)
 
 ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
@@ -74,6 +74,10 @@ ARG EXT_PARALLEL=4
 ARG MAX_JOBS=8
 ARG NVCC_APPEND_FLAGS="--threads 4"
 RUN set -eux; \
+    case ";${TORCH_CUDA_ARCH_LIST};" in \
+        *";9.0;"*) [ "${TORCH_CUDA_ARCH_LIST}" = "9.0" ] || { \
+            echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}: SageAttention's sm90 kernels build for 9.0 alone (thu-ml/SageAttention #291); build one image per GPU family" >&2; exit 1; } ;; \
+    esac; \
     git init -q /tmp/sageattention; \
     git -C /tmp/sageattention remote add origin https://github.com/thu-ml/SageAttention.git; \
     git -C /tmp/sageattention fetch -q --depth 1 origin "${SAGEATTENTION_COMMIT}"; \

@@ -163,3 +163,32 @@ def test_copy_sources_exist_and_are_not_ignored(line: str) -> None:
             continue  # optional glob (README.md*)
         assert (ROOT / src).exists(), f"COPY source {src} is missing"
         assert not _ignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize(
+    ("arch_list", "builds"),
+    [
+        ("12.0", True),
+        ("9.0", True),
+        ("8.9", True),
+        ("8.9;12.0", True),
+        ("9.0;12.0", False),
+        ("8.9;9.0;12.0", False),
+        ("9.0;8.9", False),
+    ],
+)
+def test_arch_list_with_sm90_and_another_arch_is_refused(arch_list: str, builds: bool) -> None:
+    """SageAttention's Hopper kernels compile for 9.0 alone (measured on an H200 with nvcc 13.0:
+    "9.0;12.0" fails with ptxas wgmma errors); the build stops at once with a message instead."""
+    text = DOCKERFILE.read_text()
+    start = text.index('case ";${TORCH_CUDA_ARCH_LIST};" in')
+    snippet = text[start : text.index("esac;", start) + len("esac")].replace("\\\n", "\n")
+    proc = subprocess.run(
+        ["bash", "-c", snippet],
+        env={"TORCH_CUDA_ARCH_LIST": arch_list},
+        capture_output=True,
+        text=True,
+    )
+    assert (proc.returncode == 0) is builds, proc.stderr
+    if not builds:
+        assert "build one image per GPU family" in proc.stderr
