@@ -59,7 +59,10 @@ def build_worker(settings: Settings) -> Worker:
     """Load and check the workflow; build the worker (no network yet)."""
     workflow = Workflow.load(settings.workflow_path, settings)
     comfy = ComfyClient(
-        settings.comfy_url, pid_file=settings.comfy_pid_file, poll_interval_s=HISTORY_POLL_S
+        settings.comfy_url,
+        pid_file=settings.comfy_pid_file,
+        poll_interval_s=HISTORY_POLL_S,
+        interrupt_grace_s=settings.comfy_interrupt_grace_s,
     )
     return Worker(settings, workflow, comfy)
 

@@ -61,3 +61,14 @@ async def test_seed_vae_name_is_adopted_only_when_needed(listed: list[str], expe
     worker = FakeWorker(listed)
     await handler.adopt_model_aliases(worker)
     assert worker.workflow.template["38"]["inputs"]["model_name"] == expected
+
+
+def test_interrupt_grace_reaches_the_client() -> None:
+    handler = load_handler()
+    settings = Settings.from_env(
+        {
+            "COMFY_INTERRUPT_GRACE_S": "7",
+            "WORKFLOW_PATH": str(ROOT / "XiCON_Dance_SCAIL_vFinal.json"),
+        }
+    )
+    assert handler.build_worker(settings).comfy.interrupt_grace_s == 7.0

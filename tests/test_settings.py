@@ -104,6 +104,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "BUCKET_PREFIX": "p",
         "PRESIGN_EXPIRY_S": "60",
         "UPLOAD_TIMEOUT_S": "30",
+        "COMFY_INTERRUPT_GRACE_S": "5",
         "MAX_BASE64_OUTPUT_BYTES": "100",
         "DEFAULT_VIDEO": "/v.mp4",
         "WORKFLOW_PATH": "/w.json",

@@ -87,6 +87,11 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         f"{LOCAL_STARTUP_TIMEOUT_S:g}",
     ),
     "JOB_TIMEOUT_S": ("1800", "per-job limit; on overrun ComfyUI is interrupted"),
+    "COMFY_INTERRUPT_GRACE_S": (
+        "60",
+        "after a timeout's interrupt, how long the prompt may take to stop before the worker "
+        "asks to be replaced (refresh_worker)",
+    ),
     "MAX_FRAMES": ("241", "upper bound for the job field max_frames (rounded down to 4n+1)"),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
     "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
@@ -128,6 +133,7 @@ class Settings:
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_startup_timeout_s: float | None = None  # None: by mode, see startup_timeout_s()
     job_timeout_s: float = 1800.0
+    comfy_interrupt_grace_s: float = 60.0
     max_frames: int = 241
     max_image_bytes: int = 50 * MB
     max_video_bytes: int = 500 * MB
@@ -193,6 +199,7 @@ class Settings:
             comfy_pid_file=Path(_s(env, "COMFY_PID_FILE", "/tmp/comfyui.pid")),
             comfy_startup_timeout_s=_optional_float(env, "COMFY_STARTUP_TIMEOUT_S", 1.0),
             job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1800.0, 1.0),
+            comfy_interrupt_grace_s=_float(env, "COMFY_INTERRUPT_GRACE_S", 60.0, 1.0),
             max_frames=_int(env, "MAX_FRAMES", 241, 5),
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
             max_video_bytes=_int(env, "MAX_VIDEO_BYTES", 500 * MB, 1),
