@@ -22,7 +22,10 @@ ComfyUI, threads, and the files left in ComfyUI's input and output folders.
 keep-alive connections close after 15 s; a websocket left open would never close), so the
 figures compare like with like. Every job's outcome is checked against its kind; a mismatch is
 listed and makes the exit status 1. Goals: RSS growth < 10 MB over the double soak, no growth
-of fds, sockets or threads, nothing left in input/ or output/.
+of fds, sockets or threads, nothing left in input/ or output/. Threads are told apart by their
+Python names (a hook loaded through PYTHONPATH dumps them on SIGUSR1): asyncio's default
+executor (``asyncio_N``) starts a thread whenever all of its threads are busy and keeps it, up
+to min(32, CPUs + 4), so its count may rise to that bound; every other thread must not grow.
 
 Run from the repository root: ``python bench/soak.py [--jobs 200] [--real-jobs 20]``.
 """
@@ -35,8 +38,6 @@ import contextlib
 import json
 import os
 import platform as host
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -63,11 +64,15 @@ from tests.plugins.media_factory import (  # noqa: E402
 from tests.plugins.s3 import S3Server, start_server, stop_server  # noqa: E402
 from tests.plugins.worker import handler_env  # noqa: E402
 from tests.realstack.test_faults import (  # noqa: E402
+    EXECUTOR_MAX,
     FakePlatform,
     Usage,
     drained_usage,
     leftovers,
+    python_threads,
     serve_platform,
+    thread_dump_env,
+    thread_growth,
     usage,
 )
 from xicon_dance.schema import INPUT_ERROR_CODES  # noqa: E402
@@ -239,12 +244,8 @@ def double_worker(
         double.wait_ready()
         with serve_platform() as platform:
             env = handler_env(double, folder, **platform.env())
-            hook = folder / "hook"
-            hook.mkdir(exist_ok=True)
-            (hook / "sitecustomize.py").write_text(THREAD_DUMP_HOOK)
+            env.update(thread_dump_env(folder))
             env.update(
-                PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
-                SOAK_THREAD_DUMP=str(folder / "threads.json"),
                 JOB_TIMEOUT_S=str(JOB_TIMEOUT_S),
                 PROGRESS_INTERVAL_S="0.5",
                 RUNPOD_LOG_LEVEL="INFO",
@@ -274,38 +275,26 @@ def double_worker(
         stop_process(double_proc)
 
 
-# Loaded into the handler through PYTHONPATH (a sitecustomize of this benchmark only): on SIGUSR1
-# it writes the names of the process's Python threads to $SOAK_THREAD_DUMP.
-THREAD_DUMP_HOOK = """
-import json, os, signal, threading
-def _dump(signum, frame):
-    path = os.environ["SOAK_THREAD_DUMP"]
-    with open(path + ".part", "w") as fh:
-        json.dump(sorted(t.name for t in threading.enumerate()), fh)
-    os.replace(path + ".part", path)
-if os.environ.get("SOAK_THREAD_DUMP"):
-    signal.signal(signal.SIGUSR1, _dump)
-"""
+def pool(threads: dict[str, int]) -> int:
+    return threads.get("asyncio_N", 0)
 
 
-def thread_names(proc: subprocess.Popen, dump: Path) -> dict[str, int]:
-    """The handler's Python threads by name, numbers folded (``asyncio_N``: the event loop's
-    default executor, a pool of at most min(32, CPUs + 4) threads that stay once started)."""
-    dump.unlink(missing_ok=True)
-    proc.send_signal(signal.SIGUSR1)
-    wait_until("the handler's thread list", dump.is_file, 10)
-    names = Counter(re.sub(r"\d+", "N", name) for name in json.loads(dump.read_text()))
-    return dict(sorted(names.items()))
-
-
-def figures_table(before: Usage, after: Usage, left_before: int, left_after: int) -> list[str]:
+def figures_table(
+    before: Usage,
+    after: Usage,
+    threads: tuple[dict[str, int], dict[str, int]],
+    left: tuple[int, int],
+) -> list[str]:
+    own = [sum(t.values()) - pool(t) for t in threads]
     rows = [
         ("handler RSS (MB)", before.rss_kb / MB, after.rss_kb / MB, "< 10 MB growth"),
         ("fds, not sockets", before.fds, after.fds, "0 growth"),
         ("sockets", before.sockets, after.sockets, "0 growth"),
         ("TCP connections to ComfyUI", before.comfy_connections, after.comfy_connections, "0"),
-        ("threads", before.threads, after.threads, "0 growth"),
-        ("files left in input/ + output/", left_before, left_after, "0"),
+        ("threads (OS)", before.threads, after.threads, "0 growth beyond the pool"),
+        ("  Python, outside the pool", own[0], own[1], "0 growth"),
+        ("  asyncio executor pool", pool(threads[0]), pool(threads[1]), f"<= {EXECUTOR_MAX}"),
+        ("files left in input/ + output/", left[0], left[1], "0"),
     ]
     lines = [f"{'figure':<32}{'before':>10}{'after':>10}{'growth':>10}   goal"]
     for name, a, b, goal in rows:
@@ -338,7 +327,7 @@ def double_soak(jobs: int, folder: Path) -> bool:
             soak = Soak(double, platform, proc, media)
             warm = [soak.run(kind) for kind in ("good", "hostile", "error", "timeout", "cancel")]
             before = drained_usage(proc.pid, double.port)
-            threads_before = thread_names(proc, folder / "threads.json")
+            threads_before = python_threads(proc.pid, folder)
             left_before = len(leftovers(double.root))
             started = time.monotonic()
             outcomes: list[Outcome] = []
@@ -353,7 +342,7 @@ def double_soak(jobs: int, folder: Path) -> bool:
                     )
             wall = time.monotonic() - started
             after = drained_usage(proc.pid, double.port)
-            threads_after = thread_names(proc, folder / "threads.json")
+            threads_after = python_threads(proc.pid, folder)
             left_after = leftovers(double.root)
             socket_count = get_json(double.url + "/_double/sockets")
     finally:
@@ -361,25 +350,31 @@ def double_soak(jobs: int, folder: Path) -> bool:
     print(f"warm-up: {[(o.kind, o.answer) for o in warm]}")
     print(f"{jobs} jobs in {wall:.0f} s")
     print("\n".join(outcome_lines(outcomes)))
-    print("\n".join(figures_table(before, after, left_before, len(left_after))))
-    print(f"threads by name: before {threads_before}, after {threads_after}")
+    threads = (threads_before, threads_after)
+    print("\n".join(figures_table(before, after, threads, (left_before, len(left_after)))))
+    print(f"Python threads by name: before {threads_before}, after {threads_after}")
     print(f"double: websockets still open on the server side: {socket_count}")
-    return report_failures(outcomes + warm, before, after, left_after, rss_limit_mb=10.0)
+    return report_failures(outcomes + warm, (before, after), threads, left_after, rss_limit_mb=10.0)
 
 
 def report_failures(
     outcomes: list[Outcome],
-    before: Usage,
-    after: Usage,
+    used: tuple[Usage, Usage],
+    threads: tuple[dict[str, int], dict[str, int]],
     left: list[str],
     rss_limit_mb: float | None,
 ) -> bool:
+    before, after = used
     problems = [f"{o.kind} {o.detail}: answered {o.answer}" for o in outcomes if not o.expected]
     if rss_limit_mb is not None and (after.rss_kb - before.rss_kb) / MB >= rss_limit_mb:
         problems.append(f"RSS grew by {(after.rss_kb - before.rss_kb) / MB:.1f} MB")
-    for name in ("fds", "sockets", "threads"):
+    for name in ("fds", "sockets"):
         if getattr(after, name) > getattr(before, name):
             problems.append(f"{name} grew: {getattr(before, name)} -> {getattr(after, name)}")
+    problems += [f"threads grew: {grown}" for grown in thread_growth(*threads)]
+    native = [u.threads - sum(t.values()) for u, t in zip(used, threads, strict=True)]
+    if native[1] > native[0]:
+        problems.append(f"native threads grew: {native[0]} -> {native[1]}")
     if after.comfy_connections:
         problems.append(f"{after.comfy_connections} connection(s) to ComfyUI stayed open")
     if left:
@@ -410,11 +405,11 @@ def real_soak(jobs: int, folder: Path) -> bool:
         try:
             handler, comfy_port = worker.handler_pid, worker.comfy_port
             outcomes = [_real_job(worker, "real-warm", body)]
-            before = drained_usage(handler, comfy_port)
+            before, threads_before = drained_usage(handler, comfy_port), worker.threads()
             comfy_before = usage(worker.comfy_pid, comfy_port).rss_kb
             for index in range(jobs):
                 outcomes.append(_real_job(worker, f"real-{index:03d}", body))
-            after = drained_usage(handler, comfy_port)
+            after, threads_after = drained_usage(handler, comfy_port), worker.threads()
             comfy_after = usage(worker.comfy_pid, comfy_port).rss_kb
             left = leftovers(base)
         finally:
@@ -422,12 +417,14 @@ def real_soak(jobs: int, folder: Path) -> bool:
     measured = outcomes[1:]
     print(f"warm-up job: {outcomes[0].seconds:.1f} s, {outcomes[0].answer}")
     print("\n".join(outcome_lines(measured)))
-    print("\n".join(figures_table(before, after, 0, len(left))))
+    threads = (threads_before, threads_after)
+    print("\n".join(figures_table(before, after, threads, (0, len(left)))))
+    print(f"Python threads by name: before {threads_before}, after {threads_after}")
     print(
         f"ComfyUI RSS (MB, for reference): {comfy_before / MB:.1f} -> {comfy_after / MB:.1f} "
         f"({(comfy_after - comfy_before) / MB:+.1f})"
     )
-    return report_failures(outcomes, before, after, left, rss_limit_mb=None)
+    return report_failures(outcomes, (before, after), threads, left, rss_limit_mb=None)
 
 
 def _real_job(worker: Any, job_id: str, body: dict[str, Any]) -> Outcome:
@@ -451,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     ok = True
-    with tempfile.TemporaryDirectory(prefix="xicon-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="xicon-soak-", ignore_cleanup_errors=True) as tmp:
         if args.jobs > 0:
             ok = double_soak(args.jobs, Path(tmp) / "double") and ok
         if args.real_jobs > 0:
