@@ -235,6 +235,7 @@ class _Run:
         self.node_times: dict[str, float] = {}
         self.poll_now = asyncio.Event()
         self.interrupt_requested = False
+        self.history_error: str | None = None  # the last /history failure, while it lasts
         self._tasks: set[asyncio.Task] = set()
 
     def fail(self, exc: BaseException) -> None:
@@ -525,8 +526,14 @@ class ComfyClient:
                     "replaced.",
                     refresh_worker=True,
                 ) from None
+            cause = (
+                f" ComfyUI's /history kept answering {state.history_error}, so the end of the "
+                "prompt may have been missed."
+                if state.history_error
+                else ""
+            )
             raise JobTimeout(
-                f"The job ran past its limit of {timeout_s:g} s; ComfyUI was interrupted."
+                f"The job ran past its limit of {timeout_s:g} s; ComfyUI was interrupted.{cause}"
             ) from None
         except asyncio.CancelledError:
             await asyncio.shield(self._abort(state))
@@ -674,11 +681,22 @@ class ComfyClient:
 
     async def _finish_from_history(self, state: _Run) -> None:
         try:
-            entry = await self.history(state.prompt_id)
+            status, body = await self._json("GET", f"/history/{state.prompt_id}")
         except ComfyUnavailable as exc:
             if exc.refresh_worker:
                 state.fail(exc)
             return
+        if status != 200 or not isinstance(body, dict):
+            if state.history_error is None:
+                log.warning(
+                    "ComfyUI /history answered HTTP %s for prompt %s; following the websocket only",
+                    status,
+                    state.prompt_id,
+                )
+            state.history_error = f"HTTP {status}"
+            return
+        state.history_error = None
+        entry = body.get(state.prompt_id)
         if entry is not None:
             state.from_history(entry)
 
