@@ -876,12 +876,6 @@ async def test_history_500_always_ends_within_the_job_timeout(history_rig: Any) 
     report("/history HTTP 500 always", "FAILED timeout", elapsed, f"ok in {next_s:.1f} s", [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="comfy.py: history() turns a non-200 /history answer into 'not finished' without a "
-    "word, so the job answers 'ran past its limit; ComfyUI was interrupted' for a prompt that "
-    "finished; the HTTP 500 should be named in the answer or at least logged",
-)
 async def test_history_500_always_is_named_in_the_answer(history_rig: Any) -> None:
     double, worker, job = history_rig
     double.fail_left = -1
