@@ -877,6 +877,8 @@ async def test_history_500_always_ends_within_the_job_timeout(history_rig: Any) 
 
 
 async def test_history_500_always_is_named_in_the_answer(history_rig: Any) -> None:
+    """Double: the timeout answer names the cause, the HTTP 500 of ``/history``, rather than
+    saying only that a prompt which had finished ran past its limit."""
     double, worker, job = history_rig
     double.fail_left = -1
     result, _elapsed = await _run(worker, job)
