@@ -178,11 +178,27 @@ async def test_timeout_while_comfy_is_frozen_asks_for_a_new_worker(comfy_process
     assert err.value.refresh_worker
 
 
+async def wait_running(double, timeout_s: float = 20.0) -> None:
+    """Until the double is executing a prompt (poll the condition, never a fixed wait)."""
+    deadline = time.monotonic() + timeout_s
+    while double.running is None:
+        assert time.monotonic() < deadline, "the prompt never started"
+        await asyncio.sleep(0.02)
+
+
+async def wait_idle(double, timeout_s: float = 20.0) -> None:
+    """Until the double has nothing running or pending."""
+    deadline = time.monotonic() + timeout_s
+    while double.running is not None or double.pending:
+        assert time.monotonic() < deadline, "the double never became idle"
+        await asyncio.sleep(0.02)
+
+
 async def test_cancellation_interrupts_and_reraises(client, comfy_double, comfy_media):
     comfy_double.faults.step_delay_s = 0.5
     pid = ids()
     task = asyncio.create_task(client.run(graph_for(comfy_media, steps=20), timeout_s=30, **pid))
-    await asyncio.sleep(0.8)
+    await wait_running(comfy_double)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -192,13 +208,13 @@ async def test_cancellation_interrupts_and_reraises(client, comfy_double, comfy_
 async def test_pending_prompt_deleted_from_queue_on_timeout(client, comfy_double, comfy_media):
     comfy_double.faults.step_delay_s = 0.3
     first = asyncio.create_task(run(client, graph_for(comfy_media, steps=6, prefix="a")))
-    await asyncio.sleep(0.3)
+    await wait_running(comfy_double)
     pid = ids()
     with pytest.raises(JobTimeout):
         await client.run(graph_for(comfy_media, prefix="b"), timeout_s=0.5, **pid)
     assert pid["prompt_id"] not in [item[1] for item in comfy_double.pending]
     await first
-    await asyncio.sleep(0.2)
+    await wait_idle(comfy_double)
     assert pid["prompt_id"] not in comfy_double.history
 
 
@@ -344,7 +360,7 @@ async def test_refused_prompt_queued_anyway_never_runs(client, comfy_double, com
 async def test_foreign_interrupt_is_reported(client, comfy_double, comfy_media):
     comfy_double.faults.step_delay_s = 0.3
     task = asyncio.create_task(run(client, graph_for(comfy_media, steps=10)))
-    await asyncio.sleep(0.5)
+    await wait_running(comfy_double)
     async with ComfyClient(comfy_double.url) as other:
         await other.interrupt()
     with pytest.raises(ComfyError) as err:

@@ -303,7 +303,6 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"{path.name} never appeared")
         time.sleep(0.1)
-    time.sleep(0.2)
 
 
 def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
