@@ -519,11 +519,10 @@ class ComfyClient:
                 return await asyncio.shield(state.done)
         except TimeoutError:
             await asyncio.shield(self._abort(state))
-            if not await asyncio.shield(self._stops_within(prompt_id, self.interrupt_grace_s)):
+            stuck = await asyncio.shield(self._stops_within(prompt_id, self.interrupt_grace_s))
+            if stuck is not None:
                 raise JobTimeout(
-                    f"The job ran past its limit of {timeout_s:g} s and ComfyUI did not stop it "
-                    f"within {self.interrupt_grace_s:g} s of the interrupt; the worker will be "
-                    "replaced.",
+                    f"The job ran past its time limit and {stuck}; the worker will be replaced.",
                     refresh_worker=True,
                 ) from None
             cause = (
@@ -533,7 +532,7 @@ class ComfyClient:
                 else ""
             )
             raise JobTimeout(
-                f"The job ran past its limit of {timeout_s:g} s; ComfyUI was interrupted.{cause}"
+                f"The job ran past its time limit; ComfyUI was interrupted.{cause}"
             ) from None
         except asyncio.CancelledError:
             await asyncio.shield(self._abort(state))
@@ -549,12 +548,12 @@ class ComfyClient:
             elif not state.done.cancelled():
                 state.done.exception()  # retrieved: never "exception was never retrieved"
 
-    async def _stops_within(self, prompt_id: str, grace_s: float) -> bool:
-        """True once ``/queue`` lists the prompt neither running nor pending (ComfyUI removes it
-        from the running set and stores its history in one step), within ``grace_s``. False when
-        it is still there at the deadline, or ComfyUI does not answer (frozen or dead): the
-        interrupt is cooperative, and a prompt that never stops holds every later job behind it
-        in the queue."""
+    async def _stops_within(self, prompt_id: str, grace_s: float) -> str | None:
+        """None once ``/queue`` lists the prompt neither running nor pending (ComfyUI removes it
+        from the running set and stores its history in one step), within ``grace_s``. Else why
+        the worker must be replaced: the prompt is still there at the deadline, or ComfyUI does
+        not answer (frozen or dead). The interrupt is cooperative, and a prompt that never stops
+        holds every later job behind it in the queue."""
         try:
             async with asyncio.timeout(grace_s):
                 while True:
@@ -562,10 +561,11 @@ class ComfyClient:
                         status, body = await self._json("GET", "/queue")
                     except ComfyUnavailable as exc:
                         if exc.refresh_worker:  # dead, or unreachable past the grace period
-                            return False
+                            log.error("ComfyUI stopped answering after the interrupt: %s", exc)
+                            return "ComfyUI stopped answering after the interrupt"
                     else:
                         if status == 200 and not _queued(body, prompt_id):
-                            return True
+                            return None
                     await asyncio.sleep(self.poll_interval_s)
         except TimeoutError:
             log.error(
@@ -573,7 +573,7 @@ class ComfyClient:
                 prompt_id,
                 grace_s,
             )
-            return False
+            return f"ComfyUI did not stop it within {grace_s:g} s of the interrupt"
 
     @staticmethod
     async def _close_socket(ws: aiohttp.ClientWebSocketResponse) -> None:
