@@ -61,16 +61,15 @@ from tests.plugins.media_factory import (  # noqa: E402
     make_truncated,
     make_video,
 )
+from tests.plugins.runpod_worker_api import FakePlatform, serve_platform  # noqa: E402
 from tests.plugins.s3 import S3Server, start_server, stop_server  # noqa: E402
 from tests.plugins.worker import handler_env  # noqa: E402
 from tests.realstack.test_faults import (  # noqa: E402
     EXECUTOR_MAX,
-    FakePlatform,
     Usage,
     drained_usage,
     leftovers,
     python_threads,
-    serve_platform,
     thread_dump_env,
     thread_growth,
     usage,

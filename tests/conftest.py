@@ -7,5 +7,6 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.comfy",
     "tests.plugins.fake_runpod",
+    "tests.plugins.runpod_worker_api",
     "tests.plugins.worker",
 ]

@@ -11,14 +11,11 @@ short hold, as a long-poll does), ``GET /job-stop/<worker>?…`` answers 204, ``
 from __future__ import annotations
 
 import base64
-import json
 import re
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,115 +24,12 @@ import requests
 
 from tests.plugins.comfy import DoubleProcess, stop_process
 from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.runpod_worker_api import FakePlatform
 from tests.plugins.worker import handler_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKER_ID = "worker-test-1"
-HOLD_S = 0.3  # how long an empty job-take / job-stop poll is held open
-
-
-class FakePlatform:
-    """Jobs to hand out, and every request and result the worker sent."""
-
-    def __init__(self) -> None:
-        self.queue: list[dict[str, Any]] = []
-        self.taken: list[str] = []
-        self.results: dict[str, dict[str, Any]] = {}
-        self.progress: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.url = ""
-
-    def add(self, job_id: str, job_input: dict[str, Any]) -> None:
-        with self.lock:
-            self.queue.append({"id": job_id, "input": job_input})
-
-    def take(self) -> dict[str, Any] | None:
-        with self.lock:
-            if not self.queue:
-                return None
-            job = self.queue.pop(0)
-            self.taken.append(job["id"])
-            return job
-
-    def wait_result(self, job_id: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while job_id not in self.results:
-            assert proc.poll() is None, f"the worker exited (rc {proc.returncode}) before {job_id}"
-            assert time.monotonic() < deadline, f"no result for {job_id} in {timeout} s"
-            time.sleep(0.05)
-        return self.results[job_id]
-
-    def env(self) -> dict[str, str]:
-        return {
-            "RUNPOD_WEBHOOK_GET_JOB": f"{self.url}/job-take/$ID?gpu=test",
-            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.url}/job-done/{WORKER_ID}/$ID?gpu=test",
-            "RUNPOD_POD_ID": WORKER_ID,
-            # The SDK's network fitness check dials 8.8.8.8:53 and exits the worker when it
-            # cannot; entrypoint.sh exports this too (see test_entrypoint).
-            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-        }
-
-
-def _handler_class(platform: FakePlatform) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def _answer(self, status: int, body: Any = None) -> None:
-            data = b"" if body is None else json.dumps(body).encode()
-            self.send_response(status)
-            if body is not None:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path.startswith("/job-take/"):
-                job = platform.take()
-                if job is None:
-                    time.sleep(HOLD_S)
-                    self._answer(204)
-                else:
-                    self._answer(200, job)
-            elif self.path.startswith("/job-stop/"):
-                time.sleep(HOLD_S)
-                self._answer(204)
-            else:
-                self._answer(404, {"error": "not found"})
-
-        def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            match = re.match(r"/job-done/[^/]+/([^?]+)", self.path)
-            if not match:
-                self._answer(404, {"error": "not found"})
-                return
-            body = json.loads(raw)
-            with platform.lock:
-                if body.get("status") == "IN_PROGRESS":
-                    platform.progress.append(body)
-                else:
-                    platform.results[match.group(1)] = body
-            self._answer(200, {})
-
-    return Handler
-
-
-@pytest.fixture
-def platform() -> Iterator[FakePlatform]:
-    fake = FakePlatform()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(fake))
-    server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -40,8 +40,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from aiohttp import web
 from tests.comfy_double import ComfyDouble
 from tests.plugins.comfy import stop_process
 from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.runpod_worker_api import FakePlatform, serve_platform
 from tests.plugins.s3 import S3Server, start_server, stop_server
 from tests.realstack.conftest import (
     ROOT,
@@ -71,104 +71,6 @@ JOB_S = 900.0  # one CPU job on a loaded 2-core machine: well under this
 DRAIN_S = 60.0  # idle keep-alive connections to ComfyUI close after aiohttp's 15 s
 POLL_S = 0.2
 TCP_ESTABLISHED = "01"
-
-
-# ----------------------------------------------------------------------------- platform double
-@dataclass
-class FakePlatform:
-    """RunPod's worker API as runpod 1.12.0 calls it; every answer and progress post is kept."""
-
-    worker_id: str = "fault-worker"
-    queue: list[dict[str, Any]] = field(default_factory=list)
-    stops: list[str] = field(default_factory=list)
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
-
-    def add(self, job_id: str, job_input: dict[str, Any]) -> None:
-        with self.lock:
-            self.queue.append({"id": job_id, "input": job_input})
-
-    def stop(self, job_id: str) -> None:
-        with self.lock:
-            self.stops.append(job_id)
-
-    def take(self) -> dict[str, Any] | None:
-        with self.lock:
-            return self.queue.pop(0) if self.queue else None
-
-    def take_stops(self) -> list[str]:
-        with self.lock:
-            ids, self.stops[:] = list(self.stops), []
-            return ids
-
-    def env(self) -> dict[str, str]:
-        return {
-            "RUNPOD_WEBHOOK_GET_JOB": f"{self.url}/job-take/$ID?gpu=cpu",
-            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.url}/job-done/{self.worker_id}/$ID?gpu=cpu",
-            "RUNPOD_POD_ID": self.worker_id,
-            "SERVE_API_LOCALLY": "0",
-        }
-
-
-def _platform_handler(platform: FakePlatform) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def _answer(self, status: int, body: Any = None) -> None:
-            data = b"" if body is None else json.dumps(body).encode()
-            self.send_response(status)
-            if body is not None:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _hold(self, ready: Callable[[], Any]) -> Any:  # a short long-poll
-            deadline = time.monotonic() + 0.3
-            while not (found := ready()) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return found
-
-        def do_GET(self) -> None:
-            if self.path.startswith("/job-take/"):
-                job = self._hold(platform.take)
-                self._answer(200, job) if job else self._answer(204)
-            elif self.path.startswith("/job-stop/"):
-                ids = self._hold(platform.take_stops)
-                self._answer(200, {"jobsToStop": ids}) if ids else self._answer(204)
-            else:
-                self._answer(404, {"error": "not found"})
-
-        def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            match = re.match(r"/job-done/[^/]+/([^?]+)", self.path)
-            if not match:
-                self._answer(404, {"error": "not found"})
-                return
-            body = json.loads(raw)
-            if body.get("status") != "IN_PROGRESS":
-                with platform.lock:
-                    platform.results[match.group(1)] = body
-            self._answer(200, {})
-
-    return Handler
-
-
-@contextlib.contextmanager
-def serve_platform() -> Iterator[FakePlatform]:
-    platform = FakePlatform()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _platform_handler(platform))
-    server.daemon_threads = True
-    platform.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield platform
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ----------------------------------------------------------------------------- process facts
@@ -488,7 +390,7 @@ def fault_worker(
 ) -> Iterator[FaultWorker]:
     s3, _proc = s3_for_faults
     base = fault_base(stack, realstack_base, tmp_path_factory.mktemp("faults") / "comfy")
-    with serve_platform() as platform:
+    with serve_platform("fault-worker") as platform:
         worker = start_worker(
             stack,
             base,
