@@ -22,13 +22,11 @@ from tests.hostile_cases import (
 )
 from tests.plugins.http_server import HttpServer, Reply
 from tests.plugins.media_factory import make_image, make_video
-from xicon_dance import media
+from xicon_dance import media, netguard
 from xicon_dance.errors import ConfigError, InputError
 from xicon_dance.media import (
-    GuardedResolver,
     ImageInfo,
     VideoInfo,
-    address_refusal,
     fetch_image,
     fetch_video,
     input_name,
@@ -36,6 +34,7 @@ from xicon_dance.media import (
     probe_video,
     safe_job_id,
 )
+from xicon_dance.netguard import GuardedResolver, address_refusal
 from xicon_dance.schema import INPUT_ERROR_CODES, parse_job_input
 from xicon_dance.settings import Settings
 
@@ -306,7 +305,7 @@ def test_private_allowed_lets_loopback_through() -> None:
 
 async def test_resolver_refuses_names_that_resolve_privately() -> None:
     strict = GuardedResolver(allow_private=False)
-    with pytest.raises(media.ForbiddenAddress, match="localhost resolves to a loopback"):
+    with pytest.raises(netguard.ForbiddenAddress, match="localhost resolves to a loopback"):
         await strict.resolve("localhost", 80)
     await strict.close()
     lenient = GuardedResolver(allow_private=True)
@@ -322,14 +321,14 @@ async def test_redirect_to_a_private_address_is_refused(
     target: str, env: HostileEnv, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """127.0.0.1 stands in for a public host; every redirect hop must be checked again."""
-    real = media.address_refusal
+    real = netguard.address_refusal
 
     def policy(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str:
         if ip == ipaddress.ip_address("127.0.0.1"):
             return ""
         return real(ip, allow_private)
 
-    monkeypatch.setattr(media, "address_refusal", policy)
+    monkeypatch.setattr(netguard, "address_refusal", policy)
     strict = dataclasses.replace(settings, allow_private_urls=False)
     env.server.serve("/ok.png", env.image_png.read_bytes())
     url = env.server.redirect("/start", target.format(port=env.server.port))
