@@ -401,8 +401,8 @@ def report_failures(
 
 # ----------------------------------------------------------------------------- real soak
 def real_soak(jobs: int, folder: Path) -> bool:
-    from tests.realstack.conftest import Stack, generate_models, make_base
-    from tests.realstack.test_faults import job_input, start_worker, stop_worker
+    from tests.realstack.conftest import Stack, generate_models, job_input, make_base
+    from tests.realstack.test_faults import start_worker, stop_worker
 
     home = os.environ.get("XICON_STACK_HOME")
     if not home:

@@ -22,6 +22,7 @@ Session fixtures:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -35,6 +36,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,6 +153,23 @@ def place_graph_inputs(base: Path, image: Path, video: Path) -> None:
     graph = json.loads(GRAPH.read_text(encoding="utf-8"))
     shutil.copyfile(image, base / "input" / graph["106"]["inputs"]["image"])
     shutil.copyfile(video, base / "input" / graph["130"]["inputs"]["video"])
+
+
+def job_input(media: tuple[Path, Path], **extra: Any) -> dict[str, Any]:
+    """A small job for the CPU (256×256, 5 frames, 1 step) with both inputs as base64;
+    ``extra`` overrides any field."""
+    image, video = media
+    return {
+        "image_base64": base64.b64encode(image.read_bytes()).decode(),
+        "video_base64": base64.b64encode(video.read_bytes()).decode(),
+        "width": 256,
+        "height": 256,
+        "max_frames": 5,
+        "steps": 1,
+        "seed": 11,
+        "output": "base64",
+        **extra,
+    }
 
 
 def get(url: str, timeout: float = 10.0) -> bytes:

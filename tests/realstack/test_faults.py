@@ -58,6 +58,7 @@ from tests.realstack.conftest import (
     Stack,
     entrypoint_env,
     free_port,
+    job_input,
     make_base,
     wait_for,
 )
@@ -327,21 +328,6 @@ def stop_worker(worker: FaultWorker) -> None:
         with contextlib.suppress(ProcessLookupError):
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def job_input(media: tuple[Path, Path], **extra: Any) -> dict[str, Any]:
-    image, video = media
-    return {
-        "image_base64": base64.b64encode(image.read_bytes()).decode(),
-        "video_base64": base64.b64encode(video.read_bytes()).decode(),
-        "width": 256,
-        "height": 256,
-        "max_frames": 5,
-        "steps": 1,
-        "seed": 11,
-        "output": "base64",
-        **extra,
-    }
 
 
 def report(fault: str, outcome: str, seconds: float, next_job: str, left: list[str]) -> None:

@@ -30,6 +30,7 @@ from tests.realstack.conftest import (
     Stack,
     free_port,
     get,
+    job_input,
     make_base,
     wait_for,
 )
@@ -50,18 +51,7 @@ def runsync(server: Server, job_input: dict[str, Any]) -> dict[str, Any]:
 
 
 def small_job(media: tuple[Path, Path]) -> dict[str, Any]:
-    image, video = media
-    return {
-        "image_base64": base64.b64encode(image.read_bytes()).decode(),
-        "video_base64": base64.b64encode(video.read_bytes()).decode(),
-        "width": 256,
-        "height": 256,
-        "max_frames": 9,
-        "steps": 2,
-        "fps": 24,
-        "seed": 7,
-        "output": "base64",
-    }
+    return job_input(media, max_frames=9, steps=2, fps=24, seed=7)
 
 
 def probe(data: bytes) -> dict[str, Any]:
