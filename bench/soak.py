@@ -69,6 +69,8 @@ from tests.realstack.test_faults import (  # noqa: E402
     Usage,
     drained_usage,
     leftovers,
+    own_sockets,
+    platform_port,
     python_threads,
     thread_dump_env,
     thread_growth,
@@ -276,16 +278,6 @@ def double_worker(
 
 def pool(threads: dict[str, int]) -> int:
     return threads.get("asyncio_N", 0)
-
-
-def platform_port(platform: FakePlatform) -> int:
-    return int(platform.url.rsplit(":", 1)[1])
-
-
-def own_sockets(used: Usage, platform_port: int) -> int:
-    """Sockets other than the SDK's connections to the platform (its job-take and job-stop
-    long polls and result posts come and go on their own schedule)."""
-    return used.sockets - used.peers.count(platform_port)
 
 
 def figures_table(
