@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ MAX_REDIRECTS = 5
 RETRY_BACKOFF_S = 0.5
 RETRY_BACKOFF_MAX_S = 8.0
 CHUNK_BYTES = 256 * 1024
+REMOVE_ATTEMPTS = 50
+REMOVE_RETRY_S = 0.1
 MIN_IMAGE_SIDE = 16
 MIN_VIDEO_SIDE = 16
 MAX_VIDEO_SIDE = 8192
@@ -147,8 +150,14 @@ def job_folder(settings: Settings, job_id: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if folder.exists():
+        # A fetch cancelled because the other input failed may still be finishing a file in its
+        # thread (a thread cannot be cancelled): remove again until the folder stays gone.
+        for _ in range(REMOVE_ATTEMPTS):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
+            time.sleep(REMOVE_RETRY_S)
+        else:
             log.error("could not remove job folder %s", folder)
 
 
