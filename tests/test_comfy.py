@@ -628,3 +628,18 @@ async def test_progress_from_a_node_outside_the_graph_is_not_a_sampler_step():
         Progress("WanVideoDecode", "28", 3, 9),
     ]
     state.done.cancel()
+
+
+async def test_a_fraction_of_a_step_keeps_its_value():
+    """A sampler with context windows reports ``step + windows done / windows``: ``step`` is the
+    value cut to an integer (as before), ``value`` the value as sent."""
+    from xicon_dance.comfy import _Run
+
+    graph = {"348": {"class_type": "WanVideoSamplerv2"}}
+    seen: list[Progress] = []
+    state = _Run("p", graph, seen.append)
+    state.on_frame("executing", {"prompt_id": "p", "node": "348"})
+    state.on_frame("progress", {"prompt_id": "p", "node": "348", "value": 2 + 3 / 7, "max": 6})
+    state.on_frame("progress", {"prompt_id": "p", "node": "348", "value": 3, "max": 6})
+    assert [(p.step, p.total, p.value) for p in seen[1:]] == [(2, 6, 2 + 3 / 7), (3, 6, 3.0)]
+    state.done.cancel()

@@ -215,8 +215,9 @@ def test_progress_updates_reach_the_platform_in_order(
     assert posts and all(p["status"] == "IN_PROGRESS" for p in posts)
     outputs = [p["output"] for p in posts]
     assert outputs[0]["stage"] == "downloading"
-    assert all(set(o) == {"stage", "step", "total", "percent", "message"} for o in outputs)
-    steps = [o for o in outputs if o["stage"] == "sampling"]
+    keys = {"stage", "step", "total", "percent", "windows", "window", "eta_s", "message"}
+    assert all(set(o) == keys for o in outputs)
+    steps = [o for o in outputs if o["stage"] == "sampling" and o["step"] is not None]
     assert steps and all(o["total"] == 8 and 1 <= o["step"] <= 8 for o in steps)
     percents = [o["percent"] for o in outputs]
     assert percents == sorted(percents) and percents[-1] < 100

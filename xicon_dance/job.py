@@ -34,8 +34,10 @@ Details:
   (ComfyUI keeps up to 10,000, each holding the whole graph); the ids of prompts that may store
   their entry after the job ended (failure, timeout, cancel) are deleted again after each of the
   next ``UNFINISHED_KEPT`` jobs.
-- Progress: ``downloading`` -> ``queued`` -> ComfyUI stages/sampler steps; the reporter is closed
-  (last update joined) as soon as inference ends, before delivery (see ``progress``).
+- Progress: ``downloading`` -> ``queued`` -> ComfyUI stages/sampler steps (and windows, from the
+  clip's length and the graph's context options: ``reporter.plan``); the reporter is closed
+  (last update awaited, its connection closed) as soon as inference ends, before delivery (see
+  ``progress``).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Worker:
                 timings["download"] = time.monotonic() - t0
                 seed = params.resolve_seed()
                 graph = self._graph(params, image, video, seed, prefix)
+                reporter.plan(graph, video.frames, video.fps)
                 reporter.update("queued")
                 prompt_id = str(uuid.uuid4())  # canonical form: ComfyUI refuses any other
                 log.info("submitting prompt %s (seed %d)", prompt_id, seed)
@@ -138,14 +141,13 @@ class Worker:
                     on_progress=reporter.on_comfy,
                 )
                 _comfy_timings(timings, run, time.monotonic() - t0)
-                await asyncio.to_thread(reporter.close)
+                await reporter.close()
                 t0 = time.monotonic()
                 video_out = await self._deliver(run, folder, job_id, params)
                 delivered = True
                 timings["upload"] = time.monotonic() - t0
         finally:
-            if not reporter.closed:
-                await asyncio.shield(asyncio.to_thread(reporter.close))
+            await asyncio.shield(reporter.close())  # idempotent: awaits a closing under way
             # a walk of the whole output tree: in a thread, the event loop keeps serving
             await asyncio.shield(asyncio.to_thread(self._remove_outputs, prefix, *self._unfinished))
             if not delivered:

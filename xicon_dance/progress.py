@@ -1,53 +1,67 @@
-"""Job progress for RunPod's ``/status``: throttled, small, and never racing the result.
+"""Job progress for RunPod's ``/status``: coalesced, small, never blocking the job, and never
+racing the result.
 
 Contract:
-- ``ProgressReporter(job, interval_s, sender=None)``; ``update(stage, step=None, total=None,
-  message=None) -> bool`` (True when an update was sent); ``on_comfy(progress)`` adapts the
-  ComfyUI client's ``Progress(stage, node, step, total)`` callback; ``close(timeout_s)`` stops all
-  further updates and waits for the one in flight.
+- ``ProgressReporter(job, interval_s, sender=None, clock=time.monotonic)``, built on the job's
+  event loop; ``update(stage, step=None, total=None, message=None) -> bool`` (True when this
+  update went out at once, False when it waits for its turn or the reporter is closed);
+  ``on_comfy(progress)`` adapts the ComfyUI client's ``Progress(stage, node, step, total, value)``
+  callback; ``plan(graph, source_frames, source_fps)`` tells it the clip's length and the graph's
+  context windows (see ``context_windows``); ``await close(timeout_s)`` stops all further
+  updates, waits (bounded) for the one in flight and closes the connection.
 - Payload (the ``output`` a caller sees in ``GET /status`` while the job is IN_PROGRESS), always
-  the same five keys::
+  the same keys::
 
-      {"stage": "sampling", "step": 3, "total": 6, "percent": 55, "message": "sampling step 3/6"}
+      {"stage": "sampling", "step": 3, "total": 6, "percent": 55,
+       "windows": 27, "window": 12, "eta_s": 340,
+       "message": "sampling step 3/6, window 12/27, about 5 min 40 s left"}
 
   ``stage``: downloading | queued | loading | preparing | pose | conditioning | sampling |
   decoding | writing (ComfyUI node classes are mapped by ``stage_of``); ``step``/``total``: the
-  sampler step (null outside sampling);
-  ``percent``: 0..99, never decreasing; ``message``: one short human sentence.
-- At most one update per ``interval_s`` (settings.progress_interval_s); an update due while the
-  previous one is still being posted is dropped (updates are snapshots, the next one supersedes).
+  sampler step now running (1-based; the last finished one between steps) and the number of
+  steps; ``windows``: context windows in this step (1 when the clip fits one window, null when
+  unknown); ``window``: windows of this step done (null without context windows);
+  ``eta_s``: whole seconds until sampling ends, from the rate measured since the sampler's
+  first progress report (null before a second report has been timed); all four null outside
+  sampling. ``percent``: 0..99, never decreasing; ``message``: one short human sentence.
+- Coalescing: at most one update is in flight and at most one per ``interval_s``
+  (settings.progress_interval_s); an update due sooner waits, and a newer one replaces it (the
+  latest wins). ``update`` never waits for the network.
 
 Where updates go (``default_sender``): on a RunPod worker the platform sets the job-done URL
-(``RUNPOD_WEBHOOK_POST_OUTPUT``) and updates are POSTed there; in the local modes
-(``--test_input``, ``--rp_serve_api``) the SDK has no such URL, so nothing is sent and each update
-is logged at DEBUG instead (the SDK would log ``ERROR ... Failed to return job results`` for
-every one).
+(``RUNPOD_WEBHOOK_POST_OUTPUT``) and each update is POSTed there, the same request the SDK's own
+``progress_update`` makes, but all of a job's updates through one session on the job's event
+loop, so over one connection (``sdk.PlatformSender``; the SDK starts a thread, an event loop and
+a session, so a new TLS connection, per update). An update is sent once: the next one supersedes
+it. In the local modes (``--test_input``, ``--rp_serve_api``) the SDK has no such URL, so nothing
+is sent and each update is logged at DEBUG instead (the SDK would log ``ERROR ... Failed to
+return job results`` for every one).
 
-Why the race cannot happen: the SDK's public ``runpod.serverless.progress_update`` starts a
-daemon thread per call and nobody can wait for it, so an update posted just before the handler
-returns can reach RunPod after the result and leave the job IN_PROGRESS (runpod-python issue
-#250). Here each update is posted with the same public pieces that function uses
-(``runpod.http_client.AsyncClientSession`` and ``rp_http.send_result`` with
-``{"status": "IN_PROGRESS", "output": payload}``: same URL, same payload, same session setup) in
-a thread *we* keep, so ``close()`` can join it. The worker calls ``close()`` when inference ends,
-before the upload; after that no update is started, and the last one has finished (or the join
-timed out, which is logged) before the result is returned. The upload in between adds a further
-quiet period.
+Why the race cannot happen: an update that reaches RunPod after the result can leave the job
+IN_PROGRESS (runpod-python issue #250). The worker awaits ``close()`` when inference ends,
+before the upload: no update starts after it, and the one in flight has landed (or was given up
+after ``timeout_s``, which is logged) before the result is returned.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import contextlib
+import inspect
 import logging
-import threading
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+from . import sdk
+from .context_windows import LOADER_NODE, ContextOptions, SamplingPlan, loaded_frames
+
 log = logging.getLogger(__name__)
 
-Sender = Callable[[dict[str, Any], dict[str, Any]], None]
+# A sender takes (job, payload); a coroutine result is awaited in a task of the reporter's.
+Sender = Callable[[dict[str, Any], dict[str, Any]], Any]
+CLOSE_TIMEOUT_S = 10.0
 
 # Percent bands per stage: (start, end). Sampling fills its band step by step.
 _BANDS: dict[str, tuple[int, int]] = {
@@ -78,6 +92,7 @@ _STAGE_RULES: tuple[tuple[str, str], ...] = (
     ("LoraSelect", "loading"),
     ("Encode", "conditioning"),
 )
+_EPS = 1e-6
 
 
 def stage_of(node_class: str) -> str:
@@ -90,38 +105,19 @@ def stage_of(node_class: str) -> str:
     return "preparing"
 
 
-def platform_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
-    """POST one update to RunPod's job-done URL and wait until it has landed."""
-    from runpod.http_client import AsyncClientSession
-    from runpod.serverless.modules.rp_http import send_result
-
-    async def post() -> None:
-        async with AsyncClientSession() as session:
-            await send_result(session, {"status": "IN_PROGRESS", "output": payload}, job)
-
-    asyncio.run(post())
-
-
 def log_sender(job: dict[str, Any], payload: dict[str, Any]) -> None:
     """Local modes: there is no platform to tell; the update goes to the DEBUG log."""
     log.debug("progress: %s", payload.get("message") or payload)
 
 
-def platform_url() -> str | None:
-    """The job-done URL the SDK posts to, or ``None`` when it has none (a local mode)."""
-    from runpod.serverless.modules import rp_http
-
-    url = str(rp_http.JOB_DONE_URL)
-    return url if url.lower().startswith(("http://", "https://")) else None
-
-
-def default_sender() -> Sender:
-    """``platform_sender`` on a RunPod worker, ``log_sender`` when the SDK runs locally."""
-    return platform_sender if platform_url() else log_sender
+def default_sender(job_id: str) -> Sender:
+    """``sdk.PlatformSender`` on a RunPod worker, ``log_sender`` when the SDK runs locally."""
+    url = sdk.platform_url()
+    return sdk.PlatformSender(url, job_id) if url else log_sender
 
 
 class ProgressReporter:
-    """Throttled progress updates for one job; see the module docstring."""
+    """Coalesced progress updates for one job; see the module docstring."""
 
     def __init__(
         self,
@@ -131,15 +127,41 @@ class ProgressReporter:
         sender: Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._job = {"id": job.get("id", "unknown")}
+        self._job = {"id": str(job.get("id", "unknown"))}
         self._interval = interval_s
-        self._sender = sender or default_sender()
+        self._sender = sender if sender is not None else default_sender(self._job["id"])
         self._clock = clock
         self._last_sent: float | None = None
         self._percent = 0
-        self._thread: threading.Thread | None = None
+        self._pending: dict[str, Any] | None = None
+        self._in_flight: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        self._plan: SamplingPlan | None = None
+        self._rate_from: tuple[float, float] | None = None  # (time, windows done) at 1st report
         self.sent: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ input
+    def plan(self, graph: dict[str, Any], source_frames: int, source_fps: float) -> None:
+        """The clip the graph will sample: frames as its video loader yields them from a source
+        of ``source_frames`` at ``source_fps``, and its context windows."""
+        loader = next(
+            (
+                n
+                for n in graph.values()
+                if isinstance(n, dict) and n.get("class_type") == LOADER_NODE
+            ),
+            {},
+        )
+        inputs = loader.get("inputs") or {}
+        try:
+            rate, cap = float(inputs.get("force_rate") or 0), int(inputs.get("frame_load_cap") or 0)
+        except (TypeError, ValueError):
+            rate, cap = 0.0, 0
+        frames = loaded_frames(source_frames, source_fps, rate, cap)
+        self._plan = SamplingPlan(frames, ContextOptions.from_graph(graph))
+        log.debug("sampling plan: %d frames, %d windows per step", frames, self._plan.windows_at(0))
 
     def update(
         self,
@@ -148,74 +170,207 @@ class ProgressReporter:
         total: int | None = None,
         message: str | None = None,
     ) -> bool:
-        """Send ``stage`` (and the sampler step) unless throttled, closed or a send is in flight."""
-        self._percent = max(self._percent, _percent(stage, step, total))
+        """Send ``stage`` (and the sampler step) now, or as soon as it is due (see module)."""
+        return self._offer(stage, step, total, float(step) if step is not None else None, message)
+
+    def on_comfy(self, progress: Any) -> None:
+        """Callback for the ComfyUI client (``Progress(stage, node, step, total, value)``)."""
+        node_class = str(getattr(progress, "stage", None) or "")
+        stage = stage_of(node_class)
+        step, total = getattr(progress, "step", None), getattr(progress, "total", None)
+        value = getattr(progress, "value", None)
+        if value is None and step is not None:
+            value = float(step)
+        if stage != "sampling" or value is None or not total:
+            step = total = value = None
+        self._offer(stage, step, total, value, None, suffix=node_class)
+
+    # ------------------------------------------------------------------ payload
+    def _offer(
+        self,
+        stage: str,
+        step: int | None,
+        total: int | None,
+        value: float | None,
+        message: str | None,
+        *,
+        suffix: str = "",
+    ) -> bool:
+        fields: dict[str, Any] = {"windows": None, "window": None, "eta_s": None}
+        if stage == "sampling" and value is not None and total:
+            step, fields = self._sampling(value, int(total))
+        self._percent = max(self._percent, _percent(stage, value, total))
         if self._closed:
             return False
-        now = self._clock()
-        if self._last_sent is not None and now - self._last_sent < self._interval:
-            return False
-        if self._thread is not None and self._thread.is_alive():
-            return False
+        text = message or _message(stage, step, total, **fields)
+        if suffix and suffix != stage:
+            text += f" ({suffix})"
         payload = {
             "stage": stage,
             "step": step,
             "total": total,
             "percent": self._percent,
-            "message": message or _message(stage, step, total),
+            **fields,
+            "message": text,
         }
-        self._last_sent = now
-        self.sent.append(payload)
-        context = contextvars.copy_context()  # the thread's log lines keep the job id
-        self._thread = threading.Thread(
-            target=context.run, args=(self._send, payload), name="xicon-progress", daemon=True
-        )
-        self._thread.start()
+        return self._submit(payload)
+
+    def _sampling(self, value: float, total: int) -> tuple[int, dict[str, Any]]:
+        """The step now running, its windows and the ETA, from a sampler progress value
+        (``steps done + windows done / windows`` of the step running)."""
+        done = math.floor(value + _EPS)
+        between = value - done <= _EPS  # a whole number: a step has just ended
+        step = max(done, 1) if between else done + 1
+        plan = self._plan
+        windows = (plan.windows_at(step - 1) or None) if plan is not None else None
+        window = None
+        units, all_units = value, float(total)
+        if plan is not None and windows is not None and windows > 1:
+            if between:
+                window = windows if done else 0
+            else:
+                window = min(max(round((value - done) * windows), 1), windows)
+            units = plan.windows_before(step - 1) + window
+            all_units = plan.windows_before(total)
+        return step, {"windows": windows, "window": window, "eta_s": self._eta(units, all_units)}
+
+    def _eta(self, units: float, all_units: float) -> int | None:
+        now = self._clock()
+        if self._rate_from is None or units < self._rate_from[1]:
+            self._rate_from = (now, units)
+            return None
+        since, first = self._rate_from
+        if units <= first or now <= since:
+            return None
+        rate = (units - first) / (now - since)
+        return max(0, round((all_units - units) / rate))
+
+    # ------------------------------------------------------------------ sending
+    def _submit(self, payload: dict[str, Any]) -> bool:
+        now = self._clock()
+        busy = self._in_flight is not None and not self._in_flight.done()
+        early = self._last_sent is not None and now - self._last_sent < self._interval
+        if busy or early:
+            self._pending = payload
+            self._flush_later()
+            return False
+        self._pending = None
+        self._start(payload, now)
         return True
 
-    def on_comfy(self, progress: Any) -> None:
-        """Callback for the ComfyUI client (``Progress(stage, node, step, total)``)."""
-        node_class = str(getattr(progress, "stage", None) or "")
-        stage = stage_of(node_class)
-        step, total = getattr(progress, "step", None), getattr(progress, "total", None)
-        if stage != "sampling":
-            step = total = None
-        message = _message(stage, step, total)
-        if node_class and node_class != stage:
-            message += f" ({node_class})"
-        self.update(stage, step, total, message)
+    def _start(self, payload: dict[str, Any], now: float) -> None:
+        self._last_sent = now
+        self.sent.append(payload)
+        try:
+            result = self._sender(self._job, payload)
+        except Exception as exc:  # progress is best effort; never fail the job for it
+            log.debug("progress update not delivered: %s", exc)
+            return
+        if inspect.isawaitable(result):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                log.debug("progress update dropped: no event loop to send it on")
+                if inspect.iscoroutine(result):
+                    result.close()
+                return
+            self._in_flight = loop.create_task(_delivered(result), name="xicon-progress")
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """No update after this; wait (bounded) for the one in flight."""
+    def _flush_later(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next update on a loop sends it
+        self._flusher = loop.create_task(self._flush(), name="xicon-progress-flush")
+
+    async def _flush(self) -> None:
+        """Send the latest waiting update once nothing is in flight and the interval passed."""
+        while self._pending is not None and not self._closed:
+            if self._in_flight is not None and not self._in_flight.done():
+                await asyncio.wait([self._in_flight])
+                continue
+            wait = 0.0 if self._last_sent is None else self._last_sent + self._interval
+            wait -= self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            payload, self._pending = self._pending, None
+            self._start(payload, self._clock())
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """No update after this; wait (bounded) for the one in flight; close the connection.
+        Idempotent: a later call (after a cancelled one, too) awaits the same closing."""
         self._closed = True
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            thread.join(timeout_s)
-            if thread.is_alive():
-                log.warning("progress update still in flight after %.1fs", timeout_s)
+        self._pending = None
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(timeout_s))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, timeout_s: float) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        task = self._in_flight
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=timeout_s)
+            if not task.done():
+                log.warning("progress update still in flight after %.1fs; dropped", timeout_s)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        aclose = getattr(self._sender, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _send(self, payload: dict[str, Any]) -> None:
-        try:
-            self._sender(self._job, payload)
-        except Exception as exc:  # progress is best effort; never fail the job for it
-            log.debug("progress update not delivered: %s", exc)
+
+async def _delivered(result: Any) -> None:
+    try:
+        await result
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # progress is best effort; never fail the job for it
+        log.debug("progress update not delivered: %s", type(exc).__name__)
 
 
-def _percent(stage: str, step: int | None, total: int | None) -> int:
+def _percent(stage: str, value: float | None, total: int | None) -> int:
     start, end = _BANDS.get(stage, _OTHER_BAND)
-    if step is not None and total:
-        fraction = min(max(step / total, 0.0), 1.0)
+    if value is not None and total:
+        fraction = min(max(value / total, 0.0), 1.0)
         return min(99, int(start + (end - start) * fraction))
     return min(99, start)
 
 
-def _message(stage: str, step: int | None, total: int | None) -> str:
+def _duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _message(
+    stage: str,
+    step: int | None,
+    total: int | None,
+    windows: int | None = None,
+    window: int | None = None,
+    eta_s: int | None = None,
+) -> str:
     if step is not None and total:
-        return f"{stage} step {step}/{total}"
+        text = f"{stage} step {step}/{total}"
+        if window is not None and windows and windows > 1:
+            text += f", window {window}/{windows}"
+        if eta_s is not None:
+            text += f", about {_duration(eta_s)} left"
+        return text
     return {
         "downloading": "downloading the inputs",
         "queued": "waiting for ComfyUI",

@@ -33,12 +33,13 @@ cites the file and line of that release next to the code that copies it):
   (start), ``executing``, its ``progress`` frames (each after a ``progress_state``), ``executed``
   for output nodes, ``progress_state`` (finished); then ``execution_success``; history is stored,
   THEN ``executing`` with ``node: null`` (§3.5). ``progress`` comes from the sampler (one per
-  step, ``steps`` from its scheduler link) AND from other nodes, as the packs' progress bars send
-  it: WanVideoModelLoader, PoseDetectionVitPoseToDWPose (two per frame), WanVideoDecode (one per
-  latent frame). Every per-prompt frame, ``progress_state`` and ``execution_interrupted``
-  included, goes only to the socket whose id is the prompt's ``client_id``; for a prompt without
-  one, ``progress``, ``progress_state`` and ``execution_interrupted`` go to every socket and the
-  others are not sent. ``status`` is broadcast.
+  step, ``steps`` from its scheduler link; with context windows first one per window, fractions
+  of a step, as WanVideoWrapper's sampler sends them) AND from other nodes, as the packs'
+  progress bars send it: WanVideoModelLoader, PoseDetectionVitPoseToDWPose (two per frame),
+  WanVideoDecode (one per latent frame). Every per-prompt frame, ``progress_state`` and
+  ``execution_interrupted`` included, goes only to the socket whose id is the prompt's
+  ``client_id``; for a prompt without one, ``progress``, ``progress_state`` and
+  ``execution_interrupted`` go to every socket and the others are not sent. ``status`` is broadcast.
   LoadImage and VHS_LoadVideo read their input when they run (the double keeps a private copy, as
   ComfyUI keeps the tensors), so later nodes do not need input/ any more.
   A corrupt reference image fails at LoadImage with ``execution_error``

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from xicon_dance import context_windows
 from xicon_dance.graph_check import check_prompt
 
 from . import media
@@ -597,7 +598,7 @@ class ComfyDouble:
         }
         await self.send("progress_state", {"prompt_id": prompt_id, "nodes": nodes}, self.client_id)
 
-    async def _report(self, prompt_id: str, nid: str, value: int, total: int) -> None:
+    async def _report(self, prompt_id: str, nid: str, value: float, total: int) -> None:
         """The progress hook, main.py:436-450: checks the interrupt first (so any node that
         reports progress is interruptible there), updates the registry (``progress_state``),
         then sends ``progress`` to the prompt's client (to every socket when it has none)."""
@@ -723,14 +724,42 @@ class ComfyDouble:
             ) from None
 
     async def _sample(self, nid: str, prompt: dict, prompt_id: str) -> None:
+        """One ``progress`` per step; with context windows (the clip at least as long as the
+        ``WanVideoContextOptions`` window) first one per window, as WanVideoWrapper's sampler
+        reports them (nodes_sampler.py, context-window branch): ``step + k / windows`` after
+        window ``k`` of the step, then the latent-preview callback's ``step + 1``."""
         steps = 1
         link = prompt[nid].get("inputs", {}).get("scheduler")
         if _is_link(link, prompt):
             steps = int(prompt[link[0]].get("inputs", {}).get("steps", 1))
+        frames, options = self._context(prompt)
         for k in range(1, steps + 1):
             if self.faults.step_delay_s:
                 await asyncio.sleep(self.faults.step_delay_s)
+            if options is not None:
+                count = len(context_windows.windows(k - 1, frames, options))
+                for i in range(count):
+                    await self._report(prompt_id, nid, k - 1 + (i + 1) * (1.0 / count), steps)
             await self._report(prompt_id, nid, k, steps)
+
+    def _context(self, prompt: dict) -> tuple[int, context_windows.ContextOptions | None]:
+        """The clip's frames (as VHS_LoadVideo yields them) and the context options that the
+        sampler uses: None when the graph has none or the clip is shorter than a window."""
+        options = context_windows.ContextOptions.from_graph(prompt)
+        loader = prompt.get("130", {}).get("inputs", {})
+        video = self._loaded.get("130")
+        if options is None or video is None:
+            return 0, None
+        try:
+            frames = media.loaded_frame_count(
+                video,
+                float(loader.get("force_rate", 0)),
+                int(loader.get("frame_load_cap", 0)),
+                self._frame_rule(str(loader.get("format", "AnimateDiff"))),
+            )
+        except Exception:  # no readable video: VHS_VideoCombine reports it, as before
+            return 0, None
+        return frames, options if options.frames <= frames else None
 
     def _const(self, prompt: dict, nid: str, default: int) -> int:
         node = prompt.get(nid)
