@@ -212,10 +212,11 @@ async def test_sender_task_logs_carry_the_job_id() -> None:
 
 
 # ------------------------------------------------------------------ windows and ETA
-def long_graph(frames: int, overlap: int = 48) -> dict[str, Any]:
+def long_graph(frames: int, overlap: int = 48, steps: int = 6) -> dict[str, Any]:
     graph = copy.deepcopy(json.loads(GRAPH.read_text()))
     graph["130"]["inputs"]["frame_load_cap"] = frames
     graph["355"]["inputs"]["context_overlap"] = overlap
+    graph["349"]["inputs"]["steps"] = steps
     return graph
 
 
@@ -225,11 +226,11 @@ async def test_windows_step_and_eta_follow_the_samplers_reports() -> None:
     clock = FakeClock()
     got, send = recorder()
     rep = ProgressReporter({"id": "j"}, 0.0, sender=send, clock=clock)
-    graph = long_graph(961)
+    steps = 3
+    graph = long_graph(961, steps=steps)
     rep.plan(graph, source_frames=2000, source_fps=16.0)  # the graph loads at 16 fps: 961
     options = ContextOptions.from_graph(graph)
     assert options == ContextOptions(81, 4, 48, "uniform_standard")
-    steps = 3
     per_step = [len(windows(i, 961, options)) for i in range(steps)]
     assert per_step == [26, 27, 26]
     total_windows = sum(per_step)
@@ -268,6 +269,22 @@ async def test_a_clip_within_one_window_has_one_window_per_step() -> None:
     await rep.close()
     assert [(g["windows"], g["window"]) for g in got] == [(1, None)] * 3
     assert [g["eta_s"] for g in got] == [None, 8, 6]  # 2 s a step, from the second report
+
+
+async def test_the_samplers_weight_loading_is_no_step() -> None:
+    """The sampler node loads the model weights itself (a bar of one report per tensor, under
+    the sampler's node id): with a plan, only a bar counting the scheduler's steps is steps."""
+    got, send = recorder()
+    rep = ProgressReporter({"id": "j"}, 0.0, sender=send)
+    rep.plan(long_graph(81), source_frames=81, source_fps=16.0)  # the graph: 6 steps
+    rep.on_comfy(P("WanVideoSamplerv2", "348", 500, 985))
+    rep.on_comfy(P("WanVideoSamplerv2", "348", 1, 6))
+    await rep.close()
+    assert [(g["stage"], g["step"], g["total"]) for g in got] == [
+        ("loading", None, None),
+        ("sampling", 1, 6),
+    ]
+    assert got[0]["message"] == "loading (WanVideoSamplerv2)"
 
 
 async def test_without_a_plan_windows_are_unknown() -> None:

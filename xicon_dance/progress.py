@@ -6,9 +6,11 @@ Contract:
   event loop; ``update(stage, step=None, total=None, message=None) -> bool`` (True when this
   update went out at once, False when it waits for its turn or the reporter is closed);
   ``on_comfy(progress)`` adapts the ComfyUI client's ``Progress(stage, node, step, total, value)``
-  callback; ``plan(graph, source_frames, source_fps)`` tells it the clip's length and the graph's
-  context windows (see ``context_windows``); ``await close(timeout_s)`` stops all further
-  updates, waits (bounded) for the one in flight and closes the connection.
+  callback; ``plan(graph, source_frames, source_fps)`` tells it the clip's length, the graph's
+  context windows (see ``context_windows``) and the scheduler's step count (the sampler node
+  also reports its model weights loading, one per tensor: with a plan, a bar of the sampler
+  that does not count steps is shown as ``loading``); ``await close(timeout_s)`` stops all
+  further updates, waits (bounded) for the one in flight and closes the connection.
 - Payload (the ``output`` a caller sees in ``GET /status`` while the job is IN_PROGRESS), always
   the same keys::
 
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 # A sender takes (job, payload); a coroutine result is awaited in a task of the reporter's.
 Sender = Callable[[dict[str, Any], dict[str, Any]], Any]
 CLOSE_TIMEOUT_S = 10.0
+SCHEDULER_NODE = "WanVideoSchedulerv2"
 
 # Percent bands per stage: (start, end). Sampling fills its band step by step.
 _BANDS: dict[str, tuple[int, int]] = {
@@ -139,6 +142,7 @@ class ProgressReporter:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._plan: SamplingPlan | None = None
+        self._step_totals: set[int] = set()  # what the sampler's step bar counts up to
         self._rate_from: tuple[float, float] | None = None  # (time, windows done) at 1st report
         self.sent: list[dict[str, Any]] = []
 
@@ -161,6 +165,7 @@ class ProgressReporter:
             rate, cap = 0.0, 0
         frames = loaded_frames(source_frames, source_fps, rate, cap)
         self._plan = SamplingPlan(frames, ContextOptions.from_graph(graph))
+        self._step_totals = _step_totals(graph)
         log.debug("sampling plan: %d frames, %d windows per step", frames, self._plan.windows_at(0))
 
     def update(
@@ -181,6 +186,8 @@ class ProgressReporter:
         value = getattr(progress, "value", None)
         if value is None and step is not None:
             value = float(step)
+        if stage == "sampling" and total and self._step_totals and total not in self._step_totals:
+            stage = "loading"  # another bar of the sampler node: its model weights, its LoRAs
         if stage != "sampling" or value is None or not total:
             step = total = value = None
         self._offer(stage, step, total, value, None, suffix=node_class)
@@ -327,6 +334,22 @@ class ProgressReporter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _step_totals(graph: dict[str, Any]) -> set[int]:
+    """The totals the sampler's step bar can report: the scheduler's ``steps`` (less the skipped
+    ``start_step``, up to ``end_step``). The sampler node also reports its model weights loading
+    (one per parameter tensor) and its LoRAs under its own node id; those are no steps."""
+    for node in graph.values():
+        if isinstance(node, dict) and node.get("class_type") == SCHEDULER_NODE:
+            inputs = node.get("inputs") or {}
+            steps, start, end = (inputs.get(k) for k in ("steps", "start_step", "end_step"))
+            if not isinstance(steps, int):
+                return set()
+            start = start if isinstance(start, int) else 0
+            end = end if isinstance(end, int) and 0 <= end < steps else steps
+            return {steps, max(end - start, 1)}
+    return set()
 
 
 async def _delivered(result: Any) -> None:
