@@ -39,12 +39,17 @@ Contract (all network errors are mapped to the errors module; nothing else leaks
   arrival of ``executing`` frames; history timestamps when the socket saw nothing).
 - ``output_files(outputs) -> list[OutputFile]`` reads ``gifs``, ``videos`` and ``images`` items
   (filename, subfolder, type, format); ``await download(item, dest: Path) -> Path`` streams /view.
-- ``Progress(stage: str, node: str | None, step: int | None, total: int | None)``.
+- ``Progress(stage: str, node: str | None, step: int | None, total: int | None,
+  value: float | None)``: ``step`` is the frame's value cut to an integer, ``value`` the value as
+  sent (a sampler with context windows reports fractions of a step, one per window).
 - Helpers: ``await interrupt(prompt_id)``, ``await delete_queued(prompt_id)``,
   ``await delete_history(prompt_ids)`` (never raises),
   ``await free(unload_models, free_memory)``, ``await object_info(node_class=None)``,
   ``await history(prompt_id)``; pure ``validation_message(body)``, ``execution_error(data)``,
   ``pid_alive(pid)``.
+- Retries (tenacity): the websocket's reconnect (after 0.1 s, doubling to 2 s, until the run
+  ends), the start-up probe (every 0.5 s until the deadline), the ``/queue`` check after an
+  interrupt (every ``poll_interval_s`` within ``interrupt_grace_s``).
 
 Protocol facts (ComfyUI v0.33.0: server.py, execution.py, main.py): the socket is opened BEFORE
 POST /prompt, because per-prompt frames (``executing``, ``progress``, ``progress_state``,
