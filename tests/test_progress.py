@@ -287,6 +287,15 @@ async def test_the_samplers_weight_loading_is_no_step() -> None:
     assert got[0]["message"] == "loading (WanVideoSamplerv2)"
 
 
+async def test_a_graph_without_a_plan_fails_nothing() -> None:
+    got, send = recorder()
+    rep = ProgressReporter({"id": "j"}, 0.0, sender=send)
+    rep.plan({"130": {"class_type": "VHS_LoadVideo", "inputs": ["not", "a", "dict"]}}, 100, 24.0)
+    rep.on_comfy(P("WanVideoSamplerv2", "348", 1, 6))
+    await rep.close()
+    assert (got[0]["step"], got[0]["windows"]) == (1, None)
+
+
 async def test_without_a_plan_windows_are_unknown() -> None:
     got, send = recorder()
     rep = ProgressReporter({"id": "j"}, 0.0, sender=send)

@@ -148,6 +148,8 @@ def windows(step: int, frames: int, options: ContextOptions | None) -> list[list
         return [list(range(length))]
     size = latent_frames(options.frames)
     stride, overlap = options.stride // 4, options.overlap // 4
+    if size < 1:
+        return []
     if length <= size:
         return [list(range(length))]
     if options.schedule == "uniform_standard":

@@ -149,7 +149,15 @@ class ProgressReporter:
     # ------------------------------------------------------------------ input
     def plan(self, graph: dict[str, Any], source_frames: int, source_fps: float) -> None:
         """The clip the graph will sample: frames as its video loader yields them from a source
-        of ``source_frames`` at ``source_fps``, and its context windows."""
+        of ``source_frames`` at ``source_fps``, its context windows and its step count. Never
+        raises: without a plan, windows are unknown (progress must not fail a job)."""
+        try:
+            self._make_plan(graph, source_frames, source_fps)
+        except Exception:
+            log.warning("no sampling plan for this graph; windows stay unknown", exc_info=True)
+            self._plan, self._step_totals = None, set()
+
+    def _make_plan(self, graph: dict[str, Any], source_frames: int, source_fps: float) -> None:
         loader = next(
             (
                 n
