@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "tuned": ("resident", "resize_gpu", "nlf_batch"),
     "fp16": ("resident", "resize_gpu", "nlf_batch", "fp16_fast"),
+    "lean": ("resize_gpu", "nlf_batch"),
+    "lean16": ("resize_gpu", "nlf_batch", "fp16_fast"),
 }
 
 SAVE_LATENT_NODE = "9001"
