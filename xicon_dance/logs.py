@@ -146,8 +146,9 @@ class RedactingStream(io.TextIOBase):
     ``HOLD_CHARS`` the text up to its last whitespace is written (a secret never spans
     whitespace); the trailing word is kept, up to ``TAIL_CHARS``. ``buffer`` takes bytes (as
     ``sys.stdout.buffer`` does) and sends them through the same redaction, in order with the
-    text. ``fileno``, ``isatty``, ``encoding`` and ``errors`` are the inner stream's; the inner
-    stream is never closed here."""
+    text (decoded incrementally with ``encoding``; undecodable bytes become U+FFFD).
+    ``fileno``, ``isatty``, ``encoding`` and ``errors`` are the inner stream's; the inner stream
+    is never closed here."""
 
     HOLD_CHARS = 1 << 20
     TAIL_CHARS = 8192
