@@ -16,6 +16,7 @@ import pytest
 
 from tests.comfy_double import ComfyDouble
 from tests.plugins.media_factory import make_image, make_video
+from xicon_dance import jobdir, media
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.job import Worker
 from xicon_dance.progress import ProgressReporter
@@ -438,3 +439,118 @@ async def test_output_sweep_runs_off_the_event_loop(
     assert "error" not in await rig.worker.run(rig.job())
     assert threads and loop_thread not in threads
     assert leftovers(rig) == []
+
+
+# ------------------------------------------------------------ the job folder owns its threads
+
+
+class _Folders:
+    """Records each ``JobFolder`` the worker opens (to wait on its ``stop`` event)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened: list[jobdir.JobFolder] = []
+        opened = self.opened
+
+        class Recording(jobdir.JobFolder):
+            def __init__(self, path: Path) -> None:
+                super().__init__(path)
+                opened.append(self)
+
+        monkeypatch.setattr(jobdir, "JobFolder", Recording)
+
+    async def stopped(self) -> jobdir.JobFolder:
+        """The job's folder, once a fetch was cancelled and told its thread to stop."""
+        for _ in range(1000):
+            if self.opened and self.opened[-1].stop.is_set():
+                return self.opened[-1]
+            await asyncio.sleep(0.01)
+        raise AssertionError("no fetch of the job was cancelled")
+
+
+def _job_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(jobdir.THREAD_PREFIX)]
+
+
+def _block_video_decode(
+    monkeypatch: pytest.MonkeyPatch, started: threading.Event, release: threading.Event
+) -> None:
+    """The driving video's base64 decode blocks in its thread until ``release``, then still
+    writes its file: a thread cannot be cancelled, it can only be waited for."""
+    real = media.decode_base64_to_file
+
+    def decode(data: str, dest: Path, max_bytes: int, field: str) -> int:
+        if field != "video_base64":
+            return real(data, dest, max_bytes, field)
+        started.set()
+        assert release.wait(30), "the test never released the decode"
+        dest.write_bytes(b"late bytes")
+        return 10
+
+    monkeypatch.setattr(media, "decode_base64_to_file", decode)
+
+
+async def test_a_failing_input_waits_for_the_other_inputs_thread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image fails while the video's decode is blocked in its thread: the job does not end
+    (nor remove its folder) before that thread has ended; then the folder is removed once and
+    no thread of the job is left."""
+    folders = _Folders(monkeypatch)
+    started, release = threading.Event(), threading.Event()
+    _block_video_decode(monkeypatch, started, release)
+    bad_image = base64.b64encode(b"not an image").decode()
+    task = asyncio.create_task(rig.worker.run(rig.job(image_base64=bad_image)))
+    assert await asyncio.to_thread(started.wait, 30)
+    folder = await folders.stopped()  # the image failed, the video fetch was cancelled
+    assert not task.done() and folder.path.is_dir(), "the job ended before its thread did"
+    assert _job_threads(), "the blocked decode runs in a thread of the job's folder"
+    release.set()
+    result = await task
+    assert (result["field"], result["code"]) == ("image_base64", "invalid_image"), result
+    assert not folder.path.exists() and leftovers(rig) == []
+    assert _job_threads() == []
+    assert rig.double.prompts == {}
+
+
+def _wait_for_stop(monkeypatch: pytest.MonkeyPatch, folders: _Folders) -> threading.Event:
+    """The driving video's probe runs until the job's folder says stop (a hostile video that
+    keeps a CPU busy); returns an event set once the probe has given up."""
+    gave_up = threading.Event()
+
+    def probe(path: Path, field: str, stop: threading.Event) -> Any:
+        assert stop is folders.opened[-1].stop
+        assert stop.wait(30), "the job never told the probe to stop"
+        gave_up.set()
+        raise media.ProbeStopped("stopped")
+
+    monkeypatch.setattr(media, "_probe_staged", probe)
+    return gave_up
+
+
+async def test_timeout_stops_and_joins_a_busy_probe(
+    rig_factory: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = rig_factory(job_timeout_s=1.0)
+    folders = _Folders(monkeypatch)
+    gave_up = _wait_for_stop(monkeypatch, folders)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "timeout" and "downloading" in result["error"], result
+    assert gave_up.is_set() and _job_threads() == []
+    assert not folders.opened[-1].path.exists() and leftovers(rig) == []
+
+
+async def test_platform_cancel_stops_and_joins_a_busy_probe(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folders = _Folders(monkeypatch)
+    gave_up = _wait_for_stop(monkeypatch, folders)
+    task = asyncio.create_task(rig.worker.run(rig.job()))
+    for _ in range(1000):
+        if _job_threads() and folders.opened and any(folders.opened[-1].path.glob("driving*")):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gave_up.is_set() and _job_threads() == []
+    assert not folders.opened[-1].path.exists() and leftovers(rig) == []
