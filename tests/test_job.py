@@ -554,3 +554,30 @@ async def test_platform_cancel_stops_and_joins_a_busy_probe(
         await task
     assert gave_up.is_set() and _job_threads() == []
     assert not folders.opened[-1].path.exists() and leftovers(rig) == []
+
+
+async def test_inputs_from_the_network_volume_run_the_job(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """image_path and video_path (the RunPod way to pass files too large to send) reach the
+    graph as copies in the job folder; a path leading out of the volume is refused by name."""
+    root = tmp_path / "runpod-volume"
+    (root / "inputs").mkdir(parents=True)
+    rig = rig_factory(volume_root=root)
+    (root / "inputs" / "ref.png").write_bytes(rig.image.read_bytes())
+    (root / "inputs" / "drive.mp4").write_bytes(rig.video.read_bytes())
+    job = rig.job(image_path="inputs/ref.png", video_path=str(root / "inputs" / "drive.mp4"))
+    del job["input"]["image_base64"], job["input"]["video_base64"]
+    result = await rig.worker.run(job)
+    assert "error" not in result, result
+    assert result["video"]["frames"] == 9 and result["video"]["has_audio"] is True
+    graph = rig.double.prompts[result["prompt_id"]][2]
+    names = [str(n["inputs"].get(k)) for n in graph.values() for k in ("image", "video")]
+    assert any(n.endswith("/reference.png") for n in names), names
+    assert any(n.endswith("/driving.mp4") for n in names), names
+    assert leftovers(rig) == [] and (root / "inputs" / "ref.png").is_file()
+    (root / "escape.png").symlink_to(rig.image)
+    bad = rig.job(image_path="escape.png")
+    del bad["input"]["image_base64"]
+    refused = await rig.worker.run(bad)
+    assert (refused["field"], refused["code"]) == ("image_path", "path_forbidden"), refused

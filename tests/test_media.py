@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def settings(env: HostileEnv, tmp_path: Path) -> Settings:
         Settings(),
         comfy_input_dir=tmp_path / "input",
         default_video=env.default_video,
+        volume_root=env.volume,
         allow_private_urls=True,
         download_retries=3,
         download_connect_timeout_s=2.0,
@@ -164,6 +166,37 @@ async def test_missing_default_video_is_a_config_error(
     not_video = dataclasses.replace(settings, default_video=env.image_png)
     with pytest.raises(ConfigError, match="unusable"):
         media.check_default_video(not_video)
+
+
+async def test_inputs_from_the_network_volume(env: HostileEnv, settings: Settings) -> None:
+    """image_path relative to the volume, video_path absolute under it: copied into the job
+    folder under the generated names, checked like any other input; the originals stay."""
+    (env.volume / "in").mkdir()
+    jpg = make_image(env.volume / "in" / "ref.jpg", 300, 200, "JPEG")
+    mkv = make_video(env.volume / "in" / "drive.mp4", 64, 64, 8, 9, container="matroska")
+    raw = {"image_path": "in/ref.jpg", "video_path": str(mkv)}
+    image, video = await run_job(raw, settings, job_id="vol")
+    assert (image.path.name, image.width, image.height, image.format) == (
+        "reference.jpg",
+        300,
+        200,
+        "JPEG",
+    )
+    assert image.bytes == jpg.stat().st_size
+    assert (video.path.name, video.frames, video.bytes) == ("driving.mkv", 9, mkv.stat().st_size)
+    assert jpg.is_file() and mkv.is_file(), "the volume's files are read, never moved"
+    assert not any(jobs_dir(settings).iterdir())
+
+
+def test_a_stopped_job_abandons_the_probe(tmp_path: Path) -> None:
+    """The probe's loops over the file (first frame, packet count) end once the job's stop
+    event is set: a hostile video cannot keep a CPU busy after its job ended."""
+    path = make_video(tmp_path / "v.mkv", 64, 64, 8, 9, container="matroska")
+    stop = threading.Event()
+    assert probe_video(path, stop=stop).frames == 9
+    stop.set()
+    with pytest.raises(media.ProbeStopped):
+        probe_video(path, stop=stop)
 
 
 async def test_exif_orientation_swaps_reported_size(env: HostileEnv, settings: Settings) -> None:

@@ -107,6 +107,7 @@ INPUT_ERROR_CODES: dict[str, str] = {
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no tab or newline in a path either
 IMAGE_SOURCES = ("image_url", "image_base64", "image_path")
 VIDEO_SOURCES = ("video_url", "video_base64", "video_path")
 _FIELD_ORDER = (*IMAGE_SOURCES, *VIDEO_SOURCES)
@@ -159,8 +160,8 @@ class JobInput(BaseModel):
             raise _PathForbidden("path inputs are turned off on this worker (VOLUME_ROOT=off)")
         if len(value) > MAX_PATH_CHARS:
             raise ValueError(f"is longer than {MAX_PATH_CHARS} characters")
-        if _CONTROL.search(value):
-            raise ValueError("must not contain control characters (such as NUL)")
+        if _PATH_CONTROL.search(value):
+            raise ValueError("must not contain control characters (such as NUL or a newline)")
         if ".." in value.replace("\\", "/").split("/"):
             raise _PathForbidden("must not contain '..'")
         return value

@@ -100,7 +100,7 @@ def _resolve(value: str, root: Path, real_root: str, field: str) -> str:
     candidate = given if given.is_absolute() else PurePosixPath(root) / given
     real = os.path.realpath(candidate)
     if not _inside(real, real_root):
-        where = "leads outside" if os.path.islink(candidate) or _has_link(candidate) else "is not"
+        where = "leads outside" if _has_link(candidate) else "is not on"
         raise _forbidden(field, f"{_shown(value)} {where} the network volume ({root})")
     return real
 
