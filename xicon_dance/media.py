@@ -613,8 +613,7 @@ def probe_video(
             frames = stream.frames or 0
             _decode_first_frame(container, stream, field, stop)
             if frames <= 0:
-                container.seek(0)
-                frames = _count_packets(container, stream, stop)
+                frames = _count_packets(path, stream.index, stop)
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -658,12 +657,15 @@ def _decode_first_frame(
     raise _bad_video(field, "no frame could be decoded")
 
 
-def _count_packets(container: Any, stream: Any, stop: threading.Event | None) -> int:
+def _count_packets(path: Path, index: int, stop: threading.Event | None) -> int:
+    """Packets of stream ``index``, read from a fresh opening (not ``seek(0)``: in a Matroska file
+    without cues that scans the whole file in one call that ``stop`` cannot interrupt)."""
     frames = 0
-    for packet in container.demux(stream):
-        _check_stop(stop)
-        if packet.size:
-            frames += 1
+    with av.open(str(path), mode="r") as container:
+        for packet in container.demux(container.streams[index]):
+            _check_stop(stop)
+            if packet.size:
+                frames += 1
     return frames
 
 
