@@ -23,7 +23,7 @@ from tests.hostile_cases import (
 )
 from tests.plugins.http_server import HttpServer, Reply
 from tests.plugins.media_factory import make_image, make_video
-from xicon_dance import media, netguard
+from xicon_dance import download, media, netguard
 from xicon_dance.errors import ConfigError, InputError
 from xicon_dance.media import (
     ImageInfo,
@@ -42,7 +42,7 @@ from xicon_dance.settings import Settings
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(media, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(download, "RETRY_BACKOFF_S", 0.01)
 
 
 @pytest.fixture

@@ -63,13 +63,14 @@ class JobFolder:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             self.stop.set()
-            await _wait_through_cancels(future)
+            with contextlib.suppress(Exception):  # the outcome is nobody's any more
+                await _join(future)
             raise
 
     async def close(self) -> None:
         """Stop and join every thread of the folder (off the loop), then remove the folder."""
         self.stop.set()
-        await _wait_through_cancels(asyncio.ensure_future(asyncio.to_thread(self._finish)))
+        await _join(asyncio.ensure_future(asyncio.to_thread(self._finish)))
 
     def _finish(self) -> None:
         self._pool.shutdown(wait=True)  # every writer has ended: nothing can land after this
@@ -82,9 +83,9 @@ class JobFolder:
 async def job_folder(settings: Settings, job_id: str) -> AsyncIterator[JobFolder]:
     """``<comfy_input_dir>/jobs/<safe id>``, created empty, removed on exit (even on failure)."""
     path = Path(settings.comfy_input_dir) / "jobs" / safe_job_id(job_id)
-    await asyncio.to_thread(_create, path)
     folder = JobFolder(path)
-    try:
+    try:  # a cancel while the folder is made still waits for it, and removes it
+        await _join(asyncio.ensure_future(asyncio.to_thread(_create, path)))
         yield folder
     finally:
         await folder.close()
@@ -97,16 +98,17 @@ def _create(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-async def _wait_through_cancels(future: asyncio.Future[Any]) -> None:
-    """Wait until ``future`` is done even if this task is cancelled meanwhile (the work runs in a
-    thread that cannot be stopped); a cancel that arrived is passed on afterwards."""
+async def _join(future: asyncio.Future[T]) -> T:
+    """Wait until ``future`` is done even if this task is cancelled meanwhile (its work runs in a
+    thread that cannot be stopped); then pass on a cancel that arrived, else its outcome."""
     cancelled = False
     while not future.done():
         try:
             await asyncio.wait([future])
         except asyncio.CancelledError:
             cancelled = True
-    if not future.cancelled():
-        future.exception()  # retrieved: the caller that wanted the result has gone
     if cancelled:
+        if not future.cancelled():
+            future.exception()  # retrieved: nobody wants the outcome any more
         raise asyncio.CancelledError
+    return future.result()

@@ -31,21 +31,14 @@ Details:
   (the job was cancelled or timed out).
 - ``check_default_video(settings) -> VideoInfo`` probes the bundled default video; a missing or
   broken one raises ``ConfigError(code="default_video_missing")`` (call it at start).
-- SSRF policy: an address is refused unless it is globally routable unicast; cloud metadata
-  addresses are refused even with ``allow_private_urls`` (no test needs them). Every range
-  Python's ``ipaddress`` marks special (private, reserved, link/site-local, multicast, shared) is
-  refused; IPv4 embedded in IPv6 (mapped, 6to4, Teredo, NAT64) is judged as IPv4. Every connection
-  goes through ``GuardedResolver``; IP-literal hosts (which aiohttp does not resolve) and
-  non-canonical IPv4 forms are checked per hop. No proxy from the environment is used.
-- Download retries (tenacity): ``settings.download_retries`` attempts on connection errors,
-  timeouts and 5xx, waiting ``RETRY_BACKOFF_S * 2**n`` (at most ``RETRY_BACKOFF_MAX_S``) between.
+- URL downloads are ``xicon_dance.download`` (SSRF guard of ``xicon_dance.netguard``, redirects,
+  caps, timeouts, retries); network-volume paths are ``xicon_dance.volume``.
 - Error codes: see ``xicon_dance.schema.INPUT_ERROR_CODES``. Messages show a URL without its
   query string (presigned URLs carry credentials there).
 """
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import contextlib
 import dataclasses
@@ -59,37 +52,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import av
 from PIL import Image, ImageFile, UnidentifiedImageError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
-from yarl import URL
 
+from .download import download, too_large
 from .errors import ConfigError, InputError
 from .jobdir import JobFolder, job_folder, safe_job_id
-from .netguard import (
-    ForbiddenAddress,
-    GuardedResolver,
-    check_url_target,
-    display_url,
-    to_url,
-)
 from .schema import JobInput
 from .settings import Settings
 from .volume import copy_from_volume
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 5
-RETRY_BACKOFF_S = 0.5
-RETRY_BACKOFF_MAX_S = 8.0
-CHUNK_BYTES = 256 * 1024
 MIN_IMAGE_SIDE = 16
 MIN_VIDEO_SIDE = 16
 MAX_VIDEO_SIDE = 8192
@@ -111,10 +85,6 @@ VIDEO_EXTENSIONS = {
     "avi": "avi",
     "gif": "gif",
 }
-_REDIRECTS = {301, 302, 303, 307, 308}
-# Media is already compressed; identity also keeps the Content-Length pre-check meaningful (a
-# server that compresses anyway is decoded, and the cap still counts the decoded bytes).
-_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "xicon-dance-worker"}
 __all__ = [
     "ImageInfo",
     "VideoInfo",
@@ -268,7 +238,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     """Strict base64 (raw or ``data:...;base64,``) -> ``dest``; the length is capped first."""
     limit = _b64_limit(max_bytes)
     if len(data) > limit + limit // 50 + 512:  # room for line breaks and a data: header
-        raise _too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
+        raise too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
     text = data.strip()
     if text[:5].lower() == "data:":
         header, sep, text = text.partition(",")
@@ -281,7 +251,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     if any(ch.isspace() for ch in text[:1024]) or any(ch.isspace() for ch in text[-1024:]):
         text = "".join(text.split())
     if len(text) > limit:
-        raise _too_large(field, max_bytes, f"the base64 text has {len(text)} characters")
+        raise too_large(field, max_bytes, f"the base64 text has {len(text)} characters")
     if not text:
         raise InputError(f"{field}: is empty.", **_b64(field))
     try:
@@ -293,7 +263,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     if not raw:
         raise InputError(f"{field}: decodes to zero bytes.", **_b64(field))
     if len(raw) > max_bytes:
-        raise _too_large(field, max_bytes, f"it decodes to {len(raw)} bytes")
+        raise too_large(field, max_bytes, f"it decodes to {len(raw)} bytes")
     dest.write_bytes(raw)
     return len(raw)
 
@@ -309,201 +279,6 @@ def _b64(field: str) -> dict[str, Any]:
 def _b64_reason(exc: Exception) -> str:
     text = str(exc).strip().rstrip(".")
     return text[:1].lower() + text[1:] if text else "undecodable"
-
-
-# --------------------------------------------------------------------------- download
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt (connection problem, timeout, 5xx)."""
-
-
-async def download(url: str, dest: Path, max_bytes: int, field: str, settings: Settings) -> int:
-    """Stream ``url`` into ``dest`` under every guard; returns the byte count."""
-    attempts = max(1, settings.download_retries)
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=settings.download_connect_timeout_s,
-        sock_read=settings.download_read_timeout_s,
-    )
-
-    def before_sleep(state: RetryCallState) -> None:
-        failure = state.outcome.exception() if state.outcome else None
-        delay = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "%s: attempt %d failed (%s); retrying in %.1fs",
-            field,
-            state.attempt_number,
-            failure,
-            delay,
-        )
-
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=RETRY_BACKOFF_S, max=RETRY_BACKOFF_MAX_S),
-        retry=retry_if_exception_type(_Retryable),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                connector = aiohttp.TCPConnector(
-                    resolver=GuardedResolver(settings.allow_private_urls), use_dns_cache=False
-                )
-                async with aiohttp.ClientSession(
-                    connector=connector, timeout=timeout, trust_env=False, headers=_HEADERS
-                ) as session:
-                    return await _download_once(session, url, dest, max_bytes, field, settings)
-    except _Retryable as exc:
-        raise InputError(
-            f"{field}: the download failed after {attempts} attempt(s): {exc}.",
-            field=field,
-            code="download_failed",
-        ) from None
-    raise AssertionError("unreachable: tenacity re-raises the last failure")
-
-
-async def _download_once(
-    session: aiohttp.ClientSession,
-    url: str,
-    dest: Path,
-    max_bytes: int,
-    field: str,
-    settings: Settings,
-) -> int:
-    current = to_url(url)
-    for hop in range(MAX_REDIRECTS + 1):
-        _check_hop(current, field, settings, first=hop == 0)
-        try:
-            async with session.get(current, allow_redirects=False) as resp:
-                if resp.status in _REDIRECTS:
-                    current = _next_hop(current, resp, field)
-                    continue
-                _check_status(resp, current, field)
-                return await _stream_body(resp, dest, max_bytes, field)
-        except (InputError, _Retryable):
-            raise
-        except Exception as exc:
-            forbidden = _forbidden_cause(exc)
-            if forbidden is not None:
-                raise InputError(
-                    f"{field}: refused to connect to {display_url(current)}: {forbidden}.",
-                    field=field,
-                    code="url_forbidden",
-                ) from None
-            if isinstance(exc, aiohttp.InvalidURL):
-                raise InputError(
-                    f"{field}: {display_url(current)} is not a usable URL.",
-                    field=field,
-                    code="unsupported_url",
-                ) from None
-            if isinstance(exc, asyncio.TimeoutError | aiohttp.ClientError | OSError):
-                raise _Retryable(_describe(exc, current)) from None
-            raise
-    raise InputError(
-        f"{field}: more than {MAX_REDIRECTS} redirects starting at {display_url(url)}.",
-        field=field,
-        code="download_failed",
-    )
-
-
-def _check_hop(url: URL, field: str, settings: Settings, *, first: bool) -> None:
-    try:
-        check_url_target(url, settings.allow_private_urls)
-    except ForbiddenAddress as exc:
-        where = "" if first else " (reached by a redirect)"
-        raise InputError(
-            f"{field}: refused to connect to {display_url(url)}{where}: {exc}.",
-            field=field,
-            code="url_forbidden",
-        ) from None
-    except ValueError as exc:
-        where = "" if first else "a redirect target "
-        raise InputError(
-            f"{field}: {where}{display_url(url)} {exc}.", field=field, code="unsupported_url"
-        ) from None
-
-
-def _next_hop(current: URL, resp: aiohttp.ClientResponse, field: str) -> URL:
-    location = resp.headers.get("Location", "")
-    if not location:
-        raise InputError(
-            f"{field}: {display_url(current)} answered a redirect without a Location.",
-            field=field,
-            code="download_failed",
-        )
-    try:
-        return current.join(to_url(location))
-    except ValueError:
-        raise InputError(
-            f"{field}: {display_url(current)} redirected to an unparsable location.",
-            field=field,
-            code="download_failed",
-        ) from None
-
-
-def _check_status(resp: aiohttp.ClientResponse, url: URL, field: str) -> None:
-    if resp.status >= 500:
-        raise _Retryable(f"{display_url(url)} answered HTTP {resp.status}")
-    if resp.status != 200:
-        reason = f" {resp.reason}" if resp.reason else ""
-        raise InputError(
-            f"{field}: {display_url(url)} answered HTTP {resp.status}{reason}.",
-            field=field,
-            code="download_failed",
-        )
-
-
-async def _stream_body(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int, field: str) -> int:
-    if resp.content_length is not None and resp.content_length > max_bytes:
-        raise _too_large(field, max_bytes, f"the server announces {resp.content_length} bytes")
-    total = 0
-    with dest.open("wb") as out:
-        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-            total += len(chunk)
-            if total > max_bytes:
-                raise _too_large(field, max_bytes, "the download grew past it")
-            out.write(chunk)
-    if total == 0:
-        raise InputError(
-            f"{field}: {display_url(resp.url)} returned an empty body.",
-            field=field,
-            code="download_failed",
-        )
-    return total
-
-
-def _forbidden_cause(exc: BaseException) -> ForbiddenAddress | None:
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ForbiddenAddress):
-            return cur
-        stack += [cur.__cause__, cur.__context__, getattr(cur, "os_error", None)]
-    return None
-
-
-def _describe(exc: BaseException, url: URL) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"timed out talking to {display_url(url)}"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the body from {display_url(url)} was cut short"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"could not connect to {display_url(url)}"
-    return f"{type(exc).__name__} from {display_url(url)}"
-
-
-def _too_large(field: str, max_bytes: int, why: str) -> InputError:
-    return InputError(
-        f"{field}: larger than the limit of {max_bytes} bytes ({why}).",
-        field=field,
-        code="too_large",
-    )
 
 
 # --------------------------------------------------------------------------- images

@@ -39,6 +39,7 @@ import stat
 import threading
 from pathlib import Path, PurePosixPath
 
+from .download import too_large
 from .errors import InputError
 from .settings import Settings
 
@@ -85,7 +86,7 @@ def copy_from_volume(
         _check_opened(fd, before, real_root, value, field)
         size = os.fstat(fd).st_size
         if size > max_bytes:
-            raise _too_large(field, max_bytes, f"the file has {size} bytes")
+            raise too_large(field, max_bytes, f"the file has {size} bytes")
         copied = _copy(fd, dest, max_bytes, field, stop)
     finally:
         os.close(fd)
@@ -182,7 +183,7 @@ def _copy(fd: int, dest: Path, max_bytes: int, field: str, stop: threading.Event
                 return total
             total += len(chunk)
             if total > max_bytes:
-                raise _too_large(field, max_bytes, "the file grew past it while it was copied")
+                raise too_large(field, max_bytes, "the file grew past it while it was copied")
             out.write(chunk)
 
 
@@ -201,12 +202,4 @@ def _unreadable(field: str, value: str, exc: OSError) -> InputError:
         f"{field}: {_shown(value)} cannot be read on the network volume ({reason.lower()}).",
         field=field,
         code="path_forbidden",
-    )
-
-
-def _too_large(field: str, max_bytes: int, why: str) -> InputError:
-    return InputError(
-        f"{field}: larger than the limit of {max_bytes} bytes ({why}).",
-        field=field,
-        code="too_large",
     )
