@@ -425,10 +425,13 @@ class ProbeStopped(Exception):
 def _decode_first_frame(
     container: Any, stream: Any, field: str, stop: threading.Event | None
 ) -> None:
-    for frame in container.decode(stream):
+    """Packet by packet (not ``container.decode``, whose loop over packets that give no frame,
+    e.g. a long run without a keyframe, never comes back to check ``stop``)."""
+    for packet in container.demux(stream):  # ends with the empty packet that flushes
         _check_stop(stop)
-        if frame.width and frame.height:
-            return
+        for frame in packet.decode():
+            if frame.width and frame.height:
+                return
     raise _bad_video(field, "no frame could be decoded")
 
 
