@@ -72,6 +72,11 @@ def test_no_mounted_volume_and_paths_off(tmp_path: Path) -> None:
     assert err.code == "path_forbidden" and "VOLUME_ROOT=off" in err.message
 
 
+def test_a_file_used_as_a_folder_is_not_found(root: Path, tmp_path: Path) -> None:
+    err = refused(root, "inputs/ref.png/more.png", tmp_path / "d")
+    assert err.code == "path_not_found" and "does not exist" in err.message
+
+
 def test_the_root_itself_is_not_a_file(root: Path, tmp_path: Path) -> None:
     assert refused(root, str(root), tmp_path / "d").code == "path_not_file"
     assert refused(root, "inputs", tmp_path / "d").code == "path_not_file"

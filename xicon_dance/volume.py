@@ -123,7 +123,7 @@ def _inside(real: str, real_root: str) -> bool:
 def _lstat(real: str, value: str, field: str) -> os.stat_result:
     try:
         info = os.lstat(real)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise InputError(
             f"{field}: {_shown(value)} does not exist on the network volume.",
             field=field,
@@ -139,7 +139,7 @@ def _open(real: str, value: str, field: str) -> int:
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         return os.open(real, flags)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise InputError(
             f"{field}: {_shown(value)} does not exist on the network volume.",
             field=field,
