@@ -7,11 +7,11 @@ Contract:
   image_path. At most one of video_url / video_base64 / video_path (none -> the bundled default
   video).
 - Fields and defaults: image_url, image_base64, image_path, video_url, video_base64, video_path,
-  prompt
-  ("the person starts to dance"), negative_prompt (the usual Wan negative prompt), width (416),
-  height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg (1.0; 0..20),
-  seed (0; -1 = random), fps (24; 1..60), max_frames (81, capped by settings.max_frames, rounded
-  down to 4n+1), keep_audio (true), output ("auto" | "url" | "base64").
+  prompt ("the person starts to dance"), negative_prompt (the usual Wan negative prompt), width
+  (416), height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg
+  (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (81, capped by
+  settings.max_frames, rounded down to 4n+1), keep_audio (true), output ("auto" | "url" |
+  "base64").
 - ``JobInput.resolve_size(image_width, image_height) -> tuple[int, int]``: with auto_size, a
   dimension the caller did not give is derived from the reference image aspect ratio (multiple of
   32, in range).
@@ -27,7 +27,7 @@ Details:
 - Prompts are at most ``MAX_PROMPT_CHARS`` characters and contain no NUL or other control
   characters (tab and newlines are allowed); ``prompt`` must not be blank.
 - URLs: http or https, a host, at most ``MAX_URL_CHARS`` characters, no user:password part. Where
-  they point is checked by ``xicon_dance.media`` (SSRF guard after DNS resolution).
+  they point is checked by ``xicon_dance.download`` (SSRF guard after DNS resolution).
 - Paths (``image_path`` / ``video_path``): a file on the endpoint's network volume, for inputs
   too large to send (RunPod mounts the volume at ``/runpod-volume``). Relative to the volume
   root (``VOLUME_ROOT``, default ``/runpod-volume``) or absolute under it, e.g.
