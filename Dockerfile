@@ -4,7 +4,7 @@
 # Stages (BuildKit builds "builder" and "models" in parallel):
 #   builder  CUDA 12.8 cuDNN devel: Python venv, torch cu128, ComfyUI + custom nodes at 40-hex
 #            commits, SageAttention compiled from source (nvcc is needed only here).
-#   models   a small Python with huggingface_hub only: fetches model_manifest.json into /models
+#   models   a small Python with the `models` extra only: fetches model_manifest.json into /models
 #            (BAKE_MODELS=1) — its layer cache depends on the manifest and the script alone.
 #   runtime  CUDA 12.8 base (the torch wheels bring their own CUDA/cuDNN libraries) + the venv,
 #            ComfyUI, the worker and the weights.
@@ -114,9 +114,11 @@ FROM pybase AS models
 ARG BAKE_MODELS=1
 ARG HUGGINGFACE_HUB_VERSION=2.4.0
 ARG HF_XET_VERSION=1.8.0
+ARG TENACITY_VERSION=9.2.1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_DISABLE_TELEMETRY=1
 RUN python3.11 -m venv /opt/dl \
-    && /opt/dl/bin/pip install "huggingface_hub==${HUGGINGFACE_HUB_VERSION}" "hf_xet==${HF_XET_VERSION}"
+    && /opt/dl/bin/pip install "huggingface_hub==${HUGGINGFACE_HUB_VERSION}" "hf_xet==${HF_XET_VERSION}" \
+        "tenacity==${TENACITY_VERSION}"
 COPY model_manifest.json /dl/model_manifest.json
 COPY xicon_dance/__init__.py xicon_dance/model_download.py /dl/xicon_dance/
 # A gated/private source would need a token: pass it as a build secret (id=hf_token).

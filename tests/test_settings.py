@@ -92,6 +92,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "MAX_FRAMES": "9",
         "MAX_IMAGE_BYTES": "11",
         "MAX_VIDEO_BYTES": "13",
+        "VOLUME_ROOT": "off",
         "DOWNLOAD_CONNECT_TIMEOUT_S": "3",
         "DOWNLOAD_READ_TIMEOUT_S": "4",
         "DOWNLOAD_RETRIES": "5",

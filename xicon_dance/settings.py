@@ -95,6 +95,11 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "MAX_FRAMES": ("241", "upper bound for the job field max_frames (rounded down to 4n+1)"),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
     "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
+    "VOLUME_ROOT": (
+        "/runpod-volume",
+        "network volume mount; the job fields image_path/video_path read only under it; "
+        "off: path inputs refused",
+    ),
     "DOWNLOAD_CONNECT_TIMEOUT_S": ("10", "connect timeout for input downloads"),
     "DOWNLOAD_READ_TIMEOUT_S": ("60", "read timeout (between bytes) for input downloads"),
     "DOWNLOAD_RETRIES": ("3", "attempts for connection errors and 5xx answers"),
@@ -137,6 +142,7 @@ class Settings:
     max_frames: int = 241
     max_image_bytes: int = 50 * MB
     max_video_bytes: int = 500 * MB
+    volume_root: Path | None = Path("/runpod-volume")
     download_connect_timeout_s: float = 10.0
     download_read_timeout_s: float = 60.0
     download_retries: int = 3
@@ -203,6 +209,7 @@ class Settings:
             max_frames=_int(env, "MAX_FRAMES", 241, 5),
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
             max_video_bytes=_int(env, "MAX_VIDEO_BYTES", 500 * MB, 1),
+            volume_root=_optional_path(path, env, "VOLUME_ROOT", "/runpod-volume"),
             download_connect_timeout_s=_float(env, "DOWNLOAD_CONNECT_TIMEOUT_S", 10.0, 0.1),
             download_read_timeout_s=_float(env, "DOWNLOAD_READ_TIMEOUT_S", 60.0, 0.1),
             download_retries=_int(env, "DOWNLOAD_RETRIES", 3, 1),
