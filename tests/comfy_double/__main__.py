@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from .server import ComfyDouble, Faults
+from .server import ComfyDouble, Faults, PortInUse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s comfy-double %(message)s")
     if args.pid_file:
         args.pid_file.write_text(str(os.getpid()))
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except PortInUse as exc:
+        raise SystemExit(f"comfy-double: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

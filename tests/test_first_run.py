@@ -1,0 +1,73 @@
+"""A newcomer's first run without a GPU: the ComfyUI double started by hand, the stack installer
+without GitHub. Each test is a problem a new user hit on a fresh clone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.comfy_double.server import COMFYUI_VERSION
+from tests.plugins.comfy import free_port, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def double_command(port: int, root: Path) -> list[str]:
+    return [sys.executable, "-m", "tests.comfy_double", "--port", str(port), "--root", str(root)]
+
+
+def _locked_comfyui_version() -> str:
+    components = json.loads((ROOT / "stack" / "components.json").read_text(encoding="utf-8"))
+    (comfy,) = [c for c in components["components"] if c["name"] == "ComfyUI"]
+    return comfy["version"].removeprefix("v")
+
+
+def test_double_reports_the_locked_comfyui_version() -> None:
+    assert COMFYUI_VERSION == _locked_comfyui_version() == "0.33.0"
+
+
+def test_double_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            double_command(port, tmp_path / "comfy"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "OSError" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"comfy-double: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(is another ComfyUI or double running there? pick another --port)"
+    ]
+
+
+def test_standalone_double_answers_with_its_version(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        double_command(port, tmp_path / "comfy"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # waits on the double's own start-up line, no fixed sleep
+            if "ComfyUI double listening on" in line:
+                break
+        url = f"http://127.0.0.1:{port}/system_stats"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            stats = json.loads(resp.read())
+    finally:
+        stop_process(proc)
+    assert stats["system"]["comfyui_version"] == "0.33.0"
+    assert stats["system"]["pytorch_version"] == "2.11.0"  # stack/constraints.txt
