@@ -4,6 +4,7 @@ without GitHub. Each test is a problem a new user hit on a fresh clone."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -71,3 +72,28 @@ def test_standalone_double_answers_with_its_version(tmp_path: Path) -> None:
         stop_process(proc)
     assert stats["system"]["comfyui_version"] == "0.33.0"
     assert stats["system"]["pytorch_version"] == "2.11.0"  # stack/constraints.txt
+
+
+def test_stack_install_without_github_points_to_the_archive(tmp_path: Path) -> None:
+    """``--git`` where GitHub cannot be reached: git's failure, then the way round it."""
+    env = {
+        **os.environ,
+        # every https://github.com/ URL leads to a folder that does not exist: a real git error
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.file://{tmp_path}/no-such-host/.insteadOf",
+        "GIT_CONFIG_VALUE_0": "https://github.com/",
+    }
+    places = ["--comfy-dir", str(tmp_path / "ComfyUI"), "--venv", str(tmp_path / "venv")]
+    proc = subprocess.run(
+        [sys.executable, "stack/install.py", "install", "--git", *places],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (last,) = [line for line in proc.stderr.splitlines() if "fetching" in line]
+    assert "ComfyUI: fetching https://github.com/Comfy-Org/ComfyUI failed" in last
+    assert "--archive FILE" in last and "MANIFEST.json" in last
+    assert not (tmp_path / "venv").exists()  # stopped at the first source, before any install
