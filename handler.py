@@ -151,9 +151,8 @@ def help_epilog() -> str:
     for name in HELP_SETTINGS:
         default, meaning = ENV_DOC[name]
         head = f"  {name}={default}" if default else f"  {name} (unset)"
-        lines += textwrap.wrap(
-            f"{head}  {meaning}", 96, subsequent_indent="      ", break_on_hyphens=False
-        )
+        text = f"{head}  {meaning.replace('`', '')}"  # ENV_DOC meanings are markdown
+        lines += textwrap.wrap(text, 96, subsequent_indent="      ", break_on_hyphens=False)
     lines.append(
         "  RUNPOD_LOG_LEVEL=INFO  the SDK's log level in a local run (DEBUG prints results)"
     )
