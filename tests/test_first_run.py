@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.comfy_double.server import COMFYUI_VERSION
 from tests.plugins.comfy import free_port, stop_process
@@ -31,6 +34,7 @@ def test_double_reports_the_locked_comfyui_version() -> None:
     assert COMFYUI_VERSION == _locked_comfyui_version() == "0.33.0"
 
 
+@pytest.mark.slow
 def test_double_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -51,6 +55,7 @@ def test_double_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_standalone_double_answers_with_its_version(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -74,6 +79,7 @@ def test_standalone_double_answers_with_its_version(tmp_path: Path) -> None:
     assert stats["system"]["pytorch_version"] == "2.11.0"  # stack/constraints.txt
 
 
+@pytest.mark.slow
 def test_stack_install_without_github_points_to_the_archive(tmp_path: Path) -> None:
     """``--git`` where GitHub cannot be reached: git's failure, then the way round it."""
     env = {
@@ -97,3 +103,51 @@ def test_stack_install_without_github_points_to_the_archive(tmp_path: Path) -> N
     assert "ComfyUI: fetching https://github.com/Comfy-Org/ComfyUI failed" in last
     assert "--archive FILE" in last and "MANIFEST.json" in last
     assert not (tmp_path / "venv").exists()  # stopped at the first source, before any install
+
+
+def readme_recipe() -> list[str]:
+    """The command lines of the README's "Try it without a GPU" block."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Try it without a GPU\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_recipe_runs_a_job_without_a_gpu(tmp_path: Path) -> None:
+    """The three README lines, as written, with this machine's free port and temporary folders
+    in place of port 8188, /tmp/xicon-comfy and the worker's output/ folder."""
+    start, run, find = readme_recipe()
+    assert start.endswith("&") and "tests.comfy_double" in start
+    assert run.endswith("handler.py") and find.startswith("ls ")
+    port, root, out = free_port(), tmp_path / "comfy", tmp_path / "output"
+
+    def here(line: str) -> str:
+        line = line.replace(".venv/bin/python", sys.executable).replace("8188", str(port))
+        return line.replace("/tmp/xicon-comfy", str(root)).replace("output/", f"{out}/")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "COMFY_"))}
+    env["LOCAL_OUTPUT_DIR"] = str(out)  # where the worker saves; the README's is output/
+    double = subprocess.Popen(
+        shlex.split(here(start).removesuffix("&")),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert double.stdout is not None
+        for line in double.stdout:  # the double's own start-up line: no fixed sleep
+            if "ComfyUI double listening on" in line:
+                break
+        job = subprocess.run(
+            here(run), shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        stop_process(double)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0, logs[-3000:]
+    listed = subprocess.run(here(find), shell=True, cwd=ROOT, capture_output=True, text=True)
+    (video,) = listed.stdout.split()
+    assert f"saved the result video: {video} (" in logs and "81 frames" in logs
