@@ -76,6 +76,7 @@ def test_standalone_double_answers_with_its_version(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
     assert stats["system"]["comfyui_version"] == "0.33.0"
+    assert "GET /system_stats" not in proc.stdout.read()  # no access-log line per request
     assert stats["system"]["pytorch_version"] == "2.11.0"  # stack/constraints.txt
 
 

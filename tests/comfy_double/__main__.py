@@ -71,6 +71,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s comfy-double %(message)s")
+    # No line per request (ComfyUI logs none either): a terminal shared with the worker stays
+    # legible.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if args.pid_file:
         args.pid_file.write_text(str(os.getpid()))
     try:
