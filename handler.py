@@ -11,6 +11,8 @@ Start-up, in order, before ``runpod.serverless.start`` takes jobs:
    ``./test_input.json``) is validated (``parse_job_input``): an invalid input ends the run
    with the field and the reason (exit 1, as a failed job) before anything waits for ComfyUI;
 4. the workflow template is loaded and its role table checked (a mismatch names the node; exit 2);
+   ComfyUI's folder must exist here (``COMFY_DIR`` or ``COMFY_INPUT_DIR``; exit 2, nothing is
+   created);
 5. ComfyUI must answer within the start-up timeout (``COMFY_STARTUP_TIMEOUT_S``; unset: 900 s on
    RunPod, 30 s in a local run), its PID checked for liveness (exit 3);
 6. the input folder the worker writes to must be the one ComfyUI reads (a probe file read back
@@ -221,6 +223,21 @@ def check_local_job(job: Any, settings: Settings) -> None:
         sys.exit(1)
 
 
+def missing_comfy_folder(settings: Settings) -> str:
+    """Why ComfyUI's folder cannot be on this machine ('' when it can): neither ``COMFY_DIR``
+    nor the input folder exists. ComfyUI creates its input folder when it starts, so the
+    worker's settings are wrong; said before the wait, and nothing is created (the input-folder
+    check would otherwise make ``/comfyui/input`` on a machine without ComfyUI there)."""
+    comfy_dir, input_dir = Path(settings.comfy_dir), Path(settings.comfy_input_dir)
+    if input_dir.is_dir() or comfy_dir.is_dir():
+        return ""
+    return (
+        f"ComfyUI's folder {comfy_dir} (COMFY_DIR) does not exist on this machine, nor does the "
+        f"input folder {input_dir} (COMFY_INPUT_DIR). Set COMFY_DIR to the folder ComfyUI runs "
+        "from (for the ComfyUI double of the tests: its --root)."
+    )
+
+
 def startup(local: bool, job: Any = None) -> Worker:
     """Everything that must succeed before the job loop starts; exits with a message if not.
     ``job``: the one job a local mode will run (checked first), ``None`` when serving."""
@@ -245,6 +262,10 @@ def startup(local: bool, job: Any = None) -> Worker:
         media.check_default_video(settings)
     except ConfigError as exc:
         log.warning("%s", exc.message)
+    missing = missing_comfy_folder(settings)
+    if missing:
+        log.critical("configuration error, the worker stops: %s", missing)
+        sys.exit(2)
     timeout_s = settings.startup_timeout_s(local)
     log.info("waiting up to %.0fs for ComfyUI at %s", timeout_s, settings.comfy_url)
     try:

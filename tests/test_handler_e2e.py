@@ -266,6 +266,20 @@ def test_start_up_refuses_an_input_folder_comfyui_does_not_read(
     assert list(elsewhere.iterdir()) == []  # the probe file is removed again
 
 
+def test_start_up_refuses_a_comfy_dir_that_does_not_exist_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """The README line without COMFY_DIR ended in /comfyui/input being created (as root)."""
+    missing = tmp_path / "no-comfyui"
+    env = _no_comfy_env()
+    env["COMFY_DIR"] = str(missing)
+    code, _, logs = run_test_input({"image_url": "https://example.com/a.png"}, env)
+    assert code == 2, logs[-3000:]
+    assert f"ComfyUI's folder {missing} (COMFY_DIR) does not exist on this machine" in logs
+    assert "its --root" in logs and "waiting up to" not in logs and "Traceback" not in logs
+    assert not missing.exists()
+
+
 def test_help_answers_without_comfyui(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "COMFY_"))}
     env["COMFY_HOST"] = "127.0.0.1:9"  # nothing listens there; --help must not wait for it
