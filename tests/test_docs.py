@@ -94,3 +94,6 @@ def test_development_doc_lists_every_module() -> None:
     for module in sorted((ROOT / "xicon_dance").glob("*.py")):
         if module.stem != "__init__":
             assert f"`{module.stem}`" in layout, f"{module.name} is missing from the layout"
+    for package in sorted((ROOT / "xicon_dance").glob("*/__init__.py")):
+        name = package.parent.name
+        assert f"`{name}/`" in layout, f"the package {name}/ is missing from the layout"
