@@ -5,8 +5,11 @@ Contract:
   a malformed value raises ``ConfigError`` naming the variable. Nothing else in the package reads
   ``os.environ`` for configuration.
 - ``get_settings()`` returns the process-wide instance (parsed on first use).
-- Every variable, its default and meaning is listed in ``ENV_DOC`` (the README table is generated
-  from the same facts and a test keeps them in step).
+- Every variable, its default and meaning is listed in ``ENV_DOC``; the settings reference
+  ``docs/settings.md`` is generated from it (``python scripts/settings_doc.py --write``) and a
+  test fails when the committed file differs from what the script makes. Meanings are markdown
+  (``code`` in backticks); ``ENV_DOC_SECTIONS`` groups the variables under headings there (a
+  variable in no group is listed under "Other").
 - Secrets are ``SecretStr`` and never appear in ``repr``.
 """
 
@@ -75,11 +78,19 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.", field=name)
 
 
-# name -> (default shown to users, meaning). Keep in step with Settings.from_env.
+# name -> (default shown to users, meaning as markdown). Keep in step with Settings.from_env;
+# after a change run `python scripts/settings_doc.py --write` (docs/settings.md).
 ENV_DOC: dict[str, tuple[str, str]] = {
     "COMFY_HOST": ("127.0.0.1:8188", "host:port of the local ComfyUI server"),
-    "COMFY_DIR": ("/comfyui", "ComfyUI installation folder"),
-    "COMFY_INPUT_DIR": ("$COMFY_DIR/input", "ComfyUI input folder; each job gets a sub-folder"),
+    "COMFY_DIR": (
+        "/comfyui",
+        "ComfyUI installation folder; the worker writes job inputs into its `input/` folder "
+        "(checked at start: it must be the folder ComfyUI reads)",
+    ),
+    "COMFY_INPUT_DIR": (
+        "$COMFY_DIR/input",
+        "ComfyUI input folder; each job gets a sub-folder, removed afterwards",
+    ),
     "COMFY_PID_FILE": ("/tmp/comfyui.pid", "PID file written by entrypoint.sh"),
     "COMFY_STARTUP_TIMEOUT_S": (
         "900",
@@ -103,30 +114,83 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "DOWNLOAD_CONNECT_TIMEOUT_S": ("10", "connect timeout for input downloads"),
     "DOWNLOAD_READ_TIMEOUT_S": ("60", "read timeout (between bytes) for input downloads"),
     "DOWNLOAD_RETRIES": ("3", "attempts for connection errors and 5xx answers"),
-    "ALLOW_PRIVATE_URLS": ("false", "allow input URLs on private/loopback addresses (tests only)"),
+    "ALLOW_PRIVATE_URLS": (
+        "false",
+        "allow input URLs on private/loopback addresses (tests only; cloud-metadata addresses "
+        "stay refused)",
+    ),
     "BUCKET_ENDPOINT_URL": ("", "S3-compatible endpoint; with the two keys it enables URL output"),
     "BUCKET_ACCESS_KEY_ID": ("", "bucket access key id (secret)"),
     "BUCKET_SECRET_ACCESS_KEY": ("", "bucket secret key (secret)"),
     "BUCKET_NAME": ("xicon-dance", "bucket that receives results"),
     "BUCKET_REGION": ("us-east-1", "region used for request signing"),
-    "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
+    "BUCKET_PREFIX": ("results", "key prefix: `<prefix>/<job_id>/<file>.mp4`"),
     "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
-    "UPLOAD_TIMEOUT_S": ("600", "limit for the whole result upload (after JOB_TIMEOUT_S)"),
+    "UPLOAD_TIMEOUT_S": (
+        "600",
+        "limit for the whole result upload (after `JOB_TIMEOUT_S`); a cancelled job stops its "
+        "upload at once",
+    ),
     "MAX_BASE64_OUTPUT_BYTES": (
         "7340032",
         "largest inline base64 video (10 MB /run cap)",
     ),
     "DEFAULT_VIDEO": ("assets/default_video.mp4", "driving video used when the job gives none"),
     "WORKFLOW_PATH": ("XiCON_Dance_SCAIL_vFinal.json", "API-format graph template"),
-    "SAGEATTENTION_ENABLED": ("1", "1: attention_mode sageattn; 0: sdpa"),
+    "SAGEATTENTION_ENABLED": (
+        "1",
+        "1: attention_mode `sageattn` and ComfyUI's `--use-sage-attention`; 0: `sdpa`",
+    ),
     "POSE_RENDER_DEVICE": ("gpu", "taichi device for RenderNLFPoses (gpu, cuda, cpu, vulkan)"),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
     "LOCAL_OUTPUT_DIR": (
         "output",
         "local runs only: folder that receives each result video (relative to the worker "
-        "folder, /worker/output in the image); off: do not save",
+        "folder, `/worker/output` in the image); `off`: do not save",
     ),
+}
+
+# Headings of docs/settings.md and the variables under each, in this order.
+ENV_DOC_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ComfyUI": (
+        "COMFY_HOST",
+        "COMFY_DIR",
+        "COMFY_INPUT_DIR",
+        "COMFY_PID_FILE",
+        "COMFY_STARTUP_TIMEOUT_S",
+    ),
+    "Jobs and limits": (
+        "JOB_TIMEOUT_S",
+        "COMFY_INTERRUPT_GRACE_S",
+        "MAX_FRAMES",
+        "MAX_IMAGE_BYTES",
+        "MAX_VIDEO_BYTES",
+    ),
+    "Input downloads": (
+        "DOWNLOAD_CONNECT_TIMEOUT_S",
+        "DOWNLOAD_READ_TIMEOUT_S",
+        "DOWNLOAD_RETRIES",
+        "ALLOW_PRIVATE_URLS",
+    ),
+    "Result delivery": (
+        "BUCKET_ENDPOINT_URL",
+        "BUCKET_ACCESS_KEY_ID",
+        "BUCKET_SECRET_ACCESS_KEY",
+        "BUCKET_NAME",
+        "BUCKET_REGION",
+        "BUCKET_PREFIX",
+        "PRESIGN_EXPIRY_S",
+        "UPLOAD_TIMEOUT_S",
+        "MAX_BASE64_OUTPUT_BYTES",
+    ),
+    "Graph and GPU": (
+        "DEFAULT_VIDEO",
+        "WORKFLOW_PATH",
+        "SAGEATTENTION_ENABLED",
+        "POSE_RENDER_DEVICE",
+    ),
+    "Logs and local runs": ("PROGRESS_INTERVAL_S", "LOG_LEVEL", "LOCAL_OUTPUT_DIR"),
 }
 
 
