@@ -111,6 +111,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "WORKFLOW_PATH": "/w.json",
         "SAGEATTENTION_ENABLED": "0",
         "POSE_RENDER_DEVICE": "cpu",
+        "BASE_PRECISION": "fp16_fast",
         "PROGRESS_INTERVAL_S": "2",
         "LOG_LEVEL": "debug",
         "LOCAL_OUTPUT_DIR": "/o",

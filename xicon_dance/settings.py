@@ -142,6 +142,11 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         "1: attention_mode `sageattn` and ComfyUI's `--use-sage-attention`; 0: `sdpa`",
     ),
     "POSE_RENDER_DEVICE": ("gpu", "taichi device for RenderNLFPoses (gpu, cuda, cpu, vulkan)"),
+    "BASE_PRECISION": (
+        "auto",
+        "WanVideoModelLoader base_precision: `auto` picks from the GPU at start (`fp16_fast` on "
+        "GeForce cards, `bf16` elsewhere); or `bf16`, `fp16`, `fp16_fast`, `fp32`",
+    ),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
     "LOCAL_OUTPUT_DIR": (
@@ -189,6 +194,7 @@ ENV_DOC_SECTIONS: dict[str, tuple[str, ...]] = {
         "WORKFLOW_PATH",
         "SAGEATTENTION_ENABLED",
         "POSE_RENDER_DEVICE",
+        "BASE_PRECISION",
     ),
     "Logs and local runs": ("PROGRESS_INTERVAL_S", "LOG_LEVEL", "LOCAL_OUTPUT_DIR"),
 }
@@ -224,6 +230,7 @@ class Settings:
     workflow_path: Path = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
     sageattention_enabled: bool = True
     pose_render_device: str = "gpu"
+    base_precision: str = "auto"
     progress_interval_s: float = 1.0
     log_level: str = "INFO"
     local_output_dir: Path | None = PACKAGE_ROOT / "output"
@@ -262,6 +269,13 @@ class Settings:
         render_device = _s(env, "POSE_RENDER_DEVICE", "gpu")
         if render_device not in {"gpu", "cuda", "cpu", "vulkan", "opengl", "metal"}:
             raise ConfigError(f"POSE_RENDER_DEVICE {render_device!r} is not a taichi arch.")
+        base_precision = _s(env, "BASE_PRECISION", "auto").lower()
+        if base_precision not in {"auto", "bf16", "fp16", "fp16_fast", "fp32"}:
+            raise ConfigError(
+                "BASE_PRECISION must be auto, bf16, fp16, fp16_fast or fp32, "
+                f"got {base_precision!r}.",
+                field="BASE_PRECISION",
+            )
         return cls(
             comfy_host=_s(env, "COMFY_HOST", "127.0.0.1:8188"),
             comfy_dir=comfy_dir,
@@ -291,6 +305,7 @@ class Settings:
             workflow_path=path("WORKFLOW_PATH", Path("XiCON_Dance_SCAIL_vFinal.json")),
             sageattention_enabled=_bool(env, "SAGEATTENTION_ENABLED", True),
             pose_render_device=render_device,
+            base_precision=base_precision,
             progress_interval_s=_float(env, "PROGRESS_INTERVAL_S", 1.0, 0.0),
             log_level=_s(env, "LOG_LEVEL", "INFO").upper(),
             local_output_dir=_optional_path(path, env, "LOCAL_OUTPUT_DIR", "output"),
