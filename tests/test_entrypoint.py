@@ -20,9 +20,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 import pytest
@@ -648,16 +650,37 @@ def test_log_reader_survives_a_lost_log_file(rig: Rig) -> None:
     """A log write error must not kill the reader, or ComfyUI's prints would hit a closed pipe."""
     logdir = rig.tmp / "logs"
     logdir.mkdir()
+    printerror = rig.tmp / "argv.json.printerror"
     proc = rig.start(STANDIN_MODE="chatty", COMFY_LOG_FILE=str(logdir / "comfy.log"))
     try:
         _wait_for(rig.handler_file, proc)
+        shown = _LineCollector(proc)
         shutil.rmtree(logdir)  # every later append to the log file fails
-        time.sleep(1.5)
-        assert not (rig.tmp / "argv.json.printerror").exists(), (
-            rig.tmp / "argv.json.printerror"
-        ).read_text()
+        removed_at = len(shown.lines)
+        # the reader keeps passing ComfyUI's lines on: 20 more after the removal (a dead reader
+        # passes none, and the stand-in's next print fails)
+        deadline = time.monotonic() + 30
+        while sum("chatter" in line for line in shown.lines[removed_at:]) < 20:
+            assert not printerror.exists(), printerror.read_text()
+            assert time.monotonic() < deadline, f"the reader stopped: {shown.lines[-5:]}"
+            time.sleep(0.05)
+        assert not printerror.exists(), printerror.read_text()
+        assert not logdir.exists()
     finally:
         _kill_group(proc)
+
+
+class _LineCollector:
+    """The lines of ``proc``'s stdout, read in a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.lines.append(line)
 
 
 def _warmup_job(rig: Rig, body: str = "x") -> Path:
