@@ -22,15 +22,14 @@ from typing import Any
 import av
 import pytest
 
-from tests.plugins.comfy import stop_process
-from tests.realstack.conftest import (
+from tests.plugins.comfy import free_port, stop_process
+from tests.plugins.realstack import (
     GRAPH,
     STARTUP_TIMEOUT_S,
     Server,
     Stack,
-    free_port,
+    cpu_job,
     get,
-    job_input,
     make_base,
     wait_for,
 )
@@ -51,7 +50,7 @@ def runsync(server: Server, job_input: dict[str, Any]) -> dict[str, Any]:
 
 
 def small_job(media: tuple[Path, Path]) -> dict[str, Any]:
-    return job_input(media, max_frames=9, steps=2, fps=24, seed=7)
+    return cpu_job(media, max_frames=9, steps=2, fps=24, seed=7)
 
 
 def probe(data: bytes) -> dict[str, Any]:
