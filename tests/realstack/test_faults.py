@@ -7,9 +7,10 @@ the worker API the way runpod 1.12.0 calls it (``job-take``, ``job-stop``, ``job
 answer carries its ``code`` and ``stopPod``, and a platform cancel is the SDK's own stop channel.
 
 Workers (ComfyUI start-up dominates the cost, so destructive faults come last on each):
-- ``fault_worker`` (module): platform mode, its own SeaweedFS. In order: websocket reset
-  mid-run, platform cancel mid-run, output folder full, S3 down before the upload, then SIGTERM
-  to the worker mid-job (the worker ends).
+- ``fault_worker`` (module): platform mode, its own SeaweedFS. First the ``baseline`` fixture's
+  good job (uploaded to S3): what the handler holds after it is what the leak checks compare
+  with. Then, in order: websocket reset mid-run, platform cancel mid-run, output folder full, S3
+  down before the upload, then SIGTERM to the worker mid-job (the worker ends).
 - ``local_worker`` (module): the SDK's local API, ``JOB_TIMEOUT_S`` short. ComfyUI frozen with
   SIGSTOP mid-job (timeout, the worker asks to be replaced), SIGCONT, then ComfyUI SIGKILLed
   mid-job (the worker ends).
@@ -21,7 +22,10 @@ video is not: ``tests/test_delivery.py`` kills the real SeaweedFS mid-upload. ``
 answering HTTP 500 runs on the ComfyUI double (the real server cannot be made to answer 500
 there) at the end of this module.
 
-Every wait polls a condition with a deadline; timings are printed (``-s``) for the README.
+A capability a fault needs (``ss -K``, mounting a tmpfs as root) skips its test where it is
+missing, and fails it under ``XICON_REQUIRE_REALSTACK=1`` (CI). Every wait polls a condition with
+a deadline; each fault's figures are printed (``-s``) and listed with its outcome in the terminal
+summary (conftest.py), so CI's log says which fault cases ran.
 """
 
 from __future__ import annotations
