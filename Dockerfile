@@ -23,14 +23,9 @@ FROM ${CUDA_DEVEL_IMAGE} AS builder
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev git ca-certificates build-essential \
-    && rm -rf /var/lib/apt/lists/*
+# Python 3.11 (deadsnakes) and the build tools; scripts/apt_python311.sh is shared with pybase.
+RUN --mount=type=bind,source=scripts/apt_python311.sh,target=/tmp/apt_python311.sh \
+    bash /tmp/apt_python311.sh git build-essential
 
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -94,19 +89,10 @@ FROM ${CUDA_RUNTIME_IMAGE} AS pybase
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# python3.11-dev + gcc: Triton compiles its launcher stubs at run time.
+# Python 3.11 (deadsnakes; python3.11-dev + gcc: Triton compiles its launcher stubs at run time).
 # ffmpeg: VideoHelperSuite and the worker's media checks. libgl1/libglib2.0-0: OpenCV.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates ffmpeg \
-        libgl1 libglib2.0-0 libgomp1 curl \
-    && apt-get purge -y software-properties-common gpg-agent \
-    && apt-get autoremove -y \
-    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,source=scripts/apt_python311.sh,target=/tmp/apt_python311.sh \
+    bash /tmp/apt_python311.sh gcc libc6-dev ffmpeg libgl1 libglib2.0-0 libgomp1 curl
 
 # ---------------------------------------------------------------------------------------------
 FROM pybase AS models

@@ -27,7 +27,7 @@ import requests
 
 from tests.plugins.comfy import DoubleProcess
 from tests.plugins.http_server import HttpServer
-from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.media_factory import SMALL_JOB, make_image, make_video
 from tests.plugins.worker import handler_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -73,7 +73,7 @@ def media(tmp_path: Path, http_server: HttpServer) -> dict[str, str]:
 
 
 def small(**extra: Any) -> dict[str, Any]:
-    return {"width": 256, "height": 256, "max_frames": 9, "steps": 2, **extra}
+    return {**SMALL_JOB, **extra}
 
 
 def test_test_input_mode_url_inputs_and_s3_output(

@@ -24,6 +24,7 @@ from xicon_dance.settings import PACKAGE_ROOT, Settings
 from xicon_dance.workflow import Workflow
 
 GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+PRE_COMFY = ("downloading", "queued")  # progress stages before ComfyUI runs a node of the job
 
 
 def b64(path: Path) -> str:
@@ -218,11 +219,10 @@ async def test_timeout_with_a_stuck_prompt_replaces_the_worker(
 async def test_cancel_interrupts_and_reraises(rig: Rig) -> None:
     rig.double.faults.step_delay_s = 0.5
     task = asyncio.create_task(rig.worker.run(rig.job(steps=20)))
-    for _ in range(100):
-        if rig.double.running:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(60):  # until the worker follows the running prompt: it has
+        while not (rig.double.running and any(p["stage"] not in PRE_COMFY for p in rig.sent)):
+            assert not task.done(), task.result()  # reported one of the prompt's nodes
+            await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

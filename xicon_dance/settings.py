@@ -37,26 +37,27 @@ def _s(env: Mapping[str, str], name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
+def _number(
+    env: Mapping[str, str], name: str, default: float, lo: float, kind: type[int] | type[float]
+) -> float:
+    """``name`` parsed by ``kind`` (int or float), at least ``lo``; ConfigError naming it."""
     raw = _s(env, name, str(default))
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}.", field=name) from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {raw!r}.", field=name) from None
     if value < lo:
         raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
+    return int(_number(env, name, default, lo, int))
 
 
 def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
-    raw = _s(env, name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}.", field=name) from None
-    if value < lo:
-        raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
-    return value
+    return _number(env, name, default, lo, float)
 
 
 def _optional_float(env: Mapping[str, str], name: str, lo: float) -> float | None:
