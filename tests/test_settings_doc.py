@@ -52,7 +52,7 @@ def test_a_new_setting_without_a_section_is_still_documented() -> None:
 def test_check_fails_on_a_stale_doc_and_write_repairs_it(tmp_path: Path) -> None:
     stale = tmp_path / "settings.md"
     committed = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
-    stale.write_text(committed.replace("| `JOB_TIMEOUT_S` | `1800` |", "| `JOB_TIMEOUT_S` | `1` |"))
+    stale.write_text(committed.replace("| `JOB_TIMEOUT_S` | `3600` |", "| `JOB_TIMEOUT_S` | `1` |"))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, str(SCRIPT), *args, "--path", str(stale)]
@@ -60,7 +60,7 @@ def test_check_fails_on_a_stale_doc_and_write_repairs_it(tmp_path: Path) -> None
 
     checked = run("--check")
     assert checked.returncode == 1
-    assert "+| `JOB_TIMEOUT_S` | `1800` |" in checked.stderr  # the diff shows what changes
+    assert "+| `JOB_TIMEOUT_S` | `3600` |" in checked.stderr  # the diff shows what changes
     assert "run `python scripts/settings_doc.py --write`" in checked.stderr
     assert run("--write").returncode == 0
     assert run("--check").returncode == 0 and stale.read_text(encoding="utf-8") == committed
