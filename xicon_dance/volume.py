@@ -120,15 +120,19 @@ def _inside(real: str, real_root: str) -> bool:
     return os.path.commonpath([real, real_root]) == real_root
 
 
+def _not_found(field: str, value: str) -> InputError:
+    return InputError(
+        f"{field}: {_shown(value)} does not exist on the network volume.",
+        field=field,
+        code="path_not_found",
+    )
+
+
 def _lstat(real: str, value: str, field: str) -> os.stat_result:
     try:
         info = os.lstat(real)
     except (FileNotFoundError, NotADirectoryError):
-        raise InputError(
-            f"{field}: {_shown(value)} does not exist on the network volume.",
-            field=field,
-            code="path_not_found",
-        ) from None
+        raise _not_found(field, value) from None
     except OSError as exc:
         raise _unreadable(field, value, exc) from None
     _require_regular(info, value, field)
@@ -140,11 +144,7 @@ def _open(real: str, value: str, field: str) -> int:
     try:
         return os.open(real, flags)
     except (FileNotFoundError, NotADirectoryError):
-        raise InputError(
-            f"{field}: {_shown(value)} does not exist on the network volume.",
-            field=field,
-            code="path_not_found",
-        ) from None
+        raise _not_found(field, value) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # the file became a symlink after the check
             raise _forbidden(field, f"{_shown(value)} changed into a symbolic link") from None
