@@ -55,6 +55,7 @@ from . import media
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
 from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
+from .jobdir import JobFolder
 from .logs import job_context
 from .progress import ProgressReporter
 from .schema import JobInput, parse_job_input
@@ -121,7 +122,7 @@ class Worker:
         prompt_id: str | None = None
         run: RunResult | None = None
         try:
-            with media.job_folder(self.settings, job_id) as folder:
+            async with media.job_folder(self.settings, job_id) as folder:
                 reporter.update("downloading")
                 t0 = time.monotonic()
                 image, video = await self._fetch_inputs(params, folder, deadline)
@@ -143,7 +144,7 @@ class Worker:
                 _comfy_timings(timings, run, time.monotonic() - t0)
                 await reporter.close()
                 t0 = time.monotonic()
-                video_out = await self._deliver(run, folder, job_id, params)
+                video_out = await self._deliver(run, folder.path, job_id, params)
                 delivered = True
                 timings["upload"] = time.monotonic() - t0
         finally:
@@ -182,10 +183,12 @@ class Worker:
         return f"{self.client_id}-{self._jobs}"
 
     async def _fetch_inputs(
-        self, params: JobInput, folder: Path, deadline: float
+        self, params: JobInput, folder: JobFolder, deadline: float
     ) -> tuple[media.ImageInfo, media.VideoInfo]:
         """The inputs, fetched within the job's deadline (a trickling server cannot hold the
-        job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download)."""
+        job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download). On
+        the deadline the fetches are cancelled and their threads told to stop and joined
+        (``JobFolder.run``) before ``JobTimeout`` is raised."""
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await _fetch_both(params, folder, self.settings)
@@ -265,9 +268,11 @@ class Worker:
 
 
 async def _fetch_both(
-    params: JobInput, folder: Path, settings: Settings
+    params: JobInput, folder: JobFolder, settings: Settings
 ) -> tuple[media.ImageInfo, media.VideoInfo]:
-    """Fetch image and video concurrently; the first failure cancels the other (image first)."""
+    """Fetch image and video concurrently; the first failure cancels the other (image first).
+    A cancelled fetch ends only when its thread has (``JobFolder.run``), so once this returns
+    or raises, nothing of either fetch is still running."""
     image_task = asyncio.create_task(media.fetch_image(params, folder, settings))
     video_task = asyncio.create_task(media.fetch_video(params, folder, settings))
     tasks = (image_task, video_task)
