@@ -34,8 +34,9 @@ def documented_codes() -> set[str]:
 def source_codes() -> set[str]:
     """Codes the worker's modules raise (``code="…"``, ``"code": "…"``, class defaults)."""
     found: set[str] = set(INPUT_ERROR_CODES)
-    for path in (ROOT / "xicon_dance").glob("*.py"):
-        if path.name in {"client.py", "__main__.py"}:  # the caller's side reads codes
+    package = ROOT / "xicon_dance"
+    for path in package.rglob("*.py"):
+        if path.relative_to(package).parts[0] in {"client", "__main__.py"}:  # the caller's side
             continue
         for match in CODE.finditer(path.read_text(encoding="utf-8")):
             found.add(match.group(1) or match.group(2))
