@@ -8,7 +8,7 @@ import json
 import subprocess
 import textwrap
 
-from tests.realstack.conftest import Stack
+from tests.plugins.realstack import Stack
 from xicon_dance.context_windows import ContextOptions, latent_frames, windows
 
 FRAMES = (81, 85, 121, 241, 481, 961, 1441)

@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any
 
-from tests.realstack.conftest import GRAPH, Server
+from tests.plugins.realstack import GRAPH, Server
 from tests.realstack.cpu_profile import cpu_graph
 from xicon_dance.comfy import ComfyClient, Progress
 from xicon_dance.context_windows import ContextOptions, windows
