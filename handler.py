@@ -47,6 +47,8 @@ from typing import Any
 from xicon_dance import media
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.errors import ConfigError, InputError, WorkerError
+from xicon_dance.gpu_profile import GpuInfo
+from xicon_dance.gpu_profile import choose as choose_gpu_profile
 from xicon_dance.input_probe import check_input_folder
 from xicon_dance.job import Worker
 from xicon_dance.local_run import is_local_run, save_result
@@ -83,6 +85,10 @@ async def wait_for_comfy(worker: Worker, timeout_s: float) -> None:
     try:
         await worker.comfy.wait_ready(timeout_s)
         await adopt_model_aliases(worker)
+        worker.gpu_profile = choose_gpu_profile(
+            GpuInfo.from_system_stats(await worker.comfy.system_stats()), worker.settings
+        )
+        log.info("%s", worker.gpu_profile.summary())
     finally:
         await worker.comfy.close()
 

@@ -233,6 +233,11 @@ class ComfyTransport:
             raise ComfyError(f"ComfyUI /object_info answered HTTP {status}.")
         return body
 
+    async def system_stats(self) -> dict[str, Any]:
+        """ComfyUI's ``GET /system_stats`` (system facts and ``devices``); ``{}`` on a non-200."""
+        status, body = await self._json("GET", "/system_stats")
+        return body if status == 200 and isinstance(body, dict) else {}
+
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         status, body = await self._json("GET", f"/history/{prompt_id}")
         if status != 200 or not isinstance(body, dict):
