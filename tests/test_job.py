@@ -107,7 +107,10 @@ def leftovers(rig: Rig) -> list[Path]:
 async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) -> None:
     result = await rig.worker.run(rig.job(seed=1234))
     assert "error" not in result, result
-    assert set(result) == {"video", "seed", "prompt_id", "timings"}
+    assert set(result) == {"video", "clip", "rendered", "seed", "prompt_id", "timings"}
+    # the driving clip: 12 frames at 8 fps = 1.5 s = 36 frames at 24 fps; max_frames 9 cut it
+    assert result["clip"] == {"duration_s": 1.5, "frames": 36}
+    assert result["rendered"] == {"frames": 9, "duration_s": 0.375, "truncated": True}
     video = result["video"]
     assert set(video) == {
         "base64",
@@ -132,7 +135,14 @@ async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) 
     assert video["fps"] == 24 and video["has_audio"] is True
     assert result["seed"] == 1234
     assert str(uuid.UUID(result["prompt_id"])) == result["prompt_id"]  # canonical: ComfyUI 0.33
-    assert set(result["timings"]) == {"download", "queue", "inference", "upload", "total"}
+    assert set(result["timings"]) == {
+        "download",
+        "prepare",
+        "queue",
+        "inference",
+        "upload",
+        "total",
+    }
     assert result["timings"]["total"] >= result["timings"]["inference"] > 0
     assert leftovers(rig) == []
     stages = [p["stage"] for p in rig.sent]
@@ -316,8 +326,11 @@ async def test_job_fields_and_settings_reach_the_graph(rig_factory: Callable[...
     result = await rig.worker.run(job)
     assert "error" not in result, result
     graph = rig.double.prompts[result["prompt_id"]][2]
-    assert graph["130"]["inputs"]["force_rate"] == 10 and graph["139"]["inputs"]["frame_rate"] == 10
-    assert graph["130"]["inputs"]["frame_load_cap"] == 197  # 200 -> 4n+1
+    # the driving video is transcoded to 10 fps and 256x416 first: node 130 loads it as it is
+    assert graph["130"]["inputs"]["force_rate"] == 0 and graph["139"]["inputs"]["frame_rate"] == 10
+    # 12 frames at 8 fps (1.5 s) -> 15 frames at 10 fps -> 4n+1 = 13 (max_frames 200 cuts nothing)
+    assert graph["130"]["inputs"]["frame_load_cap"] == 13
+    assert result["rendered"] == {"frames": 13, "duration_s": 1.3, "truncated": False}
     assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
         256,
         416,

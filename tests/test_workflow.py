@@ -11,7 +11,14 @@ import pytest
 
 from xicon_dance.errors import ConfigError
 from xicon_dance.settings import PACKAGE_ROOT
-from xicon_dance.workflow import ROLES, PatchParams, Workflow, check_roles, unique_prefix
+from xicon_dance.workflow import (
+    POSE_BATCH,
+    ROLES,
+    PatchParams,
+    Workflow,
+    check_roles,
+    unique_prefix,
+)
 
 REAL_GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
 
@@ -22,8 +29,16 @@ def mini_graph() -> dict[str, Any]:
         "106": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
         "130": {
             "class_type": "VHS_LoadVideo",
-            "inputs": {"video": "drive.mp4", "force_rate": 0, "frame_load_cap": 0, "format": "Wan"},
+            "inputs": {
+                "video": "drive.mp4",
+                "force_rate": 16,
+                "custom_width": 512,
+                "custom_height": 0,
+                "frame_load_cap": 0,
+                "format": "Wan",
+            },
         },
+        "334": {"class_type": "NLFPredict", "inputs": {"images": ["130", 0], "per_batch": -1}},
         "203": {"class_type": "INTConstant", "inputs": {"value": 512}},
         "204": {"class_type": "INTConstant", "inputs": {"value": 896}},
         "205": {"class_type": "INTConstant", "inputs": {"value": 256}},
@@ -76,10 +91,13 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["106"]["inputs"]["image"] == "jobs/j1/ref.png"
     assert graph["130"]["inputs"] == {
         "video": "jobs/j1/drive.mp4",
-        "force_rate": 24,
+        "force_rate": 0,  # the transcoded file is at the job's fps and size: loaded as it is
+        "custom_width": 0,
+        "custom_height": 0,
         "frame_load_cap": 81,
         "format": "Wan",
     }
+    assert graph["334"]["inputs"]["per_batch"] == POSE_BATCH > 0
     assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
         416,
         672,
