@@ -451,3 +451,25 @@ async def test_output_sweep_runs_off_the_event_loop(
     assert "error" not in await rig.worker.run(rig.job())
     assert threads and loop_thread not in threads
     assert leftovers(rig) == []
+
+
+async def test_a_clip_over_the_memory_budget_is_refused_before_comfyui(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 35 MB
+    before = len(rig.double.prompts)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "clip_too_long" and result["field"] == "max_frames", result
+    assert "MAX_CLIP_MEMORY_GB" in result["error"] and "at 256x256" in result["error"]
+    assert len(rig.double.prompts) == before and leftovers(rig) == []
+
+
+async def test_without_max_frames_the_whole_clip_is_rendered(rig: Rig) -> None:
+    job = rig.job(fps=8)
+    del job["input"]["max_frames"]
+    result = await rig.worker.run(job)
+    assert "error" not in result, result
+    # 12 frames at 8 fps: the whole clip, 4n+1 -> 9 frames
+    assert result["clip"] == {"duration_s": 1.5, "frames": 12}
+    assert result["rendered"] == {"frames": 9, "duration_s": 1.125, "truncated": False}
+    assert result["video"]["frames"] == 9 and result["video"]["has_audio"] is True

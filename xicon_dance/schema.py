@@ -36,7 +36,8 @@ Error codes (``InputError.code``), see ``INPUT_ERROR_CODES`` (media codes includ
 ``invalid_input`` (wrong type, out of range, bad choice), ``unknown_field``, ``missing_image``,
 ``conflicting_inputs`` (both fields of a pair given), ``unsupported_url``, ``bucket_not_configured``
 and the media codes ``url_forbidden``, ``download_failed``, ``too_large``, ``invalid_base64``,
-``invalid_image``, ``too_many_pixels``, ``invalid_video``.
+``invalid_image``, ``too_many_pixels``, ``invalid_video``, and ``clip_too_long`` (frames x size over
+``MAX_CLIP_MEMORY_GB``, see ``xicon_dance.clip``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "invalid_image": "the reference image cannot be decoded or has an unsupported format",
     "too_many_pixels": "an image or video has more pixels than allowed (decompression bomb)",
     "invalid_video": "the driving video has no video stream, no frames or cannot be decoded",
+    "clip_too_long": "the rendered frames at this size exceed the worker's memory budget",
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
