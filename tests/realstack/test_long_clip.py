@@ -1,13 +1,15 @@
 """A whole dance in one job, on the real ComfyUI v0.33.0 stack (CPU, tiny models; see conftest.py).
 
-One long job serves both main tests (the CPU run takes minutes): a 1080x1920, 30 fps driving clip of
-6.73 s with audio, rendered at 256x256 and 24 fps without max_frames, so the worker renders the
-whole clip: 161 frames, over three of the graph's context windows (node 355: 81 frames, overlap
-48). The worker transcodes the clip to 256x256 at 24 fps before ComfyUI runs; the peak memory of
-ComfyUI and of the handler shows that no frame exists at the source's size (161 such frames as
-float32 would be 4 GB in the loader's output alone). A 5-frame job on the same clip runs first:
-it renders the clip's first part, and the peak after it is the baseline the long job's frames add
-to (printed as float32 copies of the frames: the measure behind ``clip.FRAME_COPIES``).
+One long job serves the two main tests (the CPU run takes minutes): a 1080x1920, 30 fps driving
+clip of 6.4 s with audio, rendered at 256x256 and 24 fps without max_frames, so the worker renders
+the whole clip: 153 frames (39 latent frames), three of the graph's context windows (node 355: 81
+frames = 21 latent frames, overlap 48 = 12). The worker transcodes the clip to 256x256 at 24 fps
+before ComfyUI runs; the peak memory of ComfyUI and of the handler shows that no frame exists at
+the source's size (153 such frames as float32 would be 3.8 GB in the loader's output alone).
+
+A 5-frame job on the same clip runs first: it renders the clip's first part, and the peak after
+it is the baseline the long job's frames add to (printed as float32 copies of the frames: the
+measure behind ``clip.FRAME_COPIES``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,13 @@ import pytest
 
 from tests.realstack.conftest import Server
 
-JOB_TIMEOUT_S = 900
+RUNSYNC_TIMEOUT_S = 1750  # the worker's own JOB_TIMEOUT_S (conftest) ends the job before this
 SOURCE_SIZE = (1080, 1920)
 SOURCE_FPS = 30
-SOURCE_FRAMES = 202  # 6.733 s -> 161 frames at 24 fps (4n+1 already)
-RENDERED = 161
+SOURCE_FRAMES = 192  # 6.4 s -> 153 frames at 24 fps (4n+1): the fewest for three windows
+RENDERED = 153
 # ComfyUI with the tiny models peaks near 4 GB on a 161-frame 256x256 job; the loader's own
-# output at the source size would add 4 GB (161 x 1080 x 1920 x 12 bytes) and the resize node
-# as much again.
+# output at the source size would add 3.8 GB (153 x 1080 x 1920 x 12 bytes).
 COMFY_PEAK_LIMIT_GB = 6.5
 HANDLER_PEAK_LIMIT_GB = 1.0  # the transcode holds one source frame at a time
 
@@ -90,7 +91,7 @@ def runsync(server: Server, job_input: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(
         f"{server.api_url}/runsync", body, {"Content-Type": "application/json"}, method="POST"
     )
-    with urllib.request.urlopen(req, timeout=JOB_TIMEOUT_S) as resp:
+    with urllib.request.urlopen(req, timeout=RUNSYNC_TIMEOUT_S) as resp:
         return json.load(resp)
 
 
