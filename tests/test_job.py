@@ -456,7 +456,7 @@ async def test_output_sweep_runs_off_the_event_loop(
 async def test_a_clip_over_the_memory_budget_is_refused_before_comfyui(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 35 MB
+    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 57 MB
     before = len(rig.double.prompts)
     result = await rig.worker.run(rig.job())
     assert result["code"] == "clip_too_long" and result["field"] == "max_frames", result

@@ -10,9 +10,10 @@ Contract:
   made it so (the video field for a short clip, else ``max_seconds``).
 - ``check_memory(plan, width, height, settings)``: ComfyUI holds every frame of the clip as
   float32 RGB at the generation size, several times over (loader, resize, pose render, decoded
-  result; ``FRAME_COPIES``). A job whose estimate ``frames * width * height * 12 * FRAME_COPIES``
-  exceeds ``MAX_CLIP_MEMORY_GB`` is refused with ``InputError(field="max_frames",
-  code="clip_too_long")``, naming the limit and the frames that would fit at that size.
+  result; ``FRAME_COPIES``, measured). A job whose estimate
+  ``frames * width * height * 12 * FRAME_COPIES`` exceeds ``MAX_CLIP_MEMORY_GB`` is refused with
+  ``InputError(field="max_frames", code="clip_too_long")``, naming the limit and the frames that
+  would fit at that size.
 - ``transcode(src, dest, plan, width, height, audio=..., stop=...) -> Transcoded``: streams the
   driving video into ``dest`` (H.264 in MP4) at exactly width x height (scaled to cover, then
   centre-cropped, as node 131 ``ImageResizeKJv2`` crop/center would; display rotation applied),
@@ -47,7 +48,11 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-FRAME_COPIES = 5  # float32 frame batches ComfyUI holds at once (see check_memory)
+# Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
+# measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job
+# raised ComfyUI's RSS 7.4 copies per frame more than a 5-frame job (loader, resize, pose
+# render, VAE encode/decode buffers, decoded result, output cache), rounded up.
+FRAME_COPIES = 8
 BYTES_PER_PIXEL = 12  # float32 RGB
 GB = 1e9
 VIDEO_CODEC = "libx264"
