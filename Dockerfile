@@ -4,7 +4,7 @@
 # Stages (BuildKit builds "builder" and "models" in parallel):
 #   builder  CUDA 12.8 cuDNN devel: Python venv, torch cu128, ComfyUI + custom nodes at 40-hex
 #            commits, SageAttention compiled from source (nvcc is needed only here).
-#   models   a small Python with huggingface_hub only: fetches model_manifest.json into /models
+#   models   a small Python with the `models` extra only: fetches model_manifest.json into /models
 #            (BAKE_MODELS=1) — its layer cache depends on the manifest and the script alone.
 #   runtime  CUDA 12.8 base (the torch wheels bring their own CUDA/cuDNN libraries) + the venv,
 #            ComfyUI, the worker and the weights.
@@ -23,14 +23,9 @@ FROM ${CUDA_DEVEL_IMAGE} AS builder
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev git ca-certificates build-essential \
-    && rm -rf /var/lib/apt/lists/*
+# Python 3.11 (deadsnakes) and the build tools; scripts/apt_python311.sh is shared with pybase.
+RUN --mount=type=bind,source=scripts/apt_python311.sh,target=/tmp/apt_python311.sh \
+    bash /tmp/apt_python311.sh git build-essential
 
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -94,19 +89,10 @@ FROM ${CUDA_RUNTIME_IMAGE} AS pybase
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# python3.11-dev + gcc: Triton compiles its launcher stubs at run time.
+# Python 3.11 (deadsnakes; python3.11-dev + gcc: Triton compiles its launcher stubs at run time).
 # ffmpeg: VideoHelperSuite and the worker's media checks. libgl1/libglib2.0-0: OpenCV.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates ffmpeg \
-        libgl1 libglib2.0-0 libgomp1 curl \
-    && apt-get purge -y software-properties-common gpg-agent \
-    && apt-get autoremove -y \
-    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,source=scripts/apt_python311.sh,target=/tmp/apt_python311.sh \
+    bash /tmp/apt_python311.sh gcc libc6-dev ffmpeg libgl1 libglib2.0-0 libgomp1 curl
 
 # ---------------------------------------------------------------------------------------------
 FROM pybase AS models
@@ -114,9 +100,11 @@ FROM pybase AS models
 ARG BAKE_MODELS=1
 ARG HUGGINGFACE_HUB_VERSION=2.4.0
 ARG HF_XET_VERSION=1.8.0
+ARG TENACITY_VERSION=9.2.1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_DISABLE_TELEMETRY=1
 RUN python3.11 -m venv /opt/dl \
-    && /opt/dl/bin/pip install "huggingface_hub==${HUGGINGFACE_HUB_VERSION}" "hf_xet==${HF_XET_VERSION}"
+    && /opt/dl/bin/pip install "huggingface_hub==${HUGGINGFACE_HUB_VERSION}" "hf_xet==${HF_XET_VERSION}" \
+        "tenacity==${TENACITY_VERSION}"
 COPY model_manifest.json /dl/model_manifest.json
 COPY xicon_dance/__init__.py xicon_dance/model_download.py /dl/xicon_dance/
 # A gated/private source would need a token: pass it as a build secret (id=hf_token).

@@ -1,11 +1,18 @@
 """RunPod serverless entry point: a thin async handler around ``xicon_dance.job.Worker``.
 
 Start-up, in order, before ``runpod.serverless.start`` takes jobs:
-1. the SDK's own command-line arguments are read first, so ``--help`` answers at once and a
-   ``--test_input`` that is not JSON is refused (exit 2) before anything waits;
+1. the command line is read first with the SDK's own options (its parser is the parent of
+   ``arguments``), so ``--help`` answers at once with the worker's modes, the settings that
+   matter locally and the exit codes above the SDK's options, and a ``--test_input`` that is
+   not JSON is refused (exit 2) before anything waits;
 2. settings from the environment (``ConfigError`` -> clear message, exit code 2);
 3. logging with the job id on every line and the bucket keys registered for redaction;
+   then the job the SDK will run in a one-job local mode (``--test_input``, else
+   ``./test_input.json``) is validated (``parse_job_input``): an invalid input ends the run
+   with the field and the reason (exit 1, as a failed job) before anything waits for ComfyUI;
 4. the workflow template is loaded and its role table checked (a mismatch names the node; exit 2);
+   ComfyUI's folder must exist here (``COMFY_DIR`` or ``COMFY_INPUT_DIR``; exit 2, nothing is
+   created);
 5. ComfyUI must answer within the start-up timeout (``COMFY_STARTUP_TIMEOUT_S``; unset: 900 s on
    RunPod, 30 s in a local run), its PID checked for liveness (exit 3);
 6. the input folder the worker writes to must be the one ComfyUI reads (a probe file read back
@@ -26,24 +33,27 @@ updates are logged at DEBUG instead of being sent to RunPod; the SDK logs at INF
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from xicon_dance import media
 from xicon_dance.comfy import ComfyClient
-from xicon_dance.errors import ConfigError, WorkerError
+from xicon_dance.errors import ConfigError, InputError, WorkerError
 from xicon_dance.input_probe import check_input_folder
 from xicon_dance.job import Worker
 from xicon_dance.local_run import is_local_run, save_result
 from xicon_dance.logs import job_context, setup_logging
 from xicon_dance.model_download import load_manifest
-from xicon_dance.settings import PACKAGE_ROOT, Settings, get_settings
+from xicon_dance.schema import parse_job_input
+from xicon_dance.settings import ENV_DOC, PACKAGE_ROOT, Settings, get_settings
 from xicon_dance.workflow import Workflow
 
 log = logging.getLogger("xicon_dance.handler")
@@ -106,11 +116,69 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
             await _worker.comfy.close()
 
 
-def sdk_arguments(argv: Sequence[str]) -> dict[str, Any]:
-    """The RunPod SDK's own arguments, parsed by the SDK's parser (``--help`` exits here)."""
-    from runpod.serverless import parser
+HELP = """\
+The XiCON Dance worker: a reference image (a character) and a driving dance video in, an MP4 of
+that character dancing out. It drives a ComfyUI server at COMFY_HOST (the image starts one;
+without a GPU the ComfyUI double of the tests stands in: README, "Try it without a GPU").
 
-    args, _unknown = parser.parse_known_args(list(argv))
+modes:
+  python handler.py                     one job from ./test_input.json, then exit
+  python handler.py --test_input JSON   one job given here ('{"input": {...}}'), then exit
+  python handler.py --rp_serve_api      the SDK's local HTTP API (POST /run, /runsync) until ^C
+  (on RunPod)                           the platform's job queue (RUNPOD_WEBHOOK_GET_JOB set)
+A local run saves each result video to LOCAL_OUTPUT_DIR and logs its path; the job input is
+checked before the worker waits for ComfyUI. The options below are the RunPod SDK's."""
+
+# The settings a local run most often needs (all of them: docs/settings.md).
+HELP_SETTINGS = (
+    "COMFY_HOST",
+    "COMFY_DIR",
+    "COMFY_STARTUP_TIMEOUT_S",
+    "LOCAL_OUTPUT_DIR",
+    "JOB_TIMEOUT_S",
+    "BUCKET_ENDPOINT_URL",
+    "LOG_LEVEL",
+)
+EXIT_CODES = (
+    ("0", "the job finished (one-job modes)"),
+    ("1", "the job failed, or its input is invalid (the field and the reason are logged)"),
+    ("2", "bad arguments, a configuration error, or ComfyUI reads another input folder"),
+    ("3", "ComfyUI did not answer within the start-up timeout"),
+)
+
+
+def help_epilog() -> str:
+    """Settings and exit codes for ``--help``; defaults and meanings come from ``ENV_DOC``."""
+    lines = ["settings (environment; every one: docs/settings.md):"]
+    for name in HELP_SETTINGS:
+        default, meaning = ENV_DOC[name]
+        head = f"  {name}={default}" if default else f"  {name} (unset)"
+        text = f"{head}  {meaning.replace('`', '')}"  # ENV_DOC meanings are markdown
+        lines += textwrap.wrap(text, 96, subsequent_indent="      ", break_on_hyphens=False)
+    lines.append(
+        "  RUNPOD_LOG_LEVEL=INFO  the SDK's log level in a local run (DEBUG prints results)"
+    )
+    lines += ["", "exit codes:"] + [f"  {code}  {meaning}" for code, meaning in EXIT_CODES]
+    return "\n".join(lines)
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The worker's command line: the SDK's parser as parent (its options, parsed its way)."""
+    from runpod.serverless import parser as sdk_parser
+
+    return argparse.ArgumentParser(
+        prog="python handler.py",
+        description=HELP,
+        epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[sdk_parser],  # brings the SDK's options and its -h/--help
+        add_help=False,
+    )
+
+
+def sdk_arguments(argv: Sequence[str]) -> dict[str, Any]:
+    """The RunPod SDK's arguments (``--help`` prints ours and the SDK's options, then exits)."""
+    args, _unknown = arguments().parse_known_args(list(argv))
     if args.test_input:
         try:
             json.loads(args.test_input)
@@ -121,8 +189,58 @@ def sdk_arguments(argv: Sequence[str]) -> dict[str, Any]:
     return vars(args)
 
 
-def startup(local: bool) -> Worker:
-    """Everything that must succeed before the job loop starts; exits with a message if not."""
+def local_job(args: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    """The job the SDK will run in a one-job mode (``rp_local.run_local``: ``--test_input``,
+    else ``./test_input.json``), or ``None`` when it serves jobs instead. Exits 1 when there is
+    no job to read, as the SDK would after the start-up wait."""
+    if args.get("rp_serve_api") or env.get("RUNPOD_REALTIME_PORT"):
+        return None
+    if args.get("test_input"):
+        return json.loads(args["test_input"])
+    if env.get("RUNPOD_WEBHOOK_GET_JOB"):
+        return None  # the platform's job queue
+    path = Path("test_input.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        reason = "is missing; run from the worker folder or give --test_input '{\"input\": {...}}'"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = f"cannot be read as JSON: {exc}"
+    logging.basicConfig()
+    log.critical("%s %s", path.resolve(), reason)
+    sys.exit(1)
+
+
+def check_local_job(job: Any, settings: Settings) -> None:
+    """Validate a one-job run's input before anything waits (exit 1, as a failed job)."""
+    if not isinstance(job, dict) or job.get("input") is None:
+        log.critical('the job has no "input": give {"input": {"image_url": ...}}; nothing was run')
+        sys.exit(1)
+    try:
+        parse_job_input(job["input"], settings)
+    except InputError as exc:
+        log.critical("the job input is invalid, nothing was run: %s (%s)", exc.message, exc.code)
+        sys.exit(1)
+
+
+def missing_comfy_folder(settings: Settings) -> str:
+    """Why ComfyUI's folder cannot be on this machine ('' when it can): neither ``COMFY_DIR``
+    nor the input folder exists. ComfyUI creates its input folder when it starts, so the
+    worker's settings are wrong; said before the wait, and nothing is created (the input-folder
+    check would otherwise make ``/comfyui/input`` on a machine without ComfyUI there)."""
+    comfy_dir, input_dir = Path(settings.comfy_dir), Path(settings.comfy_input_dir)
+    if input_dir.is_dir() or comfy_dir.is_dir():
+        return ""
+    return (
+        f"ComfyUI's folder {comfy_dir} (COMFY_DIR) does not exist on this machine, nor does the "
+        f"input folder {input_dir} (COMFY_INPUT_DIR). Set COMFY_DIR to the folder ComfyUI runs "
+        "from (for the ComfyUI double of the tests: its --root)."
+    )
+
+
+def startup(local: bool, job: Any = None) -> Worker:
+    """Everything that must succeed before the job loop starts; exits with a message if not.
+    ``job``: the one job a local mode will run (checked first), ``None`` when serving."""
     try:
         settings = get_settings()
     except ConfigError as exc:
@@ -133,6 +251,8 @@ def startup(local: bool) -> Worker:
         settings.log_level,
         secrets=(settings.bucket_access_key_id, settings.bucket_secret_access_key),
     )
+    if job is not None:
+        check_local_job(job, settings)
     try:
         worker = build_worker(settings)
     except ConfigError as exc:
@@ -142,6 +262,10 @@ def startup(local: bool) -> Worker:
         media.check_default_video(settings)
     except ConfigError as exc:
         log.warning("%s", exc.message)
+    missing = missing_comfy_folder(settings)
+    if missing:
+        log.critical("configuration error, the worker stops: %s", missing)
+        sys.exit(2)
     timeout_s = settings.startup_timeout_s(local)
     log.info("waiting up to %.0fs for ComfyUI at %s", timeout_s, settings.comfy_url)
     try:
@@ -176,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     args = sdk_arguments(argv)
     local = is_local_run(bool(args.get("rp_serve_api")), os.environ)
-    _worker = startup(local)
+    _worker = startup(local, local_job(args, os.environ))
     if local and _worker.settings.local_output_dir is not None:
         _save_dir = _worker.settings.local_output_dir
         log.info("local run: result videos are saved to %s (LOCAL_OUTPUT_DIR)", _save_dir)

@@ -6,7 +6,8 @@ Run from the repository root on a GPU machine where the stack is installed (Comf
 --size full``)::
 
     python bench/gpu_run.py --comfy-dir DIR --out RESULTS [--attention sdpa|sageattn]
-                            [--jobs cold,warm,t5_off,t5_hit] [--sdk-job]
+                            [--plan baseline:cold,baseline:warm,tuned:cold,tuned:warm]
+                            [--video CLIP] [--vram-cap-gib 31.5] [--save-latents] [--sdk-job]
 
 What it does, in order:
 
@@ -27,6 +28,22 @@ What it does, in order:
    - ``t5_off``: ``use_disk_cache`` false: the umt5-xxl file is loaded and the prompt encoded;
    - ``t5_hit``: ``use_disk_cache`` true again: the prompt is found in the disk cache, the
      umt5-xxl file is not read.
+
+   ``--plan`` runs any sequence of ``VARIANT:LABEL[@FRAMES]`` instead: VARIANT is a graph of
+   ``bench/gpu_variants.py`` (``baseline`` = the shipped graph, ``tuned``, ``fp16``) or ``t5off``
+   (the shipped graph with ``use_disk_cache`` false); FRAMES overrides ``max_frames`` (a long
+   dance: ``tuned:long@1441`` with ``--video`` a 60-s clip). Jobs of one variant share a worker.
+   ``--video`` replaces the bundled driving clip (``DEFAULT_VIDEO``) for every job.
+   ``--vram-cap-gib X`` holds ComfyUI to X GiB of the GPU: ``--reserve-vram`` (card total - X, so
+   ComfyUI's memory planning sees X) and a per-process memory fraction set inside ComfyUI by a
+   bench-only custom node written at start and removed at the end
+   (``torch.cuda.set_per_process_memory_fraction``).
+   ``--save-latents`` adds a ``SaveLatent`` node on the sampler's output; after the run the last
+   latents of each variant are compared with the first variant's (cosine, max |difference|,
+   finite).
+   ComfyUI's resident memory (``VmRSS`` of its PID, sampled every 200 ms) is reported per job,
+   and every sampler progress event (stage, step, total, arrival) is kept, so steps, windows and
+   seconds per window-step can be read from the summary.
 4. ``--sdk-job``: one more warm job through the RunPod SDK (``python handler.py --test_input``
    against the same ComfyUI), the full product path; its worker log line holds the timings.
 5. Writes the first job's MP4 to ``RESULTS/cold.mp4`` and probes it (frames, fps, size, codec).
@@ -47,6 +64,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,12 +77,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_variants  # noqa: E402
 
 log = logging.getLogger("gpu_run")
 
 JOB_DEFAULTS = {"width": 416, "height": 672, "steps": 6, "cfg": 1.0, "seed": 42, "max_frames": 81}
 PROMPT = "a person dancing in a bright studio, full body, smooth motion"
-TEXT_NODE_CLASS = "WanVideoTextEncodeCached"
 
 
 @dataclass
@@ -114,6 +134,66 @@ class VramSampler:
             self._proc.wait(timeout=10)
 
 
+@dataclass
+class RssSampler:
+    """VmRSS of the process whose PID is in ``pid_file``, every 200 ms, in the background."""
+
+    pid_file: Path
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                pid = int(self.pid_file.read_text().strip())
+                status = Path(f"/proc/{pid}/status").read_text()
+            except (OSError, ValueError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    self.samples.append((time.monotonic(), int(line.split()[1]) // 1024))
+
+    def peak(self, t0: float, t1: float) -> int | None:
+        inside = [mib for t, mib in self.samples if t0 <= t <= t1]
+        return max(inside) if inside else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+VRAM_CAP_NODE = """\
+# Written by bench/gpu_run.py --vram-cap-gib for one benchmark run, removed at its end.
+import logging
+import os
+
+import torch
+
+NODE_CLASS_MAPPINGS = {}
+_cap = float(os.environ.get("XICON_BENCH_VRAM_CAP_GIB", "0"))
+if _cap > 0 and torch.cuda.is_available():
+    _total = torch.cuda.get_device_properties(0).total_memory
+    _fraction = min(1.0, _cap * 2**30 / _total)
+    torch.cuda.set_per_process_memory_fraction(_fraction, 0)
+    logging.info(
+        "[xicon bench] GPU memory held to %.2f GiB of %.2f GiB (fraction %.4f, allocator %s)",
+        _cap, _total / 2**30, _fraction, torch.cuda.get_allocator_backend(),
+    )
+"""
+
+
+def gpu_total_gib() -> float:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.splitlines()[0].strip()) / 1024
+
+
 class StepClock:
     """Progress reporter that also records when each ComfyUI progress event arrived."""
 
@@ -135,6 +215,14 @@ class StepClock:
             )
         )
         self.inner.on_comfy(progress)
+
+    def sampler_events(self, t0: float) -> list[tuple[float, int | None, int | None]]:
+        """(seconds since ``t0``, step, total) of every progress event of a sampler node."""
+        return [
+            (round(t - t0, 3), step, n)
+            for t, stage, step, n in self.events
+            if stage.startswith("WanVideoSampler")
+        ]
 
     def sampler_steps(self, total: int) -> list[tuple[float, int]]:
         """(arrival time, step) of the sampler's step events of a ``total``-step bar, in order."""
@@ -179,18 +267,56 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> float:
     raise TimeoutError(f"{url} did not answer within {timeout_s:g} s")
 
 
-def graph_variant(src: Path, dest: Path, use_disk_cache: bool) -> Path:
-    graph = json.loads(src.read_text(encoding="utf-8"))
-    for node in graph.values():
-        if isinstance(node, dict) and node.get("class_type") == TEXT_NODE_CLASS:
-            node["inputs"]["use_disk_cache"] = use_disk_cache
-    dest.write_text(json.dumps(graph, ensure_ascii=False, indent=1), encoding="utf-8")
-    return dest
+@dataclass(frozen=True)
+class PlannedJob:
+    variant: str
+    label: str
+    max_frames: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}:{self.label}"
+
+    @classmethod
+    def parse(cls, text: str) -> PlannedJob:
+        head, _, frames = text.partition("@")
+        variant, _, label = head.partition(":")
+        if variant not in (*gpu_variants.VARIANTS, "t5off") or not label:
+            raise argparse.ArgumentTypeError(f"bad plan entry {text!r} (VARIANT:LABEL[@FRAMES])")
+        return cls(variant, label, int(frames) if frames else None)
 
 
-def job_input() -> dict[str, Any]:
+def default_plan() -> list[PlannedJob]:
+    """The plan of the first H200 run: cold, warm, text encoder off, text-encoder cache hit."""
+    return [
+        PlannedJob("baseline", "cold", None),
+        PlannedJob("baseline", "warm", None),
+        PlannedJob("t5off", "t5_off", None),
+        PlannedJob("baseline", "t5_hit", None),
+    ]
+
+
+def write_graphs(args: argparse.Namespace, variants: set[str]) -> dict[str, Path]:
+    template = json.loads((ROOT / "XiCON_Dance_SCAIL_vFinal.json").read_text(encoding="utf-8"))
+    paths = {}
+    for name in sorted(variants):
+        if name == "t5off":
+            graph = gpu_variants.build("baseline", template, save_latents=args.save_latents)
+            graph["368"]["inputs"]["use_disk_cache"] = False
+        else:
+            graph = gpu_variants.build(name, template, save_latents=args.save_latents)
+        path = args.out / f"graph_{name}.json"
+        path.write_text(json.dumps(graph, ensure_ascii=False, indent=1), encoding="utf-8")
+        paths[name] = path
+    return paths
+
+
+def job_input(max_frames: int | None = None) -> dict[str, Any]:
     image = json.loads((ROOT / "test_input.json").read_text())["input"]["image_base64"]
-    return {"image_base64": image, "prompt": PROMPT, "output": "base64", **JOB_DEFAULTS}
+    job = {"image_base64": image, "prompt": PROMPT, "output": "base64", **JOB_DEFAULTS}
+    if max_frames is not None:
+        job["max_frames"] = max_frames
+    return job
 
 
 def override_job(args: argparse.Namespace) -> None:
@@ -201,7 +327,14 @@ def override_job(args: argparse.Namespace) -> None:
             JOB_DEFAULTS[key] = value
 
 
-async def run_job(worker: Any, name: str, vram: VramSampler) -> dict[str, Any]:
+@dataclass
+class Probes:
+    vram: VramSampler
+    rss: RssSampler
+    latents_dir: Path
+
+
+async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> dict[str, Any]:
     """One job through ``Worker.run``; the client's RunResult is kept for its node times."""
     from xicon_dance.progress import ProgressReporter
 
@@ -219,11 +352,14 @@ async def run_job(worker: Any, name: str, vram: VramSampler) -> dict[str, Any]:
         clocks.append(clock)
         return clock
 
+    latents_before = set(probes.latents_dir.glob("*.latent"))
     worker.comfy.run = run_and_keep
     worker._reporter_factory = reporter
     t0 = time.monotonic()
     try:
-        result = await worker.run({"id": f"gpu-{name}", "input": job_input()})
+        result = await worker.run(
+            {"id": f"gpu-{job.variant}-{job.label}", "input": job_input(job.max_frames)}
+        )
     finally:
         worker.comfy.run = real_run
     t1 = time.monotonic()
@@ -233,23 +369,34 @@ async def run_job(worker: Any, name: str, vram: VramSampler) -> dict[str, Any]:
     if run is not None:
         for nid, secs in sorted(run.node_times.items(), key=lambda kv: -kv[1]):
             nodes[nid] = {"class": graph.get(nid, {}).get("class_type", "?"), "s": round(secs, 3)}
-    events = clocks[0].sampler_steps(JOB_DEFAULTS["steps"]) if clocks else []
+    steps = job_input(job.max_frames)["steps"]
+    events = clocks[0].sampler_steps(steps) if clocks else []
+    new_latents = sorted(set(probes.latents_dir.glob("*.latent")) - latents_before)
     record = {
-        "job": name,
+        "job": job.name,
+        "variant": job.variant,
+        "max_frames": job_input(job.max_frames)["max_frames"],
         "wall_s": round(t1 - t0, 3),
         "ok": "video" in result,
         "error": None if "video" in result else result,
         "timings": result.get("timings"),
         "node_times": nodes,
         "sampler_step_s": step_seconds(events),
-        "sampler_events": [(round(t - t0, 3), step) for t, step in events],
-        "vram_peak_mib": vram.peak(t0, t1),
+        "sampler_events": clocks[0].sampler_events(t0) if clocks else [],
+        "vram_peak_mib": probes.vram.peak(t0, t1),
+        "comfy_rss_peak_mib": probes.rss.peak(t0, t1),
+        "latents": [str(p) for p in new_latents],
     }
     video = result.get("video") if isinstance(result, dict) else None
     if isinstance(video, dict):
         record["video"] = {k: v for k, v in video.items() if k not in ("base64", "data")}
-        record["_b64"] = video.get("base64") or video.get("data")
-    log.info("job %s: %s", name, json.dumps({k: v for k, v in record.items() if k != "_b64"}))
+        b64 = video.get("base64") or video.get("data")
+        if b64:
+            path = out / f"{job.variant}_{job.label}.mp4"
+            path.write_bytes(base64.b64decode(b64))
+            record["mp4_probe"] = probe_mp4(path)
+            record["mp4_path"] = str(path)
+    log.info("job %s: %s", job.name, json.dumps({k: v for k, v in record.items()}))
     return record
 
 
@@ -274,6 +421,52 @@ def hold_script(out: Path) -> Path:
     path = out / "hold.py"
     path.write_text("import signal\nsignal.pause()\n")
     return path
+
+
+def frames_of(path: Path) -> Any:
+    """Every frame of an MP4 as one float32 array (for comparing two variants' videos)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(
+            np.float32
+        )
+
+
+def compare(records: list[dict]) -> list[dict[str, Any]]:
+    """Each variant's last job against the first variant's last job: latents and video frames."""
+    import numpy as np
+
+    last: dict[str, dict] = {}
+    for r in records:
+        if r.get("ok") and r.get("max_frames") == JOB_DEFAULTS["max_frames"]:
+            last[r["variant"]] = r
+    if len(last) < 2:
+        return []
+    names = list(last)
+    ref = last[names[0]]
+    out = []
+    for name in names[1:]:
+        other = last[name]
+        row: dict[str, Any] = {"a": ref["job"], "b": other["job"]}
+        if ref.get("latents") and other.get("latents"):
+            from safetensors.torch import load_file
+
+            a = load_file(ref["latents"][-1])["latent_tensor"].float().flatten()
+            b = load_file(other["latents"][-1])["latent_tensor"].float().flatten()
+            row["latent_finite"] = bool(a.isfinite().all() and b.isfinite().all())
+            row["latent_max_abs_diff"] = float((a - b).abs().max())
+            row["latent_cosine"] = float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
+        if ref.get("mp4_path") and other.get("mp4_path"):
+            fa, fb = frames_of(Path(ref["mp4_path"])), frames_of(Path(other["mp4_path"]))
+            if fa.shape == fb.shape:
+                va, vb = fa.ravel(), fb.ravel()
+                row["frames_max_abs_diff"] = float(np.abs(va - vb).max())
+                row["frames_mean_abs_diff"] = float(np.abs(va - vb).mean())
+                row["frames_cosine"] = float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
+        out.append(row)
+    return out
 
 
 def sdk_test_input(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
@@ -317,8 +510,15 @@ def worker_env(args: argparse.Namespace, workflow: Path) -> dict[str, str]:
             "MAX_BASE64_OUTPUT_BYTES": str(500 * 1024 * 1024),
             "LOCAL_OUTPUT_DIR": "off",
             "POSE_RENDER_DEVICE": args.render_device,
+            "JOB_TIMEOUT_S": str(args.job_timeout),
         }
     )
+    longest = max((j.max_frames or 0 for j in args.plan), default=0)
+    if longest:
+        env["MAX_FRAMES"] = str(max(longest, JOB_DEFAULTS["max_frames"]))
+        env["MAX_SECONDS"] = str(longest // 24 + 2)
+    if args.video is not None:
+        env["DEFAULT_VIDEO"] = str(args.video.resolve())
     return env
 
 
@@ -330,28 +530,38 @@ def build_worker(env: dict[str, str]) -> Any:
 
 
 async def run_jobs(
-    args: argparse.Namespace, graphs: dict[bool, Path], vram: VramSampler, records: list[dict]
+    args: argparse.Namespace,
+    graphs: dict[str, Path],
+    probes: Probes,
+    records: list[dict],
+    save: Any,
 ) -> None:
-    workers = {flag: build_worker(worker_env(args, path)) for flag, path in graphs.items()}
-    plan = {"cold": True, "warm": True, "t5_off": False, "t5_hit": True}
-    for name in args.jobs:
-        worker = workers[plan[name]]
-        try:
-            records.append(await run_job(worker, name, vram))
-        finally:
+    workers = {name: build_worker(worker_env(args, path)) for name, path in graphs.items()}
+    try:
+        for job in args.plan:
+            records.append(await run_job(workers[job.variant], job, probes, args.out))
+            save()
+    finally:
+        for worker in workers.values():
             await worker.comfy.close()
 
 
-def summarise(records: list[dict], out: Path) -> None:
-    first = next((r for r in records if r.get("_b64")), None)
-    for r in records:
-        b64 = r.pop("_b64", None)
-        if r is first and b64:
-            data = base64.b64decode(b64)
-            path = out / "cold.mp4"
-            path.write_bytes(data)
-            r["mp4_probe"] = probe_mp4(path)
-            r["mp4_path"] = str(path)
+def install_vram_cap(args: argparse.Namespace, env: dict[str, str]) -> Path | None:
+    """The bench-only custom node and ``--reserve-vram`` that hold ComfyUI to the cap."""
+    if args.vram_cap_gib is None:
+        return None
+    node = args.comfy_dir / "custom_nodes" / "xicon_bench_vram_cap"
+    node.mkdir(exist_ok=True)
+    (node / "__init__.py").write_text(VRAM_CAP_NODE)
+    reserve = max(0.0, gpu_total_gib() - args.vram_cap_gib)
+    env["XICON_BENCH_VRAM_CAP_GIB"] = str(args.vram_cap_gib)
+    env["COMFY_EXTRA_ARGS"] = f"{env.get('COMFY_EXTRA_ARGS', '')} --reserve-vram {reserve:.2f}"
+    log.info(
+        "VRAM cap %.2f GiB: --reserve-vram %.2f plus the per-process fraction",
+        args.vram_cap_gib,
+        reserve,
+    )
+    return node
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,25 +570,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--attention", choices=("sdpa", "sageattn"), default="sdpa")
     p.add_argument("--render-device", default="gpu")
-    p.add_argument("--jobs", default="cold,warm,t5_off,t5_hit", type=lambda s: s.split(","))
+    p.add_argument(
+        "--plan",
+        type=lambda s: [PlannedJob.parse(x) for x in s.split(",")],
+        default=None,
+        help="VARIANT:LABEL[@FRAMES],... (default: cold, warm, t5_off, t5_hit)",
+    )
+    p.add_argument("--video", type=Path, help="driving clip for every job (DEFAULT_VIDEO)")
+    p.add_argument("--vram-cap-gib", type=float, help="hold ComfyUI to this much GPU memory")
+    p.add_argument("--save-latents", action="store_true")
+    p.add_argument("--job-timeout", type=float, default=3600.0)
     p.add_argument("--sdk-job", action="store_true")
     p.add_argument("--comfy-args", default="", help="extra ComfyUI arguments (COMFY_EXTRA_ARGS)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     for key in ("width", "height", "steps", "max_frames"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, help="smoke tests only")
     args = p.parse_args(argv)
+    args.plan = args.plan or default_plan()
     override_job(args)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    template = ROOT / "XiCON_Dance_SCAIL_vFinal.json"
-    graphs = {
-        flag: graph_variant(template, args.out / f"graph_disk_cache_{flag}.json", flag)
-        for flag in (True, False)
-    }
+    graphs = write_graphs(args, {j.variant for j in args.plan})
+    first = graphs[args.plan[0].variant]
     vram = VramSampler(args.out / "vram.csv")
     vram.start()
-    env = worker_env(args, graphs[True])
+    env = worker_env(args, first)
     env.update(
         {
             "PYTHON_BIN": sys.executable,
@@ -393,8 +610,25 @@ def main(argv: list[str] | None = None) -> int:
             "HANDLER": str(hold_script(args.out)),
         }
     )
-    summary: dict[str, Any] = {"attention": args.attention, "job": JOB_DEFAULTS}
+    cap_node = install_vram_cap(args, env)
+    rss = RssSampler(args.out / "comfyui.pid")
+    rss.start()
+    probes = Probes(vram, rss, args.comfy_dir / "output" / "latents")
+    probes.latents_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "attention": args.attention,
+        "job": JOB_DEFAULTS,
+        "plan": [j.name + (f"@{j.max_frames}" if j.max_frames else "") for j in args.plan],
+        "variants": {v: gpu_variants.VARIANTS.get(v, ()) for v in graphs},
+        "vram_cap_gib": args.vram_cap_gib,
+        "video": str(args.video) if args.video else "bundled default",
+    }
     records: list[dict] = []
+
+    def save() -> None:
+        summary["jobs"] = records
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
     # A time limit's SIGTERM ends the run through the finally below, so the figures are kept.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_spawn = time.monotonic()
@@ -406,24 +640,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary["vram_after_start_mib"] = vram.peak(t_spawn, time.monotonic())
         log.info("ComfyUI ready %.1f s after the entrypoint started", summary["comfy_ready_s"])
-        asyncio.run(run_jobs(args, graphs, vram, records))
+        asyncio.run(run_jobs(args, graphs, probes, records, save))
         if args.sdk_job:
-            records.append(sdk_test_input(args, worker_env(args, graphs[True])))
+            records.append(sdk_test_input(args, worker_env(args, first)))
+        if args.save_latents or len(graphs) > 1:
+            summary["comparisons"] = compare(records)
         rc = 0 if all(r.get("ok") for r in records) else 1
     except (Exception, SystemExit) as exc:  # keep whatever was measured; the log says what broke
         log.exception("run failed")
         summary["failure"] = f"{type(exc).__name__}: {exc}"
     finally:
-        summarise(records, args.out)
-        summary["jobs"] = records
         summary["vram_peak_mib"] = vram.peak(t_spawn, time.monotonic())
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary["comfy_rss_peak_mib"] = rss.peak(t_spawn, time.monotonic())
+        save()
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         vram.stop()
+        rss.stop()
+        if cap_node is not None:
+            shutil.rmtree(cap_node, ignore_errors=True)
     return rc
 
 

@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +55,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tests.plugins.comfy import DoubleProcess, free_port, stop_process  # noqa: E402
 from tests.plugins.media_factory import (  # noqa: E402
+    job_input,
     make_image,
     make_png_bomb,
     make_text,
     make_truncated,
     make_video,
 )
-from tests.plugins.runpod_worker_api import FakePlatform, serve_platform  # noqa: E402
-from tests.plugins.s3 import S3Server, start_server, stop_server  # noqa: E402
-from tests.plugins.worker import handler_env  # noqa: E402
-from tests.realstack.test_faults import (  # noqa: E402
+from tests.plugins.process_facts import (  # noqa: E402
     EXECUTOR_MAX,
     Usage,
     drained_usage,
@@ -75,12 +73,17 @@ from tests.realstack.test_faults import (  # noqa: E402
     thread_dump_env,
     thread_growth,
     usage,
+    wait_until,
 )
+from tests.plugins.runpod_worker_api import FakePlatform, serve_platform  # noqa: E402
+from tests.plugins.s3 import S3Server, start_server, stop_server  # noqa: E402
+from tests.plugins.worker import handler_env  # noqa: E402
 from xicon_dance.schema import INPUT_ERROR_CODES  # noqa: E402
 
 JOB_TIMEOUT_S = 5
 KINDS = ("good", "good", "hostile", "good", "error", "good", "timeout", "good", "cancel", "good")
 MB = 1024.0
+POLL_S = 0.05  # the double answers within milliseconds
 
 
 @dataclass
@@ -99,16 +102,17 @@ def b64(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Media:
-    image: str
-    video: str
+    image: Path
+    video: Path
     hostile: list[tuple[str, dict[str, Any]]]  # (name, job input), each refused as invalid
 
 
 def make_media(folder: Path) -> Media:
     folder.mkdir(parents=True, exist_ok=True)
-    image = make_image(folder / "ref.png", 96, 160).read_bytes()
-    video = make_video(folder / "drive.mp4", 64, 64, 8, 12, audio=True).read_bytes()
-    good = {"image_base64": b64(image), "video_base64": b64(video)}
+    image_path = make_image(folder / "ref.png", 96, 160)
+    video_path = make_video(folder / "drive.mp4", 64, 64, 8, 12, audio=True)
+    image = image_path.read_bytes()
+    good = job_input(image_path, video_path)
     hostile = [
         ("truncated png", {**good, "image_base64": b64(image[: len(image) // 3])}),
         ("text as image", {**good, "image_base64": b64(make_text(folder / "t.png").read_bytes())}),
@@ -120,9 +124,7 @@ def make_media(folder: Path) -> Media:
             "truncated mp4",
             {
                 **good,
-                "video_base64": b64(
-                    make_truncated(folder / "drive.mp4", folder / "cut.mp4").read_bytes()
-                ),
+                "video_base64": b64(make_truncated(video_path, folder / "cut.mp4").read_bytes()),
             },
         ),
         ("not base64", {**good, "image_base64": "%%% not base64 %%%"}),
@@ -132,31 +134,14 @@ def make_media(folder: Path) -> Media:
         ("no image", {"video_base64": good["video_base64"]}),
         ("steps 0", {**good, "steps": 0}),
     ]
-    return Media(good["image_base64"], good["video_base64"], hostile)
+    return Media(image_path, video_path, hostile)
 
 
 def good_input(media: Media, **extra: Any) -> dict[str, Any]:
-    return {
-        "image_base64": media.image,
-        "video_base64": media.video,
-        "width": 256,
-        "height": 256,
-        "max_frames": 9,
-        "steps": 3,
-        **extra,
-    }
+    return job_input(media.image, media.video, steps=3, **extra)
 
 
 # ----------------------------------------------------------------------------- double soak
-def wait_until(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
-        time.sleep(0.05)
-    return found
-
-
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return json.load(resp)
@@ -178,7 +163,7 @@ class Soak:
                 raise RuntimeError(f"the handler exited with {self.proc.returncode}")
             return self.platform.results.get(job_id)
 
-        return wait_until(f"the answer of {job_id}", answered, timeout_s)
+        return wait_until(f"the answer of {job_id}", answered, timeout_s, POLL_S)
 
     def _running(self) -> bool:
         return bool(get_json(self.double.url + "/queue")["queue_running"])
@@ -220,10 +205,10 @@ class Soak:
         return Outcome(kind, time.monotonic() - started, str(answer), expected, detail)
 
     def _cancel(self, job_id: str) -> str:
-        wait_until("the double runs the prompt", self._running, 30)
+        wait_until("the double runs the prompt", self._running, 30, POLL_S)
         self.platform.stop(job_id)
-        wait_until("the double is idle after the cancel", self._idle, 30)
-        wait_until("the job folder is removed", lambda: not leftovers(self.double.root), 30)
+        wait_until("the double is idle after the cancel", self._idle, 30, POLL_S)
+        wait_until("the job folder is removed", lambda: not leftovers(self.double.root), 30, POLL_S)
         return "no answer" if job_id not in self.platform.results else "answered"
 
 
@@ -267,7 +252,10 @@ def double_worker(
             try:
                 handler_log = folder / "handler.log"
                 wait_until(
-                    "the handler's job loop", lambda: "job loop" in handler_log.read_text(), 60
+                    "the handler's job loop",
+                    lambda: "job loop" in handler_log.read_text(),
+                    60,
+                    POLL_S,
                 )
                 yield double, platform, proc
             finally:
@@ -393,8 +381,14 @@ def report_failures(
 
 # ----------------------------------------------------------------------------- real soak
 def real_soak(jobs: int, folder: Path) -> bool:
-    from tests.realstack.conftest import Stack, generate_models, job_input, make_base
-    from tests.realstack.test_faults import start_worker, stop_worker
+    from tests.plugins.realstack import (
+        Stack,
+        cpu_job,
+        generate_models,
+        make_base,
+        start_worker,
+        stop_worker,
+    )
 
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
@@ -406,7 +400,7 @@ def real_soak(jobs: int, folder: Path) -> bool:
     generate_models(stack, base)
     image = make_image(folder / "real" / "ref.png", 256, 256)
     video = make_video(folder / "real" / "drive.mp4", 256, 256, fps=24, frames=24, audio=True)
-    body = job_input((image, video))
+    body = cpu_job((image, video))
     with serve_platform() as platform:
         worker = start_worker(stack, base, **platform.env())
         worker.platform = platform

@@ -7,8 +7,9 @@ hip sway, knee bounce, alternating arm waves and a two-hand raise), 480x832 port
 hi-hat off-beats) so ``keep_audio`` has something to keep.
 
 Usage: ``python scripts/make_default_video.py [--out assets/default_video.mp4]
-[--test-input test_input.json]`` (the second writes the sample job, whose ``image_base64`` is a
-reference character drawn by the same code).
+[--test-input test_input.json] [--seconds N]`` (``--seconds`` makes a longer dance of the same
+loop, e.g. the 60-s clip of the GPU benchmark; the default output is unchanged). The second
+writes the sample job, whose ``image_base64`` is a reference character drawn by the same code.
 Same inputs -> same pixels and samples (no randomness); the encoder runs single-threaded.
 """
 
@@ -126,13 +127,13 @@ def render(frame: int, shirt: tuple[int, int, int] = SHIRT) -> Image.Image:
     return img
 
 
-def beat_track() -> np.ndarray:
+def beat_track(seconds: int = SECONDS) -> np.ndarray:
     """Stereo float32 samples [2, n]: kick on every beat (120 bpm), hi-hat on off-beats."""
-    n = SAMPLE_RATE * SECONDS
+    n = SAMPLE_RATE * seconds
     t = np.arange(n) / SAMPLE_RATE
     out = np.zeros(n, dtype=np.float64)
     beat = 0.5
-    for k in range(int(SECONDS / beat)):
+    for k in range(int(seconds / beat)):
         start = int(k * beat * SAMPLE_RATE)
         seg = t[: int(0.25 * SAMPLE_RATE)]
         kick = np.sin(2 * np.pi * (50 + 100 * np.exp(-seg * 30)) * seg) * np.exp(-seg * 12)
@@ -146,7 +147,7 @@ def beat_track() -> np.ndarray:
     return np.stack([mono, mono])
 
 
-def write(out: Path) -> None:
+def write(out: Path, seconds: int = SECONDS) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as container:
         container.metadata["title"] = "XiCON Dance default driving clip (synthetic)"
@@ -156,12 +157,12 @@ def write(out: Path) -> None:
         video.codec_context.thread_count = 1
         audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
         audio.bit_rate = 96_000
-        for i in range(FRAMES):
+        for i in range(FPS * seconds):
             frame = av.VideoFrame.from_image(render(i))
             frame.pts = i
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
-        samples = beat_track()
+        samples = beat_track(seconds)
         chunk = 1024
         for pos in range(0, samples.shape[1], chunk):
             block = np.ascontiguousarray(samples[:, pos : pos + chunk])
@@ -208,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     default = Path(__file__).resolve().parent.parent / "assets" / "default_video.mp4"
     parser.add_argument("--out", type=Path, default=default)
     parser.add_argument("--test-input", type=Path, default=None, help="also write a sample job")
+    parser.add_argument(
+        "--seconds", type=int, default=SECONDS, help="clip length (a longer dance for benchmarks)"
+    )
     args = parser.parse_args(argv)
-    write(args.out)
+    write(args.out, args.seconds)
     if args.test_input is not None:
         write_test_input(args.test_input)
     return 0

@@ -61,6 +61,12 @@ T5_MIN_BYTES = 1_000_000
 LOCK_PLATFORM = ("--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_35")
 
 
+NO_GIT_HINT = (
+    "Without access to GitHub, install from a source archive instead: --archive FILE (a tarball "
+    "of the ComfyUI/ tree at the locked commits, MANIFEST.json beside it; README, Tests)."
+)
+
+
 class StackError(Exception):
     """A step failed; the message says which and why."""
 
@@ -88,7 +94,12 @@ def place_from_git(comfy_dir: Path) -> dict[str, str]:
         git = ["git", "-C", str(dest)]
         run([*git, "init", "-q"])
         run([*git, "remote", "add", "origin", comp["repo"]])
-        run([*git, "fetch", "-q", "--depth", "1", "origin", comp["commit"]])
+        try:
+            run([*git, "fetch", "-q", "--depth", "1", "origin", comp["commit"]])
+        except StackError as exc:
+            raise StackError(
+                f"{comp['name']}: fetching {comp['repo']} failed ({exc}). {NO_GIT_HINT}"
+            ) from None
         run([*git, "checkout", "-q", "FETCH_HEAD"])
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
         heads[comp["name"]] = head.stdout.strip()

@@ -12,12 +12,17 @@ Use attribute access (``case.id`` ...): the tuple has five members.
 ``good_job_input(env)`` is a valid job (base64 image and video) to run right after a hostile one.
 ``HostileEnv`` also sets a small default video; point ``settings.default_video`` at
 ``env.default_video`` when a case leaves the video out.
+``env.volume`` stands in for the endpoint's network volume: set ``settings.volume_root`` to it
+BEFORE ``case_settings`` (a case may turn path inputs off with ``volume_root=None``). The path
+cases place files, links, FIFOs and sockets there and beside it (``env.outside``).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import os
+import socket
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +73,28 @@ class HostileEnv:
     @cached_property
     def default_video(self) -> Path:
         return make_video(self.file("default.mp4"), 64, 64, 8, 9, audio=False)
+
+    @cached_property
+    def volume(self) -> Path:
+        """The stand-in network volume (``settings.volume_root``)."""
+        path = self.file("volume")
+        path.mkdir(exist_ok=True)
+        return path
+
+    @cached_property
+    def outside(self) -> Path:
+        """A folder beside the volume holding a good image (what an escape would reach)."""
+        path = self.file("outside")
+        path.mkdir(exist_ok=True)
+        make_image(path / "private.png", 96, 160, "PNG")
+        return path
+
+    def on_volume(self, name: str, data: bytes) -> str:
+        """Write ``data`` to ``<volume>/<name>``; returns ``name`` (the relative job value)."""
+        target = self.volume / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return name
 
     def good_image_b64(self) -> str:
         return b64(self.image_png.read_bytes())
@@ -150,6 +177,42 @@ def _truncated_mp4(env: HostileEnv) -> bytes:
 
 def _port(env: HostileEnv) -> int:
     return env.server.port
+
+
+def _path_img(env: HostileEnv, value: str, **extra: Any) -> dict[str, Any]:
+    return {"image_path": value, **extra}
+
+
+def _link_out(env: HostileEnv) -> str:
+    """``<volume>/ref.png`` -> a good image outside the volume."""
+    (env.volume / "ref.png").symlink_to(env.outside / "private.png")
+    return "ref.png"
+
+
+def _dir_link_out(env: HostileEnv) -> str:
+    """``<volume>/shared`` -> a folder outside; the job names a file under the link."""
+    (env.volume / "shared").symlink_to(env.outside, target_is_directory=True)
+    return "shared/private.png"
+
+
+def _fifo(env: HostileEnv) -> str:
+    os.mkfifo(env.volume / "pipe.png")
+    return "pipe.png"
+
+
+def _socket_file(env: HostileEnv) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(env.volume / "s.png"))  # the socket file stays after close
+    return "s.png"
+
+
+def _folder(env: HostileEnv) -> str:
+    (env.volume / "inputs" / "ref.png").mkdir(parents=True)
+    return "inputs/ref.png"
+
+
+def _absolute_on_volume(env: HostileEnv, name: str, data: bytes) -> str:
+    return str(env.volume / env.on_volume(name, data))
 
 
 # ---------------------------------------------------------------- the corpus
@@ -511,6 +574,129 @@ CASES: list[HostileCase] = [
         "video_url",
         "invalid_video",
     ),
+    # --- paths on the network volume
+    HostileCase(
+        "image_path_dotdot",
+        lambda env: _path_img(env, "../outside/private.png"),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_dotdot_inside",
+        lambda env: _path_img(env, "a/../" + env.on_volume("ok.png", env.image_png.read_bytes())),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_absolute_outside",
+        lambda env: _path_img(env, str(env.outside / "private.png")),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_etc_passwd",
+        lambda env: _path_img(env, "/etc/passwd"),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_symlink_out",
+        lambda env: _path_img(env, _link_out(env)),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_dir_symlink_out",
+        lambda env: _path_img(env, _dir_link_out(env)),
+        "image_path",
+        "path_forbidden",
+    ),
+    HostileCase(
+        "image_path_missing",
+        lambda env: _path_img(env, "nope/ref.png"),
+        "image_path",
+        "path_not_found",
+    ),
+    HostileCase(
+        "image_path_directory",
+        lambda env: _path_img(env, _folder(env)),
+        "image_path",
+        "path_not_file",
+    ),
+    HostileCase(
+        "image_path_fifo", lambda env: _path_img(env, _fifo(env)), "image_path", "path_not_file"
+    ),
+    HostileCase(
+        "image_path_socket",
+        lambda env: _path_img(env, _socket_file(env)),
+        "image_path",
+        "path_not_file",
+    ),
+    HostileCase(
+        "image_path_nul",
+        lambda env: _path_img(env, "ref\x00.png"),
+        "image_path",
+        "invalid_input",
+    ),
+    HostileCase(
+        "image_path_when_paths_are_off",
+        lambda env: _path_img(env, env.on_volume("ok.png", env.image_png.read_bytes())),
+        "image_path",
+        "path_forbidden",
+        {"volume_root": None},
+    ),
+    HostileCase(
+        "image_path_over_cap",
+        lambda env: _path_img(env, env.on_volume("big.png", env.image_png.read_bytes())),
+        "image_path",
+        "too_large",
+        {"max_image_bytes": 100},
+    ),
+    HostileCase(
+        "image_path_not_an_image",
+        lambda env: _path_img(env, env.on_volume("t.png", b"plain text, not a picture")),
+        "image_path",
+        "invalid_image",
+    ),
+    HostileCase(
+        "image_path_and_base64",
+        lambda env: _img(env, image_path=env.on_volume("ok.png", env.image_png.read_bytes())),
+        "image_base64",
+        "conflicting_inputs",
+    ),
+    HostileCase(
+        "video_path_and_url",
+        lambda env: _img(env, video_url="https://example.com/v.mp4", video_path="v.mp4"),
+        "video_url",
+        "conflicting_inputs",
+    ),
+    HostileCase(
+        "video_path_text",
+        lambda env: _img(env, video_path=env.on_volume("v/d.mp4", b"not a video at all")),
+        "video_path",
+        "invalid_video",
+    ),
+    HostileCase(
+        "video_path_over_cap",
+        lambda env: _img(
+            env, video_path=_absolute_on_volume(env, "d.mp4", env.video_mp4.read_bytes())
+        ),
+        "video_path",
+        "too_large",
+        {"max_video_bytes": 2_000},
+    ),
+    HostileCase(
+        "video_path_symlink_to_proc",
+        lambda env: _img(env, video_path=_link(env, "v.mp4", "/proc/self/environ")),
+        "video_path",
+        "path_forbidden",
+    ),
 ]
+
+
+def _link(env: HostileEnv, name: str, target: str) -> str:
+    (env.volume / name).symlink_to(target)
+    return name
+
 
 CASE_IDS = [case.id for case in CASES]

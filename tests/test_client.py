@@ -31,7 +31,8 @@ import pytest
 from tests.plugins.comfy import stop_process
 from tests.plugins.fake_runpod import API_KEY, FakeRunpod
 from xicon_dance import client
-from xicon_dance.__main__ import ProgressView, main
+from xicon_dance.client.cli import main
+from xicon_dance.client.view import ProgressView
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
 IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 100
@@ -477,18 +478,40 @@ def test_bad_out_is_refused_before_anything_is_sent(fake_runpod, image, tmp_path
     assert fake_runpod.requests == []
 
 
+def test_out_is_tried_for_real_before_anything_is_sent(fake_runpod, image, tmp_path, capsys):
+    """``/proc/x.mp4`` passes permission checks as root but cannot be created: exit 2 up front."""
+    assert cli(fake_runpod, image, Path("/proc/xicon-dance-test.mp4")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --out:") and "/proc/xicon-dance-test.mp4" in err
+    assert fake_runpod.requests == []
+    assert not Path("/proc/xicon-dance-test.mp4").exists()
+
+
+def test_check_out_leaves_nothing_behind(tmp_path):
+    """The trial creates the file and its missing folders, then removes them again; an existing
+    file is opened for appending, never truncated."""
+    out = tmp_path / "a" / "b" / "video.mp4"
+    assert client.check_out(out) == out
+    assert not (tmp_path / "a").exists()
+    existing = tmp_path / "old.mp4"
+    existing.write_bytes(b"keep me")
+    assert client.check_out(existing) == existing and existing.read_bytes() == b"keep me"
+
+
 def test_connection_retries_are_shown_as_they_happen(fake_runpod, image, tmp_path, capsys):
-    fake_runpod.fail_next("/run", 503, times=2)
-    fake_runpod.queue_job([completed({"base64": client_b64()})])
+    fake_runpod.fail_next("/run", 429, times=2)  # rate limited: nothing was accepted
+    fake_runpod.fail_next("/status/", 503)
+    fake_runpod.queue_job([{"status": "IN_QUEUE"}, completed({"base64": client_b64()})])
     assert cli(fake_runpod, image, tmp_path / "a.mp4") == 0
     err = capsys.readouterr().err
-    assert "HTTP 503; retry 1 of 5 in" in err and "HTTP 503; retry 2 of 5 in" in err
+    assert "HTTP 429; retry 1 of 5 in" in err and "HTTP 429; retry 2 of 5 in" in err
+    assert "HTTP 503; retry 1 of 5 in" in err
+    assert fake_runpod.paths("POST").count("/run") == 3 and len(fake_runpod.jobs) == 1
 
 
 async def test_an_unreachable_endpoint_reports_each_retry(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    """A name that does not resolve: the request was never sent, so even /run is retried."""
+    base_url = "http://xicon-dance-test.invalid:8000"
     seen: list[tuple[float, str]] = []
     started = time.monotonic()
 
@@ -498,15 +521,87 @@ async def test_an_unreachable_endpoint_reports_each_retry(tmp_path):
 
     with pytest.raises(client.ApiError) as err:
         await client.run_job(
-            {"image_url": "https://x/a.png"},
-            base_url=f"http://127.0.0.1:{port}",
-            on_update=on_update,
-            retries=3,
+            {"image_url": "https://x/a.png"}, base_url=base_url, on_update=on_update, retries=3
         )
     assert [d.split(";")[1].strip()[:10] for _, d in seen] == ["retry 1 of", "retry 2 of"]
-    assert all(f"cannot reach http://127.0.0.1:{port}" in d for _, d in seen)
-    assert seen[0][0] < 2.0  # the first failure is shown at once, not after all retries
+    assert all(f"cannot reach {base_url}" in d for _, d in seen)
+    assert seen[0][0] < seen[1][0]  # the first failure is shown at once, not after all retries
     assert "cannot reach" in err.value.message
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_local_server_that_is_not_running_gets_one_line(image, tmp_path, capsys, host):
+    """No retries to watch for 15 s: one line naming host:port and how to start the local API."""
+    port = _closed_port()
+    base = ["run", "--base-url", f"http://{host}:{port}", "--image", str(image)]
+    assert main([*base, "--out", str(tmp_path / "a.mp4"), "--local"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"Nothing answers at {host}:{port}" in err
+    assert "python handler.py --rp_serve_api" in err
+    assert "retry" not in err and "ClientConnectorError" not in err
+
+
+class _AcceptsThenFails(BaseHTTPRequestHandler):
+    """Reads the whole POST (the job is submitted), then: no answer, HTTP 500 or a hang-up."""
+
+    mode = "hang"
+    posts = 0
+    release = threading.Event()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).posts += 1
+        if self.mode == "hang":  # the answer never comes while the client waits
+            self.release.wait(30)
+            return
+        if self.mode == "drop":
+            self.close_connection = True
+            return
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.mark.parametrize("mode", ["hang", "500", "drop"])
+async def test_a_submit_that_may_have_been_accepted_is_not_retried(mode):
+    """A read timeout, a 5xx or a dropped connection after POST /run was sent: RunPod may have
+    accepted the job, so a retry could run a second paid job. One request, then a message that
+    says how to find the job."""
+    handler = type("Handler", (_AcceptsThenFails,), {"mode": mode, "release": threading.Event()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen: list[str] = []
+    try:
+        with pytest.raises(client.ApiError) as err:
+            await client.run_job(
+                {"image_url": "https://x/a.png"},
+                base_url=f"http://127.0.0.1:{server.server_address[1]}",
+                on_update=lambda u: seen.append(u.status),
+                retries=4,
+                api_timeout_s=0.5,
+            )
+    finally:
+        handler.release.set()
+        server.shutdown()
+        server.server_close()
+    assert handler.posts == 1
+    assert client.RETRYING not in seen
+    message = err.value.message
+    assert message.startswith("POST /run")
+    assert "may have accepted the job" in message and "second paid job" in message
+    assert "/status/" in message and "RunPod console" in message
+    if mode == "500":
+        assert "HTTP 500" in message and err.value.status == 500
 
 
 class _HtmlErrors(BaseHTTPRequestHandler):
@@ -572,7 +667,7 @@ def test_the_client_imports_without_the_worker_dependencies():
         f"        if name.split('.')[0] in {blocked!r}:\n"
         f"            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from xicon_dance.__main__ import main\n"
+        "from xicon_dance.client.cli import main\n"
         "sys.exit(main(['run', '--help']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -582,3 +677,53 @@ def test_the_client_imports_without_the_worker_dependencies():
     base = {req.split("==")[0].lower() for req in project["project"]["dependencies"]}
     assert base.isdisjoint({"runpod", "boto3", "botocore", "av", "pillow", "pydantic"})
     assert "client" in project["project"]["optional-dependencies"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "shown"),
+    [
+        (
+            {"stage": "sampling", "step": 3, "steps": 6, "windows": 27, "eta_s": 250.4},
+            "sampling 3/6 · 27 windows · ETA 4m10s",
+        ),
+        (
+            {"stage": "sampling", "step": 3, "steps": 6, "window": 5, "windows": 27, "eta_s": 42},
+            "sampling 3/6 · window 5/27 · ETA 42s",
+        ),
+        ({"stage": "decoding", "percent": 93, "eta_s": 3725.0}, "decoding · ETA 1h02m"),
+        ({"stage": "sampling", "step": 2, "total": 6, "percent": 40}, "sampling 2/6"),
+    ],
+)
+def test_progress_shows_windows_and_eta_when_the_worker_sends_them(payload, shown):
+    progress = client.Progress.from_payload(payload)
+    line = ProgressView.render(client.JobUpdate("j1", "IN_PROGRESS", progress, 65.0))
+    assert line.endswith(f"% {shown}"), line
+
+
+def test_progress_message_restating_the_new_keys_is_not_repeated():
+    payload = {
+        "stage": "sampling",
+        "step": 3,
+        "steps": 6,
+        "window": 5,
+        "windows": 27,
+        "eta_s": 250,
+        "percent": 50,
+        "message": "sampling step 3/6, window 5/27, ETA 250 s",
+    }
+    line = ProgressView.render(
+        client.JobUpdate("j1", "IN_PROGRESS", client.Progress.from_payload(payload), 1.0)
+    )
+    assert line.endswith("sampling 3/6 · window 5/27 · ETA 4m10s"), line
+
+
+def test_new_progress_keys_reach_the_command_line(fake_runpod, image, tmp_path, capsys):
+    sampling = {"stage": "sampling", "step": 2, "steps": 6, "windows": 27, "eta_s": 130.0}
+    fake_runpod.queue_job(
+        [
+            {"status": "IN_PROGRESS", "output": {**sampling, "percent": 40}},
+            completed({"base64": client_b64()}),
+        ]
+    )
+    assert cli(fake_runpod, image, tmp_path / "r.mp4") == 0
+    assert "sampling 2/6 · 27 windows · ETA 2m10s" in capsys.readouterr().err

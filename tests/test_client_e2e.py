@@ -11,7 +11,7 @@ import pytest
 
 from tests.plugins.comfy import DoubleProcess
 from tests.plugins.media_factory import make_image, make_video
-from xicon_dance.__main__ import main
+from xicon_dance.client.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

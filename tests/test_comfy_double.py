@@ -413,7 +413,7 @@ async def test_upload_image_dedupe_and_rename(http, comfy_double):
 async def test_info_and_control_routes(http, comfy_double):
     async with http.get("/api/system_stats") as resp:
         stats = await resp.json()
-    assert stats["system"]["comfyui_version"] == "0.8.0" and isinstance(stats["devices"], list)
+    assert stats["system"]["comfyui_version"] == "0.33.0" and isinstance(stats["devices"], list)
     async with http.get("/history/unknown") as resp:
         assert await resp.json() == {}
     async with http.get("/object_info/NoSuchNode") as resp:

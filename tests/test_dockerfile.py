@@ -165,6 +165,101 @@ def test_copy_sources_exist_and_are_not_ignored(line: str) -> None:
         assert not _ignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
 
 
+def _bind_sources() -> list[str]:
+    return [
+        m.group(1)
+        for line in _logical_lines()
+        for m in re.finditer(r"--mount=type=bind,source=([^,\s]+)", line)
+    ]
+
+
+@pytest.mark.parametrize("src", _bind_sources())
+def test_bind_mount_sources_exist_and_are_not_ignored(src: str) -> None:
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    assert (ROOT / src).is_file(), f"bind-mount source {src} is missing"
+    assert not _ignored(src, patterns), f"bind-mount source {src} is excluded by .dockerignore"
+
+
+APT_SCRIPT = "scripts/apt_python311.sh"
+
+
+def _stage_packages() -> dict[str, list[str]]:
+    """The extra packages each stage asks of ``APT_SCRIPT``, by stage name."""
+    found, stage = {}, ""
+    for line in _logical_lines():
+        m = re.match(r"FROM \S+ AS (\w+)", line)
+        stage = m.group(1) if m else stage
+        m = re.search(rf"bash /tmp/{Path(APT_SCRIPT).name} (.*)$", line)
+        if m:
+            found[stage] = m.group(1).split()
+    return found
+
+
+def test_both_base_images_get_python_from_the_one_apt_script() -> None:
+    assert "apt-get" not in DOCKERFILE.read_text()  # every apt step is the script's
+    packages = _stage_packages()
+    assert set(packages) == {"builder", "pybase"}
+    assert {"git", "build-essential"} <= set(packages["builder"])
+    assert {"ffmpeg", "gcc", "libgl1", "libglib2.0-0"} <= set(packages["pybase"])
+
+
+def test_apt_script_installs_python311_and_the_named_packages_then_cleans_up(
+    tmp_path: Path,
+) -> None:
+    """Run against stand-ins of apt-get and add-apt-repository that record their calls."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    for tool in ("apt-get", "add-apt-repository"):
+        stub = bindir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        stub.chmod(0o755)
+    lists = tmp_path / "lists"
+    script = (ROOT / APT_SCRIPT).read_text().replace("/var/lib/apt/lists", str(lists))
+    lists.mkdir()
+    (lists / "stale").write_text("x")
+    proc = subprocess.run(
+        ["bash", "-c", script, APT_SCRIPT, "ffmpeg", "curl"],
+        env={"PATH": f"{bindir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ppa_tools = "software-properties-common gpg-agent"
+    assert calls.read_text().splitlines() == [
+        "apt-get update",
+        f"apt-get install -y --no-install-recommends {ppa_tools}",
+        "add-apt-repository -y ppa:deadsnakes/ppa",
+        "apt-get update",
+        "apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev "
+        "ca-certificates ffmpeg curl",
+        f"apt-get purge -y {ppa_tools}",
+        "apt-get autoremove -y",
+    ]
+    assert list(lists.iterdir()) == []
+
+
+def test_apt_script_stops_at_the_first_failure(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "apt-get").write_text('#!/bin/sh\necho "apt-get $*" >&2\n[ "$1" != install ]\n')
+    (bindir / "add-apt-repository").write_text('#!/bin/sh\necho "add-apt-repository $*" >&2\n')
+    for stub in bindir.iterdir():
+        stub.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(ROOT / APT_SCRIPT), "ffmpeg"],
+        env={"PATH": f"{bindir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "add-apt-repository" not in proc.stderr and "purge" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("arch_list", "builds"),
     [

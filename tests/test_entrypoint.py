@@ -20,12 +20,17 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 import pytest
+
+from tests.plugins.comfy import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "entrypoint.sh"
@@ -201,12 +206,6 @@ FAKE_SAGEATTENTION = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Rig:
     tmp: Path
@@ -232,6 +231,22 @@ class Rig:
             text=True,
             start_new_session=True,
         )
+
+    @contextlib.contextmanager
+    def serving(self, **env: str) -> Iterator[subprocess.Popen[str]]:
+        """The entrypoint started, once its handler has started; every process of it is
+        killed on the way out."""
+        proc = self.start(**env)
+        try:
+            _wait_for(self.handler_file, proc)
+            yield proc
+        finally:
+            _kill_group(proc)
+
+    def serve_until_ready(self, **env: str) -> None:
+        """Start the entrypoint, wait until its handler has started, kill it."""
+        with self.serving(**env):
+            pass
 
     def run(self, timeout: float = 60, **env: str) -> tuple[int, str]:
         proc = self.start(**env)
@@ -280,7 +295,7 @@ def rig(tmp_path: Path) -> Rig:
         "HANDLER": str(tmp_path / "handler.py"),
         "WORKER_DIR": str(ROOT),
         "COMFY_DIR": str(tmp_path / "comfy"),
-        "COMFY_HOST": f"127.0.0.1:{_free_port()}",
+        "COMFY_HOST": f"127.0.0.1:{free_port()}",
         "COMFY_PID_FILE": str(tmp_path / "comfy.pid"),
         "COMFY_LOG_FILE": str(tmp_path / "comfy.log"),
         "COMFY_STARTUP_TIMEOUT_S": "30",
@@ -308,9 +323,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> N
 def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
     """The entrypoint stays PID 1 as a supervisor: the handler is its child, SIGTERM is passed on,
     and once the handler exits ComfyUI is stopped and reaped; the exit status is the handler's."""
-    proc = rig.start()
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving() as proc:
         info = json.loads(rig.handler_file.read_text())
         assert info["ppid"] == proc.pid and info["pid"] != proc.pid
         assert info["argv"] == []
@@ -328,8 +341,6 @@ def test_ready_then_handler_gets_sigterm(rig: Rig) -> None:
         assert "ComfyUI ready" in out and "passing it to the handler" in out
         assert "handler exited with code 0; stopping ComfyUI" in out
         assert not _alive(comfy_pid), "ComfyUI must be stopped (and reaped) with the handler"
-    finally:
-        _kill_group(proc)
 
 
 def test_handler_exit_stops_comfy_and_passes_its_status(rig: Rig) -> None:
@@ -344,13 +355,9 @@ def test_comfy_dying_while_serving_stops_the_handler(rig: Rig) -> None:
     """ComfyUI gone means no job can succeed: the handler is stopped, the worker exits 1 with
     ComfyUI's last lines, and the platform starts a fresh one."""
     die_file = rig.tmp / "die-now"
-    proc = rig.start(STANDIN_DIE_FILE=str(die_file))
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(STANDIN_DIE_FILE=str(die_file)) as proc:
         die_file.write_text("x")
         rc = proc.wait(timeout=20)
-    finally:
-        _kill_group(proc)
     assert proc.stdout is not None
     out = proc.stdout.read()
     assert rc == 1, out
@@ -363,42 +370,26 @@ def test_handler_environment_keeps_the_sdk_off_the_gpu(rig: Rig) -> None:
     """The SDK's automatic system checks import torch and allocate on the GPU in the handler
     process (a second CUDA context beside the model); the entrypoint turns them off and sets the
     SDK's log level, unless the operator set them."""
-    proc = rig.start()
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready()
     env = json.loads(rig.handler_file.read_text())["env"]
     assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
     assert env["RUNPOD_LOG_LEVEL"] == "INFO"
     rig.handler_file.unlink()
-    proc = rig.start(RUNPOD_LOG_LEVEL="DEBUG")
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready(RUNPOD_LOG_LEVEL="DEBUG")
     assert json.loads(rig.handler_file.read_text())["env"]["RUNPOD_LOG_LEVEL"] == "DEBUG"
 
 
 def test_sageattention_disabled_drops_the_flag(rig: Rig) -> None:
-    proc = rig.start(SAGEATTENTION_ENABLED="0")
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(SAGEATTENTION_ENABLED="0"):
         assert "--use-sage-attention" not in rig.comfy_argv()
         assert "--disable-metadata" in rig.comfy_argv()
-    finally:
-        _kill_group(proc)
 
 
 @pytest.mark.parametrize(("port", "expect"), [(None, "8000"), ("8123", "8123")])
 def test_serve_api_locally_adds_sdk_flags(rig: Rig, port: str | None, expect: str) -> None:
-    proc = rig.start(SERVE_API_LOCALLY="true", **({"RP_API_PORT": port} if port else {}))
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(SERVE_API_LOCALLY="true", **({"RP_API_PORT": port} if port else {})):
         argv = json.loads(rig.handler_file.read_text())["argv"]
         assert argv == ["--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", expect]
-    finally:
-        _kill_group(proc)
 
 
 def test_bad_api_port_is_refused(rig: Rig) -> None:
@@ -422,14 +413,10 @@ def test_startup_deadline(rig: Rig) -> None:
 
 
 def test_sage_fallback_warning(rig: Rig) -> None:
-    proc = rig.start(STANDIN_MODE="sagefail")
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(STANDIN_MODE="sagefail") as proc:
         _, out = _stop(proc)
         assert "WARNING: SAGEATTENTION FALLBACK" in out
         assert "Error running sage attention" in Path(rig.env["COMFY_LOG_FILE"]).read_text()
-    finally:
-        _kill_group(proc)
 
 
 def test_gpu_preflight_arch_not_in_image(rig: Rig) -> None:
@@ -454,12 +441,10 @@ def test_gpu_preflight_passes_for_a_listed_arch(rig: Rig) -> None:
         "IMAGE_CUDA_ARCH_LIST": "8.9;9.0;12.0",
         "FAKE_CAPABILITY": "12.0",
     }
-    proc = rig.start(**env, PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}")
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
-    assert proc.stdout is not None
+    with rig.serving(**env, PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}") as proc:
+        _, out = _stop(proc)
+    assert "GPU PREFLIGHT: ok, Fake GPU, capability 12.0" in out
+    assert "GPU preflight failed" not in out and rig.argv_file.exists()
 
 
 @pytest.mark.parametrize(
@@ -481,18 +466,14 @@ def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
     """The self-test runs whether or not GPU_PREFLIGHT is on, at the job's attention shape."""
     env = {"GPU_PREFLIGHT": preflight, "IMAGE_CUDA_ARCH_LIST": "9.0;12.0", "FAKE_CAPABILITY": "9.0"}
     shape = rig.tmp / "sage_shape.txt"
-    proc = rig.start(
+    with rig.serving(
         **env,
         **fake,
         SAGE_SELF_TEST="1",
         FAKE_SAGE_SHAPE=str(shape),
         PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
-    )
-    try:
-        _wait_for(rig.handler_file, proc)
+    ) as proc:
         _, out = _stop(proc)
-    finally:
-        _kill_group(proc)
     handler = json.loads(rig.handler_file.read_text())
     assert ("--use-sage-attention" in rig.comfy_argv()) is expect_sage
     assert handler["sage"] == (None if expect_sage else "0")
@@ -508,17 +489,13 @@ def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
 
 def test_sage_self_test_skipped_when_sage_is_off(rig: Rig) -> None:
     env = {"GPU_PREFLIGHT": "1", "FAKE_CAPABILITY": "9.0", "SAGEATTENTION_ENABLED": "0"}
-    proc = rig.start(
+    with rig.serving(
         **env,
         SAGE_SELF_TEST="1",
         FAKE_SAGE="missing",
         PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
-    )
-    try:
-        _wait_for(rig.handler_file, proc)
+    ) as proc:
         _, out = _stop(proc)
-    finally:
-        _kill_group(proc)
     assert "SELF-TEST" not in out and "sageattn" not in out
 
 
@@ -562,11 +539,7 @@ def test_models_linked_from_runpod_cache(rig: Rig) -> None:
     snap.parent.mkdir(parents=True)
     snap.write_bytes(b"cached weights")
     models = rig.tmp / "models"
-    proc = rig.start(HF_CACHE_DIR=str(rig.tmp / "hfcache"), MODELS_DIR=str(models))
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready(HF_CACHE_DIR=str(rig.tmp / "hfcache"), MODELS_DIR=str(models))
     linked = models / "vae" / vae["filename"]
     assert linked.is_symlink() and linked.read_bytes() == b"cached weights"
 
@@ -591,11 +564,7 @@ def test_model_download_at_start_fills_the_volume(rig: Rig, http_server) -> None
         "MODEL_MANIFEST": str(manifest),
         "VOLUME_MODELS_DIR": str(volume),
     }
-    proc = rig.start(**env)
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready(**env)
     assert (volume / "nlf" / "tiny.torchscript").read_bytes() == body
 
 
@@ -648,16 +617,33 @@ def test_log_reader_survives_a_lost_log_file(rig: Rig) -> None:
     """A log write error must not kill the reader, or ComfyUI's prints would hit a closed pipe."""
     logdir = rig.tmp / "logs"
     logdir.mkdir()
-    proc = rig.start(STANDIN_MODE="chatty", COMFY_LOG_FILE=str(logdir / "comfy.log"))
-    try:
-        _wait_for(rig.handler_file, proc)
+    printerror = rig.tmp / "argv.json.printerror"
+    with rig.serving(STANDIN_MODE="chatty", COMFY_LOG_FILE=str(logdir / "comfy.log")) as proc:
+        shown = _LineCollector(proc)
         shutil.rmtree(logdir)  # every later append to the log file fails
-        time.sleep(1.5)
-        assert not (rig.tmp / "argv.json.printerror").exists(), (
-            rig.tmp / "argv.json.printerror"
-        ).read_text()
-    finally:
-        _kill_group(proc)
+        removed_at = len(shown.lines)
+        # the reader keeps passing ComfyUI's lines on: 20 more after the removal (a dead reader
+        # passes none, and the stand-in's next print fails)
+        deadline = time.monotonic() + 30
+        while sum("chatter" in line for line in shown.lines[removed_at:]) < 20:
+            assert not printerror.exists(), printerror.read_text()
+            assert time.monotonic() < deadline, f"the reader stopped: {shown.lines[-5:]}"
+            time.sleep(0.05)
+        assert not printerror.exists(), printerror.read_text()
+        assert not logdir.exists()
+
+
+class _LineCollector:
+    """The lines of ``proc``'s stdout, read in a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.lines.append(line)
 
 
 def _warmup_job(rig: Rig, body: str = "x") -> Path:
@@ -670,11 +656,7 @@ def _warmup_job(rig: Rig, body: str = "x") -> Path:
 
 def test_warmup_runs_one_job_then_serves(rig: Rig) -> None:
     job = _warmup_job(rig)
-    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(job))
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready(WARMUP="1", WARMUP_INPUT=str(job))
     warm = json.loads(Path(str(rig.handler_file) + ".warmup").read_text())
     assert warm["job"] == json.loads(job.read_text())
     assert warm["log_level"] == "WARN"  # the SDK must not log the whole result (a base64 video)
@@ -682,12 +664,8 @@ def test_warmup_runs_one_job_then_serves(rig: Rig) -> None:
 
 
 def test_failed_warmup_with_live_comfy_still_serves(rig: Rig) -> None:
-    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(_warmup_job(rig)), WARMUP_RC="1")
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(WARMUP="1", WARMUP_INPUT=str(_warmup_job(rig)), WARMUP_RC="1") as proc:
         _, out = _stop(proc)
-    finally:
-        _kill_group(proc)
     assert "warm-up job failed; serving anyway" in out
 
 
@@ -700,12 +678,8 @@ def test_warmup_that_kills_comfy_stops_the_start(rig: Rig) -> None:
 
 def test_oversized_warmup_input_is_skipped_with_a_reason(rig: Rig) -> None:
     job = _warmup_job(rig, body="x" * 140_000)
-    proc = rig.start(WARMUP="1", WARMUP_INPUT=str(job))
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(WARMUP="1", WARMUP_INPUT=str(job)) as proc:
         _, out = _stop(proc)
-    finally:
-        _kill_group(proc)
     assert "warm-up skipped" in out and "image_url/video_url" in out
     assert not Path(str(rig.handler_file) + ".warmup").exists()
 
@@ -716,17 +690,13 @@ def test_oversized_warmup_input_is_skipped_with_a_reason(rig: Rig) -> None:
 def test_comfy_log_is_rotated_past_its_cap(rig: Rig) -> None:
     log_file = Path(rig.env["COMFY_LOG_FILE"])
     rotated = Path(str(log_file) + ".1")
-    proc = rig.start(STANDIN_MODE="chatty", COMFY_LOG_MAX_BYTES="400")
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving(STANDIN_MODE="chatty", COMFY_LOG_MAX_BYTES="400"):
         deadline = time.monotonic() + 20
         while _last_chatter(rotated) <= 20:  # rotated more than once
             assert time.monotonic() < deadline, "the log was never rotated"
             time.sleep(0.05)
         for path in (log_file, rotated):
             assert path.stat().st_size <= 400 + 40, (path, path.stat().st_size)
-    finally:
-        _kill_group(proc)
 
 
 def _last_chatter(path: Path) -> int:
@@ -737,9 +707,7 @@ def _last_chatter(path: Path) -> int:
 def test_comfy_listens_on_loopback_only(rig: Rig) -> None:
     """From the entrypoint's real command line: ComfyUI (no authentication) is bound to
     127.0.0.1 and nothing else; it is not reachable on this machine's other addresses."""
-    proc = rig.start()
-    try:
-        _wait_for(rig.handler_file, proc)
+    with rig.serving():
         comfy_pid = int(Path(rig.env["COMFY_PID_FILE"]).read_text())
         argv = rig.comfy_argv()
         assert argv.count("--listen") == 1 and argv[argv.index("--listen") + 1] == "127.0.0.1"
@@ -754,8 +722,6 @@ def test_comfy_listens_on_loopback_only(rig: Rig) -> None:
             with socket.socket() as s, pytest.raises(OSError):
                 s.settimeout(2)
                 s.connect((address, port))
-    finally:
-        _kill_group(proc)
 
 
 def _other_local_addresses() -> list[str]:
@@ -788,11 +754,7 @@ def test_comfy_does_not_get_the_worker_secrets(rig: Rig) -> None:
         "BUCKET_SECRET_ACCESS_KEY": "bucket-secret-2",
         "RUNPOD_AI_API_KEY": "rp-secret-3",
     }
-    proc = rig.start(**secrets)
-    try:
-        _wait_for(rig.handler_file, proc)
-    finally:
-        _kill_group(proc)
+    rig.serve_until_ready(**secrets)
     comfy_env = json.loads(Path(str(rig.argv_file) + ".env").read_text())
     assert not set(secrets) & set(comfy_env)
     handler_env = json.loads(rig.handler_file.read_text())["env"]

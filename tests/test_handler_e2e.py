@@ -27,7 +27,7 @@ import requests
 
 from tests.plugins.comfy import DoubleProcess
 from tests.plugins.http_server import HttpServer
-from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.media_factory import SMALL_JOB, make_image, make_video
 from tests.plugins.worker import handler_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -36,6 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_LINE = re.compile(r"Job result: (\{.*\})\s*$", re.MULTILINE)
 # On failure the SDK's local mode logs only the error string, then exits 1 (runpod 1.12.0).
 ERROR_LINE = re.compile(r"Job local_test failed with error: (.*)$", re.MULTILINE)
+# An invalid input is refused at start-up, before the worker waits for ComfyUI (exit 1 too).
+INPUT_LINE = re.compile(r"the job input is invalid, nothing was run: (.*) \((\w+)\)$", re.MULTILINE)
 
 
 def run_test_input(job_input: Any, env: dict[str, str]) -> tuple[int, dict[str, Any], str]:
@@ -49,9 +51,12 @@ def run_test_input(job_input: Any, env: dict[str, str]) -> tuple[int, dict[str, 
     )
     found = RESULT_LINE.search(proc.stdout)
     failed = ERROR_LINE.search(proc.stdout)
+    refused = INPUT_LINE.search(proc.stdout + proc.stderr)
     result = ast.literal_eval(found.group(1)) if found else {}
     if failed:
         result = {"error": failed.group(1)}
+    elif refused:
+        result = {"error": refused.group(1), "code": refused.group(2)}
     return proc.returncode, result, proc.stdout + proc.stderr
 
 
@@ -68,7 +73,7 @@ def media(tmp_path: Path, http_server: HttpServer) -> dict[str, str]:
 
 
 def small(**extra: Any) -> dict[str, Any]:
-    return {"width": 256, "height": 256, "max_frames": 9, "steps": 2, **extra}
+    return {**SMALL_JOB, **extra}
 
 
 def test_test_input_mode_url_inputs_and_s3_output(
@@ -117,6 +122,7 @@ def test_test_input_mode_failures_exit_1(
     code, result, logs = run_test_input(small(image_base64=media["image_b64"], steps=0), env)
     assert code == 1, logs[-2000:]
     assert result["error"].startswith("steps: must be between 1 and 50")
+    assert result["code"] == "invalid_input"  # refused before the wait for ComfyUI
 
     double.set_faults(die_at_node="348")
     code, result, logs = run_test_input(
@@ -260,6 +266,20 @@ def test_start_up_refuses_an_input_folder_comfyui_does_not_read(
     assert list(elsewhere.iterdir()) == []  # the probe file is removed again
 
 
+def test_start_up_refuses_a_comfy_dir_that_does_not_exist_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """The README line without COMFY_DIR ended in /comfyui/input being created (as root)."""
+    missing = tmp_path / "no-comfyui"
+    env = _no_comfy_env()
+    env["COMFY_DIR"] = str(missing)
+    code, _, logs = run_test_input({"image_url": "https://example.com/a.png"}, env)
+    assert code == 2, logs[-3000:]
+    assert f"ComfyUI's folder {missing} (COMFY_DIR) does not exist on this machine" in logs
+    assert "its --root" in logs and "waiting up to" not in logs and "Traceback" not in logs
+    assert not missing.exists()
+
+
 def test_help_answers_without_comfyui(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "COMFY_"))}
     env["COMFY_HOST"] = "127.0.0.1:9"  # nothing listens there; --help must not wait for it
@@ -274,3 +294,56 @@ def test_help_answers_without_comfyui(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "--test_input" in proc.stdout and "--rp_serve_api" in proc.stdout
     assert "waiting" not in proc.stdout + proc.stderr
+    # The worker's own part: modes, the settings a local run needs, the exit codes.
+    assert "usage: python handler.py" in proc.stdout
+    assert "python handler.py --test_input JSON" in proc.stdout
+    for name in ("COMFY_HOST=127.0.0.1:8188", "COMFY_DIR=/comfyui", "LOCAL_OUTPUT_DIR=output"):
+        assert name in proc.stdout
+    exit_codes = proc.stdout.split("exit codes:")[1]
+    assert [line.split()[0] for line in exit_codes.strip().splitlines()] == ["0", "1", "2", "3"]
+
+
+def _no_comfy_env() -> dict[str, str]:
+    """A local run's environment with nothing listening at COMFY_HOST and the default start-up
+    wait (30 s in a local run): a run that reached the wait would log "waiting up to"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "COMFY_"))}
+    env["COMFY_HOST"] = "127.0.0.1:9"
+    return env
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        ({"input": {}}, "image_url: a reference image is required"),
+        ({"input": {"image_url": "https://example.com/a.png", "steps": 0}}, "steps: must be"),
+        ({"inputs": {}}, 'the job has no "input"'),
+    ],
+)
+def test_test_input_is_checked_before_waiting_for_comfyui(job: Any, expected: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", json.dumps(job)],
+        cwd=REPO_ROOT,
+        env=_no_comfy_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 1, logs[-2000:]  # as a failed job
+    assert expected in logs and "nothing was run" in logs
+    assert "waiting up to" not in logs and "Traceback" not in logs
+
+
+def test_missing_test_input_json_is_named_before_waiting(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "handler.py")],
+        cwd=tmp_path,  # a folder without test_input.json
+        env=_no_comfy_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 1, logs[-2000:]
+    assert f"{tmp_path / 'test_input.json'} is missing" in logs and "--test_input" in logs
+    assert "waiting up to" not in logs and "Traceback" not in logs

@@ -58,7 +58,8 @@ async def test_hostile_case_then_good_job(
             "JOB_TIMEOUT_S": "30",
         }
     )
-    settings = dataclasses.replace(case_settings(case, base), default_video=env.default_video)
+    on_volume = dataclasses.replace(base, volume_root=env.volume)
+    settings = dataclasses.replace(case_settings(case, on_volume), default_video=env.default_video)
     worker = Worker(settings, Workflow.load(GRAPH), comfy, reporter_factory=_quiet)
     submitted_before = len(comfy_double.prompts)
 

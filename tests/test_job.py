@@ -16,6 +16,7 @@ import pytest
 
 from tests.comfy_double import ComfyDouble
 from tests.plugins.media_factory import make_image, make_video
+from xicon_dance import jobdir, media
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.job import Worker
 from xicon_dance.progress import ProgressReporter
@@ -23,6 +24,7 @@ from xicon_dance.settings import PACKAGE_ROOT, Settings
 from xicon_dance.workflow import Workflow
 
 GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+PRE_COMFY = ("downloading", "queued")  # progress stages before ComfyUI runs a node of the job
 
 
 def b64(path: Path) -> str:
@@ -227,11 +229,10 @@ async def test_timeout_with_a_stuck_prompt_replaces_the_worker(
 async def test_cancel_interrupts_and_reraises(rig: Rig) -> None:
     rig.double.faults.step_delay_s = 0.5
     task = asyncio.create_task(rig.worker.run(rig.job(steps=20)))
-    for _ in range(100):
-        if rig.double.running:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(60):  # until the worker follows the running prompt: it has
+        while not (rig.double.running and any(p["stage"] not in PRE_COMFY for p in rig.sent)):
+            assert not task.done(), task.result()  # reported one of the prompt's nodes
+            await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -451,6 +452,159 @@ async def test_output_sweep_runs_off_the_event_loop(
     assert "error" not in await rig.worker.run(rig.job())
     assert threads and loop_thread not in threads
     assert leftovers(rig) == []
+
+
+# ------------------------------------------------------------ the job folder owns its threads
+
+
+class _Folders:
+    """Records each ``JobFolder`` the worker opens (to wait on its ``stop`` event)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened: list[jobdir.JobFolder] = []
+        opened = self.opened
+
+        class Recording(jobdir.JobFolder):
+            def __init__(self, path: Path) -> None:
+                super().__init__(path)
+                opened.append(self)
+
+        monkeypatch.setattr(jobdir, "JobFolder", Recording)
+
+    async def stopped(self) -> jobdir.JobFolder:
+        """The job's folder, once a fetch was cancelled and told its thread to stop."""
+        for _ in range(1000):
+            if self.opened and self.opened[-1].stop.is_set():
+                return self.opened[-1]
+            await asyncio.sleep(0.01)
+        raise AssertionError("no fetch of the job was cancelled")
+
+
+def _job_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(jobdir.THREAD_PREFIX)]
+
+
+def _block_video_decode(
+    monkeypatch: pytest.MonkeyPatch, started: threading.Event, release: threading.Event
+) -> None:
+    """The driving video's base64 decode blocks in its thread until ``release``, then still
+    writes its file: a thread cannot be cancelled, it can only be waited for."""
+    real = media.decode_base64_to_file
+
+    def decode(data: str, dest: Path, max_bytes: int, field: str) -> int:
+        if field != "video_base64":
+            return real(data, dest, max_bytes, field)
+        started.set()
+        assert release.wait(30), "the test never released the decode"
+        dest.write_bytes(b"late bytes")
+        return 10
+
+    monkeypatch.setattr(media, "decode_base64_to_file", decode)
+
+
+async def test_a_failing_input_waits_for_the_other_inputs_thread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image fails while the video's decode is blocked in its thread: the job does not end
+    (nor remove its folder) before that thread has ended; then the folder is removed once and
+    no thread of the job is left."""
+    folders = _Folders(monkeypatch)
+    started, release = threading.Event(), threading.Event()
+    _block_video_decode(monkeypatch, started, release)
+    bad_image = base64.b64encode(b"not an image").decode()
+    task = asyncio.create_task(rig.worker.run(rig.job(image_base64=bad_image)))
+    assert await asyncio.to_thread(started.wait, 30)
+    folder = await folders.stopped()  # the image failed, the video fetch was cancelled
+    assert not task.done() and folder.path.is_dir(), "the job ended before its thread did"
+    assert _job_threads(), "the blocked decode runs in a thread of the job's folder"
+    release.set()
+    result = await task
+    assert (result["field"], result["code"]) == ("image_base64", "invalid_image"), result
+    assert not folder.path.exists() and leftovers(rig) == []
+    assert _job_threads() == []
+    assert rig.double.prompts == {}
+
+
+def _wait_for_stop(monkeypatch: pytest.MonkeyPatch, folders: _Folders) -> threading.Event:
+    """The driving video's probe runs until the job's folder says stop (a hostile video that
+    keeps a CPU busy); returns an event set once the probe has given up."""
+    gave_up = threading.Event()
+
+    def probe(path: Path, field: str, stop: threading.Event) -> Any:
+        assert stop is folders.opened[-1].stop
+        assert stop.wait(30), "the job never told the probe to stop"
+        gave_up.set()
+        raise media.ProbeStopped("stopped")
+
+    monkeypatch.setattr(media, "_probe_staged", probe)
+    return gave_up
+
+
+async def test_timeout_stops_and_joins_a_busy_probe(
+    rig_factory: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = rig_factory(job_timeout_s=1.0)
+    folders = _Folders(monkeypatch)
+    gave_up = _wait_for_stop(monkeypatch, folders)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "timeout" and "downloading" in result["error"], result
+    assert gave_up.is_set() and _job_threads() == []
+    assert not folders.opened[-1].path.exists() and leftovers(rig) == []
+
+
+async def test_platform_cancel_stops_and_joins_a_busy_probe(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real probe of the driving video is held at its first check (standing in for a hostile
+    video that keeps it busy) until the job is cancelled: it then gives up at that check, and
+    the cancel ends the job only after the probe's thread has."""
+    running = threading.Event()
+    checks: list[bool] = []
+    real_check = media._check_stop
+
+    def check(stop: threading.Event | None) -> None:
+        assert stop is not None, "the job's probe runs with the folder's stop event"
+        checks.append(stop.is_set())
+        if len(checks) == 1:
+            running.set()
+            assert stop.wait(30), "the cancel never reached the probe"
+        real_check(stop)
+
+    monkeypatch.setattr(media, "_check_stop", check)
+    task = asyncio.create_task(rig.worker.run(rig.job()))
+    assert await asyncio.to_thread(running.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert checks == [False], "the probe went on after the cancel"
+    assert _job_threads() == [] and leftovers(rig) == []
+
+
+async def test_inputs_from_the_network_volume_run_the_job(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """image_path and video_path (the RunPod way to pass files too large to send) reach the
+    graph as copies in the job folder; a path leading out of the volume is refused by name."""
+    root = tmp_path / "runpod-volume"
+    (root / "inputs").mkdir(parents=True)
+    rig = rig_factory(volume_root=root)
+    (root / "inputs" / "ref.png").write_bytes(rig.image.read_bytes())
+    (root / "inputs" / "drive.mp4").write_bytes(rig.video.read_bytes())
+    job = rig.job(image_path="inputs/ref.png", video_path=str(root / "inputs" / "drive.mp4"))
+    del job["input"]["image_base64"], job["input"]["video_base64"]
+    result = await rig.worker.run(job)
+    assert "error" not in result, result
+    assert result["video"]["frames"] == 9 and result["video"]["has_audio"] is True
+    graph = rig.double.prompts[result["prompt_id"]][2]
+    names = [str(n["inputs"].get(k)) for n in graph.values() for k in ("image", "video")]
+    assert any(n.endswith("/reference.png") for n in names), names
+    assert any(n.endswith("/driving_job.mp4") for n in names), names  # transcoded from it
+    assert leftovers(rig) == [] and (root / "inputs" / "ref.png").is_file()
+    (root / "escape.png").symlink_to(rig.image)
+    bad = rig.job(image_path="escape.png")
+    del bad["input"]["image_base64"]
+    refused = await rig.worker.run(bad)
+    assert (refused["field"], refused["code"]) == ("image_path", "path_forbidden"), refused
 
 
 async def test_a_clip_over_the_memory_budget_is_refused_before_comfyui(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +146,76 @@ def test_redact_std_streams_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> No
     print("key printed-secret-42 here")
     sys.stdout.flush()
     assert out.getvalue() == f"key {logs.MASK} here\n"
+
+
+def _timed_writes(count: int, piece: str) -> float:
+    """Seconds for ``count`` writes of ``piece`` (no line end) and a final flush; best of 3."""
+    best = float("inf")
+    for _ in range(3):
+        stream = logs.RedactingStream(io.StringIO())
+        started = time.perf_counter()
+        for _ in range(count):
+            stream.write(piece)
+        stream.write("\n")
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_redacting_stream_cost_is_linear_in_the_writes() -> None:
+    """Many small writes of one long line: the held text is not rescanned on every write."""
+    piece = "tick 0123456789 "
+    small, large = _timed_writes(20_000, piece), _timed_writes(200_000, piece)
+    assert large <= 15 * small, (small, large)
+
+
+def test_redacting_stream_holds_a_bounded_amount() -> None:
+    inner = io.StringIO()
+    stream = logs.RedactingStream(inner)
+    word = "w" * 100 + " "
+    for _ in range(3 * logs.RedactingStream.HOLD_CHARS // len(word)):
+        stream.write(word)
+    assert stream._held_chars <= logs.RedactingStream.HOLD_CHARS
+    assert len(inner.getvalue()) >= logs.RedactingStream.HOLD_CHARS  # written as it went
+    stream.write("x" * (3 * logs.RedactingStream.HOLD_CHARS))  # one word, no whitespace
+    stream.write("y")
+    assert stream._held_chars <= logs.RedactingStream.TAIL_CHARS + 1
+
+
+def test_redacting_stream_catches_a_secret_split_across_many_writes() -> None:
+    logs.register_secret("split-secret-value-77")
+    inner = io.StringIO()
+    stream = logs.RedactingStream(inner)
+    for char in "key split-secret-value-77 and token=hunter2-xyz\n":
+        stream.write(char)
+    text = inner.getvalue()
+    assert "split-secret" not in text and "hunter2" not in text
+    assert text == f"key {logs.MASK} and token={logs.MASK}\n"
+
+
+def test_redacting_stream_buffer_writes_are_redacted_in_order() -> None:
+    logs.register_secret("bytes-secret-31337")
+    inner = io.StringIO()
+    stream = logs.RedactingStream(inner)
+    stream.write("text first, ")
+    written = stream.buffer.write(b"then bytes-secr")
+    stream.buffer.write("et-31337 é https://h/v?X-Amz-Signature=abc\n".encode())
+    stream.buffer.write("é".encode()[:1])  # half a character: decoded once the rest arrives
+    stream.buffer.write("é".encode()[1:] + b"\n")
+    text = inner.getvalue()
+    assert written == len(b"then bytes-secr")
+    assert "31337" not in text and "abc" not in text
+    assert text == f"text first, then {logs.MASK} é https://h/v?X-Amz-Signature={logs.MASK}\né\n"
+
+
+def test_redacting_stream_is_a_text_stream(tmp_path: Path) -> None:
+    with (tmp_path / "out.txt").open("w", encoding="utf-8") as inner:
+        stream = logs.RedactingStream(inner)
+        assert isinstance(stream, io.TextIOBase)
+        assert stream.writable() and not stream.readable()
+        assert stream.write("abc") == 3
+        assert stream.fileno() == inner.fileno() and stream.isatty() is False
+        assert stream.encoding == "utf-8" and stream.buffer.writable()
+        stream.writelines(["x\n", "y\n"])
+        stream.close()  # writes what is held; the inner file stays open
+        assert stream.closed and not inner.closed
+    assert (tmp_path / "out.txt").read_text() == "abcx\ny\n"

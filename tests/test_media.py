@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.hostile_cases import (
 )
 from tests.plugins.http_server import HttpServer, Reply
 from tests.plugins.media_factory import make_image, make_video
-from xicon_dance import media, netguard
+from xicon_dance import download, media, netguard
 from xicon_dance.errors import ConfigError, InputError
 from xicon_dance.media import (
     ImageInfo,
@@ -41,7 +42,7 @@ from xicon_dance.settings import Settings
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(media, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(download, "RETRY_BACKOFF_S", 0.01)
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def settings(env: HostileEnv, tmp_path: Path) -> Settings:
         Settings(),
         comfy_input_dir=tmp_path / "input",
         default_video=env.default_video,
+        volume_root=env.volume,
         allow_private_urls=True,
         download_retries=3,
         download_connect_timeout_s=2.0,
@@ -64,10 +66,10 @@ def settings(env: HostileEnv, tmp_path: Path) -> Settings:
 
 async def run_job(raw: object, settings: Settings, job_id: str = "job-1") -> tuple[Any, Any]:
     job = parse_job_input(raw, settings)
-    with job_folder(settings, job_id) as folder:
+    async with job_folder(settings, job_id) as folder:
         image = await fetch_image(job, folder, settings)
         video = await fetch_video(job, folder, settings)
-        assert image.path.parent == folder and video.path.parent == folder
+        assert image.path.parent == folder.path and video.path.parent == folder.path
         return image, video
 
 
@@ -114,18 +116,18 @@ async def test_url_inputs_through_five_redirects(env: HostileEnv, settings: Sett
         "video_url": server.redirect("/vid", server.url("/files/drive.mp4"), status=307),
     }
     job = parse_job_input(raw, settings)
-    with job_folder(settings, "abc") as folder:
+    async with job_folder(settings, "abc") as folder:
         image = await fetch_image(job, folder, settings)
         video = await fetch_video(job, folder, settings)
-        assert image == ImageInfo(folder / "reference.jpg", 300, 200, "JPEG", image.bytes)
+        assert image == ImageInfo(folder.path / "reference.jpg", 300, 200, "JPEG", image.bytes)
         assert image.bytes == (env.workdir / "r.jpg").stat().st_size
         assert input_name(settings, image.path) == "jobs/abc/reference.jpg"
         assert input_name(settings, video.path) == "jobs/abc/driving.mp4"
         assert (video.width, video.height, video.frames, video.fps) == (64, 64, 9, 8.0)
         assert video.has_audio and video.duration_s == pytest.approx(1.125, abs=0.05)
         assert video.bytes == env.video_mp4.stat().st_size
-        assert sorted(p.name for p in folder.iterdir()) == ["driving.mp4", "reference.jpg"]
-    assert not folder.exists()
+        assert sorted(p.name for p in folder.path.iterdir()) == ["driving.mp4", "reference.jpg"]
+    assert not folder.path.exists()
     assert server.hits("/img/hop4") == 1 and server.hits("/files/ref.jpg") == 1
 
 
@@ -145,9 +147,9 @@ async def test_default_video_is_used_and_linked_into_the_job(
     env: HostileEnv, settings: Settings
 ) -> None:
     job = parse_job_input({"image_base64": env.good_image_b64()}, settings)
-    with job_folder(settings, "d") as folder:
+    async with job_folder(settings, "d") as folder:
         video = await fetch_video(job, folder, settings)
-        assert video.path.parent == folder and video.path.name == "driving.mp4"
+        assert video.path.parent == folder.path and video.path.name == "driving.mp4"
         assert (video.frames, video.has_audio) == (9, False)
     assert env.default_video.exists(), "removing the job folder must not touch the default"
 
@@ -157,12 +159,44 @@ async def test_missing_default_video_is_a_config_error(
 ) -> None:
     broken = dataclasses.replace(settings, default_video=tmp_path / "nope.mp4")
     job = parse_job_input({"image_base64": env.good_image_b64()}, broken)
-    with job_folder(broken, "d") as folder, pytest.raises(ConfigError) as info:
-        await fetch_video(job, folder, broken)
+    with pytest.raises(ConfigError) as info:
+        async with job_folder(broken, "d") as folder:
+            await fetch_video(job, folder, broken)
     assert info.value.code == "default_video_missing" and "nope.mp4" in info.value.message
     not_video = dataclasses.replace(settings, default_video=env.image_png)
     with pytest.raises(ConfigError, match="unusable"):
         media.check_default_video(not_video)
+
+
+async def test_inputs_from_the_network_volume(env: HostileEnv, settings: Settings) -> None:
+    """image_path relative to the volume, video_path absolute under it: copied into the job
+    folder under the generated names, checked like any other input; the originals stay."""
+    (env.volume / "in").mkdir()
+    jpg = make_image(env.volume / "in" / "ref.jpg", 300, 200, "JPEG")
+    mkv = make_video(env.volume / "in" / "drive.mp4", 64, 64, 8, 9, container="matroska")
+    raw = {"image_path": "in/ref.jpg", "video_path": str(mkv)}
+    image, video = await run_job(raw, settings, job_id="vol")
+    assert (image.path.name, image.width, image.height, image.format) == (
+        "reference.jpg",
+        300,
+        200,
+        "JPEG",
+    )
+    assert image.bytes == jpg.stat().st_size
+    assert (video.path.name, video.frames, video.bytes) == ("driving.mkv", 9, mkv.stat().st_size)
+    assert jpg.is_file() and mkv.is_file(), "the volume's files are read, never moved"
+    assert not any(jobs_dir(settings).iterdir())
+
+
+def test_a_stopped_job_abandons_the_probe(tmp_path: Path) -> None:
+    """The probe's loops over the file (first frame, packet count) end once the job's stop
+    event is set: a hostile video cannot keep a CPU busy after its job ended."""
+    path = make_video(tmp_path / "v.mkv", 64, 64, 8, 9, container="matroska")
+    stop = threading.Event()
+    assert probe_video(path, stop=stop).frames == 9
+    stop.set()
+    with pytest.raises(media.ProbeStopped):
+        probe_video(path, stop=stop)
 
 
 async def test_exif_orientation_swaps_reported_size(env: HostileEnv, settings: Settings) -> None:
@@ -406,21 +440,23 @@ async def test_video_container_extension_follows_content(
 @pytest.mark.parametrize(
     "job_id", ["../../etc", "a/b", "sync-1234-abcd", "x" * 300, "", "..", "ümlaut id"]
 )
-def test_job_folder_is_contained_and_removed(job_id: str, settings: Settings) -> None:
+async def test_job_folder_is_contained_and_removed(job_id: str, settings: Settings) -> None:
     root = jobs_dir(settings)
-    with job_folder(settings, job_id) as folder:
-        assert folder.parent == root and folder.is_dir()
-        assert len(folder.name) <= 100 and "/" not in folder.name and folder.name not in ("", "..")
-        (folder / "f").write_bytes(b"1")
-    assert not folder.exists()
+    async with job_folder(settings, job_id) as folder:
+        path = folder.path
+        assert path.parent == root and path.is_dir()
+        assert len(path.name) <= 100 and "/" not in path.name and path.name not in ("", "..")
+        (path / "f").write_bytes(b"1")
+    assert not path.exists()
 
 
-def test_job_folder_is_removed_on_failure(settings: Settings) -> None:
-    with pytest.raises(RuntimeError), job_folder(settings, "boom") as folder:
-        (folder / "sub").mkdir()
-        (folder / "sub" / "f").write_bytes(b"1")
-        raise RuntimeError("job failed")
-    assert not folder.exists()
+async def test_job_folder_is_removed_on_failure(settings: Settings) -> None:
+    with pytest.raises(RuntimeError):
+        async with job_folder(settings, "boom") as folder:
+            (folder.path / "sub").mkdir()
+            (folder.path / "sub" / "f").write_bytes(b"1")
+            raise RuntimeError("job failed")
+    assert not folder.path.exists()
 
 
 def test_safe_job_id_keeps_plain_ids_and_separates_look_alikes() -> None:

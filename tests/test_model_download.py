@@ -196,6 +196,36 @@ def test_url_download_resumes_partial_file(hub, tmp_path: Path) -> None:
     assert [r for m, _, r in state.requests if m == "GET"] == ["bytes=12345-"]
 
 
+def test_url_retries_are_bounded_and_4xx_is_not_retried(
+    hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut body, then 5xx on every later attempt: URL_RETRIES GETs, each resuming, then a
+    failure naming the file; a 404 is final at once."""
+    monkeypatch.setattr(md, "RETRY_BASE_S", 0.001)
+    endpoint, state = hub
+    body = _body(20_000, 5)
+    state.files["/rel/f.bin"] = body
+    entry = {
+        "name": "f",
+        "folder": "nlf",
+        "filename": "f.bin",
+        "source": {"type": "url", "url": f"{endpoint}/rel/f.bin"},
+        "size": len(body),
+        "sha256": None,
+    }
+    state.cut_after = 1_000
+    with pytest.raises(md.DownloadFailed, match=r"f\.bin: download failed: HTTP Error 503"):
+        md.fetch(md._entry(entry, 0), tmp_path / "models")
+    gets = [r for m, _, r in state.requests if m == "GET"]
+    assert len(gets) == md.URL_RETRIES and gets[1:] == ["bytes=1000-"] * (md.URL_RETRIES - 1)
+    state.cut_after = None
+    state.requests.clear()
+    missing = {**entry, "source": {"type": "url", "url": f"{endpoint}/rel/none.bin"}}
+    with pytest.raises(md.DownloadFailed, match="HTTP 404 from the source"):
+        md.fetch(md._entry(missing, 0), tmp_path / "models")
+    assert len(state.requests) == 1
+
+
 @pytest.mark.parametrize("wrong", ["size", "sha256"])
 def test_mismatch_is_refused(hub, tmp_path: Path, wrong: str, caplog) -> None:
     _, state = hub
@@ -326,3 +356,17 @@ def test_an_alias_present_counts_as_present(tmp_path: Path) -> None:
 def test_real_manifest_names_the_seed_vae_as_an_alias() -> None:
     entries = {e.name: e for e in md.load_manifest(ROOT / "model_manifest.json")}
     assert entries["wan21_vae"].aliases == ("Wan2.1_VAE.pth",)
+
+
+def test_the_image_model_stage_installs_the_models_extra() -> None:
+    """The Dockerfile's model stage runs this script with its own small venv: it installs
+    exactly the ``models`` extra's pins (tenacity included), or the bake fails at import."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = {r.split("==")[0].lower(): r.split("==")[1] for r in extra["models"]}
+    text = (ROOT / "Dockerfile").read_text()
+    stage = text[text.index("AS models") : text.index("AS runtime")]
+    args = dict(re.findall(r"^ARG (\w+)_VERSION=(\S+)$", stage, re.M))
+    installed = re.findall(r'"([\w-]+)==\$\{(\w+)_VERSION\}"', stage)
+    assert {name.lower(): args[arg] for name, arg in installed} == wanted

@@ -150,11 +150,47 @@ def test_url_codes() -> None:
         ({"image_base64": ""}, "image_base64", "invalid_input"),
         ({**IMG, "video_base64": " "}, "video_base64", "invalid_input"),
         ({"image_base64": 12}, "image_base64", "invalid_input"),
+        ({"image_path": "a.png", "image_base64": "aGk="}, "image_base64", "conflicting_inputs"),
+        ({"image_path": "a.png", **IMG}, "image_url", "conflicting_inputs"),
+        (
+            {**IMG, "video_path": "v.mp4", "video_base64": "aGk="},
+            "video_base64",
+            "conflicting_inputs",
+        ),
+        (
+            {**IMG, "video_path": "v.mp4", "video_url": "http://a/v"},
+            "video_url",
+            "conflicting_inputs",
+        ),
+        ({"image_path": ""}, "image_path", "invalid_input"),
+        ({"image_path": 7}, "image_path", "invalid_input"),
+        ({**IMG, "video_path": "  "}, "video_path", "invalid_input"),
+        ({"image_path": "a/../../etc/passwd"}, "image_path", "path_forbidden"),
+        ({"image_path": ".."}, "image_path", "path_forbidden"),
+        ({"image_path": "a\nb.png"}, "image_path", "invalid_input"),
+        ({"image_path": "a" * 5000}, "image_path", "invalid_input"),
     ],
 )
 def test_image_and_video_pairs(raw: dict[str, object], field: str, code: str) -> None:
     err = error_of(raw)
     assert (err.field, err.code) == (field, code)
+
+
+def test_path_inputs_parse_and_can_be_turned_off() -> None:
+    job = parse_job_input(
+        {"image_path": "in/ref.png", "video_path": "/runpod-volume/d.mp4"}, SETTINGS
+    )
+    assert (job.image_path, job.video_path) == ("in/ref.png", "/runpod-volume/d.mp4")
+    assert job.image_url is None and not job.uses_default_video
+    assert parse_job_input({"image_path": "in/ref.png"}, SETTINGS).uses_default_video
+    off = dataclasses.replace(SETTINGS, volume_root=None)
+    err = error_of({"image_path": "in/ref.png"}, off)
+    assert (err.field, err.code) == ("image_path", "path_forbidden")
+    assert "VOLUME_ROOT=off" in err.message
+    missing = error_of({"prompt": "dance"})
+    assert "image_url, image_base64 or image_path" in missing.message
+    for code in ("path_forbidden", "path_not_found", "path_not_file"):
+        assert code in INPUT_ERROR_CODES
 
 
 def test_output_url_needs_a_bucket() -> None:

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.plugins.comfy import DoubleProcess, stop_process
-from tests.plugins.media_factory import make_image, make_video
+from tests.plugins.media_factory import SMALL_JOB, make_image, make_video
 from tests.plugins.runpod_worker_api import FakePlatform
 from tests.plugins.worker import handler_env
 
@@ -43,7 +43,7 @@ def job_media(tmp_path: Path) -> dict[str, str]:
 
 
 def _job(media: dict[str, str], **extra: Any) -> dict[str, Any]:
-    return {"width": 256, "height": 256, "max_frames": 9, "steps": 2, **media, **extra}
+    return {**SMALL_JOB, **media, **extra}
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

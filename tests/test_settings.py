@@ -94,6 +94,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "MAX_CLIP_MEMORY_GB": "8",
         "MAX_IMAGE_BYTES": "11",
         "MAX_VIDEO_BYTES": "13",
+        "VOLUME_ROOT": "off",
         "DOWNLOAD_CONNECT_TIMEOUT_S": "3",
         "DOWNLOAD_READ_TIMEOUT_S": "4",
         "DOWNLOAD_RETRIES": "5",
@@ -112,6 +113,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "WORKFLOW_PATH": "/w.json",
         "SAGEATTENTION_ENABLED": "0",
         "POSE_RENDER_DEVICE": "cpu",
+        "BASE_PRECISION": "fp16_fast",
         "PROGRESS_INTERVAL_S": "2",
         "LOG_LEVEL": "debug",
         "LOCAL_OUTPUT_DIR": "/o",
@@ -122,8 +124,8 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         assert Settings.from_env({name: value}) != base, f"{name} is documented but not read"
 
 
-def test_readme_documents_every_setting_with_its_default() -> None:
-    readme = (PACKAGE_ROOT / "README.md").read_text(encoding="utf-8")
+def test_settings_reference_documents_every_setting_with_its_default() -> None:
+    doc = (PACKAGE_ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     for name, (default, _meaning) in ENV_DOC.items():
         shown = f"`{default}`" if default else "(unset)"
-        assert f"| `{name}` | {shown} |" in readme, f"README settings row for {name} is missing"
+        assert f"| `{name}` | {shown} |" in doc, f"docs/settings.md row for {name} is missing"

@@ -21,15 +21,13 @@ Contract:
   ``plan.frames`` frames, and, with ``audio``, the source audio re-encoded to AAC and trimmed to
   the rendered length. One decoded frame at a time: memory does not grow with the clip's length,
   resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``.
-- ``async transcode_async(...)``: the same in a worker thread; when the awaiting task is
-  cancelled the thread is told to stop and awaited before the cancellation propagates (the job
-  folder it writes into is removed right after).
+  The job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and
+  waits for the thread when the job is cancelled).
 - ``answer(plan) -> dict``: the success answer's ``clip`` and ``rendered`` entries.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -182,24 +180,6 @@ def answer(plan: ClipPlan) -> dict[str, Any]:
             "truncated": plan.truncated,
         },
     }
-
-
-async def transcode_async(
-    src: Path, dest: Path, plan: ClipPlan, width: int, height: int, *, audio: bool, field: str
-) -> Transcoded:
-    """``transcode`` in a thread; a cancellation stops the thread and waits for it."""
-    stop = threading.Event()
-    task = asyncio.ensure_future(
-        asyncio.to_thread(
-            transcode, src, dest, plan, width, height, audio=audio, field=field, stop=stop
-        )
-    )
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.set()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
 
 
 def transcode(

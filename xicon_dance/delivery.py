@@ -26,9 +26,9 @@ Decisions:
   length declared, so memory stays a few MiB whatever the video size. A failed, timed-out or
   cancelled multipart upload is aborted (best effort, at most ``ABORT_TIMEOUT_S``), so no orphan
   parts stay billed.
-- Retries: each request is tried ``REQUEST_ATTEMPTS`` times on transient errors (connection,
-  timeouts, 5xx, throttling) with backoff, always inside the overall deadline. Permanent errors
-  (bad keys, access denied, missing bucket) fail at once.
+- Retries (tenacity): each request is tried ``REQUEST_ATTEMPTS`` times on transient errors
+  (connection, timeouts, 5xx, throttling), waiting ``RETRY_BASE_S * 2**n`` between, always inside
+  the overall deadline. Permanent errors (bad keys, access denied, missing bucket) fail at once.
 - Error texts pass through ``logs.redact``: keys and presigned query strings never leak.
 """
 
@@ -48,6 +48,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from .errors import DeliveryError
 from .logs import redact, register_secret
@@ -234,35 +241,48 @@ async def _request(
     headers: dict[str, str] | None = None,
 ) -> tuple[bytes, Mapping[str, str]]:
     """One S3 call with retries on transient failures; returns (body, headers) or raises."""
-    for attempt in range(1, REQUEST_ATTEMPTS + 1):
-        try:
-            body_in: Any = data
-            if isinstance(data, _FileRange):  # a fresh stream per attempt, its length declared
-                body_in = data.stream()
-                headers = {**(headers or {}), "Content-Length": str(data.length)}
-            async with session.request(method, url, data=body_in, headers=headers) as resp:
-                body = await resp.read()
-                if resp.status < 300 and b"<Error>" not in body[:512]:
-                    return body, resp.headers.copy()  # case-insensitive (ETag, Etag)
-                error = _s3_error(resp.status, body, operation)
-            if not error.transient:
-                raise error
-            failure: BaseException = error
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            failure = exc
-        if attempt == REQUEST_ATTEMPTS:
-            raise failure
-        delay = RETRY_BASE_S * 2 ** (attempt - 1)
+
+    def before_sleep(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
         log.warning(
             "%s attempt %d/%d failed (%s); retrying in %.1fs",
             operation,
-            attempt,
+            state.attempt_number,
             REQUEST_ATTEMPTS,
             redact(str(failure)) or type(failure).__name__,
-            delay,
+            state.next_action.sleep if state.next_action else 0.0,
         )
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(REQUEST_ATTEMPTS),
+        wait=wait_exponential(multiplier=RETRY_BASE_S),
+        retry=retry_if_exception(is_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await _request_once(session, method, url, operation, data, headers)
+    raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+
+async def _request_once(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    operation: str,
+    data: bytes | _FileRange | None,
+    headers: dict[str, str] | None,
+) -> tuple[bytes, Mapping[str, str]]:
+    body_in: Any = data
+    if isinstance(data, _FileRange):  # a fresh stream per attempt, its length declared
+        body_in = data.stream()
+        headers = {**(headers or {}), "Content-Length": str(data.length)}
+    async with session.request(method, url, data=body_in, headers=headers) as resp:
+        body = await resp.read()
+        if resp.status < 300 and b"<Error>" not in body[:512]:
+            return body, resp.headers.copy()  # case-insensitive (ETag, Etag)
+        raise _s3_error(resp.status, body, operation)
 
 
 async def _put_object(session: aiohttp.ClientSession, target: _Target, path: Path) -> None:

@@ -50,6 +50,7 @@ Details:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -62,6 +63,7 @@ from . import clip, media
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
 from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
+from .jobdir import JobFolder
 from .logs import job_context
 from .progress import ProgressReporter
 from .schema import JobInput, parse_job_input
@@ -128,7 +130,7 @@ class Worker:
         prompt_id: str | None = None
         run: RunResult | None = None
         try:
-            with media.job_folder(self.settings, job_id) as folder:
+            async with media.job_folder(self.settings, job_id) as folder:
                 reporter.update("downloading")
                 t0 = time.monotonic()
                 image, video = await self._fetch_inputs(params, folder, deadline)
@@ -152,7 +154,7 @@ class Worker:
                 _comfy_timings(timings, run, time.monotonic() - t0)
                 await asyncio.to_thread(reporter.close)
                 t0 = time.monotonic()
-                video_out = await self._deliver(run, folder, job_id, params)
+                video_out = await self._deliver(run, folder.path, job_id, params)
                 delivered = True
                 timings["upload"] = time.monotonic() - t0
         finally:
@@ -193,10 +195,12 @@ class Worker:
         return f"{self.client_id}-{self._jobs}"
 
     async def _fetch_inputs(
-        self, params: JobInput, folder: Path, deadline: float
+        self, params: JobInput, folder: JobFolder, deadline: float
     ) -> tuple[media.ImageInfo, media.VideoInfo]:
         """The inputs, fetched within the job's deadline (a trickling server cannot hold the
-        job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download)."""
+        job past JOB_TIMEOUT_S: byte-level read timeouts alone do not bound a download). On
+        the deadline the fetches are cancelled and their threads told to stop and joined
+        (``JobFolder.run``) before ``JobTimeout`` is raised."""
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await _fetch_both(params, folder, self.settings)
@@ -211,7 +215,7 @@ class Worker:
         params: JobInput,
         image: media.ImageInfo,
         video: media.VideoInfo,
-        folder: Path,
+        folder: JobFolder,
         deadline: float,
     ) -> tuple[clip.ClipPlan, media.VideoInfo]:
         """Plan the rendered frames, check their memory, transcode the clip (see module doc)."""
@@ -226,18 +230,21 @@ class Worker:
             plan.frames,
             f" (cut by {plan.cap})" if plan.truncated else "",
         )
-        dest = folder / "driving_job.mp4"
+        dest = folder.path / "driving_job.mp4"
+        transcode = functools.partial(
+            clip.transcode,
+            video.path,
+            dest,
+            plan,
+            width,
+            height,
+            audio=params.keep_audio and video.has_audio,
+            field=clip.video_field(params),
+            stop=folder.stop,  # set when this job is cancelled or times out: the thread gives up
+        )
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                done = await clip.transcode_async(
-                    video.path,
-                    dest,
-                    plan,
-                    width,
-                    height,
-                    audio=params.keep_audio and video.has_audio,
-                    field=clip.video_field(params),
-                )
+                done = await folder.run(transcode)
         except TimeoutError:
             raise JobTimeout(
                 f"The job ran past its limit of {self.settings.job_timeout_s:g} s while "
@@ -326,9 +333,11 @@ class Worker:
 
 
 async def _fetch_both(
-    params: JobInput, folder: Path, settings: Settings
+    params: JobInput, folder: JobFolder, settings: Settings
 ) -> tuple[media.ImageInfo, media.VideoInfo]:
-    """Fetch image and video concurrently; the first failure cancels the other (image first)."""
+    """Fetch image and video concurrently; the first failure cancels the other (image first).
+    A cancelled fetch ends only when its thread has (``JobFolder.run``), so once this returns
+    or raises, nothing of either fetch is still running."""
     image_task = asyncio.create_task(media.fetch_image(params, folder, settings))
     video_task = asyncio.create_task(media.fetch_video(params, folder, settings))
     tasks = (image_task, video_task)

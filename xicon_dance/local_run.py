@@ -9,29 +9,41 @@ Contract:
 - ``await save_result(result, folder, job_id) -> Path | None``: for a successful job result
   (``{"video": {"base64"|"url", "filename", "bytes", "frames", "duration_s", ...}}``) writes the
   MP4 into ``folder`` (created if missing) under the video's own file name (``-1``, ``-2``, ...
-  added rather than overwriting), through a ``.part`` file, and logs one line: path, size,
-  frames and seconds. A failed job, a result without a video, or any error while saving
-  returns ``None`` after a WARNING naming the reason; the job's result is never changed.
+  added rather than overwriting) with the client's own saving code
+  (``xicon_dance.client.output.write_video``: through a ``.part`` file, size checked, a URL
+  downloaded with retries), and logs one line: path, size, frames and seconds. A failed job, a
+  result without a video, or any error while saving returns ``None`` after a WARNING naming the
+  reason; the job's result is never changed.
+- The summary is the last thing a person sees: in the SDK's one-job mode (``--test_input`` or
+  ``test_input.json``; the job id is ``local_test``) the SDK prints the whole result (the video's
+  base64 included) after the handler returns, then exits; so for that job the line is logged when
+  the process exits instead (``atexit``), after the SDK's output. Nothing changes in what the
+  SDK or RunPod receives. Other jobs (``--rp_serve_api``) log it at once.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import atexit
+import contextlib
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .logs import redact
+from .client.model import ClientError
+from .client.output import free_name, write_video
+from .logs import job_context, redact
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=600, connect=30, sock_read=120)
-CHUNK = 1 << 20
+# The id the RunPod SDK gives the job of its one-job local mode (runpod 1.12.0, rp_local.py).
+SDK_LOCAL_TEST_ID = "local_test"
+DOWNLOAD_RETRIES = 3
+_at_exit: list[tuple[str, str]] = []
 
 
 def is_local_run(rp_serve_api: bool, env: Mapping[str, str]) -> bool:
@@ -46,17 +58,16 @@ async def save_result(result: Mapping[str, Any], folder: Path, job_id: str) -> P
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        target = _free_name(folder, _file_name(video, job_id))
-        part = target.with_name(target.name + ".part")
-        try:
-            await _write(video, part)
-            part.replace(target)
-        finally:
-            part.unlink(missing_ok=True)
-    except (OSError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+        target = free_name(folder, _stem(video, job_id))
+        await write_video(video, target, retries=DOWNLOAD_RETRIES)
+    except (OSError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
         log.warning("the result video was not saved to %s: %s", folder, _reason(exc))
         return None
-    log.info("saved the result video: %s", summary(target, video))
+    line = summary(target, video)
+    if job_id == SDK_LOCAL_TEST_ID:
+        _log_at_exit(job_id, line)
+    else:
+        log.info("saved the result video: %s", line)
     return target
 
 
@@ -70,53 +81,32 @@ def summary(path: Path, video: Mapping[str, Any]) -> str:
     return f"{path} ({', '.join(parts)})"
 
 
-async def _write(video: Mapping[str, Any], part: Path) -> None:
-    if isinstance(video.get("base64"), str):
-        text = video["base64"]
-        if text.startswith("data:"):
-            text = text.partition(",")[2]
-        try:
-            part.write_bytes(base64.b64decode(text, validate=True))
-        except binascii.Error:
-            raise ValueError("the result's base64 text is not valid base64") from None
-    elif isinstance(video.get("url"), str):
-        await _download(video["url"], part)
-    else:
-        raise ValueError("the result video has neither 'base64' nor 'url'")
-    expected = video.get("bytes")
-    got = part.stat().st_size
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected != got:
-        raise ValueError(f"got {got} bytes, the result says {expected}")
+def _log_at_exit(job_id: str, line: str) -> None:
+    if not _at_exit:
+        atexit.register(log_pending_summaries)
+    _at_exit.append((job_id, line))
 
 
-async def _download(url: str, part: Path) -> None:
-    async with (
-        aiohttp.ClientSession(timeout=DOWNLOAD_TIMEOUT) as session,
-        session.get(url) as resp,
-    ):
-        if resp.status >= 400:
-            raise ValueError(f"downloading {redact(url)} answered HTTP {resp.status}")
-        with part.open("wb") as fh:
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                fh.write(chunk)
+def log_pending_summaries() -> None:
+    """Log the summaries kept for the end of the process (after what the SDK printed)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    while _at_exit:
+        job_id, line = _at_exit.pop(0)
+        with job_context(job_id):
+            log.info("saved the result video: %s", line)
 
 
-def _file_name(video: Mapping[str, Any], job_id: str) -> str:
+def _stem(video: Mapping[str, Any], job_id: str) -> str:
     name = Path(str(video.get("filename") or "")).name
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    if not name:
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", job_id)[:64] or "result"
-    return name if name.lower().endswith(".mp4") else name + ".mp4"
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    target = folder / name
-    stem, n = target.stem, 1
-    while target.exists():
-        target = folder / f"{stem}-{n}.mp4"
-        n += 1
-    return target
+    if name.lower().endswith(".mp4"):
+        name = name[:-4]
+    return name or re.sub(r"[^A-Za-z0-9_-]", "_", job_id)[:64] or "result"
 
 
 def _reason(exc: BaseException) -> str:
-    return redact(str(exc)) or type(exc).__name__
+    message = exc.message if isinstance(exc, ClientError) else str(exc)
+    return redact(message) or type(exc).__name__

@@ -14,14 +14,19 @@ Contract:
   ``Authorization`` headers and common ``key=value`` secrets (api_key, token, secret, password).
 - ``redact_std_streams()`` replaces ``sys.stdout``/``sys.stderr`` with ``RedactingStream``s:
   whatever is printed in this process, by any component and at any level, passes through
-  ``redact`` line by line. It exists for the RunPod SDK, whose logger ``print``s directly (its
-  DEBUG lines carry the handler's whole result, presigned URL included) and never reaches
-  ``logging``; uvicorn and tracebacks of uncaught exceptions are covered too. Idempotent.
+  ``redact`` line by line (``sys.stdout.buffer`` writes too), at a cost linear in what is
+  written, holding at most about one MiB of an unfinished line. It exists for the RunPod SDK,
+  whose logger ``print``s directly (its DEBUG lines carry the handler's whole result,
+  presigned URL included) and never reaches ``logging``; uvicorn and tracebacks of uncaught
+  exceptions are covered too. Idempotent.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import contextvars
+import io
 import logging
 import re
 import sys
@@ -131,40 +136,139 @@ def setup_logging(level: str = "INFO", *, secrets: tuple[Any, ...] = ()) -> logg
     return handler
 
 
-class RedactingStream:
+class RedactingStream(io.TextIOBase):
     """A text stream that writes ``redact``-ed lines to ``inner``.
 
     Text is held until its line ends, so a secret split over several ``write`` calls (``print``
     writes the message and the newline separately) is still seen whole; ``flush`` writes a held
-    partial line too. Every other attribute (``fileno``, ``isatty``, ``encoding``...) is the
-    inner stream's."""
+    partial line too. Each write is searched only for a line end (the held part is never
+    rescanned), so the cost is linear in what is written. What is held is bounded: past
+    ``HOLD_CHARS`` the text up to its last whitespace is written (a secret never spans
+    whitespace); the trailing word is kept, up to ``TAIL_CHARS``. ``buffer`` takes bytes (as
+    ``sys.stdout.buffer`` does) and sends them through the same redaction, in order with the
+    text (decoded incrementally with ``encoding``; undecodable bytes become U+FFFD).
+    ``fileno``, ``isatty``, ``encoding`` and ``errors`` are the inner stream's; the inner stream
+    is never closed here."""
+
+    HOLD_CHARS = 1 << 20
+    TAIL_CHARS = 8192
 
     def __init__(self, inner: TextIO) -> None:
+        super().__init__()
         self.inner = inner
-        self._pending = ""
-        self._lock = threading.Lock()
+        self._held: list[str] = []
+        self._held_chars = 0
+        self._lock = threading.RLock()
+        self._buffer: _RedactingBuffer | None = None
+
+    # -- text stream protocol
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.inner, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.inner, "errors", None)
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+    @property
+    def buffer(self) -> _RedactingBuffer:
+        """A binary view: bytes are decoded with ``encoding`` and redacted like text."""
+        with self._lock:
+            if self._buffer is None:
+                self._buffer = _RedactingBuffer(self)
+            return self._buffer
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         with self._lock:
-            self._pending += text
-            if "\n" in self._pending:
-                complete, _, self._pending = self._pending.rpartition("\n")
-                self.inner.write(redact(complete + "\n"))
+            end = text.rfind("\n")
+            if end < 0:
+                self._held.append(text)
+                self._held_chars += len(text)
+                if self._held_chars > self.HOLD_CHARS:
+                    self._spill()
+                return len(text)
+            line = "".join([*self._held, text[: end + 1]])
+            rest = text[end + 1 :]
+            self._held, self._held_chars = ([rest], len(rest)) if rest else ([], 0)
+            self.inner.write(redact(line))
         return len(text)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
 
     def flush(self) -> None:
         with self._lock:
-            if self._pending:
-                self.inner.write(redact(self._pending))
-                self._pending = ""
+            if self._held:
+                self.inner.write(redact("".join(self._held)))
+                self._held, self._held_chars = [], 0
             self.inner.flush()
 
+    def close(self) -> None:
+        """Write what is held; the inner stream stays open (it is usually the process's)."""
+        if not self.closed:
+            with contextlib.suppress(ValueError, OSError):
+                self.flush()
+        super().close()
+
+    def _spill(self) -> None:
+        """Write the held text up to its last whitespace; keep the trailing word (bounded)."""
+        text = "".join(self._held)
+        cut = max(text.rfind(c) for c in " \t\r\f\v") + 1
+        cut = max(cut, len(text) - self.TAIL_CHARS)
+        self.inner.write(redact(text[:cut]))
+        rest = text[cut:]
+        self._held, self._held_chars = ([rest], len(rest)) if rest else ([], 0)
+
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class _RedactingBuffer(io.RawIOBase):
+    """``RedactingStream.buffer``: bytes go through the text stream's redaction, in order."""
+
+    def __init__(self, stream: RedactingStream) -> None:
+        super().__init__()
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder(stream.encoding)(errors="replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def write(self, data: Any) -> int:
+        raw = bytes(data)
+        with self._stream._lock:
+            text = self._decoder.decode(raw)
+            if text:
+                self._stream.write(text)
+        return len(raw)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        super().close()  # the text stream (and the inner one) stay open
 
 
 def redact_std_streams() -> None:

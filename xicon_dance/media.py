@@ -1,17 +1,19 @@
-"""Job inputs: safe download or base64 decode, content checks, per-job folder.
+"""Job inputs: safe download, base64 decode or network-volume copy, content checks.
 
 OWNER: core-input helper.
 
 Contract:
 - ``ImageInfo(path, width, height, format, bytes)``; ``VideoInfo(path, width, height, fps, frames,
   duration_s, has_audio, bytes)`` (frozen dataclasses).
-- ``job_folder(settings, job_id) -> contextmanager[Path]``: creates
-  ``<comfy_input_dir>/jobs/<safe id>`` and removes it when the job ends, failed or not.
-- ``async fetch_image(job: JobInput, folder: Path, settings) -> ImageInfo`` and
+- ``job_folder(settings, job_id)`` (from ``xicon_dance.jobdir``): ``async with`` it to get the
+  job's ``JobFolder`` (``<comfy_input_dir>/jobs/<safe id>``); every blocking step below runs in
+  that folder's threads, which are joined before the folder is removed, once, when the job ends.
+- ``async fetch_image(job: JobInput, folder: JobFolder, settings) -> ImageInfo`` and
   ``async fetch_video(job, folder, settings) -> VideoInfo``: from URL (http/https only, SSRF guard
   after DNS resolution and on every redirect, at most 5 redirects, byte caps, timeouts, retries
   with backoff on connection errors and 5xx) or base64 (raw or data: URI, length capped before
-  decoding), or the default video. Content checked by decoding (Pillow with the
+  decoding) or a file on the endpoint's network volume (``image_path`` / ``video_path``, see
+  ``xicon_dance.volume``), or the default video. Content checked by decoding (Pillow with the
   decompression-bomb limit; PyAV probe). Every failure raises ``InputError(field=...)`` with a
   clear sentence.
 - ``probe_video(path) -> VideoInfo`` (also used on the result video).
@@ -23,62 +25,45 @@ Details:
   caller's. Images keep their original bytes; the extension follows the decoded format. The
   default video is linked (or copied) into the job folder so that every input is under it.
 - Reported image width/height are after EXIF orientation (as ComfyUI's LoadImage sees them).
-- ``probe_video(path, field=...)`` raises ``InputError(code="invalid_video"|"too_many_pixels")``;
-  a caller probing a result video converts that into its own error.
+- ``probe_video(path, field=..., stop=...)`` raises ``InputError(code="invalid_video"|
+  "too_many_pixels")``; a caller probing a result video converts that into its own error. Its
+  long loops (decoding up to the first frame, counting packets) end early once ``stop`` is set
+  (the job was cancelled or timed out).
 - ``check_default_video(settings) -> VideoInfo`` probes the bundled default video; a missing or
   broken one raises ``ConfigError(code="default_video_missing")`` (call it at start).
-- SSRF policy: an address is refused unless it is globally routable unicast; cloud metadata
-  addresses are refused even with ``allow_private_urls`` (no test needs them). Every range
-  Python's ``ipaddress`` marks special (private, reserved, link/site-local, multicast, shared) is
-  refused; IPv4 embedded in IPv6 (mapped, 6to4, Teredo, NAT64) is judged as IPv4. Every connection
-  goes through ``GuardedResolver``; IP-literal hosts (which aiohttp does not resolve) and
-  non-canonical IPv4 forms are checked per hop. No proxy from the environment is used.
+- URL downloads are ``xicon_dance.download`` (SSRF guard of ``xicon_dance.netguard``, redirects,
+  caps, timeouts, retries); network-volume paths are ``xicon_dance.volume``.
 - Error codes: see ``xicon_dance.schema.INPUT_ERROR_CODES``. Messages show a URL without its
   query string (presigned URLs carry credentials there).
 """
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
-import re
 import shutil
-import time
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import av
 from PIL import Image, ImageFile, UnidentifiedImageError
-from yarl import URL
 
+from .download import download, too_large
 from .errors import ConfigError, InputError
-from .netguard import (
-    ForbiddenAddress,
-    GuardedResolver,
-    check_url_target,
-    display_url,
-    to_url,
-)
+from .jobdir import JobFolder, job_folder, safe_job_id
 from .schema import JobInput
 from .settings import Settings
+from .volume import copy_from_volume
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 5
-RETRY_BACKOFF_S = 0.5
-RETRY_BACKOFF_MAX_S = 8.0
-CHUNK_BYTES = 256 * 1024
-REMOVE_ATTEMPTS = 50
-REMOVE_RETRY_S = 0.1
 MIN_IMAGE_SIDE = 16
 MIN_VIDEO_SIDE = 16
 MAX_VIDEO_SIDE = 8192
@@ -100,11 +85,17 @@ VIDEO_EXTENSIONS = {
     "avi": "avi",
     "gif": "gif",
 }
-_REDIRECTS = {301, 302, 303, 307, 308}
-# Media is already compressed; identity also keeps the Content-Length pre-check meaningful (a
-# server that compresses anyway is decoded, and the cap still counts the decoded bytes).
-_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "xicon-dance-worker"}
-_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+__all__ = [
+    "ImageInfo",
+    "VideoInfo",
+    "check_default_video",
+    "fetch_image",
+    "fetch_video",
+    "input_name",
+    "job_folder",
+    "probe_video",
+    "safe_job_id",
+]
 
 
 @dataclass(frozen=True)
@@ -131,36 +122,6 @@ class VideoInfo:
 # --------------------------------------------------------------------------- job folder
 
 
-def safe_job_id(job_id: str) -> str:
-    """A folder name for ``job_id``: safe characters only, a hash suffix if anything changed."""
-    cleaned = _SAFE_ID.sub("_", job_id)[:80].strip(".") or "job"
-    if cleaned != job_id:
-        cleaned += "-" + hashlib.sha256(job_id.encode()).hexdigest()[:10]
-    return cleaned
-
-
-@contextlib.contextmanager
-def job_folder(settings: Settings, job_id: str) -> Iterator[Path]:
-    """``<comfy_input_dir>/jobs/<safe id>``, created empty and removed on exit (even on failure)."""
-    folder = Path(settings.comfy_input_dir) / "jobs" / safe_job_id(job_id)
-    if folder.exists():
-        log.warning("job folder %s already existed; replacing it", folder.name)
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    try:
-        yield folder
-    finally:
-        # A fetch cancelled because the other input failed may still be finishing a file in its
-        # thread (a thread cannot be cancelled): remove again until the folder stays gone.
-        for _ in range(REMOVE_ATTEMPTS):
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                break
-            time.sleep(REMOVE_RETRY_S)
-        else:
-            log.error("could not remove job folder %s", folder)
-
-
 def input_name(settings: Settings, path: Path) -> str:
     """The file name ComfyUI's loaders take: relative to its input folder, POSIX separators."""
     return Path(path).resolve().relative_to(Path(settings.comfy_input_dir).resolve()).as_posix()
@@ -169,57 +130,76 @@ def input_name(settings: Settings, path: Path) -> str:
 # --------------------------------------------------------------------------- public fetchers
 
 
-async def fetch_image(job: JobInput, folder: Path, settings: Settings) -> ImageInfo:
+async def fetch_image(job: JobInput, folder: JobFolder, settings: Settings) -> ImageInfo:
     """Get the reference image into ``folder`` and check it by decoding."""
-    staging = folder / "reference.part"
+    staging = folder.path / "reference.part"
     if job.image_url is not None:
         field = "image_url"
         await download(job.image_url, staging, settings.max_image_bytes, field, settings)
+    elif job.image_path is not None:
+        field = "image_path"
+        await folder.run(
+            copy_from_volume,
+            settings,
+            job.image_path,
+            staging,
+            settings.max_image_bytes,
+            field,
+            folder.stop,
+        )
     else:
         field = "image_base64"
         data = job.image_base64 or ""
-        await asyncio.to_thread(
-            decode_base64_to_file, data, staging, settings.max_image_bytes, field
-        )
-    width, height, fmt = await asyncio.to_thread(check_image, staging, field)
-    final = folder / f"reference.{IMAGE_FORMATS[fmt]}"
+        await folder.run(decode_base64_to_file, data, staging, settings.max_image_bytes, field)
+    width, height, fmt = await folder.run(check_image, staging, field)
+    final = folder.path / f"reference.{IMAGE_FORMATS[fmt]}"
     staging.replace(final)
     info = ImageInfo(final, width, height, fmt, final.stat().st_size)
     log.info("reference image from %s: %dx%d %s, %d bytes", field, width, height, fmt, info.bytes)
     return info
 
 
-async def fetch_video(job: JobInput, folder: Path, settings: Settings) -> VideoInfo:
+async def fetch_video(job: JobInput, folder: JobFolder, settings: Settings) -> VideoInfo:
     """Get the driving video into ``folder`` (or link the default video) and probe it."""
-    staging = folder / "driving.part"
+    staging = folder.path / "driving.part"
+    cap = settings.max_video_bytes
     if job.video_url is not None:
         field = "video_url"
-        await download(job.video_url, staging, settings.max_video_bytes, field, settings)
+        await download(job.video_url, staging, cap, field, settings)
+    elif job.video_path is not None:
+        field = "video_path"
+        await folder.run(
+            copy_from_volume, settings, job.video_path, staging, cap, field, folder.stop
+        )
     elif job.video_base64 is not None:
         field = "video_base64"
-        await asyncio.to_thread(
-            decode_base64_to_file, job.video_base64, staging, settings.max_video_bytes, field
-        )
+        await folder.run(decode_base64_to_file, job.video_base64, staging, cap, field)
     else:
-        return await asyncio.to_thread(_use_default_video, folder, settings)
-    info = await asyncio.to_thread(probe_video, staging, field=field)
-    final = folder / f"driving.{_video_extension(staging)}"
+        return await folder.run(_use_default_video, folder.path, settings, folder.stop)
+    info, extension = await folder.run(_probe_staged, staging, field, folder.stop)
+    final = folder.path / f"driving.{extension}"
     staging.replace(final)
     _log_video(field, info)
     return dataclasses.replace(info, path=final)
 
 
-def check_default_video(settings: Settings, path: Path | None = None) -> VideoInfo:
+def _probe_staged(path: Path, field: str, stop: threading.Event) -> tuple[VideoInfo, str]:
+    return probe_video(path, field=field, stop=stop), _video_extension(path)
+
+
+def check_default_video(
+    settings: Settings, path: Path | None = None, stop: threading.Event | None = None
+) -> VideoInfo:
     """Probe the bundled default video (or its copy ``path``); missing/broken -> ``ConfigError``."""
     source = Path(settings.default_video)
     if not source.is_file():
         raise ConfigError(
             f"The default driving video {source.name} is missing (DEFAULT_VIDEO); jobs without "
-            "video_url or video_base64 cannot run.",
+            "video_url, video_base64 or video_path cannot run.",
             code="default_video_missing",
         )
     try:
-        return probe_video(path or source, field="video_url")
+        return probe_video(path or source, field="video_url", stop=stop)
     except InputError as exc:
         raise ConfigError(
             f"The default driving video {source.name} is unusable: {exc.message}",
@@ -227,12 +207,12 @@ def check_default_video(settings: Settings, path: Path | None = None) -> VideoIn
         ) from None
 
 
-def _use_default_video(folder: Path, settings: Settings) -> VideoInfo:
+def _use_default_video(folder: Path, settings: Settings, stop: threading.Event) -> VideoInfo:
     source = Path(settings.default_video)
     final = folder / f"driving{source.suffix or '.mp4'}"
     if source.is_file():
         _link_or_copy(source, final)
-    info = check_default_video(settings, final)
+    info = check_default_video(settings, final, stop)
     _log_video("the default video", info)
     return info
 
@@ -258,7 +238,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     """Strict base64 (raw or ``data:...;base64,``) -> ``dest``; the length is capped first."""
     limit = _b64_limit(max_bytes)
     if len(data) > limit + limit // 50 + 512:  # room for line breaks and a data: header
-        raise _too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
+        raise too_large(field, max_bytes, f"the base64 text has {len(data)} characters")
     text = data.strip()
     if text[:5].lower() == "data:":
         header, sep, text = text.partition(",")
@@ -271,7 +251,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     if any(ch.isspace() for ch in text[:1024]) or any(ch.isspace() for ch in text[-1024:]):
         text = "".join(text.split())
     if len(text) > limit:
-        raise _too_large(field, max_bytes, f"the base64 text has {len(text)} characters")
+        raise too_large(field, max_bytes, f"the base64 text has {len(text)} characters")
     if not text:
         raise InputError(f"{field}: is empty.", **_b64(field))
     try:
@@ -283,7 +263,7 @@ def decode_base64_to_file(data: str, dest: Path, max_bytes: int, field: str) -> 
     if not raw:
         raise InputError(f"{field}: decodes to zero bytes.", **_b64(field))
     if len(raw) > max_bytes:
-        raise _too_large(field, max_bytes, f"it decodes to {len(raw)} bytes")
+        raise too_large(field, max_bytes, f"it decodes to {len(raw)} bytes")
     dest.write_bytes(raw)
     return len(raw)
 
@@ -299,188 +279,6 @@ def _b64(field: str) -> dict[str, Any]:
 def _b64_reason(exc: Exception) -> str:
     text = str(exc).strip().rstrip(".")
     return text[:1].lower() + text[1:] if text else "undecodable"
-
-
-# --------------------------------------------------------------------------- download
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt (connection problem, timeout, 5xx)."""
-
-
-async def download(url: str, dest: Path, max_bytes: int, field: str, settings: Settings) -> int:
-    """Stream ``url`` into ``dest`` under every guard; returns the byte count."""
-    attempts = max(1, settings.download_retries)
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=settings.download_connect_timeout_s,
-        sock_read=settings.download_read_timeout_s,
-    )
-    last = ""
-    for attempt in range(attempts):
-        connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(settings.allow_private_urls), use_dns_cache=False
-        )
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, trust_env=False, headers=_HEADERS
-        ) as session:
-            try:
-                return await _download_once(session, url, dest, max_bytes, field, settings)
-            except _Retryable as exc:
-                last = str(exc)
-        if attempt + 1 < attempts:
-            delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2**attempt)
-            log.warning(
-                "%s: attempt %d failed (%s); retrying in %.1fs", field, attempt + 1, last, delay
-            )
-            await asyncio.sleep(delay)
-    raise InputError(
-        f"{field}: the download failed after {attempts} attempt(s): {last}.",
-        field=field,
-        code="download_failed",
-    )
-
-
-async def _download_once(
-    session: aiohttp.ClientSession,
-    url: str,
-    dest: Path,
-    max_bytes: int,
-    field: str,
-    settings: Settings,
-) -> int:
-    current = to_url(url)
-    for hop in range(MAX_REDIRECTS + 1):
-        _check_hop(current, field, settings, first=hop == 0)
-        try:
-            async with session.get(current, allow_redirects=False) as resp:
-                if resp.status in _REDIRECTS:
-                    current = _next_hop(current, resp, field)
-                    continue
-                _check_status(resp, current, field)
-                return await _stream_body(resp, dest, max_bytes, field)
-        except (InputError, _Retryable):
-            raise
-        except Exception as exc:
-            forbidden = _forbidden_cause(exc)
-            if forbidden is not None:
-                raise InputError(
-                    f"{field}: refused to connect to {display_url(current)}: {forbidden}.",
-                    field=field,
-                    code="url_forbidden",
-                ) from None
-            if isinstance(exc, aiohttp.InvalidURL):
-                raise InputError(
-                    f"{field}: {display_url(current)} is not a usable URL.",
-                    field=field,
-                    code="unsupported_url",
-                ) from None
-            if isinstance(exc, asyncio.TimeoutError | aiohttp.ClientError | OSError):
-                raise _Retryable(_describe(exc, current)) from None
-            raise
-    raise InputError(
-        f"{field}: more than {MAX_REDIRECTS} redirects starting at {display_url(url)}.",
-        field=field,
-        code="download_failed",
-    )
-
-
-def _check_hop(url: URL, field: str, settings: Settings, *, first: bool) -> None:
-    try:
-        check_url_target(url, settings.allow_private_urls)
-    except ForbiddenAddress as exc:
-        where = "" if first else " (reached by a redirect)"
-        raise InputError(
-            f"{field}: refused to connect to {display_url(url)}{where}: {exc}.",
-            field=field,
-            code="url_forbidden",
-        ) from None
-    except ValueError as exc:
-        where = "" if first else "a redirect target "
-        raise InputError(
-            f"{field}: {where}{display_url(url)} {exc}.", field=field, code="unsupported_url"
-        ) from None
-
-
-def _next_hop(current: URL, resp: aiohttp.ClientResponse, field: str) -> URL:
-    location = resp.headers.get("Location", "")
-    if not location:
-        raise InputError(
-            f"{field}: {display_url(current)} answered a redirect without a Location.",
-            field=field,
-            code="download_failed",
-        )
-    try:
-        return current.join(to_url(location))
-    except ValueError:
-        raise InputError(
-            f"{field}: {display_url(current)} redirected to an unparsable location.",
-            field=field,
-            code="download_failed",
-        ) from None
-
-
-def _check_status(resp: aiohttp.ClientResponse, url: URL, field: str) -> None:
-    if resp.status >= 500:
-        raise _Retryable(f"{display_url(url)} answered HTTP {resp.status}")
-    if resp.status != 200:
-        reason = f" {resp.reason}" if resp.reason else ""
-        raise InputError(
-            f"{field}: {display_url(url)} answered HTTP {resp.status}{reason}.",
-            field=field,
-            code="download_failed",
-        )
-
-
-async def _stream_body(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int, field: str) -> int:
-    if resp.content_length is not None and resp.content_length > max_bytes:
-        raise _too_large(field, max_bytes, f"the server announces {resp.content_length} bytes")
-    total = 0
-    with dest.open("wb") as out:
-        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-            total += len(chunk)
-            if total > max_bytes:
-                raise _too_large(field, max_bytes, "the download grew past it")
-            out.write(chunk)
-    if total == 0:
-        raise InputError(
-            f"{field}: {display_url(resp.url)} returned an empty body.",
-            field=field,
-            code="download_failed",
-        )
-    return total
-
-
-def _forbidden_cause(exc: BaseException) -> ForbiddenAddress | None:
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ForbiddenAddress):
-            return cur
-        stack += [cur.__cause__, cur.__context__, getattr(cur, "os_error", None)]
-    return None
-
-
-def _describe(exc: BaseException, url: URL) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"timed out talking to {display_url(url)}"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the body from {display_url(url)} was cut short"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"could not connect to {display_url(url)}"
-    return f"{type(exc).__name__} from {display_url(url)}"
-
-
-def _too_large(field: str, max_bytes: int, why: str) -> InputError:
-    return InputError(
-        f"{field}: larger than the limit of {max_bytes} bytes ({why}).",
-        field=field,
-        code="too_large",
-    )
 
 
 # --------------------------------------------------------------------------- images
@@ -567,8 +365,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # --------------------------------------------------------------------------- videos
 
 
-def probe_video(path: Path, *, field: str = "video_url") -> VideoInfo:
-    """Open with PyAV: a video stream must exist and decode; fps, frames, duration, size, audio."""
+def probe_video(
+    path: Path, *, field: str = "video_url", stop: threading.Event | None = None
+) -> VideoInfo:
+    """Open with PyAV: a video stream must exist and decode; fps, frames, duration, size, audio.
+    The loops over the file end early (``ProbeStopped``) once ``stop`` is set."""
     size = path.stat().st_size if path.exists() else 0
     if size == 0:
         raise _bad_video(field, "the file is empty")
@@ -585,10 +386,9 @@ def probe_video(path: Path, *, field: str = "video_url") -> VideoInfo:
             has_audio = bool(container.streams.audio)
             duration = _duration(container, stream)
             frames = stream.frames or 0
-            _decode_first_frame(container, stream, field)
+            _decode_first_frame(container, stream, field, stop)
             if frames <= 0:
-                container.seek(0)
-                frames = sum(1 for p in container.demux(stream) if p.size)
+                frames = _count_packets(path, stream.index, stop)
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -618,11 +418,38 @@ def _duration(container: Any, stream: Any) -> float:
     return 0.0
 
 
-def _decode_first_frame(container: Any, stream: Any, field: str) -> None:
-    for frame in container.decode(stream):
-        if frame.width and frame.height:
-            return
+class ProbeStopped(Exception):
+    """The probe gave up because its job ended (``stop`` was set); nobody reads its result."""
+
+
+def _decode_first_frame(
+    container: Any, stream: Any, field: str, stop: threading.Event | None
+) -> None:
+    """Packet by packet (not ``container.decode``, whose loop over packets that give no frame,
+    e.g. a long run without a keyframe, never comes back to check ``stop``)."""
+    for packet in container.demux(stream):  # ends with the empty packet that flushes
+        _check_stop(stop)
+        for frame in packet.decode():
+            if frame.width and frame.height:
+                return
     raise _bad_video(field, "no frame could be decoded")
+
+
+def _count_packets(path: Path, index: int, stop: threading.Event | None) -> int:
+    """Packets of stream ``index``, read from a fresh opening (not ``seek(0)``: in a Matroska file
+    without cues that scans the whole file in one call that ``stop`` cannot interrupt)."""
+    frames = 0
+    with av.open(str(path), mode="r") as container:
+        for packet in container.demux(container.streams[index]):
+            _check_stop(stop)
+            if packet.size:
+                frames += 1
+    return frames
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise ProbeStopped("the job ended; probe abandoned")
 
 
 def _check_video_size(width: int, height: int, field: str) -> None:

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,12 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
 log = logging.getLogger("xicon_dance.model_download")
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "model_manifest.json"
 STAGING_DIR = ".downloads"
 CHUNK = 1024 * 1024
 URL_RETRIES = 5
+RETRY_BASE_S = 0.2  # waits 0.2, 0.4, 0.8, 1.6 s between the attempts (at most RETRY_MAX_S)
+RETRY_MAX_S = 3.0
 VALID_FOLDERS = {
     "diffusion_models",
     "text_encoders",
@@ -223,23 +232,42 @@ def _stream_once(url: str, part: Path, headers: dict[str, str]) -> None:
 
 
 def _fetch_http(entry: Entry, staging: Path, url: str, headers: dict[str, str]) -> Path:
-    """Stream ``url`` into ``<staging>/<filename>.part``, continuing an existing part by Range."""
+    """Stream ``url`` into ``<staging>/<filename>.part``, continuing an existing part by Range.
+    ``URL_RETRIES`` attempts (tenacity) on connection errors and 5xx, each resuming the part."""
     staging.mkdir(parents=True, exist_ok=True)
     part = staging / f"{entry.filename}.part"
-    for attempt in range(1, URL_RETRIES + 1):
-        try:
-            _stream_once(url, part, headers)
-            break
-        except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
-                raise DownloadFailed(
-                    f"{entry.filename}: HTTP {exc.code} from the source."
-                ) from None
-            if attempt == URL_RETRIES:
-                raise DownloadFailed(f"{entry.filename}: download failed: {exc}") from None
-            log.warning("%s: attempt %d failed (%s), resuming.", entry.filename, attempt, exc)
-            time.sleep(min(2**attempt, 30) / 10)
+
+    def resuming(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: attempt %d failed (%s), resuming.", entry.filename, state.attempt_number, failure
+        )
+
+    retrying = Retrying(
+        stop=stop_after_attempt(URL_RETRIES),
+        wait=wait_exponential(multiplier=RETRY_BASE_S, max=RETRY_MAX_S),
+        retry=retry_if_exception(_worth_retrying),
+        before_sleep=resuming,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                _stream_once(url, part, headers)
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            raise DownloadFailed(f"{entry.filename}: HTTP {exc.code} from the source.") from None
+        raise DownloadFailed(f"{entry.filename}: download failed: {exc}") from None
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise DownloadFailed(f"{entry.filename}: download failed: {exc}") from None
     return part
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Connection problems, cut-short bodies and 5xx; a 4xx answer will not change."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500
+    return isinstance(exc, (OSError, http.client.HTTPException))
 
 
 def fetch(entry: Entry, models_dir: Path) -> Path:

@@ -3,15 +3,16 @@
 Contract:
 - ``parse_job_input(raw: object, settings: Settings) -> JobInput`` validates the RunPod
   ``job["input"]``. Raises ``InputError(field=<name>, message=<one sentence naming the field and
-  the reason>)``. Unknown keys are refused by name. Exactly one of image_url / image_base64. At
-  most one of video_url / video_base64 (neither -> the bundled default video).
-- Fields and defaults: image_url, image_base64, video_url, video_base64, prompt
-  ("the person starts to dance"), negative_prompt (the usual Wan negative prompt), width (416),
-  height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg (1.0; 0..20),
-  seed (0; -1 = random), fps (24; 1..60), max_frames (unset; capped by settings.max_frames when
-  that is set, rounded down to 4n+1), max_seconds (unset; 0.1..3600), keep_audio (true), output
-  ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole driving clip is rendered
-  up to ``MAX_SECONDS`` (see ``xicon_dance.clip.plan_clip``).
+  the reason>)``. Unknown keys are refused by name. Exactly one of image_url / image_base64 /
+  image_path. At most one of video_url / video_base64 / video_path (none -> the bundled default
+  video).
+- Fields and defaults: image_url, image_base64, image_path, video_url, video_base64, video_path,
+  prompt ("the person starts to dance"), negative_prompt (the usual Wan negative prompt), width
+  (416), height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg
+  (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (unset; capped by
+  settings.max_frames when that is set, rounded down to 4n+1), max_seconds (unset; 0.1..3600),
+  keep_audio (true), output ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole
+  driving clip is rendered up to ``MAX_SECONDS`` (see ``xicon_dance.clip.plan_clip``).
 - ``JobInput.resolve_size(image_width, image_height) -> tuple[int, int]``: with auto_size, a
   dimension the caller did not give is derived from the reference image aspect ratio (multiple of
   32, in range).
@@ -27,17 +28,28 @@ Details:
 - Prompts are at most ``MAX_PROMPT_CHARS`` characters and contain no NUL or other control
   characters (tab and newlines are allowed); ``prompt`` must not be blank.
 - URLs: http or https, a host, at most ``MAX_URL_CHARS`` characters, no user:password part. Where
-  they point is checked by ``xicon_dance.media`` (SSRF guard after DNS resolution).
+  they point is checked by ``xicon_dance.download`` (SSRF guard after DNS resolution).
+- Paths (``image_path`` / ``video_path``): a file on the endpoint's network volume, for inputs
+  too large to send (RunPod mounts the volume at ``/runpod-volume``). Relative to the volume
+  root (``VOLUME_ROOT``, default ``/runpod-volume``) or absolute under it, e.g.
+  ``"inputs/dancer.png"`` or ``"/runpod-volume/inputs/dance.mp4"``. At most ``MAX_PATH_CHARS``
+  characters, no control characters, no ``..`` component. Refused here when
+  ``VOLUME_ROOT=off`` (``path_forbidden``). When the job runs, ``xicon_dance.volume`` checks that
+  the real path (symlinks resolved) stays inside the root and is a regular file (not a
+  directory, FIFO, socket or device), opens it safely and copies it into the job folder; the
+  byte caps (``MAX_IMAGE_BYTES`` / ``MAX_VIDEO_BYTES``) and the content checks are the same as
+  for URLs.
 - ``output="url"`` needs a configured bucket; this is refused here, before any work is done.
 - With ``auto_size`` and neither width nor height given, the size keeps the default pixel area
   (416 x 672) at the reference image's aspect ratio.
 
 Error codes (``InputError.code``), see ``INPUT_ERROR_CODES`` (media codes included):
 ``invalid_input`` (wrong type, out of range, bad choice), ``unknown_field``, ``missing_image``,
-``conflicting_inputs`` (both fields of a pair given), ``unsupported_url``, ``bucket_not_configured``
-and the media codes ``url_forbidden``, ``download_failed``, ``too_large``, ``invalid_base64``,
-``invalid_image``, ``too_many_pixels``, ``invalid_video``, and ``clip_too_long`` (frames x size over
-``MAX_CLIP_MEMORY_GB``, see ``xicon_dance.clip``).
+``conflicting_inputs`` (more than one source for the image or the video), ``unsupported_url``,
+``bucket_not_configured`` and the media codes ``url_forbidden``, ``download_failed``,
+``too_large``, ``invalid_base64``, ``invalid_image``, ``too_many_pixels``, ``invalid_video``,
+``path_forbidden``, ``path_not_found``, ``path_not_file``, and ``clip_too_long`` (frames x size
+over ``MAX_CLIP_MEMORY_GB``, see ``xicon_dance.clip``).
 """
 
 from __future__ import annotations
@@ -72,14 +84,15 @@ SIDE_STEP = 32
 MIN_FRAMES = 5
 MAX_PROMPT_CHARS = 2000
 MAX_URL_CHARS = 4096
+MAX_PATH_CHARS = 4096
 SEED_MAX = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1
 
 INPUT_ERROR_CODES: dict[str, str] = {
     "invalid_input": "a field has the wrong type, is out of range or is not an allowed value",
     "unknown_field": "the input has a key this worker does not know (often a typo)",
-    "missing_image": "neither image_url nor image_base64 was given",
-    "conflicting_inputs": "both fields of a pair were given (image_url + image_base64, ...)",
+    "missing_image": "none of image_url, image_base64 or image_path was given",
+    "conflicting_inputs": "more than one source for the image or the video was given",
     "unsupported_url": "a URL is malformed, too long, not http/https or carries credentials",
     "bucket_not_configured": "output 'url' was asked for but no bucket is configured",
     "url_forbidden": "a URL (or a redirect) leads to a private, loopback or metadata address",
@@ -89,11 +102,22 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "invalid_image": "the reference image cannot be decoded or has an unsupported format",
     "too_many_pixels": "an image or video has more pixels than allowed (decompression bomb)",
     "invalid_video": "the driving video has no video stream, no frames or cannot be decoded",
+    "path_forbidden": "a path leads outside the network volume, contains '..', cannot be read, "
+    "or path inputs are off (VOLUME_ROOT=off)",
+    "path_not_found": "a path names no file on the network volume (or no volume is mounted)",
+    "path_not_file": "a path names a directory, FIFO, socket or device, not a regular file",
     "clip_too_long": "the rendered frames at this size exceed the worker's memory budget",
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_FIELD_ORDER = ("image_url", "image_base64", "video_url", "video_base64")
+_PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no tab or newline in a path either
+IMAGE_SOURCES = ("image_url", "image_base64", "image_path")
+VIDEO_SOURCES = ("video_url", "video_base64", "video_path")
+_FIELD_ORDER = (*IMAGE_SOURCES, *VIDEO_SOURCES)
+
+
+class _PathForbidden(ValueError):
+    """A path refused for where it may lead (``path_forbidden``), not for its form."""
 
 
 class JobInput(BaseModel):
@@ -103,8 +127,10 @@ class JobInput(BaseModel):
 
     image_url: str | None = None
     image_base64: str | None = None
+    image_path: str | None = None
     video_url: str | None = None
     video_base64: str | None = None
+    video_path: str | None = None
     prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_PROMPT_CHARS)
     width: int = Field(DEFAULT_WIDTH, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)
@@ -126,6 +152,22 @@ class JobInput(BaseModel):
             return None
         value = value.strip()
         _check_url_syntax(value)
+        return value
+
+    @field_validator("image_path", "video_path")
+    @classmethod
+    def _check_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        settings = (info.context or {}).get("settings")
+        if settings is not None and settings.volume_root is None:
+            raise _PathForbidden("path inputs are turned off on this worker (VOLUME_ROOT=off)")
+        if len(value) > MAX_PATH_CHARS:
+            raise ValueError(f"is longer than {MAX_PATH_CHARS} characters")
+        if _PATH_CONTROL.search(value):
+            raise ValueError("must not contain control characters (such as NUL or a newline)")
+        if ".." in value.replace("\\", "/").split("/"):
+            raise _PathForbidden("must not contain '..'")
         return value
 
     @field_validator("prompt", "negative_prompt")
@@ -169,7 +211,7 @@ class JobInput(BaseModel):
 
     @property
     def uses_default_video(self) -> bool:
-        return self.video_url is None and self.video_base64 is None
+        return self.video_url is None and self.video_base64 is None and self.video_path is None
 
 
 def parse_job_input(raw: object, settings: Settings) -> JobInput:
@@ -210,20 +252,24 @@ def _check_pairs(raw: dict[str, Any]) -> None:
         if isinstance(raw.get(key), str) and not raw[key].strip():
             raise InputError(f"{key}: must not be an empty string.", field=key)
 
-    def given(key: str) -> bool:
-        return raw.get(key) is not None
-
-    for a, b in (("image_url", "image_base64"), ("video_url", "video_base64")):
-        if given(a) and given(b):
+    for sources in (IMAGE_SOURCES, VIDEO_SOURCES):
+        given = [key for key in sources if raw.get(key) is not None]
+        if len(given) > 1:
             raise InputError(
-                f"{a}: give either {a} or {b}, not both.", field=a, code="conflicting_inputs"
+                f"{given[0]}: give only one of {_one_of(sources)}, not {' and '.join(given)}.",
+                field=given[0],
+                code="conflicting_inputs",
             )
-    if not given("image_url") and not given("image_base64"):
+    if not any(raw.get(key) is not None for key in IMAGE_SOURCES):
         raise InputError(
-            "image_url: a reference image is required; give image_url or image_base64.",
+            f"image_url: a reference image is required; give {_one_of(IMAGE_SOURCES)}.",
             field="image_url",
             code="missing_image",
         )
+
+
+def _one_of(keys: tuple[str, ...]) -> str:
+    return ", ".join(keys[:-1]) + f" or {keys[-1]}"
 
 
 def _check_url_syntax(url: str) -> None:
@@ -284,9 +330,11 @@ def _to_input_error(exc: ValidationError) -> InputError:
             field=field,
             code="unknown_field",
         )
-    code = (
-        "unsupported_url" if field in ("image_url", "video_url") and kind == "value_error" else None
-    )
+    code = None
+    if kind == "value_error" and field in ("image_url", "video_url"):
+        code = "unsupported_url"
+    elif isinstance((first.get("ctx") or {}).get("error"), _PathForbidden):
+        code = "path_forbidden"
     return InputError(f"{field}: {_reason(first)}.", field=field, code=code)
 
 

@@ -5,8 +5,11 @@ Contract:
   a malformed value raises ``ConfigError`` naming the variable. Nothing else in the package reads
   ``os.environ`` for configuration.
 - ``get_settings()`` returns the process-wide instance (parsed on first use).
-- Every variable, its default and meaning is listed in ``ENV_DOC`` (the README table is generated
-  from the same facts and a test keeps them in step).
+- Every variable, its default and meaning is listed in ``ENV_DOC``; the settings reference
+  ``docs/settings.md`` is generated from it (``python scripts/settings_doc.py --write``) and a
+  test fails when the committed file differs from what the script makes. Meanings are markdown
+  (``code`` in backticks); ``ENV_DOC_SECTIONS`` groups the variables under headings there (a
+  variable in no group is listed under "Other").
 - Secrets are ``SecretStr`` and never appear in ``repr``.
 """
 
@@ -34,26 +37,27 @@ def _s(env: Mapping[str, str], name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
+def _number(
+    env: Mapping[str, str], name: str, default: float, lo: float, kind: type[int] | type[float]
+) -> float:
+    """``name`` parsed by ``kind`` (int or float), at least ``lo``; ConfigError naming it."""
     raw = _s(env, name, str(default))
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}.", field=name) from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {raw!r}.", field=name) from None
     if value < lo:
         raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
+    return int(_number(env, name, default, lo, int))
 
 
 def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
-    raw = _s(env, name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}.", field=name) from None
-    if value < lo:
-        raise ConfigError(f"{name} must be at least {lo}, got {value}.", field=name)
-    return value
+    return _number(env, name, default, lo, float)
 
 
 def _optional_float(env: Mapping[str, str], name: str, lo: float) -> float | None:
@@ -79,18 +83,30 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.", field=name)
 
 
-# name -> (default shown to users, meaning). Keep in step with Settings.from_env.
+# name -> (default shown to users, meaning as markdown). Keep in step with Settings.from_env;
+# after a change run `python scripts/settings_doc.py --write` (docs/settings.md).
 ENV_DOC: dict[str, tuple[str, str]] = {
     "COMFY_HOST": ("127.0.0.1:8188", "host:port of the local ComfyUI server"),
-    "COMFY_DIR": ("/comfyui", "ComfyUI installation folder"),
-    "COMFY_INPUT_DIR": ("$COMFY_DIR/input", "ComfyUI input folder; each job gets a sub-folder"),
+    "COMFY_DIR": (
+        "/comfyui",
+        "ComfyUI installation folder; the worker writes job inputs into its `input/` folder "
+        "(checked at start: it must be the folder ComfyUI reads)",
+    ),
+    "COMFY_INPUT_DIR": (
+        "$COMFY_DIR/input",
+        "ComfyUI input folder; each job gets a sub-folder, removed afterwards",
+    ),
     "COMFY_PID_FILE": ("/tmp/comfyui.pid", "PID file written by entrypoint.sh"),
     "COMFY_STARTUP_TIMEOUT_S": (
         "900",
         "how long the worker waits for ComfyUI to answer at start; unset in a local run: "
         f"{LOCAL_STARTUP_TIMEOUT_S:g}",
     ),
-    "JOB_TIMEOUT_S": ("1800", "per-job limit; on overrun ComfyUI is interrupted"),
+    "JOB_TIMEOUT_S": (
+        "3600",
+        "per-job limit; on overrun ComfyUI is interrupted (a 60-s dance takes about 10 min on an "
+        "H200 and an estimated 25–35 min on an RTX 5090)",
+    ),
     "COMFY_INTERRUPT_GRACE_S": (
         "60",
         "after a timeout's interrupt, how long the prompt may take to stop before the worker "
@@ -110,33 +126,99 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     ),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
     "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
+    "VOLUME_ROOT": (
+        "/runpod-volume",
+        "network volume mount; the job fields image_path/video_path read only under it; "
+        "off: path inputs refused",
+    ),
     "DOWNLOAD_CONNECT_TIMEOUT_S": ("10", "connect timeout for input downloads"),
     "DOWNLOAD_READ_TIMEOUT_S": ("60", "read timeout (between bytes) for input downloads"),
     "DOWNLOAD_RETRIES": ("3", "attempts for connection errors and 5xx answers"),
-    "ALLOW_PRIVATE_URLS": ("false", "allow input URLs on private/loopback addresses (tests only)"),
+    "ALLOW_PRIVATE_URLS": (
+        "false",
+        "allow input URLs on private/loopback addresses (tests only; cloud-metadata addresses "
+        "stay refused)",
+    ),
     "BUCKET_ENDPOINT_URL": ("", "S3-compatible endpoint; with the two keys it enables URL output"),
     "BUCKET_ACCESS_KEY_ID": ("", "bucket access key id (secret)"),
     "BUCKET_SECRET_ACCESS_KEY": ("", "bucket secret key (secret)"),
     "BUCKET_NAME": ("xicon-dance", "bucket that receives results"),
     "BUCKET_REGION": ("us-east-1", "region used for request signing"),
-    "BUCKET_PREFIX": ("results", "key prefix: <prefix>/<job_id>/<file>.mp4"),
+    "BUCKET_PREFIX": ("results", "key prefix: `<prefix>/<job_id>/<file>.mp4`"),
     "PRESIGN_EXPIRY_S": ("604800", "lifetime of the returned presigned URL"),
-    "UPLOAD_TIMEOUT_S": ("600", "limit for the whole result upload (after JOB_TIMEOUT_S)"),
+    "UPLOAD_TIMEOUT_S": (
+        "600",
+        "limit for the whole result upload (after `JOB_TIMEOUT_S`); a cancelled job stops its "
+        "upload at once",
+    ),
     "MAX_BASE64_OUTPUT_BYTES": (
         "7340032",
         "largest inline base64 video (10 MB /run cap)",
     ),
     "DEFAULT_VIDEO": ("assets/default_video.mp4", "driving video used when the job gives none"),
     "WORKFLOW_PATH": ("XiCON_Dance_SCAIL_vFinal.json", "API-format graph template"),
-    "SAGEATTENTION_ENABLED": ("1", "1: attention_mode sageattn; 0: sdpa"),
+    "SAGEATTENTION_ENABLED": (
+        "1",
+        "1: attention_mode `sageattn` and ComfyUI's `--use-sage-attention`; 0: `sdpa`",
+    ),
     "POSE_RENDER_DEVICE": ("gpu", "taichi device for RenderNLFPoses (gpu, cuda, cpu, vulkan)"),
+    "BASE_PRECISION": (
+        "auto",
+        "WanVideoModelLoader base_precision: `auto` picks from the GPU at start (`fp16_fast` on "
+        "GeForce cards, `bf16` elsewhere); or `bf16`, `fp16`, `fp16_fast`, `fp32`",
+    ),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
     "LOCAL_OUTPUT_DIR": (
         "output",
         "local runs only: folder that receives each result video (relative to the worker "
-        "folder, /worker/output in the image); off: do not save",
+        "folder, `/worker/output` in the image); `off`: do not save",
     ),
+}
+
+# Headings of docs/settings.md and the variables under each, in this order.
+ENV_DOC_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ComfyUI": (
+        "COMFY_HOST",
+        "COMFY_DIR",
+        "COMFY_INPUT_DIR",
+        "COMFY_PID_FILE",
+        "COMFY_STARTUP_TIMEOUT_S",
+    ),
+    "Jobs and limits": (
+        "JOB_TIMEOUT_S",
+        "COMFY_INTERRUPT_GRACE_S",
+        "MAX_SECONDS",
+        "MAX_FRAMES",
+        "MAX_CLIP_MEMORY_GB",
+        "MAX_IMAGE_BYTES",
+        "MAX_VIDEO_BYTES",
+    ),
+    "Input downloads": (
+        "DOWNLOAD_CONNECT_TIMEOUT_S",
+        "DOWNLOAD_READ_TIMEOUT_S",
+        "DOWNLOAD_RETRIES",
+        "ALLOW_PRIVATE_URLS",
+    ),
+    "Result delivery": (
+        "BUCKET_ENDPOINT_URL",
+        "BUCKET_ACCESS_KEY_ID",
+        "BUCKET_SECRET_ACCESS_KEY",
+        "BUCKET_NAME",
+        "BUCKET_REGION",
+        "BUCKET_PREFIX",
+        "PRESIGN_EXPIRY_S",
+        "UPLOAD_TIMEOUT_S",
+        "MAX_BASE64_OUTPUT_BYTES",
+    ),
+    "Graph and GPU": (
+        "DEFAULT_VIDEO",
+        "WORKFLOW_PATH",
+        "SAGEATTENTION_ENABLED",
+        "POSE_RENDER_DEVICE",
+        "BASE_PRECISION",
+    ),
+    "Logs and local runs": ("PROGRESS_INTERVAL_S", "LOG_LEVEL", "LOCAL_OUTPUT_DIR"),
 }
 
 
@@ -147,13 +229,14 @@ class Settings:
     comfy_input_dir: Path = Path("/comfyui/input")
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_startup_timeout_s: float | None = None  # None: by mode, see startup_timeout_s()
-    job_timeout_s: float = 1800.0
+    job_timeout_s: float = 3600.0
     comfy_interrupt_grace_s: float = 60.0
     max_seconds: float = 60.0
     max_frames: int | None = None
     max_clip_memory_gb: float = 48.0
     max_image_bytes: int = 50 * MB
     max_video_bytes: int = 500 * MB
+    volume_root: Path | None = Path("/runpod-volume")
     download_connect_timeout_s: float = 10.0
     download_read_timeout_s: float = 60.0
     download_retries: int = 3
@@ -171,6 +254,7 @@ class Settings:
     workflow_path: Path = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
     sageattention_enabled: bool = True
     pose_render_device: str = "gpu"
+    base_precision: str = "auto"
     progress_interval_s: float = 1.0
     log_level: str = "INFO"
     local_output_dir: Path | None = PACKAGE_ROOT / "output"
@@ -209,19 +293,27 @@ class Settings:
         render_device = _s(env, "POSE_RENDER_DEVICE", "gpu")
         if render_device not in {"gpu", "cuda", "cpu", "vulkan", "opengl", "metal"}:
             raise ConfigError(f"POSE_RENDER_DEVICE {render_device!r} is not a taichi arch.")
+        base_precision = _s(env, "BASE_PRECISION", "auto").lower()
+        if base_precision not in {"auto", "bf16", "fp16", "fp16_fast", "fp32"}:
+            raise ConfigError(
+                "BASE_PRECISION must be auto, bf16, fp16, fp16_fast or fp32, "
+                f"got {base_precision!r}.",
+                field="BASE_PRECISION",
+            )
         return cls(
             comfy_host=_s(env, "COMFY_HOST", "127.0.0.1:8188"),
             comfy_dir=comfy_dir,
             comfy_input_dir=Path(_s(env, "COMFY_INPUT_DIR", str(comfy_dir / "input"))),
             comfy_pid_file=Path(_s(env, "COMFY_PID_FILE", "/tmp/comfyui.pid")),
             comfy_startup_timeout_s=_optional_float(env, "COMFY_STARTUP_TIMEOUT_S", 1.0),
-            job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1800.0, 1.0),
+            job_timeout_s=_float(env, "JOB_TIMEOUT_S", 3600.0, 1.0),
             comfy_interrupt_grace_s=_float(env, "COMFY_INTERRUPT_GRACE_S", 60.0, 1.0),
             max_seconds=_float(env, "MAX_SECONDS", 60.0, 0.1),
             max_frames=_optional_int(env, "MAX_FRAMES", 5),
             max_clip_memory_gb=_float(env, "MAX_CLIP_MEMORY_GB", 48.0, 0.1),
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
             max_video_bytes=_int(env, "MAX_VIDEO_BYTES", 500 * MB, 1),
+            volume_root=_optional_path(path, env, "VOLUME_ROOT", "/runpod-volume"),
             download_connect_timeout_s=_float(env, "DOWNLOAD_CONNECT_TIMEOUT_S", 10.0, 0.1),
             download_read_timeout_s=_float(env, "DOWNLOAD_READ_TIMEOUT_S", 60.0, 0.1),
             download_retries=_int(env, "DOWNLOAD_RETRIES", 3, 1),
@@ -239,6 +331,7 @@ class Settings:
             workflow_path=path("WORKFLOW_PATH", Path("XiCON_Dance_SCAIL_vFinal.json")),
             sageattention_enabled=_bool(env, "SAGEATTENTION_ENABLED", True),
             pose_render_device=render_device,
+            base_precision=base_precision,
             progress_interval_s=_float(env, "PROGRESS_INTERVAL_S", 1.0, 0.0),
             log_level=_s(env, "LOG_LEVEL", "INFO").upper(),
             local_output_dir=_optional_path(path, env, "LOCAL_OUTPUT_DIR", "output"),

@@ -1,9 +1,9 @@
 """An honest ComfyUI server double (aiohttp) for the worker's tests.
 
-It speaks the protocol of ../shared/reference/comfyui-protocol.md (ComfyUI v0.8.0):
-
-Where ComfyUI v0.33.0 differs from that description, the double follows v0.33.0 (each rule
-cites the file and line of that release next to the code that copies it):
+It imitates ComfyUI v0.33.0, the release of ``stack/components.json`` (``/system_stats`` reports
+that version). The § numbers below refer to a protocol description first written for ComfyUI
+v0.8.0; where v0.33.0 differs from it, the double follows v0.33.0 (each rule cites the file and
+line of that release next to the code that copies it):
 
 - Routes, each also under ``/api/`` (§2.1): POST/GET ``/prompt`` (§2.2; the queue number counts
   every POST from 0; a client ``prompt_id`` must be a canonical lowercase hyphenated UUID, else

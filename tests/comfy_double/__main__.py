@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from .server import ComfyDouble, Faults
+from .server import ComfyDouble, Faults, PortInUse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,9 +71,15 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s comfy-double %(message)s")
+    # No line per request (ComfyUI logs none either): a terminal shared with the worker stays
+    # legible.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if args.pid_file:
         args.pid_file.write_text(str(os.getpid()))
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except PortInUse as exc:
+        raise SystemExit(f"comfy-double: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

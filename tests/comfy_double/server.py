@@ -34,6 +34,16 @@ MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI v0.33.0 execution.py:1249
 OUTPUT_CLASSES = {"VHS_VideoCombine", "SaveImage", "PreviewImage", "SaveVideo"}
 Validator = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, dict[str, Any]]]
 DEFAULT_OBJECT_INFO = Path(__file__).resolve().parent.parent / "fixtures" / "object_info.json"
+# The release the double imitates (stack/components.json) and what its /system_stats reports:
+# comfyui_version.py, requirements.txt (frontend, templates) and the lock's torch of v0.33.0.
+COMFYUI_VERSION = "0.33.0"
+REQUIRED_FRONTEND_VERSION = "1.48.7"
+TEMPLATES_VERSION = "0.11.41"
+PYTORCH_VERSION = "2.11.0"
+
+
+class PortInUse(OSError):
+    """The double's port could not be bound; the message names the address and what to do."""
 
 
 @dataclass
@@ -250,12 +260,26 @@ class ComfyDouble:
     async def _bind(self) -> None:
         assert self._runner is not None
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()  # the queue worker task and the runner end here, not later
+            raise PortInUse(
+                exc.errno,
+                f"cannot listen on {self.host}:{self.port}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc} "
+                "(is another ComfyUI or double running there? pick another --port)",
+            ) from None
         log.info("ComfyUI double listening on %s", self.url)
 
     async def _bind_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        await self._bind()
+        try:
+            await self._bind()
+        except PortInUse as exc:
+            log.error("%s", exc.strerror)
+            if self.exit_process_on_die:  # a standalone double has nothing left to serve
+                os._exit(1)
 
     async def stop(self) -> None:
         for ws in list(self._open_ws):
@@ -941,13 +965,14 @@ class ComfyDouble:
                     "os": "linux",
                     "ram_total": 25769803776,
                     "ram_free": 17179869184,
-                    "comfyui_version": "0.8.0",
-                    "required_frontend_version": "1.35.9",
-                    "installed_templates_version": "0.7.67",
-                    "required_templates_version": "0.7.67",
+                    "comfyui_version": COMFYUI_VERSION,
+                    "required_frontend_version": REQUIRED_FRONTEND_VERSION,
+                    "installed_templates_version": TEMPLATES_VERSION,
+                    "required_templates_version": TEMPLATES_VERSION,
                     "python_version": "3.11.0",
-                    "pytorch_version": "2.14.1",
+                    "pytorch_version": PYTORCH_VERSION,
                     "embedded_python": False,
+                    "deploy_environment": "local-git",
                     "argv": ["main.py", "--port", str(self.port)],
                 },
                 "devices": [

@@ -8,16 +8,20 @@ Generates REAL media with Pillow and PyAV, for any test that needs input files:
 - ``make_png_bomb(path, w, h) -> Path``: a valid, tiny 1-bit PNG whose pixel count is huge.
 - ``make_truncated(src, dest, keep=0.5) -> Path``: the first part of a file (a damaged image).
 - ``make_text(path, text) -> Path``: a plain text file (not media at all).
+- ``job_input(image, video, **fields) -> dict``: a small job (``SMALL_JOB``: 256x256, 9 frames,
+  2 steps) with both files as base64; ``fields`` override or add any key.
 Fixtures: ``media_dir`` (a fresh folder), ``image_png``, ``image_jpeg``, ``video_mp4`` and
 ``video_mp4_audio`` (small defaults; 64x64 video, 9 frames at 8 fps).
 """
 
 from __future__ import annotations
 
+import base64
 import struct
 import zlib
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -122,6 +126,19 @@ def make_text(path: Path | str, text: str = "this is not media\n") -> Path:
     path = Path(path)
     path.write_text(text)
     return path
+
+
+SMALL_JOB: dict[str, Any] = {"width": 256, "height": 256, "max_frames": 9, "steps": 2}
+
+
+def job_input(image: Path, video: Path, **fields: Any) -> dict[str, Any]:
+    """A small job with both files as base64; ``fields`` override or add any key."""
+    return {
+        "image_base64": base64.b64encode(Path(image).read_bytes()).decode(),
+        "video_base64": base64.b64encode(Path(video).read_bytes()).decode(),
+        **SMALL_JOB,
+        **fields,
+    }
 
 
 @pytest.fixture

@@ -54,21 +54,37 @@ def meta(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Readable list of what differs: classes, then inputs and outputs of common classes."""
-    out = [f"class {c}: only in the fixture" for c in sorted(set(old) - set(new))]
-    out += [f"class {c}: only live" for c in sorted(set(new) - set(old))]
-    for cls in sorted(set(old) & set(new)):
-        if old[cls] == new[cls]:
-            continue
-        a, b = old[cls], new[cls]
-        for section in ("required", "optional"):
-            ia, ib = a.get("input", {}).get(section, {}), b.get("input", {}).get(section, {})
-            for name in sorted(set(ia) | set(ib)):
-                if ia.get(name) != ib.get(name):
-                    out.append(
-                        f"{cls}.{section}.{name}: {ia.get(name)!r:.120} -> {ib.get(name)!r:.120}"
-                    )
-        for key in sorted(set(a) | set(b)):
-            if key != "input" and a.get(key) != b.get(key):
-                out.append(f"{cls}.{key}: {a.get(key)!r:.120} -> {b.get(key)!r:.120}")
+    """Readable list of everything that differs between two ``/object_info`` dumps (``old``: the
+    fixture, ``new``: live), whole node definitions included: every input section (required,
+    optional, hidden), the order of inputs, outputs, output names and every other field. Dicts
+    are compared in order too (a node's input order is its widget order), lists of one length
+    element by element; one line per difference, values cut at 120 characters."""
+    out: list[str] = []
+    _walk("", old, new, out)
     return out
+
+
+def _walk(path: str, old: Any, new: Any, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old:
+            if key not in new:
+                out.append(f"{_at(path, key)}: only in the fixture")
+        for key in new:
+            if key not in old:
+                out.append(f"{_at(path, key)}: only live")
+        for key in old:
+            if key in new:
+                _walk(_at(path, key), old[key], new[key], out)
+        common_old = [k for k in old if k in new]
+        common_new = [k for k in new if k in old]
+        if common_old != common_new:
+            out.append(f"{path or '(top)'}: order {common_old!r:.120} -> {common_new!r:.120}")
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            _walk(f"{path}[{i}]", a, b, out)
+    elif old != new or type(old) is not type(new):
+        out.append(f"{path}: {old!r:.120} -> {new!r:.120}")
+
+
+def _at(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)

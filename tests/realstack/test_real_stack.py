@@ -22,15 +22,14 @@ from typing import Any
 import av
 import pytest
 
-from tests.plugins.comfy import stop_process
-from tests.realstack.conftest import (
+from tests.plugins.comfy import free_port, stop_process
+from tests.plugins.realstack import (
     GRAPH,
     STARTUP_TIMEOUT_S,
     Server,
     Stack,
-    free_port,
+    cpu_job,
     get,
-    job_input,
     make_base,
     wait_for,
 )
@@ -51,7 +50,7 @@ def runsync(server: Server, job_input: dict[str, Any]) -> dict[str, Any]:
 
 
 def small_job(media: tuple[Path, Path]) -> dict[str, Any]:
-    return job_input(media, max_frames=9, steps=2, fps=24, seed=7)
+    return cpu_job(media, max_frames=9, steps=2, fps=24, seed=7)
 
 
 def probe(data: bytes) -> dict[str, Any]:
@@ -74,11 +73,19 @@ def test_onnx_detection_models_are_listed(real_worker: Server) -> None:
 
 
 def test_fixture_is_the_live_object_info(real_worker: Server, stack: Stack) -> None:
+    """The committed fixture equals the live ``/object_info`` (whole node definitions, in order).
+    ``XICON_WRITE_FIXTURE=1`` rewrites it from the live dump: the test then prints what changed
+    against the committed one and checks that the written file reads back as the live dump."""
     live = fixture_from_live(json.loads(get(f"{real_worker.comfy_url}/object_info")), stack.record)
-    if os.environ.get("XICON_WRITE_FIXTURE") == "1":
-        FIXTURE.write_text(json.dumps(live, indent=1, ensure_ascii=False) + "\n", "utf-8")
     committed = json.loads(FIXTURE.read_text(encoding="utf-8"))
     diff = differences(committed, live)
+    if os.environ.get("XICON_WRITE_FIXTURE") == "1":
+        FIXTURE.write_text(json.dumps(live, indent=1, ensure_ascii=False) + "\n", "utf-8")
+        print(f"\nfixture rewritten; {len(diff)} difference(s) from the committed one:")
+        print("\n".join(diff) or "(none)")
+        written = json.loads(FIXTURE.read_text(encoding="utf-8"))
+        assert differences(written, live) == [], "the written fixture does not read back as live"
+        return
     assert not diff, "fixture differs from the live /object_info:\n" + "\n".join(diff[:40])
 
 

@@ -1,0 +1,289 @@
+"""The real ComfyUI stack (``stack/install.py``, ``XICON_STACK_HOME``) for the real-stack tier
+(tests/realstack) and the soak benchmark (bench/soak.py).
+
+- ``Stack(home)``: the installed stack (``ComfyUI/``, ``venv/``, the install record).
+- ``make_base(stack, base, packs=None)``: a ComfyUI base directory (``--base-directory``) whose
+  ``custom_nodes/`` mirrors the stack's packs file by file, with empty input/output/user;
+  ``generate_models`` writes the tiny synthetic models and seeds the text-embedding cache;
+  ``place_graph_inputs`` puts the shipped graph's two input files in place.
+- ``entrypoint_env(stack, base, comfy_port, api_port)``: the environment for the project's
+  ``entrypoint.sh`` on the CPU (the CPU profile of the graph, no GPU preflight, local API).
+- ``start_worker(stack, base, **env) -> EntrypointWorker`` starts ``entrypoint.sh`` (PID 1 of
+  the container) and waits for ComfyUI and the handler's job loop; ``stop_worker`` stops it and
+  every process under it. ``fault_base`` is a base of its own on a shared base's models.
+- ``cpu_job(media, **extra)``: the small CPU job (256×256, 5 frames, 1 step) with both inputs
+  as base64; ``wait_for(url, proc, log, timeout_s)`` polls a URL while the process lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.plugins.comfy import free_port, stop_process
+from tests.plugins.media_factory import job_input
+from tests.plugins.process_facts import (
+    alive,
+    children,
+    python_threads,
+    thread_dump_env,
+    wait_until,
+)
+from tests.plugins.runpod_worker_api import FakePlatform
+from tests.realstack.cpu_profile import cpu_graph
+from xicon_dance.schema import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+GRAPH = ROOT / "XiCON_Dance_SCAIL_vFinal.json"
+STARTUP_TIMEOUT_S = 900.0  # a loaded 2-core machine imports torch and the packs slowly
+JOB_S = 900.0  # one CPU job on a loaded 2-core machine: well under this
+POLL_S = 0.5
+# The small CPU job: 256×256 (job_input's), 5 frames, 1 step
+CPU_JOB: dict[str, Any] = {"max_frames": 5, "steps": 1, "seed": 11, "output": "base64"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    home: Path
+
+    @property
+    def comfy_dir(self) -> Path:
+        return self.home / "ComfyUI"
+
+    @property
+    def python(self) -> Path:
+        return self.home / "venv" / "bin" / "python"
+
+    @property
+    def record(self) -> dict:
+        return json.loads((self.comfy_dir / ".xicon-stack.json").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Server:
+    proc: subprocess.Popen[bytes]
+    comfy_url: str
+    api_url: str
+    base: Path
+    log: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def mirror_pack(src: Path, dest: Path) -> None:
+    """A real directory whose entries link to the pack's: the pack imports as usual, and files it
+    creates next to its own code land here."""
+    dest.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name != "__pycache__":
+            (dest / entry.name).symlink_to(entry)
+
+
+def make_base(stack: Stack, base: Path, *, packs: set[str] | None = None) -> Path:
+    """A ComfyUI base directory: mirrored packs (all, or the named ones), empty input/output."""
+    for src in sorted((stack.comfy_dir / "custom_nodes").iterdir()):
+        if src.is_dir() and src.name != "__pycache__" and (packs is None or src.name in packs):
+            mirror_pack(src, base / "custom_nodes" / src.name)
+    for sub in ("input", "output", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def generate_models(stack: Stack, base: Path) -> None:
+    """Tiny synthetic model files under the manifest's names, and the seeded text cache."""
+    cache = base / "custom_nodes" / "ComfyUI-WanVideoWrapper" / "text_embed_cache"
+    shipped = json.loads(GRAPH.read_text(encoding="utf-8"))["368"]["inputs"]
+    prompts = {
+        DEFAULT_PROMPT,
+        DEFAULT_NEGATIVE_PROMPT,
+        shipped["positive_prompt"],
+        shipped["negative_prompt"],
+    }
+    cmd = [str(stack.python), str(ROOT / "scripts" / "make_synthetic_models.py")]
+    cmd += ["--size", "tiny", "--out", str(base / "models"), "--text-cache", str(cache)]
+    for prompt in sorted(prompts):
+        cmd += ["--prompt", prompt]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
+
+
+def place_graph_inputs(base: Path, image: Path, video: Path) -> None:
+    """The shipped graph's own input names (LoadImage, VHS_LoadVideo) as real files."""
+    graph = json.loads(GRAPH.read_text(encoding="utf-8"))
+    shutil.copyfile(image, base / "input" / graph["106"]["inputs"]["image"])
+    shutil.copyfile(video, base / "input" / graph["130"]["inputs"]["video"])
+
+
+def get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Poll ``url`` until it answers; fail at once if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+            pytest.fail(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        try:
+            get(url, timeout=5)
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(POLL_S)
+    pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def cpu_job(media: tuple[Path, Path], **extra: Any) -> dict[str, Any]:
+    """The small CPU job with both inputs as base64; ``extra`` overrides any field."""
+    return job_input(*media, **{**CPU_JOB, **extra})
+
+
+def entrypoint_env(stack: Stack, base: Path, comfy_port: int, api_port: int) -> dict[str, str]:
+    graph = base / "graph_cpu.json"
+    graph.write_text(json.dumps(cpu_graph(json.loads(GRAPH.read_text("utf-8")))), "utf-8")
+    db = base / "user" / "comfyui.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "BUCKET_"))}
+    env.update(
+        PYTHON_BIN=str(stack.python),
+        COMFY_DIR=str(base),
+        COMFY_MAIN=str(stack.comfy_dir / "main.py"),
+        COMFY_HOST=f"127.0.0.1:{comfy_port}",
+        COMFY_PID_FILE=str(base / "comfyui.pid"),
+        COMFY_LOG_FILE=str(base / "comfyui.log"),
+        # the database lives in <ComfyUI>/user by default, like the image's; here in the base
+        COMFY_EXTRA_ARGS=f"--cpu --base-directory {base} --database-url sqlite:///{db}",
+        COMFY_STARTUP_TIMEOUT_S=str(int(STARTUP_TIMEOUT_S)),
+        GPU_PREFLIGHT="0",
+        SAGEATTENTION_ENABLED="0",
+        POSE_RENDER_DEVICE="cpu",
+        SERVE_API_LOCALLY="1",
+        RP_API_PORT=str(api_port),
+        WORKFLOW_PATH=str(graph),
+        VOLUME_MODELS_DIR=str(base / "no-volume"),
+        HF_CACHE_DIR=str(base / "no-hf-cache"),
+        JOB_TIMEOUT_S="900",
+        LOCAL_OUTPUT_DIR=str(base / "saved"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class EntrypointWorker:
+    shell: subprocess.Popen[bytes]  # entrypoint.sh: PID 1 of the container, the supervisor
+    base: Path
+    comfy_port: int
+    api_url: str
+    log: Path
+    platform: FakePlatform | None = None
+
+    @property
+    def comfy_url(self) -> str:
+        return f"http://127.0.0.1:{self.comfy_port}"
+
+    @property
+    def comfy_pid(self) -> int:
+        return int((self.base / "comfyui.pid").read_text().strip())
+
+    @property
+    def handler_pid(self) -> int:
+        for pid in children(self.shell.pid):
+            with contextlib.suppress(OSError):
+                if b"handler.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        pytest.fail("no handler process under entrypoint.sh")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def threads(self) -> dict[str, int]:
+        return python_threads(self.handler_pid, self.base)
+
+    def queue(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.comfy_url}/queue", timeout=10) as resp:
+            return json.load(resp)
+
+    def comfy_busy(self) -> bool:
+        queue = self.queue()
+        return bool(queue["queue_running"] or queue["queue_pending"])
+
+    def wait_running(self, box: dict[str, Any] | None = None) -> None:
+        """Until ComfyUI runs a prompt (the job's graph is in ComfyUI's hands); fails at once
+        when the job already ended (``box`` of ``runsync_async``)."""
+
+        def running() -> bool:
+            assert not box or "at" not in box, f"the job ended before it ran: {box}"
+            return bool(self.queue()["queue_running"])
+
+        wait_until("ComfyUI runs the job's prompt", running, JOB_S)
+
+    def wait_result(self, job_id: str, timeout_s: float = JOB_S) -> dict[str, Any]:
+        assert self.platform is not None
+        platform = self.platform
+
+        def answered() -> dict[str, Any] | None:
+            assert self.shell.poll() is None or job_id in platform.results, self.log_tail()
+            return platform.results.get(job_id)
+
+        return wait_until(f"the platform gets the answer of {job_id}", answered, timeout_s)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def fault_base(stack: Stack, realstack_base: Path, folder: Path) -> Path:
+    """A base directory of its own (input, output, packs) on the session's models and text
+    cache, so that leftovers here are this worker's alone."""
+    base = make_base(stack, folder)
+    (base / "models").symlink_to(realstack_base / "models")
+    cache = "custom_nodes/ComfyUI-WanVideoWrapper/text_embed_cache"
+    if not (base / cache).exists():
+        (base / cache).symlink_to(realstack_base / cache)
+    return base
+
+
+def start_worker(stack: Stack, base: Path, **env: str) -> EntrypointWorker:
+    comfy_port, api_port = free_port(), free_port()
+    full = entrypoint_env(stack, base, comfy_port, api_port)
+    full.update(PROGRESS_INTERVAL_S="2", **thread_dump_env(base), **env)
+    log = base / "worker.log"
+    with open(log, "wb") as out:
+        shell = subprocess.Popen(
+            ["bash", str(ROOT / "entrypoint.sh")], env=full, stdout=out, stderr=subprocess.STDOUT
+        )
+    worker = EntrypointWorker(shell, base, comfy_port, f"http://127.0.0.1:{api_port}", log)
+    try:
+        wait_for(f"{worker.comfy_url}/system_stats", shell, log, STARTUP_TIMEOUT_S)
+        wait_until("the handler starts its job loop", lambda: "job loop" in worker.log_text(), 300)
+        if full.get("SERVE_API_LOCALLY") == "1":
+            wait_for(f"{worker.api_url}/docs", shell, log, 120)
+    except BaseException:
+        stop_worker(worker)
+        raise
+    return worker
+
+
+def stop_worker(worker: EntrypointWorker) -> None:
+    comfy = worker.comfy_pid if (worker.base / "comfyui.pid").is_file() else 0
+    with contextlib.suppress(ProcessLookupError):
+        if comfy:
+            os.kill(comfy, signal.SIGCONT)  # a frozen ComfyUI cannot take a SIGTERM
+    stop_process(worker.shell)
+    for pid in (comfy, *(children(worker.shell.pid) if alive(worker.shell.pid) else [])):
+        with contextlib.suppress(ProcessLookupError):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)

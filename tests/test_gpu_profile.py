@@ -1,0 +1,63 @@
+"""The GPU-dependent graph settings chosen at start (xicon_dance.gpu_profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xicon_dance.errors import ConfigError
+from xicon_dance.gpu_profile import GpuInfo, choose
+from xicon_dance.settings import Settings
+
+
+def stats(name: str, kind: str = "cuda", total: int = 32 * 1024**3) -> dict:
+    """A ComfyUI v0.33.0 /system_stats body (server.py: devices[].name/type/vram_total)."""
+    return {
+        "system": {"os": "posix", "comfyui_version": "0.33.0"},
+        "devices": [{"name": name, "type": kind, "index": 0, "vram_total": total}],
+    }
+
+
+def test_reads_the_first_device_of_system_stats() -> None:
+    gpu = GpuInfo.from_system_stats(stats("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync"))
+    assert gpu == GpuInfo("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", 32 * 1024**3)
+    assert gpu.describe() == "cuda:0 NVIDIA GeForce RTX 5090 (32.0 GiB)"
+
+
+@pytest.mark.parametrize("body", [{}, {"devices": []}, {"devices": ["x"]}, [], None])
+def test_no_device_is_none(body: object) -> None:
+    assert GpuInfo.from_system_stats(body) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "expected"),
+    [
+        ("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", "fp16_fast"),
+        ("cuda:0 NVIDIA GeForce RTX 4090 : native", "cuda", "fp16_fast"),
+        ("cuda:0 NVIDIA H200 : cudaMallocAsync", "cuda", "bf16"),
+        ("cuda:0 NVIDIA RTX 6000 Ada Generation : cudaMallocAsync", "cuda", "bf16"),
+        ("cpu", "cpu", "bf16"),
+    ],
+)
+def test_auto_precision_follows_the_gpu(name: str, kind: str, expected: str) -> None:
+    profile = choose(GpuInfo.from_system_stats(stats(name, kind)), Settings())
+    assert profile.base_precision == expected
+    assert f"base_precision {expected} (auto" in profile.summary()
+
+
+def test_unknown_gpu_keeps_bf16() -> None:
+    assert choose(None, Settings()).base_precision == "bf16"
+    assert "unknown device" in choose(None, Settings()).summary()
+
+
+def test_a_setting_wins_over_the_gpu() -> None:
+    settings = Settings.from_env({"BASE_PRECISION": "BF16"})
+    gpu = GpuInfo.from_system_stats(stats("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync"))
+    profile = choose(gpu, settings)
+    assert profile.base_precision == "bf16"
+    assert "(BASE_PRECISION)" in profile.summary()
+
+
+def test_a_bad_setting_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="BASE_PRECISION must be auto") as info:
+        Settings.from_env({"BASE_PRECISION": "int8"})
+    assert info.value.field == "BASE_PRECISION"

@@ -1,0 +1,89 @@
+"""GPU-dependent graph settings, chosen once at start from the GPU ComfyUI runs on.
+
+Contract:
+- ``GpuInfo.from_system_stats(body) -> GpuInfo | None``: the first device of ComfyUI's
+  ``GET /system_stats`` answer (``devices[0]``: ``name`` such as
+  ``"cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync"``, ``type``, ``vram_total`` in bytes);
+  ``None`` when the answer holds no device.
+- ``choose(gpu, settings) -> GpuProfile``: the settings the worker patches into every job's graph,
+  each with the reason it was picked. A setting other than ``auto`` wins over the GPU.
+- ``GpuProfile.summary()``: the one log line the worker writes at start.
+
+Choices (measured on an H200 through the worker, see the benchmark docs):
+- ``base_precision`` (WanVideoModelLoader, node 22): ``fp16_fast`` (fp16 with fp16 accumulation)
+  on GeForce cards, whose tensor cores run fp16 with fp32 accumulation at half rate and with fp16
+  accumulation at full rate (NVIDIA's Ada and Blackwell GeForce whitepapers: 209.5 vs 419 dense
+  TFLOP/s on the RTX 5090); ``bf16`` elsewhere: data-centre and workstation cards accumulate in
+  fp32 at full rate, and on the H200 fp16_fast was slower than bf16, not faster. ComfyUI on the
+  CPU keeps ``bf16``.
+- A transformer kept on the GPU between jobs is not offered: WanVideoWrapper's sampler at the
+  pinned commit loads the weights onto the GPU again on every run (``nodes_sampler.py``, the
+  ``load_weights`` call before sampling), so with ``force_offload`` off the second job holds two
+  copies and runs out of memory at 32 GB (measured).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+BASE_PRECISIONS = ("bf16", "fp16", "fp16_fast", "fp32")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    type: str
+    vram_total: int
+
+    @classmethod
+    def from_system_stats(cls, body: Any) -> GpuInfo | None:
+        devices = body.get("devices") if isinstance(body, dict) else None
+        if not isinstance(devices, list) or not devices or not isinstance(devices[0], dict):
+            return None
+        first = devices[0]
+        total = first.get("vram_total")
+        return cls(
+            name=str(first.get("name") or "unknown"),
+            type=str(first.get("type") or "unknown"),
+            vram_total=int(total) if isinstance(total, int | float) else 0,
+        )
+
+    @property
+    def geforce(self) -> bool:
+        return self.type == "cuda" and "geforce" in self.name.lower()
+
+    def describe(self) -> str:
+        name = self.name.split(" : ")[0]
+        return f"{name} ({self.vram_total / GIB:.1f} GiB)" if self.vram_total else name
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    base_precision: str
+    reasons: tuple[str, ...]
+    gpu: GpuInfo | None = None
+
+    def summary(self) -> str:
+        where = self.gpu.describe() if self.gpu else "an unknown device"
+        return f"GPU profile for {where}: " + "; ".join(self.reasons)
+
+
+def choose(gpu: GpuInfo | None, settings: Settings) -> GpuProfile:
+    """The graph settings for ``gpu``; explicit settings win (see module doc)."""
+    if settings.base_precision != "auto":
+        precision = settings.base_precision
+        why = f"base_precision {precision} (BASE_PRECISION)"
+    elif gpu is not None and gpu.geforce:
+        precision = "fp16_fast"
+        why = "base_precision fp16_fast (auto: GeForce tensor cores accumulate fp16 at 2x)"
+    else:
+        precision = "bf16"
+        why = "base_precision bf16 (auto: fp16 accumulation pays only on GeForce cards)"
+    return GpuProfile(base_precision=precision, reasons=(why,), gpu=gpu)
