@@ -13,9 +13,10 @@ Contract:
 - The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
   size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
   (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
-  source's size or rate and node 131's resize is a no-op (equal size: the crop takes the whole
-  frame and PIL's lanczos returns a copy). Node 334 (``NLFPredict``) runs in batches of
-  ``POSE_BATCH`` frames (-1 would put the whole clip through the pose model at once).
+  source's size or rate and node 131's resize is an exact identity (equal size: the crop takes
+  the whole frame, and the template's bilinear interpolation at equal size returns its input).
+  Node 334 (``NLFPredict``) runs in batches of ``POSE_BATCH`` frames (-1 would put the whole
+  clip through the pose model at once).
 
 Details:
 - ``keep_audio`` here means "mux the driving video's audio": the caller passes

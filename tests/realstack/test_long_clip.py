@@ -28,7 +28,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.realstack.conftest import Server
+from tests.plugins.realstack import Server
 
 RUNSYNC_TIMEOUT_S = 1750  # the worker's own JOB_TIMEOUT_S (conftest) ends the job before this
 SOURCE_SIZE = (1080, 1920)
