@@ -109,7 +109,10 @@ def leftovers(rig: Rig) -> list[Path]:
 async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) -> None:
     result = await rig.worker.run(rig.job(seed=1234))
     assert "error" not in result, result
-    assert set(result) == {"video", "seed", "prompt_id", "timings"}
+    assert set(result) == {"video", "clip", "rendered", "seed", "prompt_id", "timings"}
+    # the driving clip: 12 frames at 8 fps = 1.5 s = 36 frames at 24 fps; max_frames 9 cut it
+    assert result["clip"] == {"duration_s": 1.5, "frames": 36}
+    assert result["rendered"] == {"frames": 9, "duration_s": 0.375, "truncated": True}
     video = result["video"]
     assert set(video) == {
         "base64",
@@ -134,7 +137,14 @@ async def test_success_result_shape_probe_and_cleanup(rig: Rig, tmp_path: Path) 
     assert video["fps"] == 24 and video["has_audio"] is True
     assert result["seed"] == 1234
     assert str(uuid.UUID(result["prompt_id"])) == result["prompt_id"]  # canonical: ComfyUI 0.33
-    assert set(result["timings"]) == {"download", "queue", "inference", "upload", "total"}
+    assert set(result["timings"]) == {
+        "download",
+        "prepare",
+        "queue",
+        "inference",
+        "upload",
+        "total",
+    }
     assert result["timings"]["total"] >= result["timings"]["inference"] > 0
     assert leftovers(rig) == []
     stages = [p["stage"] for p in rig.sent]
@@ -317,8 +327,11 @@ async def test_job_fields_and_settings_reach_the_graph(rig_factory: Callable[...
     result = await rig.worker.run(job)
     assert "error" not in result, result
     graph = rig.double.prompts[result["prompt_id"]][2]
-    assert graph["130"]["inputs"]["force_rate"] == 10 and graph["139"]["inputs"]["frame_rate"] == 10
-    assert graph["130"]["inputs"]["frame_load_cap"] == 197  # 200 -> 4n+1
+    # the driving video is transcoded to 10 fps and 256x416 first: node 130 loads it as it is
+    assert graph["130"]["inputs"]["force_rate"] == 0 and graph["139"]["inputs"]["frame_rate"] == 10
+    # 12 frames at 8 fps (1.5 s) -> 15 frames at 10 fps -> 4n+1 = 13 (max_frames 200 cuts nothing)
+    assert graph["130"]["inputs"]["frame_load_cap"] == 13
+    assert result["rendered"] == {"frames": 13, "duration_s": 1.3, "truncated": False}
     assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
         256,
         416,
@@ -585,10 +598,58 @@ async def test_inputs_from_the_network_volume_run_the_job(
     graph = rig.double.prompts[result["prompt_id"]][2]
     names = [str(n["inputs"].get(k)) for n in graph.values() for k in ("image", "video")]
     assert any(n.endswith("/reference.png") for n in names), names
-    assert any(n.endswith("/driving.mp4") for n in names), names
+    assert any(n.endswith("/driving_job.mp4") for n in names), names  # transcoded from it
     assert leftovers(rig) == [] and (root / "inputs" / "ref.png").is_file()
     (root / "escape.png").symlink_to(rig.image)
     bad = rig.job(image_path="escape.png")
     del bad["input"]["image_base64"]
     refused = await rig.worker.run(bad)
     assert (refused["field"], refused["code"]) == ("image_path", "path_forbidden"), refused
+
+
+async def test_a_clip_over_the_memory_budget_is_refused_before_comfyui(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 57 MB
+    before = len(rig.double.prompts)
+    result = await rig.worker.run(rig.job())
+    assert result["code"] == "clip_too_long" and result["field"] == "max_frames", result
+    assert "MAX_CLIP_MEMORY_GB" in result["error"] and "at 256x256" in result["error"]
+    assert len(rig.double.prompts) == before and leftovers(rig) == []
+
+
+async def test_without_max_frames_the_whole_clip_is_rendered(rig: Rig) -> None:
+    job = rig.job(fps=8)
+    del job["input"]["max_frames"]
+    result = await rig.worker.run(job)
+    assert "error" not in result, result
+    # 12 frames at 8 fps: the whole clip, 4n+1 -> 9 frames
+    assert result["clip"] == {"duration_s": 1.5, "frames": 12}
+    assert result["rendered"] == {"frames": 9, "duration_s": 1.125, "truncated": False}
+    assert result["video"]["frames"] == 9 and result["video"]["has_audio"] is True
+
+
+async def test_gpu_profile_reaches_the_graph(
+    rig_factory: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start-up reads the double's /system_stats (a CPU device: bf16, as the shipped graph);
+    a GeForce profile puts fp16_fast into node 22, and BASE_PRECISION wins over the GPU."""
+    import handler
+    from xicon_dance.gpu_profile import GpuInfo, choose
+
+    rig = rig_factory()
+    caplog.set_level("INFO")
+    await handler.wait_for_comfy(rig.worker, 10)
+    assert rig.worker.gpu_profile.base_precision == "bf16"
+    assert "GPU profile for cpu: base_precision bf16 (auto" in caplog.text
+    geforce = GpuInfo("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", 32 * 1024**3)
+    rig.worker.gpu_profile = choose(geforce, rig.settings)
+    result = await rig.worker.run(rig.job())
+    assert "error" not in result, result
+    assert rig.double.prompts[result["prompt_id"]][2]["22"]["inputs"]["base_precision"] == (
+        "fp16_fast"
+    )
+    pinned = rig_factory(base_precision="bf16")
+    pinned.worker.gpu_profile = choose(geforce, pinned.settings)
+    result = await pinned.worker.run(pinned.job())
+    assert rig.double.prompts[result["prompt_id"]][2]["22"]["inputs"]["base_precision"] == "bf16"

@@ -41,7 +41,8 @@ def test_defaults_match_the_contract() -> None:
     assert job.negative_prompt == DEFAULT_NEGATIVE_PROMPT
     assert "色调艳丽" in job.negative_prompt and "倒着走" in job.negative_prompt
     assert (job.width, job.height, job.auto_size) == (416, 672, False)
-    assert (job.steps, job.cfg, job.seed, job.fps, job.max_frames) == (6, 1.0, 0, 24, 81)
+    assert (job.steps, job.cfg, job.seed, job.fps, job.max_frames) == (6, 1.0, 0, 24, None)
+    assert job.max_seconds is None
     assert (job.keep_audio, job.output) == (True, "auto")
     assert job.video_url is None and job.video_base64 is None and job.uses_default_video
 
@@ -213,9 +214,21 @@ def test_max_frames_is_capped_and_4n_plus_1(asked: int, cap: int, expected: int)
     assert parse_job_input({**IMG, "max_frames": asked}, settings).max_frames == expected
 
 
-def test_default_max_frames_respects_a_lower_cap() -> None:
-    settings = dataclasses.replace(SETTINGS, max_frames=35)
-    assert parse_job_input(IMG, settings).max_frames == 33
+def test_max_frames_is_unset_by_default_and_uncapped_without_max_frames_setting() -> None:
+    settings = dataclasses.replace(SETTINGS, max_frames=None)
+    assert parse_job_input(IMG, settings).max_frames is None
+    assert parse_job_input({**IMG, "max_frames": 2000}, settings).max_frames == 1997
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(0, "between 0.1 and 3600"), (4000, "between 0.1 and 3600"), ("5", "must be a number")],
+)
+def test_max_seconds_is_checked(value: object, reason: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_job_input({**IMG, "max_seconds": value}, SETTINGS)
+    assert err.value.field == "max_seconds" and reason in err.value.message
+    assert parse_job_input({**IMG, "max_seconds": 12}, SETTINGS).max_seconds == 12
 
 
 def test_resolve_size_without_auto_size_keeps_the_fields() -> None:

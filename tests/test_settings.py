@@ -90,6 +90,8 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "COMFY_STARTUP_TIMEOUT_S": "5",
         "JOB_TIMEOUT_S": "7",
         "MAX_FRAMES": "9",
+        "MAX_SECONDS": "30",
+        "MAX_CLIP_MEMORY_GB": "8",
         "MAX_IMAGE_BYTES": "11",
         "MAX_VIDEO_BYTES": "13",
         "VOLUME_ROOT": "off",

@@ -11,7 +11,14 @@ import pytest
 
 from xicon_dance.errors import ConfigError
 from xicon_dance.settings import PACKAGE_ROOT
-from xicon_dance.workflow import ROLES, PatchParams, Workflow, check_roles, unique_prefix
+from xicon_dance.workflow import (
+    POSE_BATCH,
+    ROLES,
+    PatchParams,
+    Workflow,
+    check_roles,
+    unique_prefix,
+)
 
 REAL_GRAPH = PACKAGE_ROOT / "XiCON_Dance_SCAIL_vFinal.json"
 
@@ -22,14 +29,25 @@ def mini_graph() -> dict[str, Any]:
         "106": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
         "130": {
             "class_type": "VHS_LoadVideo",
-            "inputs": {"video": "drive.mp4", "force_rate": 0, "frame_load_cap": 0, "format": "Wan"},
+            "inputs": {
+                "video": "drive.mp4",
+                "force_rate": 16,
+                "custom_width": 512,
+                "custom_height": 0,
+                "frame_load_cap": 0,
+                "format": "Wan",
+            },
         },
+        "334": {"class_type": "NLFPredict", "inputs": {"images": ["130", 0], "per_batch": -1}},
         "203": {"class_type": "INTConstant", "inputs": {"value": 512}},
         "204": {"class_type": "INTConstant", "inputs": {"value": 896}},
         "205": {"class_type": "INTConstant", "inputs": {"value": 256}},
         "206": {"class_type": "INTConstant", "inputs": {"value": 448}},
         "238": {"class_type": "FloatConstant", "inputs": {"value": 1.0}},
-        "22": {"class_type": "WanVideoModelLoader", "inputs": {"attention_mode": "sdpa"}},
+        "22": {
+            "class_type": "WanVideoModelLoader",
+            "inputs": {"attention_mode": "sdpa", "base_precision": "bf16"},
+        },
         "362": {"class_type": "RenderNLFPoses", "inputs": {"render_device": "gpu"}},
         "348": {"class_type": "WanVideoSamplerv2", "inputs": {"seed": 42, "cfg": ["238", 0]}},
         "349": {"class_type": "WanVideoSchedulerv2", "inputs": {"steps": 6}},
@@ -66,6 +84,7 @@ def params(**over: Any) -> PatchParams:
         "filename_prefix": "xicon_dance_j1_abcd",
         "attention_mode": "sageattn",
         "pose_render_device": "cpu",
+        "base_precision": "fp16_fast",
     }
     base.update(over)
     return PatchParams(**base)
@@ -76,10 +95,13 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["106"]["inputs"]["image"] == "jobs/j1/ref.png"
     assert graph["130"]["inputs"] == {
         "video": "jobs/j1/drive.mp4",
-        "force_rate": 24,
+        "force_rate": 0,  # the transcoded file is at the job's fps and size: loaded as it is
+        "custom_width": 0,
+        "custom_height": 0,
         "frame_load_cap": 81,
         "format": "Wan",
     }
+    assert graph["334"]["inputs"]["per_batch"] == POSE_BATCH > 0
     assert [graph[n]["inputs"]["value"] for n in ("203", "204", "205", "206")] == [
         416,
         672,
@@ -95,6 +117,7 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["139"]["inputs"]["filename_prefix"] == "xicon_dance_j1_abcd"
     assert graph["139"]["inputs"]["audio"] == ["130", 2]
     assert graph["22"]["inputs"]["attention_mode"] == "sageattn"
+    assert graph["22"]["inputs"]["base_precision"] == "fp16_fast"
     assert graph["362"]["inputs"]["render_device"] == "cpu"
 
 

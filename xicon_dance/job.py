@@ -5,7 +5,8 @@ Contract:
   runs one RunPod job: schema -> media -> workflow -> comfy -> delivery, reports progress, always
   cleans the job folder, and returns either the success result
   ``{"video": {url|base64, filename, content_type, bytes, width, height, frames, fps, duration_s,
-  has_audio}, "seed", "prompt_id", "timings": {download, queue, inference, upload, total}}``
+  has_audio}, "clip": {duration_s, frames}, "rendered": {frames, duration_s, truncated}, "seed",
+  "prompt_id", "timings": {download, prepare, queue, inference, upload, total}}``
   or ``WorkerError.to_response()``. It re-raises ``asyncio.CancelledError`` after interrupting
   ComfyUI (the ComfyUI client sends the interrupt).
 
@@ -16,7 +17,15 @@ Details:
 - ``seed`` in the result is the seed actually used (a random one for ``-1``).
 - ``JOB_TIMEOUT_S`` bounds the whole job up to the end of inference: the input downloads run
   under the job's deadline (``JobTimeout`` when they overrun it) and ComfyUI gets what is left.
-- Timings (seconds): ``download`` (inputs fetched and checked), ``queue`` and ``inference``
+- The driving clip (``xicon_dance.clip``): the frames to render are planned from the probe (the
+  whole clip up to ``MAX_SECONDS``, shortened by ``max_seconds``/``max_frames``), a job over
+  ``MAX_CLIP_MEMORY_GB`` is refused, and the clip is transcoded into the job folder at the
+  generation size, the job's fps and the rendered length (audio trimmed) before ComfyUI runs;
+  node 130 loads that file as it is. ``clip`` in the answer is the whole driving clip (its
+  frames at the job's fps), ``rendered`` what was rendered (``truncated``: a cap cut the clip).
+  The transcode runs under the job's deadline like the downloads.
+- Timings (seconds): ``download`` (inputs fetched and checked), ``prepare`` (the driving clip
+  transcoded), ``queue`` and ``inference``
   (ComfyUI's queue wait and execution), ``upload`` (output located, probed and delivered),
   ``total`` (the whole ``run``).
 - The result video is probed (``media.probe_video``) for its real width, height, frames, fps,
@@ -43,6 +52,7 @@ Details:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -51,10 +61,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import media
+from . import clip, media
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
 from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
+from .gpu_profile import GpuProfile
+from .gpu_profile import choose as choose_gpu_profile
 from .jobdir import JobFolder
 from .logs import job_context
 from .progress import ProgressReporter
@@ -87,6 +99,9 @@ class Worker:
         # One websocket client id per job (see ``_client_id``).
         self.client_id = uuid.uuid4().hex
         self._jobs = 0
+        # GPU-dependent graph settings; start-up replaces this with the profile of the GPU
+        # ComfyUI reports (``handler.wait_for_comfy``).
+        self.gpu_profile: GpuProfile = choose_gpu_profile(None, settings)
         # Prefixes of jobs that ended without delivering: ComfyUI may still write their files.
         self._unfinished: deque[str] = deque(maxlen=UNFINISHED_KEPT)
         # Prompts of jobs that ended before their prompt did: ComfyUI may store history later.
@@ -127,8 +142,11 @@ class Worker:
                 t0 = time.monotonic()
                 image, video = await self._fetch_inputs(params, folder, deadline)
                 timings["download"] = time.monotonic() - t0
+                t0 = time.monotonic()
+                plan, video = await self._prepare_clip(params, image, video, folder, deadline)
+                timings["prepare"] = time.monotonic() - t0
                 seed = params.resolve_seed()
-                graph = self._graph(params, image, video, seed, prefix)
+                graph = self._graph(params, image, video, seed, prefix, plan.frames)
                 reporter.plan(graph, video.frames, video.fps)
                 reporter.update("queued")
                 prompt_id = str(uuid.uuid4())  # canonical form: ComfyUI refuses any other
@@ -157,6 +175,7 @@ class Worker:
         timings["total"] = time.monotonic() - started
         return {
             "video": video_out,
+            **clip.answer(plan),
             "seed": seed,
             "prompt_id": prompt_id,
             "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -198,6 +217,58 @@ class Worker:
                 "downloading the inputs."
             ) from None
 
+    async def _prepare_clip(
+        self,
+        params: JobInput,
+        image: media.ImageInfo,
+        video: media.VideoInfo,
+        folder: JobFolder,
+        deadline: float,
+    ) -> tuple[clip.ClipPlan, media.VideoInfo]:
+        """Plan the rendered frames, check their memory, transcode the clip (see module doc)."""
+        plan = clip.plan_clip(video, params, self.settings)
+        width, height = params.resolve_size(image.width, image.height)
+        clip.check_memory(plan, width, height, self.settings)
+        log.info(
+            "driving clip %.2fs (%d frames at %d fps): rendering %d frames%s",
+            plan.clip_duration_s,
+            plan.clip_frames,
+            plan.fps,
+            plan.frames,
+            f" (cut by {plan.cap})" if plan.truncated else "",
+        )
+        dest = folder.path / "driving_job.mp4"
+        transcode = functools.partial(
+            clip.transcode,
+            video.path,
+            dest,
+            plan,
+            width,
+            height,
+            audio=params.keep_audio and video.has_audio,
+            field=clip.video_field(params),
+            stop=folder.stop,  # set when this job is cancelled or times out: the thread gives up
+        )
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                done = await folder.run(transcode)
+        except TimeoutError:
+            raise JobTimeout(
+                f"The job ran past its limit of {self.settings.job_timeout_s:g} s while "
+                "preparing the driving video."
+            ) from None
+        info = media.VideoInfo(
+            dest,
+            width,
+            height,
+            plan.fps,
+            done.frames,
+            plan.duration_s,
+            done.has_audio,
+            dest.stat().st_size,
+        )
+        return plan, info
+
     def _graph(
         self,
         params: JobInput,
@@ -205,6 +276,7 @@ class Worker:
         video: media.VideoInfo,
         seed: int,
         prefix: str,
+        frames: int,
     ) -> dict[str, Any]:
         width, height = params.resolve_size(image.width, image.height)
         return self.workflow.build(
@@ -214,7 +286,7 @@ class Worker:
                 width=width,
                 height=height,
                 fps=params.fps,
-                frame_load_cap=params.max_frames,
+                frame_load_cap=frames,
                 steps=params.steps,
                 cfg=params.cfg,
                 seed=seed,
@@ -224,6 +296,7 @@ class Worker:
                 filename_prefix=prefix,
                 attention_mode=self.settings.attention_mode,
                 pose_render_device=self.settings.pose_render_device,
+                base_precision=self.gpu_profile.base_precision,
             )
         )
 

@@ -9,9 +9,10 @@ Contract:
 - Fields and defaults: image_url, image_base64, image_path, video_url, video_base64, video_path,
   prompt ("the person starts to dance"), negative_prompt (the usual Wan negative prompt), width
   (416), height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg
-  (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (81, capped by
-  settings.max_frames, rounded down to 4n+1), keep_audio (true), output ("auto" | "url" |
-  "base64").
+  (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (unset; capped by
+  settings.max_frames when that is set, rounded down to 4n+1), max_seconds (unset; 0.1..3600),
+  keep_audio (true), output ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole
+  driving clip is rendered up to ``MAX_SECONDS`` (see ``xicon_dance.clip.plan_clip``).
 - ``JobInput.resolve_size(image_width, image_height) -> tuple[int, int]``: with auto_size, a
   dimension the caller did not give is derived from the reference image aspect ratio (multiple of
   32, in range).
@@ -20,8 +21,8 @@ Contract:
 Details:
 - Types are strict: ``"6"`` is not a number and ``1`` is not a boolean (a caller's typo must not
   be guessed at). Integers are accepted where a float is expected (cfg).
-- ``max_frames`` below 5 is refused; above ``settings.max_frames`` it is capped; the result is
-  rounded down to the form 4n+1 (Wan's frame rule).
+- ``max_frames`` below 5 is refused; above ``settings.max_frames`` (when set) it is capped; the
+  result is rounded down to the form 4n+1 (Wan's frame rule).
 - ``seed`` is -1 or 0..2**64-1 (the sampler's range); ``resolve_seed`` draws a random seed in
   0..2**32-1.
 - Prompts are at most ``MAX_PROMPT_CHARS`` characters and contain no NUL or other control
@@ -47,7 +48,8 @@ Error codes (``InputError.code``), see ``INPUT_ERROR_CODES`` (media codes includ
 ``conflicting_inputs`` (more than one source for the image or the video), ``unsupported_url``,
 ``bucket_not_configured`` and the media codes ``url_forbidden``, ``download_failed``,
 ``too_large``, ``invalid_base64``, ``invalid_image``, ``too_many_pixels``, ``invalid_video``,
-``path_forbidden``, ``path_not_found``, ``path_not_file``.
+``path_forbidden``, ``path_not_found``, ``path_not_file``, and ``clip_too_long`` (frames x size
+over ``MAX_CLIP_MEMORY_GB``, see ``xicon_dance.clip``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "or path inputs are off (VOLUME_ROOT=off)",
     "path_not_found": "a path names no file on the network volume (or no volume is mounted)",
     "path_not_file": "a path names a directory, FIFO, socket or device, not a regular file",
+    "clip_too_long": "the rendered frames at this size exceed the worker's memory budget",
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -137,7 +140,8 @@ class JobInput(BaseModel):
     cfg: float = Field(1.0, ge=0.0, le=20.0, allow_inf_nan=False)
     seed: int = Field(0, ge=-1, le=SEED_MAX)
     fps: int = Field(24, ge=1, le=60)
-    max_frames: int = Field(81, ge=MIN_FRAMES, validate_default=True)
+    max_frames: int | None = Field(None, ge=MIN_FRAMES)
+    max_seconds: float | None = Field(None, ge=0.1, le=3600.0, allow_inf_nan=False)
     keep_audio: bool = True
     output: Literal["auto", "url", "base64"] = "auto"
 
@@ -177,10 +181,12 @@ class JobInput(BaseModel):
 
     @field_validator("max_frames")
     @classmethod
-    def _cap_frames(cls, value: int, info: ValidationInfo) -> int:
+    def _cap_frames(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
         settings = (info.context or {}).get("settings")
         cap = settings.max_frames if settings is not None else Settings().max_frames
-        return _round_frames(min(value, cap))
+        return _round_frames(value if cap is None else min(value, cap))
 
     def resolve_size(self, image_width: int, image_height: int) -> tuple[int, int]:
         """The generation size; with ``auto_size`` a missing dimension follows the image aspect."""

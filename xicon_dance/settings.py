@@ -64,6 +64,10 @@ def _optional_float(env: Mapping[str, str], name: str, lo: float) -> float | Non
     return None if _s(env, name, "") == "" else _float(env, name, 0.0, lo)
 
 
+def _optional_int(env: Mapping[str, str], name: str, lo: int) -> int | None:
+    return None if _s(env, name, "") == "" else _int(env, name, 0, lo)
+
+
 def _optional_path(
     resolve: Callable[[str, Path], Path], env: Mapping[str, str], name: str, default: str
 ) -> Path | None:
@@ -108,7 +112,18 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         "after a timeout's interrupt, how long the prompt may take to stop before the worker "
         "asks to be replaced (refresh_worker)",
     ),
-    "MAX_FRAMES": ("241", "upper bound for the job field max_frames (rounded down to 4n+1)"),
+    "MAX_SECONDS": (
+        "60",
+        "longest part of the driving clip a job renders, in seconds (frames at the job's fps, "
+        "rounded down to 4n+1); a longer clip renders its first part",
+    ),
+    "MAX_FRAMES": ("", "optional extra cap on rendered frames (rounded down to 4n+1); unset: none"),
+    "MAX_CLIP_MEMORY_GB": (
+        "48",
+        "host memory ComfyUI may spend on frames: frames x width x height x 12 bytes (float32 "
+        "RGB) x 8 copies (measured); a job over it is refused before ComfyUI runs. The default "
+        "takes 60 s at 416x672 (39 GB); lower it on hosts with less RAM",
+    ),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
     "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
     "VOLUME_ROOT": (
@@ -173,7 +188,9 @@ ENV_DOC_SECTIONS: dict[str, tuple[str, ...]] = {
     "Jobs and limits": (
         "JOB_TIMEOUT_S",
         "COMFY_INTERRUPT_GRACE_S",
+        "MAX_SECONDS",
         "MAX_FRAMES",
+        "MAX_CLIP_MEMORY_GB",
         "MAX_IMAGE_BYTES",
         "MAX_VIDEO_BYTES",
     ),
@@ -214,7 +231,9 @@ class Settings:
     comfy_startup_timeout_s: float | None = None  # None: by mode, see startup_timeout_s()
     job_timeout_s: float = 3600.0
     comfy_interrupt_grace_s: float = 60.0
-    max_frames: int = 241
+    max_seconds: float = 60.0
+    max_frames: int | None = None
+    max_clip_memory_gb: float = 48.0
     max_image_bytes: int = 50 * MB
     max_video_bytes: int = 500 * MB
     volume_root: Path | None = Path("/runpod-volume")
@@ -289,7 +308,9 @@ class Settings:
             comfy_startup_timeout_s=_optional_float(env, "COMFY_STARTUP_TIMEOUT_S", 1.0),
             job_timeout_s=_float(env, "JOB_TIMEOUT_S", 3600.0, 1.0),
             comfy_interrupt_grace_s=_float(env, "COMFY_INTERRUPT_GRACE_S", 60.0, 1.0),
-            max_frames=_int(env, "MAX_FRAMES", 241, 5),
+            max_seconds=_float(env, "MAX_SECONDS", 60.0, 0.1),
+            max_frames=_optional_int(env, "MAX_FRAMES", 5),
+            max_clip_memory_gb=_float(env, "MAX_CLIP_MEMORY_GB", 48.0, 0.1),
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 50 * MB, 1),
             max_video_bytes=_int(env, "MAX_VIDEO_BYTES", 500 * MB, 1),
             volume_root=_optional_path(path, env, "VOLUME_ROOT", "/runpod-volume"),

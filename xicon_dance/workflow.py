@@ -8,8 +8,15 @@ Contract:
   mutated.
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
   fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, keep_audio, filename_prefix,
-  attention_mode, pose_render_device. Derived values (pose size = half the generation size) are
-  written here, nowhere else.
+  attention_mode, pose_render_device, base_precision (``gpu_profile``). Derived values (pose
+  size = half the generation size) are written here, nowhere else.
+- The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
+  size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
+  (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
+  source's size or rate and node 131's resize is an exact identity (equal size: the crop takes
+  the whole frame, and the template's bilinear interpolation at equal size returns its input).
+  Node 334 (``NLFPredict``) runs in batches of ``POSE_BATCH`` frames (-1 would put the whole
+  clip through the pose model at once).
 
 Details:
 - ``keep_audio`` here means "mux the driving video's audio": the caller passes
@@ -56,6 +63,8 @@ ROLES: dict[str, Role] = {
     "image": Role("106", "LoadImage", "image"),
     "video": Role("130", "VHS_LoadVideo", "video"),
     "load_fps": Role("130", "VHS_LoadVideo", "force_rate"),
+    "load_width": Role("130", "VHS_LoadVideo", "custom_width"),
+    "load_height": Role("130", "VHS_LoadVideo", "custom_height"),
     "frame_load_cap": Role("130", "VHS_LoadVideo", "frame_load_cap"),
     "width": Role("203", "INTConstant", "value"),
     "height": Role("204", "INTConstant", "value"),
@@ -70,8 +79,12 @@ ROLES: dict[str, Role] = {
     "filename_prefix": Role("139", "VHS_VideoCombine", "filename_prefix"),
     "audio": Role("139", "VHS_VideoCombine", "audio", optional=True),
     "attention_mode": Role("22", "WanVideoModelLoader", "attention_mode"),
+    "base_precision": Role("22", "WanVideoModelLoader", "base_precision"),
     "pose_render_device": Role("362", "RenderNLFPoses", "render_device"),
+    "pose_batch": Role("334", "NLFPredict", "per_batch"),
 }
+# NLFPredict frames per pass: bounded GPU memory for any clip length, still a full GPU batch.
+POSE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -91,13 +104,16 @@ class PatchParams:
     filename_prefix: str
     attention_mode: str
     pose_render_device: str
+    base_precision: str = "bf16"
 
     def values(self) -> dict[str, Any]:
         """Role -> value, derived values included (pose size is half the generation size)."""
         return {
             "image": self.image_name,
             "video": self.video_name,
-            "load_fps": self.fps,
+            "load_fps": 0,  # the file is at the job's fps already: every frame, as it is
+            "load_width": 0,
+            "load_height": 0,
             "frame_load_cap": self.frame_load_cap,
             "width": self.width,
             "height": self.height,
@@ -111,7 +127,9 @@ class PatchParams:
             "output_fps": self.fps,
             "filename_prefix": self.filename_prefix,
             "attention_mode": self.attention_mode,
+            "base_precision": self.base_precision,
             "pose_render_device": self.pose_render_device,
+            "pose_batch": POSE_BATCH,
         }
 
 

@@ -1,0 +1,354 @@
+"""The driving clip: how much of it a job renders, the memory it may cost, and its transcode.
+
+Contract:
+- ``plan_clip(video, job, settings) -> ClipPlan``: the frames to render at the job's fps. The
+  clip's length at that fps is ``floor(duration * fps)`` (duration: the probe's, never more than
+  ``frames / source fps``); it is capped by ``MAX_SECONDS``, the job's ``max_seconds`` and
+  ``max_frames`` and the optional ``MAX_FRAMES`` (the smallest wins), then rounded down to 4n+1
+  (Wan's frame rule). ``truncated`` is true when a cap cut the clip, not for the at most 3
+  frames the 4n+1 rule drops. Fewer than 5 frames raises ``InputError`` naming the field that
+  made it so (the video field for a short clip, else ``max_seconds``).
+- ``check_memory(plan, width, height, settings)``: ComfyUI holds every frame of the clip as
+  float32 RGB at the generation size, several times over (loader, resize, pose render, decoded
+  result; ``FRAME_COPIES``, measured). A job whose estimate
+  ``frames * width * height * 12 * FRAME_COPIES`` exceeds ``MAX_CLIP_MEMORY_GB`` is refused with
+  ``InputError(field="max_frames", code="clip_too_long")``, naming the limit and the frames that
+  would fit at that size.
+- ``transcode(src, dest, plan, width, height, audio=..., stop=...) -> Transcoded``: streams the
+  driving video into ``dest`` (H.264 in MP4) at exactly width x height (scaled to cover, then
+  centre-cropped, as node 131 ``ImageResizeKJv2`` crop/center would; display rotation applied),
+  at the job's fps (for each output time i/fps the source frame shown at that time), exactly
+  ``plan.frames`` frames, and, with ``audio``, the source audio re-encoded to AAC and trimmed to
+  the rendered length. One decoded frame at a time: memory does not grow with the clip's length,
+  resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``.
+  The job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and
+  waits for the thread when the job is cancelled).
+- ``answer(plan) -> dict``: the success answer's ``clip`` and ``rendered`` entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from .errors import InputError
+from .media import VideoInfo
+from .schema import MIN_FRAMES, JobInput
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
+# measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job
+# raised ComfyUI's RSS 7.4 copies per frame more than a 5-frame job (loader, resize, pose
+# render, VAE encode/decode buffers, decoded result, output cache), rounded up. On an H200 host
+# (models on the GPU) 60 s at 416x672 cost 17 GiB over an 81-frame job: about 4 copies, so the
+# estimate is on the safe side there.
+FRAME_COPIES = 8
+BYTES_PER_PIXEL = 12  # float32 RGB
+GB = 1e9
+VIDEO_CODEC = "libx264"
+# near-lossless (crf 12) and quick: a minute at 416x672 encodes in about 20 s of one core
+VIDEO_OPTIONS = {"crf": "12", "preset": "superfast"}
+AUDIO_RATES = (48000, 44100, 32000, 24000, 22050, 16000)
+_VIDEO_FIELDS = ("video_url", "video_base64", "video_path")
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    fps: int
+    clip_duration_s: float  # the whole driving clip
+    clip_frames: int  # the whole clip at the job's fps
+    frames: int  # frames to render (4n+1)
+    truncated: bool  # a cap (seconds or frames) cut the clip
+    cap: str | None  # what cut it: max_frames, max_seconds, MAX_SECONDS or MAX_FRAMES
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps
+
+
+@dataclass(frozen=True)
+class Transcoded:
+    path: Path
+    frames: int
+    has_audio: bool
+
+
+class TranscodeStopped(Exception):
+    """The transcode was told to stop (the job was cancelled or timed out)."""
+
+
+def video_field(job: JobInput) -> str:
+    """The job field the driving video came from (``video_url`` for the default video)."""
+    return next((f for f in _VIDEO_FIELDS if getattr(job, f, None) is not None), "video_url")
+
+
+def to_4n1(frames: int) -> int:
+    return (frames - 1) // 4 * 4 + 1 if frames >= 1 else 0
+
+
+def plan_clip(video: VideoInfo, job: JobInput, settings: Settings) -> ClipPlan:
+    """The frames to render (see module doc); too few frames -> ``InputError``."""
+    fps = job.fps
+    duration = video.duration_s
+    if video.frames > 0 and video.fps > 0:
+        duration = (
+            min(duration, video.frames / video.fps) if duration > 0 else video.frames / video.fps
+        )
+    clip_frames = math.floor(duration * fps + 1e-6)
+    caps: dict[str, int] = {"MAX_SECONDS": math.floor(settings.max_seconds * fps + 1e-6)}
+    if job.max_seconds is not None:
+        caps["max_seconds"] = math.floor(job.max_seconds * fps + 1e-6)
+    if job.max_frames is not None:
+        caps["max_frames"] = job.max_frames
+    if settings.max_frames is not None:
+        caps["MAX_FRAMES"] = settings.max_frames
+    cap_name = min(caps, key=lambda k: caps[k])
+    truncated = caps[cap_name] < clip_frames
+    wanted = min(clip_frames, caps[cap_name])
+    if wanted < MIN_FRAMES:
+        if truncated and cap_name == "max_seconds":
+            raise InputError(
+                f"max_seconds: {job.max_seconds:g} s gives only {wanted} frames at {fps} fps; at "
+                f"least {MIN_FRAMES} frames are needed.",
+                field="max_seconds",
+            )
+        if truncated:  # MAX_SECONDS / MAX_FRAMES are at least 5 frames' worth at 1 fps and up
+            raise InputError(
+                f"fps: {cap_name} leaves only {wanted} frames at {fps} fps; at least "
+                f"{MIN_FRAMES} frames are needed (use a higher fps).",
+                field="fps",
+            )
+        field = video_field(job)
+        raise InputError(
+            f"{field}: the driving video lasts {duration:.3g} s, which gives only {wanted} "
+            f"frames at {fps} fps; at least {MIN_FRAMES} frames are needed (a longer clip or a "
+            "higher fps).",
+            field=field,
+            code="invalid_video",
+        )
+    return ClipPlan(
+        fps=fps,
+        clip_duration_s=round(duration, 3),
+        clip_frames=clip_frames,
+        frames=to_4n1(wanted),
+        truncated=truncated,
+        cap=cap_name if truncated else None,
+    )
+
+
+def clip_memory_bytes(frames: int, width: int, height: int) -> int:
+    return frames * width * height * BYTES_PER_PIXEL * FRAME_COPIES
+
+
+def check_memory(plan: ClipPlan, width: int, height: int, settings: Settings) -> None:
+    """Refuse a job whose frames would not fit ``MAX_CLIP_MEMORY_GB`` (see module doc)."""
+    need = clip_memory_bytes(plan.frames, width, height)
+    limit = settings.max_clip_memory_gb * GB
+    if need <= limit:
+        return
+    fits = to_4n1(int(limit // clip_memory_bytes(1, width, height)))
+    hint = (
+        f"at {width}x{height} at most {fits} frames ({fits / plan.fps:.1f} s at {plan.fps} fps) "
+        "fit: give max_frames or max_seconds, or a smaller width/height"
+        if fits >= MIN_FRAMES
+        else "use a smaller width/height"
+    )
+    raise InputError(
+        f"max_frames: {plan.frames} frames at {width}x{height} need about {need / GB:.1f} GB of "
+        f"frame memory in ComfyUI, over this worker's limit of "
+        f"{settings.max_clip_memory_gb:g} GB (MAX_CLIP_MEMORY_GB); {hint}.",
+        field="max_frames",
+        code="clip_too_long",
+    )
+
+
+def answer(plan: ClipPlan) -> dict[str, Any]:
+    """The ``clip`` and ``rendered`` entries of the success answer."""
+    return {
+        "clip": {"duration_s": plan.clip_duration_s, "frames": plan.clip_frames},
+        "rendered": {
+            "frames": plan.frames,
+            "duration_s": round(plan.duration_s, 3),
+            "truncated": plan.truncated,
+        },
+    }
+
+
+def transcode(
+    src: Path,
+    dest: Path,
+    plan: ClipPlan,
+    width: int,
+    height: int,
+    *,
+    audio: bool = True,
+    field: str = "video_url",
+    stop: threading.Event | None = None,
+) -> Transcoded:
+    """Stream ``src`` into ``dest`` at the job's size, fps and length (see module doc)."""
+    try:
+        with av.open(str(src)) as inp, av.open(str(dest), "w", format="mp4") as out:
+            job = _Transcode(inp, out, plan, width, height, audio, stop)
+            job.run()
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        log.info("transcode failed: %s: %s", type(exc).__name__, exc)
+        raise InputError(
+            f"{field}: unusable video (it could not be decoded to the end of the rendered part).",
+            field=field,
+            code="invalid_video",
+        ) from None
+    if job.frames_out == 0:
+        raise InputError(
+            f"{field}: unusable video (no frame could be decoded).",
+            field=field,
+            code="invalid_video",
+        )
+    return Transcoded(dest, job.frames_out, job.aout is not None)
+
+
+class _Transcode:
+    """One pass over the source: video frames picked by time, scaled and cropped, encoded one at
+    a time; audio decoded, shifted to the video's start, trimmed and re-encoded."""
+
+    def __init__(
+        self,
+        inp: Any,
+        out: Any,
+        plan: ClipPlan,
+        width: int,
+        height: int,
+        audio: bool,
+        stop: threading.Event | None,
+    ) -> None:
+        self.inp, self.out, self.plan = inp, out, plan
+        self.width, self.height, self.stop = width, height, stop
+        self.vin = inp.streams.video[0]
+        self.vin.thread_type = "AUTO"
+        self.vout = out.add_stream(VIDEO_CODEC, rate=plan.fps)
+        self.vout.width, self.vout.height, self.vout.pix_fmt = width, height, "yuv420p"
+        self.vout.codec_context.time_base = Fraction(1, plan.fps)
+        self.vout.options = dict(VIDEO_OPTIONS)
+        self.ain = inp.streams.audio[0] if audio and inp.streams.audio else None
+        self.aout = None
+        if self.ain is not None:
+            rate = self.ain.rate if self.ain.rate in AUDIO_RATES else 48000
+            layout = "mono" if self.ain.channels == 1 else "stereo"
+            self.aout = out.add_stream("aac", rate=rate, layout=layout)
+            self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+            self.audio_end = round(plan.duration_s * rate)
+            self.samples_out = 0
+            self.audio_origin: int | None = None
+        self.frames_out = 0
+        self.origin: float | None = None  # time of the first video frame
+        self.prev: Any = None
+        self.prev_rgb: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> None:
+        streams = [s for s in (self.vin, self.ain) if s is not None]
+        for packet in self.inp.demux(*streams):
+            if self.stop is not None and self.stop.is_set():
+                raise TranscodeStopped()
+            if packet.stream is self.vin and not self.video_done:
+                for frame in packet.decode():
+                    self._video_frame(frame)
+            elif packet.stream is self.ain and not self.audio_done:
+                for frame in packet.decode():
+                    self._audio_frame(frame)
+            if self.video_done and self.audio_done:
+                break
+        while not self.video_done and self.prev is not None:  # the clip ended: hold its last frame
+            self._emit()
+        self.out.mux(self.vout.encode(None))
+        if self.aout is not None:
+            self.out.mux(self.aout.encode(None))
+
+    @property
+    def video_done(self) -> bool:
+        return self.frames_out >= self.plan.frames
+
+    @property
+    def audio_done(self) -> bool:
+        return self.aout is None or self.samples_out >= self.audio_end
+
+    # ------------------------------------------------------------------ video
+    def _video_frame(self, frame: Any) -> None:
+        t = frame.time if frame.time is not None else self.frames_out / self.plan.fps
+        if self.origin is None:
+            self.origin = t
+        t -= self.origin
+        # the previous frame is shown until this one: it serves every output time before it
+        while self.prev is not None and not self.video_done and self._next_time() < t - 1e-4:
+            self._emit()
+        self.prev, self.prev_rgb = frame, None
+
+    def _next_time(self) -> float:
+        return self.frames_out / self.plan.fps
+
+    def _emit(self) -> None:
+        if self.prev_rgb is None:
+            self.prev_rgb = cover_crop(self.prev, self.width, self.height)
+        out = av.VideoFrame.from_ndarray(self.prev_rgb, format="rgb24")
+        out.pts = self.frames_out
+        out.time_base = Fraction(1, self.plan.fps)
+        self.out.mux(self.vout.encode(out))
+        self.frames_out += 1
+
+    # ------------------------------------------------------------------ audio
+    def _audio_frame(self, frame: Any) -> None:
+        for part in self.resampler.resample(frame):
+            samples = part.to_ndarray()
+            if self.audio_origin is None:
+                start = part.time if part.time is not None else 0.0
+                lead = round((start - (self.origin or 0.0)) * part.sample_rate)
+                self.audio_origin = lead
+                if lead > 0:  # audio starts after the first picture: keep it in sync
+                    self._write_samples(np.zeros((samples.shape[0], lead), np.float32))
+                elif lead < 0:  # audio before the first picture is not part of the clip
+                    samples = samples[:, -lead:]
+            self._write_samples(samples)
+
+    def _write_samples(self, samples: np.ndarray) -> None:
+        samples = samples[:, : max(0, self.audio_end - self.samples_out)]
+        if samples.shape[1] == 0:
+            return
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples, dtype=np.float32),
+            format="fltp",
+            layout=self.aout.layout.name,
+        )
+        frame.sample_rate = self.aout.rate
+        frame.pts = self.samples_out
+        frame.time_base = Fraction(1, self.aout.rate)
+        self.out.mux(self.aout.encode(frame))
+        self.samples_out += samples.shape[1]
+
+
+def cover_crop(frame: Any, width: int, height: int) -> np.ndarray:
+    """The frame as displayed (rotation applied), scaled to cover width x height, centre-cropped:
+    the picture node 131 (ImageResizeKJv2, keep_proportion crop, crop_position center) makes."""
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # counter-clockwise quarter turns
+    shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    scale = max(width / shown_w, height / shown_h)
+    cover_w = max(width, round(shown_w * scale))
+    cover_h = max(height, round(shown_h * scale))
+    coded_w, coded_h = (cover_h, cover_w) if turns % 2 else (cover_w, cover_h)
+    # area averaging when shrinking (anti-aliased, 3x quicker than lanczos at 1080p), else lanczos
+    interpolation = "AREA" if scale < 1 else "LANCZOS"
+    rgb = frame.reformat(
+        width=coded_w, height=coded_h, format="rgb24", interpolation=interpolation
+    ).to_ndarray()
+    if turns:
+        rgb = np.rot90(rgb, turns)
+    x, y = (cover_w - width) // 2, (cover_h - height) // 2
+    return np.ascontiguousarray(rgb[y : y + height, x : x + width])
