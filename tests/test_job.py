@@ -16,7 +16,7 @@ import pytest
 
 from tests.comfy_double import ComfyDouble
 from tests.plugins.media_factory import make_image, make_video
-from xicon_dance import jobdir, media
+from xicon_dance import jobdir, media, video_probe
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.job import Worker
 from xicon_dance.progress import ProgressReporter
@@ -560,7 +560,7 @@ async def test_platform_cancel_stops_and_joins_a_busy_probe(
     the cancel ends the job only after the probe's thread has."""
     running = threading.Event()
     checks: list[bool] = []
-    real_check = media._check_stop
+    real_check = video_probe._check_stop
 
     def check(stop: threading.Event | None) -> None:
         assert stop is not None, "the job's probe runs with the folder's stop event"
@@ -570,7 +570,7 @@ async def test_platform_cancel_stops_and_joins_a_busy_probe(
             assert stop.wait(30), "the cancel never reached the probe"
         real_check(stop)
 
-    monkeypatch.setattr(media, "_check_stop", check)
+    monkeypatch.setattr(video_probe, "_check_stop", check)
     task = asyncio.create_task(rig.worker.run(rig.job()))
     assert await asyncio.to_thread(running.wait, 30)
     task.cancel()

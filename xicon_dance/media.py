@@ -16,7 +16,8 @@ Contract:
   ``xicon_dance.volume``), or the default video. Content checked by decoding (Pillow with the
   decompression-bomb limit; PyAV probe). Every failure raises ``InputError(field=...)`` with a
   clear sentence.
-- ``probe_video(path) -> VideoInfo`` (also used on the result video).
+- ``probe_video(path) -> VideoInfo`` (also used on the result video), ``VideoInfo`` and
+  ``ProbeStopped`` come from ``xicon_dance.video_probe`` and are re-exported here.
 
 Details:
 - ``input_name(settings, path) -> str``: the name ComfyUI loaders take (relative to the ComfyUI
@@ -52,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .download import download, too_large
@@ -60,14 +60,12 @@ from .errors import ConfigError, InputError
 from .jobdir import JobFolder, job_folder, safe_job_id
 from .schema import JobInput
 from .settings import Settings
+from .video_probe import ProbeStopped, VideoInfo, probe_video, video_extension
 from .volume import copy_from_volume
 
 log = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 16
-MIN_VIDEO_SIDE = 16
-MAX_VIDEO_SIDE = 8192
-MAX_VIDEO_FPS = 240.0
 IMAGE_FORMATS = {
     "JPEG": "jpg",
     "MPO": "jpg",
@@ -77,16 +75,9 @@ IMAGE_FORMATS = {
     "GIF": "gif",
     "TIFF": "tiff",
 }
-VIDEO_EXTENSIONS = {
-    "mov": "mp4",
-    "mp4": "mp4",
-    "matroska": "mkv",
-    "webm": "webm",
-    "avi": "avi",
-    "gif": "gif",
-}
 __all__ = [
     "ImageInfo",
+    "ProbeStopped",
     "VideoInfo",
     "check_default_video",
     "fetch_image",
@@ -104,18 +95,6 @@ class ImageInfo:
     width: int
     height: int
     format: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    path: Path
-    width: int
-    height: int
-    fps: float
-    frames: int
-    duration_s: float
-    has_audio: bool
     bytes: int
 
 
@@ -184,7 +163,7 @@ async def fetch_video(job: JobInput, folder: JobFolder, settings: Settings) -> V
 
 
 def _probe_staged(path: Path, field: str, stop: threading.Event) -> tuple[VideoInfo, str]:
-    return probe_video(path, field=field, stop=stop), _video_extension(path)
+    return probe_video(path, field=field, stop=stop), video_extension(path)
 
 
 def check_default_video(
@@ -360,125 +339,6 @@ def _bomb_is_an_error() -> Iterator[None]:
 
 # Truncated images must fail, not be padded with grey (it only makes Pillow stricter here).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-# --------------------------------------------------------------------------- videos
-
-
-def probe_video(
-    path: Path, *, field: str = "video_url", stop: threading.Event | None = None
-) -> VideoInfo:
-    """Open with PyAV: a video stream must exist and decode; fps, frames, duration, size, audio.
-    The loops over the file end early (``ProbeStopped``) once ``stop`` is set."""
-    size = path.stat().st_size if path.exists() else 0
-    if size == 0:
-        raise _bad_video(field, "the file is empty")
-    try:
-        with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise _bad_video(field, "it has no video stream")
-            if _is_still_image(container):
-                raise _bad_video(field, "it is a still image, not a video")
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            _check_video_size(width, height, field)
-            fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
-            has_audio = bool(container.streams.audio)
-            duration = _duration(container, stream)
-            frames = stream.frames or 0
-            _decode_first_frame(container, stream, field, stop)
-            if frames <= 0:
-                frames = _count_packets(path, stream.index, stop)
-    except InputError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-        log.info("video probe failed: %s", type(exc).__name__)
-        raise _bad_video(field, "it is not a readable video") from None
-    if frames <= 0:
-        raise _bad_video(field, "it has no frames")
-    if not 0 < fps <= MAX_VIDEO_FPS:
-        raise _bad_video(field, f"its frame rate ({fps:g}) is outside 0..{MAX_VIDEO_FPS:g}")
-    if duration <= 0:
-        duration = frames / fps
-    return VideoInfo(
-        path, width, height, round(fps, 3), frames, round(duration, 3), has_audio, size
-    )
-
-
-def _is_still_image(container: Any) -> bool:
-    names = container.format.name.split(",")
-    return any(n == "image2" or n.endswith("_pipe") for n in names)
-
-
-def _duration(container: Any, stream: Any) -> float:
-    if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / 1_000_000
-    return 0.0
-
-
-class ProbeStopped(Exception):
-    """The probe gave up because its job ended (``stop`` was set); nobody reads its result."""
-
-
-def _decode_first_frame(
-    container: Any, stream: Any, field: str, stop: threading.Event | None
-) -> None:
-    """Packet by packet (not ``container.decode``, whose loop over packets that give no frame,
-    e.g. a long run without a keyframe, never comes back to check ``stop``)."""
-    for packet in container.demux(stream):  # ends with the empty packet that flushes
-        _check_stop(stop)
-        for frame in packet.decode():
-            if frame.width and frame.height:
-                return
-    raise _bad_video(field, "no frame could be decoded")
-
-
-def _count_packets(path: Path, index: int, stop: threading.Event | None) -> int:
-    """Packets of stream ``index``, read from a fresh opening (not ``seek(0)``: in a Matroska file
-    without cues that scans the whole file in one call that ``stop`` cannot interrupt)."""
-    frames = 0
-    with av.open(str(path), mode="r") as container:
-        for packet in container.demux(container.streams[index]):
-            _check_stop(stop)
-            if packet.size:
-                frames += 1
-    return frames
-
-
-def _check_stop(stop: threading.Event | None) -> None:
-    if stop is not None and stop.is_set():
-        raise ProbeStopped("the job ended; probe abandoned")
-
-
-def _check_video_size(width: int, height: int, field: str) -> None:
-    if not width or not height:
-        raise _bad_video(field, "its frame size is unknown")
-    if max(width, height) > MAX_VIDEO_SIDE:
-        raise InputError(
-            f"{field}: the video is {width}x{height}; at most {MAX_VIDEO_SIDE} pixels a side.",
-            field=field,
-            code="too_many_pixels",
-        )
-    if min(width, height) < MIN_VIDEO_SIDE:
-        raise _bad_video(field, f"its frames are only {width}x{height} pixels")
-
-
-def _bad_video(field: str, why: str) -> InputError:
-    return InputError(f"{field}: unusable video ({why}).", field=field, code="invalid_video")
-
-
-def _video_extension(path: Path) -> str:
-    try:
-        with av.open(str(path)) as container:
-            names = container.format.name.split(",")
-    except (av.FFmpegError, OSError):
-        return "mp4"
-    for name in names:
-        if name in VIDEO_EXTENSIONS:
-            return VIDEO_EXTENSIONS[name]
-    return "mp4"
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
