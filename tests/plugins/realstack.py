@@ -26,6 +26,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,38 @@ def place_graph_inputs(base: Path, image: Path, video: Path) -> None:
 def get(url: str, timeout: float = 10.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read()
+
+
+def post_json(url: str, body: Any, timeout: float = 10.0) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def forget_cached_outputs(comfy_url: str, timeout_s: float = 120.0) -> None:
+    """Make ComfyUI run every node of the next prompt again (a test that swaps a model file on
+    disk needs its loader to read it). ``POST /free`` with ``free_memory`` sets a flag that the
+    prompt worker handles after the prompt it is running or waking up for (main.py
+    ``prompt_worker``: ``e.reset()`` drops the output caches); a one-node prompt run to its end
+    afterwards guarantees the flag was handled before any later prompt is taken."""
+    post_json(f"{comfy_url}/free", {"unload_models": True, "free_memory": True})
+    prompt_id = str(uuid.uuid4())
+    graph = {
+        "1": {"class_type": "PrimitiveInt", "inputs": {"value": uuid.uuid4().int % 1000}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    post_json(f"{comfy_url}/prompt", {"prompt": graph, "prompt_id": prompt_id})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        history = json.loads(get(f"{comfy_url}/history/{prompt_id}"))
+        if prompt_id in history:
+            post_json(f"{comfy_url}/history", {"delete": [prompt_id]})
+            return
+        time.sleep(POLL_S)
+    pytest.fail(f"ComfyUI did not finish a one-node prompt within {timeout_s:.0f} s")
 
 
 def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
