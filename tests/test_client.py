@@ -93,7 +93,18 @@ def test_success_with_progress_and_base64(fake_runpod, image, tmp_path, capsys):
         ]
     )
     out = tmp_path / "result.mp4"
-    code = cli(fake_runpod, image, out, "--steps", "6", "--seed", "42", "--no-audio")
+    code = cli(
+        fake_runpod,
+        image,
+        out,
+        "--steps",
+        "6",
+        "--seed",
+        "42",
+        "--no-audio",
+        "--max-seconds",
+        "12.5",
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert out.read_bytes() == VIDEO
@@ -104,6 +115,7 @@ def test_success_with_progress_and_base64(fake_runpod, image, tmp_path, capsys):
     job_input = submitted.body["input"]
     assert base64.b64decode(job_input["image_base64"]) == IMAGE
     assert (job_input["steps"], job_input["seed"], job_input["keep_audio"]) == (6, 42, False)
+    assert job_input["max_seconds"] == 12.5
     assert "prompt" not in job_input and "video_url" not in job_input
     # Non-TTY: one line per change, in order, with stage and sampler step.
     lines = captured.err.splitlines()

@@ -101,6 +101,13 @@ def _add_job_args(run: argparse.ArgumentParser) -> None:
         "--max-frames", dest="max_frames", type=int, help="frame cap (rounded down to 4n+1)"
     )
     group.add_argument(
+        "--max-seconds",
+        dest="max_seconds",
+        type=float,
+        help="render at most this many seconds of the driving clip (default: the whole clip, "
+        "up to the worker's MAX_SECONDS)",
+    )
+    group.add_argument(
         "--no-audio",
         dest="keep_audio",
         action="store_const",

@@ -31,6 +31,7 @@ OPTION_FIELDS = (
     "seed",
     "fps",
     "max_frames",
+    "max_seconds",
     "keep_audio",
     "output",
 )
