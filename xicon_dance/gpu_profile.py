@@ -32,7 +32,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-BASE_PRECISIONS = ("bf16", "fp16", "fp16_fast", "fp32")
 GIB = 1024**3
 
 
