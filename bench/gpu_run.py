@@ -6,7 +6,7 @@ Run from the repository root on a GPU machine where the stack is installed (Comf
 --size full``)::
 
     python bench/gpu_run.py --comfy-dir DIR --out RESULTS [--attention sdpa|sageattn]
-                            [--plan baseline:cold,baseline:warm,tuned:cold,tuned:warm]
+                            [--plan baseline:cold,baseline:warm,fp16:cold,fp16:warm]
                             [--video CLIP] [--vram-cap-gib 31.5] [--save-latents] [--sdk-job]
 
 What it does, in order:
@@ -30,9 +30,10 @@ What it does, in order:
      umt5-xxl file is not read.
 
    ``--plan`` runs any sequence of ``VARIANT:LABEL[@FRAMES]`` instead: VARIANT is a graph of
-   ``bench/gpu_variants.py`` (``baseline`` = the shipped graph, ``tuned``, ``fp16``) or ``t5off``
-   (the shipped graph with ``use_disk_cache`` false); FRAMES overrides ``max_frames`` (a long
-   dance: ``tuned:long@1441`` with ``--video`` a 60-s clip). Jobs of one variant share a worker.
+   ``bench/gpu_variants.py`` (``baseline`` = the shipped graph, ``bf16``, ``fp16``, ``resident``)
+   or ``t5off`` (the shipped graph with ``use_disk_cache`` false); FRAMES overrides
+   ``max_frames`` (a long dance: ``baseline:long@1441`` with ``--video`` a 60-s clip). Jobs of
+   one variant share a worker.
    ``--video`` replaces the bundled driving clip (``DEFAULT_VIDEO``) for every job.
    ``--vram-cap-gib X`` holds ComfyUI to X GiB of the GPU: ``--reserve-vram`` (card total - X, so
    ComfyUI's memory planning sees X) and a per-process memory fraction set inside ComfyUI by a
@@ -42,8 +43,15 @@ What it does, in order:
    latents of each variant are compared with the first variant's (cosine, max |difference|,
    finite).
    ComfyUI's resident memory (``VmRSS`` of its PID, sampled every 200 ms) is reported per job,
-   and every sampler progress event (stage, step, total, arrival) is kept, so steps, windows and
-   seconds per window-step can be read from the summary.
+   with the split of the peak sample into ``RssAnon`` (memory ComfyUI allocated) and ``RssFile``
+   (mapped file pages the kernel can drop), and every sampler progress event (stage, step,
+   total, arrival) is kept, so steps, windows and seconds per window-step can be read from the
+   summary.
+   ``--profile-calls 3,9`` runs those transformer forwards (one per window-step, counted from 1
+   over ComfyUI's life) under ``torch.profiler`` through the bench-only custom node
+   ``bench/comfy_nodes/xicon_bench_profile`` (copied in for the run, removed at its end): per
+   call a kernel table and a JSON (wall vs GPU-busy time, top kernels, time per class:
+   attention, gemm, norm/elementwise, copy) under ``RESULTS/profile``.
 4. ``--sdk-job``: one more warm job through the RunPod SDK (``python handler.py --test_input``
    against the same ComfyUI), the full product path; its worker log line holds the timings.
 5. Writes the first job's MP4 to ``RESULTS/cold.mp4`` and probes it (frames, fps, size, codec).
@@ -136,11 +144,16 @@ class VramSampler:
 
 @dataclass
 class RssSampler:
-    """VmRSS of the process whose PID is in ``pid_file``, every 200 ms, in the background."""
+    """ComfyUI's resident memory every 200 ms, in the background, from ``/proc/PID/status`` of the
+    PID in ``pid_file``: ``VmRSS`` and its parts ``RssAnon`` (heap: tensors ComfyUI made) and
+    ``RssFile`` (file pages mapped in, e.g. an mmapped checkpoint, which the kernel can drop and
+    read again), all in MiB."""
 
     pid_file: Path
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
 
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True).start()
@@ -152,17 +165,28 @@ class RssSampler:
                 status = Path(f"/proc/{pid}/status").read_text()
             except (OSError, ValueError):
                 continue
+            values = {}
             for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    self.samples.append((time.monotonic(), int(line.split()[1]) // 1024))
+                key, _, rest = line.partition(":")
+                if key in self.FIELDS:
+                    values[key] = int(rest.split()[0]) // 1024
+            if "VmRSS" in values:
+                self.samples.append((time.monotonic(), values))
 
-    def peak(self, t0: float, t1: float) -> int | None:
-        inside = [mib for t, mib in self.samples if t0 <= t <= t1]
+    def peak(self, t0: float, t1: float, key: str = "VmRSS") -> int | None:
+        inside = [v.get(key, 0) for t, v in self.samples if t0 <= t <= t1]
         return max(inside) if inside else None
+
+    def at_peak(self, t0: float, t1: float) -> dict[str, int] | None:
+        """All fields of the sample with the highest ``VmRSS`` between ``t0`` and ``t1``."""
+        inside = [v for t, v in self.samples if t0 <= t <= t1]
+        return max(inside, key=lambda v: v["VmRSS"]) if inside else None
 
     def stop(self) -> None:
         self._stop.set()
 
+
+PROFILE_NODE = ROOT / "bench" / "comfy_nodes" / "xicon_bench_profile"
 
 VRAM_CAP_NODE = """\
 # Written by bench/gpu_run.py --vram-cap-gib for one benchmark run, removed at its end.
@@ -385,6 +409,7 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
         "sampler_events": clocks[0].sampler_events(t0) if clocks else [],
         "vram_peak_mib": probes.vram.peak(t0, t1),
         "comfy_rss_peak_mib": probes.rss.peak(t0, t1),
+        "comfy_rss_at_peak_mib": probes.rss.at_peak(t0, t1),
         "latents": [str(p) for p in new_latents],
     }
     video = result.get("video") if isinstance(result, dict) else None
@@ -536,7 +561,10 @@ async def run_jobs(
     records: list[dict],
     save: Any,
 ) -> None:
-    workers = {name: build_worker(worker_env(args, path)) for name, path in graphs.items()}
+    workers = {
+        name: build_worker({**worker_env(args, path), **gpu_variants.settings(name)})
+        for name, path in graphs.items()
+    }
     try:
         for job in args.plan:
             records.append(await run_job(workers[job.variant], job, probes, args.out))
@@ -564,6 +592,18 @@ def install_vram_cap(args: argparse.Namespace, env: dict[str, str]) -> Path | No
     return node
 
 
+def install_profiler(args: argparse.Namespace, env: dict[str, str]) -> Path | None:
+    """The bench-only step profiler (``bench/comfy_nodes/xicon_bench_profile``) for one run."""
+    if not args.profile_calls:
+        return None
+    node = args.comfy_dir / "custom_nodes" / PROFILE_NODE.name
+    shutil.copytree(PROFILE_NODE, node, dirs_exist_ok=True)
+    env["XICON_BENCH_PROFILE_DIR"] = str((args.out / "profile").resolve())
+    env["XICON_BENCH_PROFILE_CALLS"] = args.profile_calls
+    log.info("profiling transformer forwards %s into %s", args.profile_calls, args.out / "profile")
+    return node
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy-dir", type=Path, required=True)
@@ -579,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", type=Path, help="driving clip for every job (DEFAULT_VIDEO)")
     p.add_argument("--vram-cap-gib", type=float, help="hold ComfyUI to this much GPU memory")
     p.add_argument("--save-latents", action="store_true")
+    p.add_argument(
+        "--profile-calls",
+        help="profile these transformer forwards, counted from 1 (e.g. 3,9: step 3 of the first "
+        "two 6-step jobs) into RESULTS/profile",
+    )
     p.add_argument("--job-timeout", type=float, default=3600.0)
     p.add_argument("--sdk-job", action="store_true")
     p.add_argument("--comfy-args", default="", help="extra ComfyUI arguments (COMFY_EXTRA_ARGS)")
@@ -611,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     cap_node = install_vram_cap(args, env)
+    profile_node = install_profiler(args, env)
     rss = RssSampler(args.out / "comfyui.pid")
     rss.start()
     probes = Probes(vram, rss, args.comfy_dir / "output" / "latents")
@@ -619,7 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         "attention": args.attention,
         "job": JOB_DEFAULTS,
         "plan": [j.name + (f"@{j.max_frames}" if j.max_frames else "") for j in args.plan],
-        "variants": {v: gpu_variants.VARIANTS.get(v, ()) for v in graphs},
+        "variants": {
+            v: {"levers": gpu_variants.VARIANTS.get(v, ()), "settings": gpu_variants.settings(v)}
+            for v in graphs
+        },
         "vram_cap_gib": args.vram_cap_gib,
         "video": str(args.video) if args.video else "bundled default",
     }
@@ -660,8 +709,9 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         vram.stop()
         rss.stop()
-        if cap_node is not None:
-            shutil.rmtree(cap_node, ignore_errors=True)
+        for node in (cap_node, profile_node):
+            if node is not None:
+                shutil.rmtree(node, ignore_errors=True)
     return rc
 
 

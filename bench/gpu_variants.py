@@ -1,20 +1,25 @@
 """Graph variants for the GPU benchmark: the shipped graph and the levers tried against it.
 
-Each variant is the shipped ``XiCON_Dance_SCAIL_vFinal.json`` with a few node inputs changed; the
-changes are data (``VARIANTS``), so every figure in ``bench/results`` names exactly what differed.
-``build(name, template)`` returns the patched graph; ``--save-latents`` adds a core ``SaveLatent``
-node on the sampler's output, so two variants' latents can be compared (cosine, max difference,
-finite) for the same seed.
+Each variant is the shipped ``XiCON_Dance_SCAIL_vFinal.json`` run through the worker with a few
+changes; the changes are data (``LEVERS``, ``VARIANTS``), so every figure in ``bench/results``
+names exactly what differed. A lever changes node inputs the worker leaves alone (``graph``), or
+sets worker settings (``settings``) for inputs the worker writes itself (its role table: a graph
+patch there would be overwritten when the worker builds the job's graph).
+``build(name, template)`` returns the patched graph, ``settings(name)`` the variant's settings;
+``--save-latents`` adds a core ``SaveLatent`` node on the sampler's output, so two variants'
+latents can be compared (cosine, max difference, finite) for the same seed.
 
-Levers (node id -> inputs):
+Levers:
 - ``resident``: the sampler keeps the transformer on the GPU after the job
   (``WanVideoSamplerv2.force_offload`` false), so a warm job does not move 15.9 GB again.
-- ``resize_gpu``: node 131 (driving frames -> generation size) on the GPU with bilinear; the
-  worker hands the clip over at the generation size already, so this resize is an identity.
-  KJNodes refuses lanczos on the GPU.
-- ``nlf_batch``: NLFPredict in batches of 64 frames instead of the whole clip at once.
-- ``fp16_fast``: WanVideoModelLoader ``base_precision`` fp16_fast (fp16 with fp16 accumulation);
-  pays on GeForce cards (twice the fp32-accumulate rate), not on the H200.
+- ``fp16_fast``: ``BASE_PRECISION=fp16_fast`` (fp16 with fp16 accumulation; the worker's
+  default on GeForce cards); pays on GeForce cards (twice the fp32-accumulate rate), not on the
+  H200.
+- ``bf16``: ``BASE_PRECISION=bf16`` (the worker's default elsewhere), to pin a baseline.
+
+Earlier results (``bench/results/gpu_h200_long``) name the variants of their day: ``lean`` was
+node 131 on the GPU plus NLFPredict in batches, both now in the shipped graph (node 131 is left
+out by the worker, NLFPredict runs in batches of 32), ``tuned`` that plus ``resident``.
 """
 
 from __future__ import annotations
@@ -23,28 +28,26 @@ import copy
 from typing import Any
 
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
-    "resident": {"348": {"force_offload": False}},
-    "resize_gpu": {"131": {"upscale_method": "bilinear", "device": "gpu"}},
-    "nlf_batch": {"334": {"per_batch": 64}},
-    "fp16_fast": {"22": {"base_precision": "fp16_fast"}},
+    "resident": {"graph": {"348": {"force_offload": False}}},
+    "fp16_fast": {"settings": {"BASE_PRECISION": "fp16_fast"}},
+    "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
 }
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    "tuned": ("resident", "resize_gpu", "nlf_batch"),
-    "fp16": ("resident", "resize_gpu", "nlf_batch", "fp16_fast"),
-    "lean": ("resize_gpu", "nlf_batch"),
-    "lean16": ("resize_gpu", "nlf_batch", "fp16_fast"),
+    "bf16": ("bf16",),
+    "fp16": ("fp16_fast",),
+    "resident": ("resident",),
 }
 
 SAVE_LATENT_NODE = "9001"
 
 
 def build(name: str, template: dict[str, Any], *, save_latents: bool = False) -> dict[str, Any]:
-    """The template with variant ``name``'s levers applied (a deep copy)."""
+    """The template with variant ``name``'s graph levers applied (a deep copy)."""
     graph = copy.deepcopy(template)
     for lever in VARIANTS[name]:
-        for node_id, inputs in LEVERS[lever].items():
+        for node_id, inputs in LEVERS[lever].get("graph", {}).items():
             graph[node_id]["inputs"].update(inputs)
     if save_latents:
         graph[SAVE_LATENT_NODE] = {
@@ -52,3 +55,11 @@ def build(name: str, template: dict[str, Any], *, save_latents: bool = False) ->
             "inputs": {"samples": ["348", 0], "filename_prefix": f"latents/bench_{name}"},
         }
     return graph
+
+
+def settings(name: str) -> dict[str, str]:
+    """The worker settings (environment) variant ``name`` sets on top of the run's."""
+    env: dict[str, str] = {}
+    for lever in VARIANTS.get(name, ()):
+        env.update(LEVERS[lever].get("settings", {}))
+    return env

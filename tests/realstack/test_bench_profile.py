@@ -1,0 +1,121 @@
+"""The benchmark's step profiler (bench/comfy_nodes/xicon_bench_profile) with the stack's torch.
+
+It runs in the stack's Python (torch 2.11, CPU here): a module named like the pinned
+WanVideoWrapper transformer is called five times, with a nested call inside one of them; only the
+chosen calls are profiled, each to a table and a JSON of figures. The class name the profiler
+waits for is checked against the pinned pack's source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from tests.plugins.realstack import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = ROOT / "bench" / "comfy_nodes" / "xicon_bench_profile" / "__init__.py"
+
+SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("xicon_bench_profile", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+
+class WanModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+        self.inner = None
+
+    def forward(self, x):
+        q = self.proj(x)
+        x = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        if self.inner is not None:
+            x = self.inner(x)
+        return torch.nn.functional.layer_norm(x, (64,))
+
+outer, inner = WanModel(), WanModel()
+x = torch.randn(1, 4, 256, 64)
+for k in range(5):
+    outer.inner = inner if k == 1 else None
+    outer(x)
+print(mod.PROFILER.count)
+"""
+
+
+def test_the_chosen_forwards_are_profiled_and_summarised(stack: Stack, tmp_path: Path) -> None:
+    source = (
+        stack.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper" / "wanvideo" / "modules"
+    ) / "model.py"
+    target = re.search(r'^TARGET = "(\w+)"', NODE.read_text(encoding="utf-8"), re.M)
+    assert target is not None
+    assert re.search(rf"^class {target.group(1)}\(", source.read_text(encoding="utf-8"), re.M)
+
+    out = tmp_path / "profile"
+    env = {
+        **os.environ,
+        "XICON_BENCH_PROFILE_DIR": str(out),
+        "XICON_BENCH_PROFILE_CALLS": "2,4",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        [str(stack.python), "-c", SCRIPT, str(NODE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "5"  # the nested call was not counted
+    assert sorted(p.name for p in out.iterdir()) == [
+        "call2.json",
+        "call2.txt",
+        "call4.json",
+        "call4.txt",
+    ]
+    for call in (2, 4):
+        figures = json.loads((out / f"call{call}.json").read_text())
+        assert figures["call"] == call
+        assert figures["device"] == "cpu"
+        assert figures["wall_ms"] > 0 and figures["busy_ms"] > 0
+        names = [row["name"] for row in figures["top"]]
+        assert any("linear" in n or "addmm" in n for n in names), names
+        classes = {row["class"] for row in figures["top"]}
+        assert "gemm" in classes
+        assert abs(sum(figures["by_class_ms"].values()) - figures["busy_ms"]) < 0.05
+        assert "Self CPU" in (out / f"call{call}.txt").read_text()
+    # the nested call of call 2 ran inside the profiled forward: its linear shows twice
+    two = json.loads((out / "call2.json").read_text())
+    four = json.loads((out / "call4.json").read_text())
+    assert max(r["calls"] for r in two["top"] if r["class"] == "gemm") > max(
+        r["calls"] for r in four["top"] if r["class"] == "gemm"
+    )
+
+
+def test_without_its_variables_the_profiler_does_nothing(stack: Stack) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XICON_BENCH_PROFILE_DIR", "XICON_BENCH_PROFILE_CALLS")
+    }
+    done = subprocess.run(
+        [
+            str(stack.python),
+            "-c",
+            "import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('p', sys.argv[1])\n"
+            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+            "print(mod.PROFILER)",
+            str(NODE),
+        ],
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "None"
