@@ -12,6 +12,7 @@ import pytest
 from xicon_dance.errors import ConfigError
 from xicon_dance.settings import PACKAGE_ROOT
 from xicon_dance.workflow import (
+    BYPASSED,
     POSE_BATCH,
     ROLES,
     PatchParams,
@@ -173,6 +174,51 @@ def test_wrong_audio_link_is_refused() -> None:
         check_roles(graph)
 
 
+def with_resize(graph: dict[str, Any]) -> dict[str, Any]:
+    """``graph`` with node 131 between node 130's frames and their readers, as in the template."""
+    graph["131"] = {
+        "class_type": "ImageResizeKJv2",
+        "inputs": {"image": ["130", 0], "width": ["203", 0], "height": ["204", 0]},
+    }
+    graph["334"]["inputs"]["images"] = ["131", 0]
+    graph["363"] = {"class_type": "PoseDetectionVitPoseToDWPose", "inputs": {"images": ["131", 0]}}
+    return graph
+
+
+def test_driving_resize_is_left_out_and_its_readers_read_the_loaded_frames() -> None:
+    wf = Workflow(with_resize(mini_graph()))
+    graph = wf.build(params())
+    assert "131" not in graph
+    assert graph["334"]["inputs"]["images"] == ["130", 0]
+    assert graph["363"]["inputs"]["images"] == ["130", 0]
+    assert "131" in wf.template  # the template keeps it for a run without the worker
+    assert wf.template["334"]["inputs"]["images"] == ["131", 0]
+    # a template without the node builds as it is
+    assert Workflow(mini_graph()).build(params())["334"]["inputs"]["images"] == ["130", 0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda g: g["131"].update(class_type="ImageScale"),
+            r"node 131 must be of class ImageResizeKJv2",
+        ),
+        (lambda g: g["131"]["inputs"].update(image=["106", 0]), r"must resize \['130', 0\]"),
+        (
+            lambda g: g["334"]["inputs"].update(images=["131", 1]),
+            r"read at output 1 by node 334 input 'images'",
+        ),
+    ],
+)
+def test_a_driving_resize_that_is_not_the_identity_is_refused(change: Any, message: str) -> None:
+    graph = with_resize(mini_graph())
+    change(graph)
+    with pytest.raises(ConfigError, match=message) as info:
+        check_roles(graph)
+    assert info.value.field == "WORKFLOW_PATH"
+
+
 def test_load_errors_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         Workflow.load(tmp_path / "missing.json")
@@ -200,6 +246,12 @@ def test_production_graph_passes_the_role_check() -> None:
     wf = Workflow.load(REAL_GRAPH)
     graph = wf.build(params())
     assert graph["205"]["inputs"]["value"] == 208
+    for node_id, (class_type, source) in BYPASSED.items():
+        assert wf.template[node_id]["class_type"] == class_type
+        assert node_id not in graph
+        readers = [n for n, node in wf.template.items() if [node_id, 0] in node["inputs"].values()]
+        assert readers  # the shipped graph reads the resize; the build reads the source instead
+        assert all(source in graph[n]["inputs"].values() for n in readers)
 
 
 @pytest.mark.skipif(not REAL_GRAPH.exists(), reason="the production graph is not in the tree yet")

@@ -13,10 +13,16 @@ Contract:
 - The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
   size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
   (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
-  source's size or rate and node 131's resize is an exact identity (equal size: the crop takes
-  the whole frame, and the template's bilinear interpolation at equal size returns its input).
-  Node 334 (``NLFPredict``) runs in batches of ``POSE_BATCH`` frames (-1 would put the whole
-  clip through the pose model at once).
+  source's size or rate. Node 334 (``NLFPredict``) runs in batches of ``POSE_BATCH`` frames (-1
+  would put the whole clip through the pose model at once).
+- ``BYPASSED``: nodes the built graph leaves out because the worker already did their work. Node
+  131 (``ImageResizeKJv2``, driving frames -> generation size) is an exact identity on the
+  transcoded clip (equal size: the crop keeps the whole frame, a same-size interpolation returns
+  its input), yet it writes a new float32 copy of every frame, which ComfyUI keeps for the whole
+  job (4.8 GB for 60 s at 416x672), and on the GPU it moves every frame there and back (4.9 s for
+  60 s on an H200). ``build`` removes it and links its consumers to node 130's frames. The
+  template keeps it, for a run of the template without the worker; ``check_roles`` requires it,
+  when present, to be that resize of ``["130", 0]`` and to be read at its output 0 only.
 
 Details:
 - ``keep_audio`` here means "mux the driving video's audio": the caller passes
@@ -49,6 +55,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 AUDIO_LINK: list[Any] = ["130", 2]
+# node id -> (class_type, the link its output 0 is replaced by); see the module doc.
+BYPASSED: dict[str, tuple[str, list[Any]]] = {"131": ("ImageResizeKJv2", ["130", 0])}
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,10 @@ class Workflow:
         for role, value in params.values().items():
             spec = ROLES[role]
             graph[spec.node]["inputs"][spec.input] = value
+        for node_id, (_class_type, source) in BYPASSED.items():
+            if graph.pop(node_id, None) is not None:
+                for _link_node, inputs, name in _links_to(graph, node_id):
+                    inputs[name] = list(source)
         audio = ROLES["audio"]
         inputs = graph[audio.node]["inputs"]
         if params.keep_audio:
@@ -235,6 +247,8 @@ def check_roles(graph: Any, source: str = "<memory>") -> None:
             )
         if not spec.optional and spec.input not in node["inputs"]:
             raise ConfigError(f"{where} has no input {spec.input!r}.", field="WORKFLOW_PATH")
+    for node_id, (class_type, source) in BYPASSED.items():
+        _check_bypassed(graph, node_id, class_type, source)
     audio = ROLES["audio"]
     link = graph[audio.node]["inputs"].get(audio.input)
     if link is not None and list(link) != AUDIO_LINK:
@@ -243,3 +257,55 @@ def check_roles(graph: Any, source: str = "<memory>") -> None:
             f"expected {AUDIO_LINK!r} (the driving video's audio).",
             field="WORKFLOW_PATH",
         )
+
+
+def _is_link(value: Any) -> bool:
+    """An API-format link: ``[node id, output index]``."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    )
+
+
+def _links_to(graph: dict[str, Any], node_id: str) -> list[tuple[str, dict[str, Any], str]]:
+    """(node id, its inputs, input name) of every input linked to an output of ``node_id``."""
+    return [
+        (other, node["inputs"], name)
+        for other, node in graph.items()
+        if isinstance(node, dict) and isinstance(node.get("inputs"), dict)
+        for name, value in node["inputs"].items()
+        if _is_link(value) and value[0] == node_id
+    ]
+
+
+def _check_bypassed(
+    graph: dict[str, Any], node_id: str, class_type: str, source: list[Any]
+) -> None:
+    """A node ``build`` leaves out must be what it is taken for, or absent (see module doc)."""
+    node = graph.get(node_id)
+    if node is None:
+        return
+    where = f"Workflow template: node {node_id}"
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict) or node.get("class_type") != class_type:
+        raise ConfigError(
+            f"{where} must be of class {class_type} (the driving frames' resize, which the worker "
+            f"leaves out), found {node.get('class_type') if isinstance(node, dict) else node!r}.",
+            field="WORKFLOW_PATH",
+        )
+    if inputs.get("image") != source:
+        raise ConfigError(
+            f"{where} ({class_type}) must resize {source!r} (the driving frames), "
+            f"found {inputs.get('image')!r}.",
+            field="WORKFLOW_PATH",
+        )
+    for other, inputs_of, name in _links_to(graph, node_id):
+        if inputs_of[name][1] != 0:
+            raise ConfigError(
+                f"{where} ({class_type}) is read at output {inputs_of[name][1]} by node "
+                f"{other} input {name!r}; only its frames (output 0) can be replaced by "
+                f"{source!r}.",
+                field="WORKFLOW_PATH",
+            )
