@@ -81,7 +81,6 @@ def params(**over: Any) -> PatchParams:
         "seed": 7,
         "prompt": "dance",
         "negative_prompt": "static",
-        "keep_audio": True,
         "filename_prefix": "xicon_dance_j1_abcd",
         "attention_mode": "sageattn",
         "pose_render_device": "cpu",
@@ -116,27 +115,27 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["368"]["inputs"] == {"positive_prompt": "dance", "negative_prompt": "static"}
     assert graph["139"]["inputs"]["frame_rate"] == 24
     assert graph["139"]["inputs"]["filename_prefix"] == "xicon_dance_j1_abcd"
-    assert graph["139"]["inputs"]["audio"] == ["130", 2]
+    assert "audio" not in graph["139"]["inputs"]
     assert graph["22"]["inputs"]["attention_mode"] == "sageattn"
     assert graph["22"]["inputs"]["base_precision"] == "fp16_fast"
     assert graph["362"]["inputs"]["render_device"] == "cpu"
 
 
-def test_audio_link_removed_without_audio_and_restored_with_it() -> None:
+def test_the_audio_link_is_always_removed() -> None:
+    """The worker adds the clip's audio to node 139's silent video itself (remux)."""
+    wf = Workflow(mini_graph())
+    assert "audio" not in wf.build(params())["139"]["inputs"]
+    assert wf.template["139"]["inputs"]["audio"] == ["130", 2]  # the template keeps it
     template = mini_graph()
     del template["139"]["inputs"]["audio"]
-    wf = Workflow(template)
-    assert "audio" not in wf.build(params(keep_audio=False))["139"]["inputs"]
-    assert wf.build(params(keep_audio=True))["139"]["inputs"]["audio"] == ["130", 2]
-    wf2 = Workflow(mini_graph())
-    assert "audio" not in wf2.build(params(keep_audio=False))["139"]["inputs"]
+    assert "audio" not in Workflow(template).build(params())["139"]["inputs"]
 
 
 def test_template_is_never_mutated() -> None:
     template = mini_graph()
     snapshot = copy.deepcopy(template)
     wf = Workflow(template)
-    first = wf.build(params(keep_audio=False, seed=1))
+    first = wf.build(params(seed=1))
     first["130"]["inputs"]["video"] = "tampered"
     wf.build(params(seed=2))
     assert template == snapshot
@@ -164,13 +163,6 @@ def test_wrong_class_and_missing_node_name_the_node() -> None:
     graph = mini_graph()
     del graph["238"]
     with pytest.raises(ConfigError, match=r"node 238 \(FloatConstant"):
-        check_roles(graph)
-
-
-def test_wrong_audio_link_is_refused() -> None:
-    graph = mini_graph()
-    graph["139"]["inputs"]["audio"] = ["131", 0]
-    with pytest.raises(ConfigError, match="node 139 input 'audio'"):
         check_roles(graph)
 
 

@@ -26,8 +26,11 @@ Details:
   The transcode runs under the job's deadline like the downloads.
 - Timings (seconds): ``download`` (inputs fetched and checked), ``prepare`` (the driving clip
   transcoded), ``queue`` and ``inference``
-  (ComfyUI's queue wait and execution), ``upload`` (output located, probed and delivered),
-  ``total`` (the whole ``run``).
+  (ComfyUI's queue wait and execution), ``upload`` (output located, audio added, probed and
+  delivered), ``total`` (the whole ``run``).
+- The result is node 139's silent video with the transcoded clip's audio (when the job keeps
+  audio and the clip has some), both copied by ``remux.finish`` into the job folder; the graph
+  has no audio link (``workflow``).
 - The result video is probed (``media.probe_video``) for its real width, height, frames, fps,
   duration and audio; an unreadable output is a ``ComfyError`` (``comfyui_output_invalid``).
 - Output files: read from ComfyUI's output folder (``<COMFY_DIR>/output``, or ``temp`` for
@@ -61,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import clip, media
+from . import clip, media, remux
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
 from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
@@ -162,7 +165,8 @@ class Worker:
                 _comfy_timings(timings, run, time.monotonic() - t0)
                 await reporter.close()
                 t0 = time.monotonic()
-                video_out = await self._deliver(run, folder.path, job_id, params)
+                audio_from = video.path if params.keep_audio and video.has_audio else None
+                video_out = await self._deliver(run, folder, job_id, params, audio_from)
                 delivered = True
                 timings["upload"] = time.monotonic() - t0
         finally:
@@ -292,7 +296,6 @@ class Worker:
                 seed=seed,
                 prompt=params.prompt,
                 negative_prompt=params.negative_prompt,
-                keep_audio=params.keep_audio and video.has_audio,
                 filename_prefix=prefix,
                 attention_mode=self.settings.attention_mode,
                 pose_render_device=self.settings.pose_render_device,
@@ -301,11 +304,19 @@ class Worker:
         )
 
     async def _deliver(
-        self, run: RunResult, folder: Path, job_id: str, params: JobInput
+        self,
+        run: RunResult,
+        folder: JobFolder,
+        job_id: str,
+        params: JobInput,
+        audio_from: Path | None,
     ) -> dict[str, Any]:
         item = pick_video(output_files(run.outputs))
-        path = self._local_output(item) or await self.comfy.download(item, folder)
-        info = await asyncio.to_thread(_probe_output, path)
+        produced = self._local_output(item) or await self.comfy.download(item, folder.path)
+        path = folder.path / "result" / produced.name
+        path.parent.mkdir(exist_ok=True)
+        await folder.run(remux.finish, produced, audio_from, path)
+        info = await folder.run(_probe_output, path)
         delivered = await deliver(path, job_id=job_id, mode=params.output, settings=self.settings)
         return {
             **delivered,

@@ -7,9 +7,9 @@ Contract:
 - ``Workflow.build(params: PatchParams) -> dict``: a patched deep copy; the template is never
   mutated.
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
-  fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, keep_audio, filename_prefix,
-  attention_mode, pose_render_device, base_precision (``gpu_profile``). Derived values (pose
-  size = half the generation size) are written here, nowhere else.
+  fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, filename_prefix,
+  attention_mode, pose_render_device, base_precision (``gpu_profile``). Derived values (pose size
+  = half the generation size) are written here, nowhere else.
 - The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
   size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
   (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
@@ -25,10 +25,10 @@ Contract:
   when present, to be that resize of ``["130", 0]`` and to be read at its output 0 only.
 
 Details:
-- ``keep_audio`` here means "mux the driving video's audio": the caller passes
-  ``job.keep_audio and video.has_audio``. True keeps/sets the link ``["130", 2]`` on node 139's
-  ``audio`` input; False removes the input (VHS_VideoCombine then writes a silent video). The
-  ``audio`` input is optional in the template; every other role's input must exist in it.
+- Audio: ``build`` removes node 139's ``audio`` input (the template links it to ``["130", 2]``),
+  so VHS_VideoCombine writes a silent video and the worker adds the driving clip's audio itself
+  (``xicon_dance.remux``: copied, not re-encoded). With the link, node 130's whole output, every
+  frame of the clip, would stay alive until node 139, the last node, has run.
 - ``unique_prefix(job_id)`` gives a per-job ``filename_prefix`` (no path separators), so two
   jobs never read each other's output and the output file can be found and removed.
 - ``Workflow.adopt_model_aliases(listed, aliases)``: for each model-file input of the template
@@ -54,7 +54,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-AUDIO_LINK: list[Any] = ["130", 2]
 # node id -> (class_type, the link its output 0 is replaced by); see the module doc.
 BYPASSED: dict[str, tuple[str, list[Any]]] = {"131": ("ImageResizeKJv2", ["130", 0])}
 
@@ -108,7 +107,6 @@ class PatchParams:
     seed: int
     prompt: str
     negative_prompt: str
-    keep_audio: bool
     filename_prefix: str
     attention_mode: str
     pose_render_device: str
@@ -219,11 +217,7 @@ class Workflow:
                 for _link_node, inputs, name in _links_to(graph, node_id):
                     inputs[name] = list(source)
         audio = ROLES["audio"]
-        inputs = graph[audio.node]["inputs"]
-        if params.keep_audio:
-            inputs[audio.input] = list(AUDIO_LINK)
-        else:
-            inputs.pop(audio.input, None)
+        graph[audio.node]["inputs"].pop(audio.input, None)
         return graph
 
 
@@ -249,14 +243,6 @@ def check_roles(graph: Any, source: str = "<memory>") -> None:
             raise ConfigError(f"{where} has no input {spec.input!r}.", field="WORKFLOW_PATH")
     for node_id, (class_type, source) in BYPASSED.items():
         _check_bypassed(graph, node_id, class_type, source)
-    audio = ROLES["audio"]
-    link = graph[audio.node]["inputs"].get(audio.input)
-    if link is not None and list(link) != AUDIO_LINK:
-        raise ConfigError(
-            f"Workflow template {source}: node {audio.node} input 'audio' is linked to {link!r}, "
-            f"expected {AUDIO_LINK!r} (the driving video's audio).",
-            field="WORKFLOW_PATH",
-        )
 
 
 def _is_link(value: Any) -> bool:
