@@ -13,7 +13,7 @@ own. Two kinds of picture:
   what true-shape synthetic weights decode to (so GPU runs with synthetic weights overstate the
   encode time of a real job).
 
-Usage (any machine; ffmpeg from PATH or imageio-ffmpeg)::
+Usage (any machine; ffmpeg from ``--ffmpeg``, PATH or imageio-ffmpeg)::
 
     python bench/encode_bench.py [--frames 1441] [--size 416x672] [--fps 24] [--crf 19]
         [--presets medium,faster,veryfast] [--content dance,noise] [--repeat 3] [--threads 0]
@@ -76,7 +76,7 @@ def dance_frames(count: int, width: int, height: int) -> np.ndarray:
     frames = []
     with av.open(str(ROOT / "assets" / "default_video.mp4")) as src:
         for frame in src.decode(video=0):
-            frames.append(cover_crop(frame.to_ndarray(format="rgb24"), width, height))
+            frames.append(cover_crop(frame, width, height))
     return np.stack([frames[k % len(frames)] for k in range(count)])
 
 
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content", default="dance,noise")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="x264 threads (0: its default)")
+    p.add_argument("--ffmpeg", help="the ffmpeg binary (default: PATH, then imageio-ffmpeg)")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
-    exe = ffmpeg_exe()
+    exe = args.ffmpeg or ffmpeg_exe()
     makers = {"dance": dance_frames, "noise": noise_frames}
     print(
         f"ffmpeg: {exe}; {args.frames} frames at {width}x{height}, {args.fps} fps, crf {args.crf}"

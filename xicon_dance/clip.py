@@ -9,17 +9,18 @@ Contract:
   frames the 4n+1 rule drops. Fewer than 5 frames raises ``InputError`` naming the field that
   made it so (the video field for a short clip, else ``max_seconds``).
 - ``check_memory(plan, width, height, settings)``: ComfyUI holds every frame of the clip as
-  float32 RGB at the generation size, several times over (loader, resize, pose render, decoded
-  result; ``FRAME_COPIES``, measured). A job whose estimate
+  float32 RGB at the generation size, several times over (loader, pose render, decoded result,
+  buffers; ``FRAME_COPIES``, measured). A job whose estimate
   ``frames * width * height * 12 * FRAME_COPIES`` exceeds ``MAX_CLIP_MEMORY_GB`` is refused with
   ``InputError(field="max_frames", code="clip_too_long")``, naming the limit and the frames that
   would fit at that size.
 - ``transcode(src, dest, plan, width, height, audio=..., stop=...) -> Transcoded``: streams the
   driving video into ``dest`` (H.264 in MP4) at exactly width x height (scaled to cover, then
-  centre-cropped, as node 131 ``ImageResizeKJv2`` crop/center would; display rotation applied),
-  at the job's fps (for each output time i/fps the source frame shown at that time), exactly
-  ``plan.frames`` frames, and, with ``audio``, the source audio re-encoded to AAC and trimmed to
-  the rendered length. One decoded frame at a time: memory does not grow with the clip's length,
+  centre-cropped, as the template's node 131 ``ImageResizeKJv2`` crop/center would; display
+  rotation applied), at the job's fps (for each output time i/fps the source frame shown at that
+  time), exactly ``plan.frames`` frames, and, with ``audio``, the source audio encoded to AAC
+  (the only encode it gets: ``remux`` copies it into the result) and trimmed to the rendered
+  length. One decoded frame at a time: memory does not grow with the clip's length,
   resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``.
   The job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and
   waits for the thread when the job is cancelled).
@@ -49,9 +50,11 @@ log = logging.getLogger(__name__)
 # Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
 # measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job
 # raised ComfyUI's RSS 7.4 copies per frame more than a 5-frame job (loader, resize, pose
-# render, VAE encode/decode buffers, decoded result, output cache), rounded up. On an H200 host
-# (models on the GPU) 60 s at 416x672 cost 17 GiB over an 81-frame job: about 4 copies, so the
-# estimate is on the safe side there.
+# render, VAE encode/decode buffers, decoded result, output cache), rounded up. Since the
+# worker's graph leaves out the resize (node 131), the same test measures 3.4 copies (5.5 with
+# the resize, same machine and run order). On an H200 host (models on the GPU) 60 s at 416x672
+# cost 17 GiB over an 81-frame job with the resize: about 4 copies. The estimate stays on the
+# safe side.
 FRAME_COPIES = 8
 BYTES_PER_PIXEL = 12  # float32 RGB
 GB = 1e9

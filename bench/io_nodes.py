@@ -1,0 +1,185 @@
+"""The graph's video nodes on a long clip, on the real ComfyUI stack: load and encode times.
+
+The load (node 130) and the encode (node 139) run on the CPU wherever ComfyUI runs, so their
+time on this machine says what they cost on a GPU worker with the same cores. This runs them as
+the worker's graph does, on the real ComfyUI v0.33.0 with VideoHelperSuite at its pin (CPU, no
+models): a clip as the worker hands it over (the generation size, the job's fps, H.264 at the
+transcode's own settings) goes through
+
+- ``VHS_LoadVideo`` (OpenCV, node 130 of the shipped graph), or ``VHS_LoadVideoFFmpeg`` (ffmpeg
+  through a pipe, the same IMAGE output but no frame count at output 1),
+- then ``VHS_VideoCombine`` exactly as node 139 (``video/h264-mp4``, yuv420p, crf 19, no audio),
+
+and ComfyUI's per-node times are read from its websocket (``xicon_dance.comfy.ComfyClient``).
+Each run loads a fresh copy of the clip (ComfyUI would reuse a cached load otherwise). Two kinds
+of picture: ``dance`` (the bundled dance, moving people) and ``noise`` (random pixels, what
+synthetic weights decode to, the worst case for the encoder).
+
+Usage (needs the stack: ``XICON_STACK_HOME``, as for the real-stack tests)::
+
+    python bench/io_nodes.py [--frames 1441] [--size 416x672] [--fps 24] [--repeat 2]
+        [--content dance,noise] [--loaders VHS_LoadVideo,VHS_LoadVideoFFmpeg]
+
+Prints one line per (content, loader) with the median load and encode seconds and the ComfyUI
+process's peak RSS growth; say on what machine it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from encode_bench import dance_frames, noise_frames  # noqa: E402
+
+from tests.plugins.comfy import free_port  # noqa: E402
+from tests.plugins.realstack import Stack, make_base  # noqa: E402
+from xicon_dance.clip import VIDEO_OPTIONS  # noqa: E402
+from xicon_dance.comfy import ComfyClient  # noqa: E402
+
+
+def write_clip(path: Path, frames: np.ndarray, fps: int) -> None:
+    """H.264 at the worker's transcode settings (``clip.VIDEO_OPTIONS``)."""
+    _, height, width, _ = frames.shape
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        stream.options = dict(VIDEO_OPTIONS)
+        for k, picture in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def graph(loader: str, video: str, frames: int, fps: int) -> dict[str, Any]:
+    inputs: dict[str, Any] = {
+        "video": video,
+        "force_rate": 0,
+        "custom_width": 0,
+        "custom_height": 0,
+        "frame_load_cap": frames,
+        "format": "Wan",
+    }
+    if loader == "VHS_LoadVideo":
+        inputs |= {"skip_first_frames": 0, "select_every_nth": 1}
+    else:
+        inputs |= {"start_time": 0}
+    return {
+        "1": {"class_type": loader, "inputs": inputs},
+        "2": {
+            "class_type": "VHS_VideoCombine",
+            "inputs": {
+                "images": ["1", 0],
+                "frame_rate": fps,
+                "loop_count": 0,
+                "filename_prefix": f"io_{uuid.uuid4().hex[:8]}",
+                "format": "video/h264-mp4",
+                "pix_fmt": "yuv420p",
+                "crf": 19,
+                "save_metadata": False,
+                "trim_to_audio": False,
+                "pingpong": False,
+                "save_output": True,
+            },
+        },
+    }
+
+
+def rss_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+async def run_all(args: argparse.Namespace, base: Path, url: str, pid: int) -> None:
+    width, height = (int(v) for v in args.size.split("x"))
+    async with ComfyClient(url, poll_interval_s=0.5) as client:
+        await client.wait_ready(300)
+        for content in args.content.split(","):
+            maker = dance_frames if content == "dance" else noise_frames
+            source = base / "input" / f"{content}.mp4"
+            write_clip(source, maker(args.frames, width, height), args.fps)
+            for loader in args.loaders.split(","):
+                loads, encodes, growth = [], [], []
+                for k in range(args.repeat):
+                    name = f"{content}_{loader}_{k}.mp4"
+                    shutil.copyfile(source, base / "input" / name)
+                    before = rss_kib(pid, "VmRSS")
+                    run = await client.run(
+                        graph(loader, name, args.frames, args.fps),
+                        prompt_id=str(uuid.uuid4()),
+                        client_id=uuid.uuid4().hex,
+                        timeout_s=1800,
+                    )
+                    loads.append(run.node_times.get("1", float("nan")))
+                    encodes.append(run.node_times.get("2", float("nan")))
+                    growth.append((rss_kib(pid, "VmHWM") - before) / 2**20)
+                print(
+                    f"{content:6s} {loader:20s} load {statistics.median(loads):6.2f} s  "
+                    f"encode {statistics.median(encodes):6.2f} s  "
+                    f"(runs: load {', '.join(f'{v:.2f}' for v in loads)}; "
+                    f"encode {', '.join(f'{v:.2f}' for v in encodes)}); "
+                    f"peak RSS over the start of the run +{max(growth):.2f} GiB",
+                    flush=True,
+                )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=1441)
+    p.add_argument("--size", default="416x672")
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--content", default="dance,noise")
+    p.add_argument("--loaders", default="VHS_LoadVideo,VHS_LoadVideoFFmpeg")
+    args = p.parse_args(argv)
+    home = os.environ.get("XICON_STACK_HOME")
+    if not home:
+        print("XICON_STACK_HOME is not set: install the stack (stack/install.py) first")
+        return 2
+    stack = Stack(Path(home))
+    print(f"{args.frames} frames at {args.size}, {args.fps} fps; {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = make_base(stack, Path(tmp) / "comfy", packs={"ComfyUI-VideoHelperSuite"})
+        port = free_port()
+        log = open(Path(tmp) / "comfy.log", "wb")  # noqa: SIM115 - closed below
+        cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
+        cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
+        cmd += ["--database-url", f"sqlite:///{Path(tmp) / 'comfy.db'}"]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=stack.comfy_dir)
+        started = time.monotonic()
+        try:
+            asyncio.run(run_all(args, base, f"http://127.0.0.1:{port}", proc.pid))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            print(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
