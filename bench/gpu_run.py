@@ -335,9 +335,10 @@ def write_graphs(args: argparse.Namespace, variants: set[str]) -> dict[str, Path
     return paths
 
 
-def job_input(max_frames: int | None = None) -> dict[str, Any]:
+def job_input(max_frames: int | None = None, variant: str = "baseline") -> dict[str, Any]:
     image = json.loads((ROOT / "test_input.json").read_text())["input"]["image_base64"]
     job = {"image_base64": image, "prompt": PROMPT, "output": "base64", **JOB_DEFAULTS}
+    job.update(gpu_variants.job(variant))
     if max_frames is not None:
         job["max_frames"] = max_frames
     return job
@@ -382,7 +383,10 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
     t0 = time.monotonic()
     try:
         result = await worker.run(
-            {"id": f"gpu-{job.variant}-{job.label}", "input": job_input(job.max_frames)}
+            {
+                "id": f"gpu-{job.variant}-{job.label}",
+                "input": job_input(job.max_frames, job.variant),
+            }
         )
     finally:
         worker.comfy.run = real_run
@@ -393,13 +397,13 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
     if run is not None:
         for nid, secs in sorted(run.node_times.items(), key=lambda kv: -kv[1]):
             nodes[nid] = {"class": graph.get(nid, {}).get("class_type", "?"), "s": round(secs, 3)}
-    steps = job_input(job.max_frames)["steps"]
+    steps = job_input(job.max_frames, job.variant)["steps"]
     events = clocks[0].sampler_steps(steps) if clocks else []
     new_latents = sorted(set(probes.latents_dir.glob("*.latent")) - latents_before)
     record = {
         "job": job.name,
         "variant": job.variant,
-        "max_frames": job_input(job.max_frames)["max_frames"],
+        "max_frames": job_input(job.max_frames, job.variant)["max_frames"],
         "wall_s": round(t1 - t0, 3),
         "ok": "video" in result,
         "error": None if "video" in result else result,
@@ -541,7 +545,7 @@ def worker_env(args: argparse.Namespace, workflow: Path) -> dict[str, str]:
     longest = max((j.max_frames or 0 for j in args.plan), default=0)
     if longest:
         env["MAX_FRAMES"] = str(max(longest, JOB_DEFAULTS["max_frames"]))
-        env["MAX_SECONDS"] = str(longest // 24 + 2)
+        env["MAX_SECONDS"] = str(longest // 16 + 2)  # room for the 16-fps variant
     if args.video is not None:
         env["DEFAULT_VIDEO"] = str(args.video.resolve())
     return env
@@ -666,7 +670,11 @@ def main(argv: list[str] | None = None) -> int:
         "job": JOB_DEFAULTS,
         "plan": [j.name + (f"@{j.max_frames}" if j.max_frames else "") for j in args.plan],
         "variants": {
-            v: {"levers": gpu_variants.VARIANTS.get(v, ()), "settings": gpu_variants.settings(v)}
+            v: {
+                "levers": gpu_variants.VARIANTS.get(v, ()),
+                "settings": gpu_variants.settings(v),
+                "job": gpu_variants.job(v),
+            }
             for v in graphs
         },
         "vram_cap_gib": args.vram_cap_gib,

@@ -2,10 +2,12 @@
 
 Each variant is the shipped ``XiCON_Dance_SCAIL_vFinal.json`` run through the worker with a few
 changes; the changes are data (``LEVERS``, ``VARIANTS``), so every figure in ``bench/results``
-names exactly what differed. A lever changes node inputs the worker leaves alone (``graph``), or
+names exactly what differed. A lever changes node inputs the worker leaves alone (``graph``),
 sets worker settings (``settings``) for inputs the worker writes itself (its role table: a graph
-patch there would be overwritten when the worker builds the job's graph).
-``build(name, template)`` returns the patched graph, ``settings(name)`` the variant's settings;
+patch there would be overwritten when the worker builds the job's graph), or changes the job's
+own fields (``job``).
+``build(name, template)`` returns the patched graph, ``settings(name)`` the variant's settings,
+``job(name)`` its job fields;
 ``--save-latents`` adds a core ``SaveLatent`` node on the sampler's output, so two variants'
 latents can be compared (cosine, max difference, finite) for the same seed.
 
@@ -16,6 +18,9 @@ Levers:
   default on GeForce cards); pays on GeForce cards (twice the fp32-accumulate rate), not on the
   H200.
 - ``bf16``: ``BASE_PRECISION=bf16`` (the worker's default elsewhere), to pin a baseline.
+- ``overlap16``: context windows overlapping by 16 frames instead of 48 (node 355): fewer
+  windows per step (21-23 instead of 39-40 at 1441 frames).
+- ``fps16``: the job at 16 fps (SCAIL-preview's training rate): 961 frames for 60 s of dance.
 
 Earlier results (``bench/results/gpu_h200_long``) name the variants of their day: ``lean`` was
 node 131 on the GPU plus NLFPredict in batches, both now in the shipped graph (node 131 is left
@@ -31,6 +36,8 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "resident": {"graph": {"348": {"force_offload": False}}},
     "fp16_fast": {"settings": {"BASE_PRECISION": "fp16_fast"}},
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
+    "overlap16": {"graph": {"355": {"context_overlap": 16}}},
+    "fps16": {"job": {"fps": 16}},
 }
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -38,6 +45,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "bf16": ("bf16",),
     "fp16": ("fp16_fast",),
     "resident": ("resident",),
+    "overlap16": ("overlap16",),
+    "fps16": ("fps16",),
 }
 
 SAVE_LATENT_NODE = "9001"
@@ -63,3 +72,11 @@ def settings(name: str) -> dict[str, str]:
     for lever in VARIANTS.get(name, ()):
         env.update(LEVERS[lever].get("settings", {}))
     return env
+
+
+def job(name: str) -> dict[str, Any]:
+    """The job fields variant ``name`` sets on top of the run's job."""
+    fields: dict[str, Any] = {}
+    for lever in VARIANTS.get(name, ()):
+        fields.update(LEVERS[lever].get("job", {}))
+    return fields
