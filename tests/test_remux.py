@@ -7,8 +7,8 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.plugins.media_factory import make_text, make_video
-from xicon_dance.errors import ComfyError
+from tests.plugins.media_factory import make_text, make_truncated, make_video
+from xicon_dance.errors import ComfyError, DeliveryError
 from xicon_dance.remux import finish
 
 
@@ -69,9 +69,22 @@ def test_without_audio_the_video_is_copied_alone(tmp_path: Path) -> None:
         assert packets(dest, "audio") == []
 
 
-def test_an_unreadable_output_is_a_comfy_error(tmp_path: Path) -> None:
-    bad = make_text(tmp_path / "combine.mp4")
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_an_unreadable_output_is_a_comfy_error(tmp_path: Path, kind: str) -> None:
+    if kind == "text":
+        bad = make_text(tmp_path / "combine.mp4")
+    else:
+        whole = make_video(tmp_path / "whole.mp4", 64, 64, 24, 48)
+        bad = make_truncated(whole, tmp_path / "combine.mp4", 0.5)
     with pytest.raises(ComfyError) as info:
         finish(bad, None, tmp_path / "result.mp4")
     assert info.value.code == "comfyui_output_invalid"
-    assert "combine.mp4" in info.value.message
+    assert info.value.message == "ComfyUI wrote an unreadable output video combine.mp4."
+
+
+def test_a_result_that_cannot_be_written_is_a_delivery_error(tmp_path: Path) -> None:
+    silent = make_video(tmp_path / "combine.mp4", 64, 64, 24, 9)
+    with pytest.raises(DeliveryError) as info:
+        finish(silent, None, tmp_path / "missing-folder" / "result.mp4")
+    assert info.value.code == "output_write_failed"
+    assert str(tmp_path) not in info.value.message  # no server path in the answer
