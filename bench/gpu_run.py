@@ -83,6 +83,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -571,7 +573,10 @@ async def run_jobs(
     }
     try:
         for job in args.plan:
-            records.append(await run_job(workers[job.variant], job, probes, args.out))
+            record = await run_job(workers[job.variant], job, probes, args.out)
+            if args.census:
+                record["gpu_census_after"] = await gpu_census()
+            records.append(record)
             save()
     finally:
         for worker in workers.values():
@@ -597,15 +602,30 @@ def install_vram_cap(args: argparse.Namespace, env: dict[str, str]) -> Path | No
 
 
 def install_profiler(args: argparse.Namespace, env: dict[str, str]) -> Path | None:
-    """The bench-only step profiler (``bench/comfy_nodes/xicon_bench_profile``) for one run."""
-    if not args.profile_calls:
+    """The bench-only custom node (``bench/comfy_nodes/xicon_bench_profile``) for one run: the
+    step profiler (``--profile-calls``) and the GPU-memory census route (``--census``)."""
+    if not args.profile_calls and not args.census:
         return None
     node = args.comfy_dir / "custom_nodes" / PROFILE_NODE.name
     shutil.copytree(PROFILE_NODE, node, dirs_exist_ok=True)
-    env["XICON_BENCH_PROFILE_DIR"] = str((args.out / "profile").resolve())
-    env["XICON_BENCH_PROFILE_CALLS"] = args.profile_calls
-    log.info("profiling transformer forwards %s into %s", args.profile_calls, args.out / "profile")
+    if args.profile_calls:
+        env["XICON_BENCH_PROFILE_DIR"] = str((args.out / "profile").resolve())
+        env["XICON_BENCH_PROFILE_CALLS"] = args.profile_calls
+        log.info("profiling forwards %s into %s", args.profile_calls, args.out / "profile")
+    if args.census:
+        env["XICON_BENCH_CENSUS"] = "1"
     return node
+
+
+async def gpu_census() -> dict[str, Any] | None:
+    """What holds the GPU's memory in ComfyUI now (the bench node's census route)."""
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = "http://127.0.0.1:8188/xicon_bench/census"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+                return await resp.json() if resp.status == 200 else {"status": resp.status}
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", type=Path, help="driving clip for every job (DEFAULT_VIDEO)")
     p.add_argument("--vram-cap-gib", type=float, help="hold ComfyUI to this much GPU memory")
     p.add_argument("--save-latents", action="store_true")
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="after every job, record what holds the GPU's memory inside ComfyUI",
+    )
     p.add_argument(
         "--profile-calls",
         help="profile these transformer forwards, counted from 1 (e.g. 3,9: step 3 of the first "

@@ -14,6 +14,9 @@ latents can be compared (cosine, max difference, finite) for the same seed.
 Levers:
 - ``resident``: the sampler keeps the transformer on the GPU after the job
   (``WanVideoSamplerv2.force_offload`` false), so a warm job does not move 15.9 GB again.
+- ``clip_resident``: CLIP vision stays on the GPU after its encode
+  (``WanVideoClipVisionEncode.force_offload`` false, node 327: 1.2 GB of VRAM); the warm job
+  spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645).
 - ``fp16_fast``: ``BASE_PRECISION=fp16_fast`` (fp16 with fp16 accumulation; the worker's
   default on GeForce cards); pays on GeForce cards (twice the fp32-accumulate rate), not on the
   H200.
@@ -34,6 +37,7 @@ from typing import Any
 
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "resident": {"graph": {"348": {"force_offload": False}}},
+    "clip_resident": {"graph": {"327": {"force_offload": False}}},
     "fp16_fast": {"settings": {"BASE_PRECISION": "fp16_fast"}},
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
@@ -45,6 +49,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "bf16": ("bf16",),
     "fp16": ("fp16_fast",),
     "resident": ("resident",),
+    "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
 }

@@ -313,7 +313,7 @@ class Worker:
     ) -> dict[str, Any]:
         item = pick_video(output_files(run.outputs))
         produced = self._local_output(item) or await self.comfy.download(item, folder.path)
-        path = folder.path / "result" / produced.name
+        path = folder.path / "result" / f"{Path(produced.name).stem}.mp4"  # remux writes MP4
         path.parent.mkdir(exist_ok=True)
         await folder.run(remux.finish, produced, audio_from, path)
         info = await folder.run(_probe_output, path)

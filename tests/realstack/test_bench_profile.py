@@ -119,3 +119,42 @@ def test_without_its_variables_the_profiler_does_nothing(stack: Stack) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "None"
+
+
+CENSUS_SCRIPT = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("census", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+
+class Big(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(1024, 1024)  # 4 MiB + bias
+        self.register_buffer("table", torch.zeros(256, 1024))  # 1 MiB
+
+model = Big()
+loose = torch.zeros(512, 1024)  # 2 MiB that no module owns
+print(json.dumps(mod.census("cpu")))
+print(mod.add_route())
+"""
+
+
+def test_the_census_names_modules_and_loose_tensors(stack: Stack) -> None:
+    done = subprocess.run(
+        [str(stack.python), "-c", CENSUS_SCRIPT, str(NODE.parent / "census.py")],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    figures = json.loads(lines[-2])
+    assert lines[-1] == "False"  # outside ComfyUI there is no server to add a route to
+    big = [row for row in figures["modules"] if row["class"] == "Big"]
+    assert big == [{"class": "Big", "mib": 5.0}]  # its child Linear is not counted again
+    assert not any(row["class"] == "Linear" for row in figures["modules"])
+    assert {"shape": [512, 1024], "dtype": "float32", "mib": 2.0} in figures["loose"]
+    assert figures["loose_total_mib"] >= 2.0
+    assert (figures["allocated_mib"], figures["device"]) == (0.0, "cpu")

@@ -9,6 +9,9 @@ one run (removed at its end) and sets:
   under the profiler. One forward is one sampler step of one context window (cfg 1), so with 6
   steps per 81-frame job, 3 is the cold job's third step and 9 the warm job's.
 
+With ``XICON_BENCH_CENSUS=1`` it also adds ``GET /xicon_bench/census`` (``census.py``): what
+holds the GPU's memory, asked for by the benchmark after every job.
+
 It registers no node. At import it adds one global forward pre-hook and one post-hook
 (``torch.nn.modules.module``); they compare the module's class name, count ``WanModel`` calls and
 start / stop the profiler (CPU and, when present, CUDA activities) around the chosen ones. Without
@@ -190,3 +193,7 @@ def install_from_env() -> StepProfiler | None:
 
 
 PROFILER = install_from_env()
+if os.environ.get("XICON_BENCH_CENSUS") == "1":
+    from .census import add_route
+
+    CENSUS_ROUTE = add_route()
