@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from xicon_dance import media
+from xicon_dance.clip import host_ram_warning
 from xicon_dance.comfy import ComfyClient
 from xicon_dance.errors import ConfigError, InputError, WorkerError
 from xicon_dance.gpu_profile import GpuInfo
@@ -85,10 +86,11 @@ async def wait_for_comfy(worker: Worker, timeout_s: float) -> None:
     try:
         await worker.comfy.wait_ready(timeout_s)
         await adopt_model_aliases(worker)
-        worker.gpu_profile = choose_gpu_profile(
-            GpuInfo.from_system_stats(await worker.comfy.system_stats()), worker.settings
-        )
+        stats = await worker.comfy.system_stats()
+        worker.gpu_profile = choose_gpu_profile(GpuInfo.from_system_stats(stats), worker.settings)
         log.info("%s", worker.gpu_profile.summary())
+        if (warning := host_ram_warning(stats, worker.settings)) is not None:
+            log.warning("%s", warning)
     finally:
         await worker.comfy.close()
 

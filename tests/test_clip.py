@@ -125,6 +125,29 @@ def test_the_default_budget_takes_a_whole_minute_at_the_default_size() -> None:
     assert minute < SETTINGS.max_clip_memory_gb * clip.GB < 2 * minute * 2
 
 
+@pytest.mark.parametrize(
+    ("stats", "warned"),
+    [
+        ({"system": {"ram_total": 32 * 10**9}}, True),  # 32 GB host, 48 GB budget
+        ({"system": {"ram_total": 125 * 2**30}}, False),
+        ({"system": {"ram_total": 48 * 10**9}}, False),  # exactly the budget
+        ({"system": {}}, False),  # no figure: nothing to say
+        ({}, False),
+        (None, False),
+        ({"system": {"ram_total": "lots"}}, False),
+    ],
+)
+def test_a_host_with_less_ram_than_the_clip_budget_is_warned_about(
+    stats: Any, warned: bool
+) -> None:
+    warning = clip.host_ram_warning(stats, SETTINGS)
+    assert (warning is not None) == warned
+    if warning:
+        assert "32 GB of RAM" in warning and "MAX_CLIP_MEMORY_GB (48 GB)" in warning
+        smaller = dataclasses.replace(SETTINGS, max_clip_memory_gb=24.0)
+        assert clip.host_ram_warning(stats, smaller) is None
+
+
 def test_answer_keys() -> None:
     got = clip.answer(plan(info(75.5)))
     assert got == {

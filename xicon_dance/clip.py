@@ -24,6 +24,9 @@ Contract:
   resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``.
   The job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and
   waits for the thread when the job is cancelled).
+- ``host_ram_warning(system_stats, settings) -> str | None``: checked once at start; a host
+  with less RAM than ``MAX_CLIP_MEMORY_GB`` gets a warning in the log (ComfyUI keeps the models
+  in RAM too, and drops them under RAM pressure).
 - ``answer(plan) -> dict``: the success answer's ``clip`` and ``rendered`` entries.
 """
 
@@ -172,6 +175,24 @@ def check_memory(plan: ClipPlan, width: int, height: int, settings: Settings) ->
         f"{settings.max_clip_memory_gb:g} GB (MAX_CLIP_MEMORY_GB); {hint}.",
         field="max_frames",
         code="clip_too_long",
+    )
+
+
+def host_ram_warning(system_stats: Any, settings: Settings) -> str | None:
+    """A warning when the host ComfyUI runs on has less RAM than ``MAX_CLIP_MEMORY_GB`` allows
+    for the frames alone (``system.ram_total`` of ``/system_stats``, bytes); None otherwise or
+    when the answer has no figure."""
+    system = system_stats.get("system") if isinstance(system_stats, dict) else None
+    total = system.get("ram_total") if isinstance(system, dict) else None
+    if not isinstance(total, int | float) or total <= 0:
+        return None
+    if total >= settings.max_clip_memory_gb * GB:
+        return None
+    return (
+        f"this host has {total / GB:.0f} GB of RAM, less than MAX_CLIP_MEMORY_GB "
+        f"({settings.max_clip_memory_gb:g} GB) allows for a clip's frames alone, before the "
+        "models: a long clip can make ComfyUI drop its loaded models or be killed. Lower "
+        "MAX_CLIP_MEMORY_GB or MAX_SECONDS, or choose hosts with more RAM."
     )
 
 

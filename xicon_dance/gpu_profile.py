@@ -18,8 +18,8 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
   CPU keeps ``bf16``.
 - A transformer kept on the GPU between jobs is not offered: WanVideoWrapper's sampler at the
   pinned commit loads the weights onto the GPU again on every run (``nodes_sampler.py``, the
-  ``load_weights`` call before sampling), so with ``force_offload`` off the second job holds two
-  copies and runs out of memory at 32 GB (measured).
+  ``load_weights`` call before sampling), and with ``force_offload`` off the second job ran out
+  of memory there at 32 GB (measured; what held the memory is not known yet).
 """
 
 from __future__ import annotations
