@@ -10,7 +10,10 @@ transcode's own settings) goes through
   through a pipe, the same IMAGE output but no frame count at output 1),
 - then ``VHS_VideoCombine`` exactly as node 139 (``video/h264-mp4``, yuv420p, crf 19, no audio),
 
-and ComfyUI's per-node times are read from its websocket (``xicon_dance.comfy.ComfyClient``).
+``--with-resize`` adds the template's node 131 (``ImageResizeKJv2``, bilinear, crop, on the
+CPU) between the two: what the worker's graph no longer runs, in time and in memory.
+
+ComfyUI's per-node times are read from its websocket (``xicon_dance.comfy.ComfyClient``).
 Each run loads a fresh copy of the clip (ComfyUI would reuse a cached load otherwise). Two kinds
 of picture: ``dance`` (the bundled dance, moving people) and ``noise`` (random pixels, what
 synthetic weights decode to, the worst case for the encoder).
@@ -18,10 +21,11 @@ synthetic weights decode to, the worst case for the encoder).
 Usage (needs the stack: ``XICON_STACK_HOME``, as for the real-stack tests)::
 
     python bench/io_nodes.py [--frames 1441] [--size 416x672] [--fps 24] [--repeat 2]
-        [--content dance,noise] [--loaders VHS_LoadVideo,VHS_LoadVideoFFmpeg]
+        [--content dance,noise] [--loaders VHS_LoadVideo,VHS_LoadVideoFFmpeg] [--with-resize]
 
-Prints one line per (content, loader) with the median load and encode seconds and the ComfyUI
-process's peak RSS growth; say on what machine it ran.
+Prints one line per (content, graph) with the median load, resize and encode seconds and
+ComfyUI's peak RSS over its size before the run (the previous run's outputs dropped first, the
+peak counter reset through ``/proc/PID/clear_refs``); say on what machine it ran.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from encode_bench import dance_frames, noise_frames  # noqa: E402
 
 from tests.plugins.comfy import free_port  # noqa: E402
-from tests.plugins.realstack import Stack, make_base  # noqa: E402
+from tests.plugins.realstack import Stack, forget_cached_outputs, make_base  # noqa: E402
 from xicon_dance.clip import VIDEO_OPTIONS  # noqa: E402
 from xicon_dance.comfy import ComfyClient  # noqa: E402
 
@@ -70,7 +74,9 @@ def write_clip(path: Path, frames: np.ndarray, fps: int) -> None:
         out.mux(stream.encode(None))
 
 
-def graph(loader: str, video: str, frames: int, fps: int) -> dict[str, Any]:
+def graph(
+    loader: str, video: str, frames: int, fps: int, resize: tuple[int, int] | None = None
+) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         "video": video,
         "force_rate": 0,
@@ -83,12 +89,27 @@ def graph(loader: str, video: str, frames: int, fps: int) -> dict[str, Any]:
         inputs |= {"skip_first_frames": 0, "select_every_nth": 1}
     else:
         inputs |= {"start_time": 0}
-    return {
-        "1": {"class_type": loader, "inputs": inputs},
+    nodes: dict[str, Any] = {"1": {"class_type": loader, "inputs": inputs}}
+    if resize is not None:  # the template's node 131, on the CPU
+        nodes["3"] = {
+            "class_type": "ImageResizeKJv2",
+            "inputs": {
+                "image": ["1", 0],
+                "width": resize[0],
+                "height": resize[1],
+                "upscale_method": "bilinear",
+                "keep_proportion": "crop",
+                "pad_color": "0, 0, 0",
+                "crop_position": "center",
+                "divisible_by": 32,
+                "device": "cpu",
+            },
+        }
+    return nodes | {
         "2": {
             "class_type": "VHS_VideoCombine",
             "inputs": {
-                "images": ["1", 0],
+                "images": ["3" if resize is not None else "1", 0],
                 "frame_rate": fps,
                 "loop_count": 0,
                 "filename_prefix": f"io_{uuid.uuid4().hex[:8]}",
@@ -119,29 +140,44 @@ async def run_all(args: argparse.Namespace, base: Path, url: str, pid: int) -> N
             maker = dance_frames if content == "dance" else noise_frames
             source = base / "input" / f"{content}.mp4"
             write_clip(source, maker(args.frames, width, height), args.fps)
-            for loader in args.loaders.split(","):
-                loads, encodes, growth = [], [], []
+            for loader, resize in runs(args, width, height):
+                loads, encodes, resizes, growth = [], [], [], []
                 for k in range(args.repeat):
-                    name = f"{content}_{loader}_{k}.mp4"
+                    name = f"{content}_{loader}_{k}{'_resize' if resize else ''}.mp4"
                     shutil.copyfile(source, base / "input" / name)
+                    # the last run's outputs dropped, then the peak counter reset: each run's
+                    # peak is its own
+                    await asyncio.to_thread(forget_cached_outputs, url)
+                    Path(f"/proc/{pid}/clear_refs").write_text("5")
                     before = rss_kib(pid, "VmRSS")
                     run = await client.run(
-                        graph(loader, name, args.frames, args.fps),
+                        graph(loader, name, args.frames, args.fps, resize),
                         prompt_id=str(uuid.uuid4()),
                         client_id=uuid.uuid4().hex,
                         timeout_s=1800,
                     )
                     loads.append(run.node_times.get("1", float("nan")))
                     encodes.append(run.node_times.get("2", float("nan")))
+                    resizes.append(run.node_times.get("3", 0.0))
                     growth.append((rss_kib(pid, "VmHWM") - before) / 2**20)
+                label = loader + (" + node 131" if resize else "")
                 print(
-                    f"{content:6s} {loader:20s} load {statistics.median(loads):6.2f} s  "
+                    f"{content:6s} {label:31s} load {statistics.median(loads):6.2f} s  "
+                    f"resize {statistics.median(resizes):6.2f} s  "
                     f"encode {statistics.median(encodes):6.2f} s  "
                     f"(runs: load {', '.join(f'{v:.2f}' for v in loads)}; "
                     f"encode {', '.join(f'{v:.2f}' for v in encodes)}); "
-                    f"peak RSS over the start of the run +{max(growth):.2f} GiB",
+                    f"ComfyUI peak RSS over its size before the run +{max(growth):.2f} GiB",
                     flush=True,
                 )
+
+
+def runs(
+    args: argparse.Namespace, width: int, height: int
+) -> list[tuple[str, tuple[int, int] | None]]:
+    """(loader, resize) per measured graph: every loader, then node 130 + the template's 131."""
+    plain: list[tuple[str, tuple[int, int] | None]] = [(x, None) for x in args.loaders.split(",")]
+    return plain + ([("VHS_LoadVideo", (width, height))] if args.with_resize else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--content", default="dance,noise")
     p.add_argument("--loaders", default="VHS_LoadVideo,VHS_LoadVideoFFmpeg")
+    p.add_argument(
+        "--with-resize",
+        action="store_true",
+        help="also run node 130 -> the template's node 131 (ImageResizeKJv2, CPU) -> node 139",
+    )
     args = p.parse_args(argv)
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
@@ -160,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(Path(home))
     print(f"{args.frames} frames at {args.size}, {args.fps} fps; {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
-        base = make_base(stack, Path(tmp) / "comfy", packs={"ComfyUI-VideoHelperSuite"})
+        packs = {"ComfyUI-VideoHelperSuite"} | ({"ComfyUI-KJNodes"} if args.with_resize else set())
+        base = make_base(stack, Path(tmp) / "comfy", packs=packs)
         port = free_port()
         log = open(Path(tmp) / "comfy.log", "wb")  # noqa: SIM115 - closed below
         cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
