@@ -51,7 +51,9 @@ What it does, in order:
    over ComfyUI's life) under ``torch.profiler`` through the bench-only custom node
    ``bench/comfy_nodes/xicon_bench_profile`` (copied in for the run, removed at its end): per
    call a kernel table and a JSON (wall vs GPU-busy time, top kernels, time per class:
-   attention, gemm, norm/elementwise, copy) under ``RESULTS/profile``.
+   attention, gemm, norm/elementwise, copy) under ``RESULTS/profile``. ``--census`` asks the
+   same node after every job what holds the GPU's memory (MiB per top-level module and in loose
+   tensors): ``gpu_census_after`` in the job's record.
 4. ``--sdk-job``: one more warm job through the RunPod SDK (``python handler.py --test_input``
    against the same ComfyUI), the full product path; its worker log line holds the timings.
 5. Writes the first job's MP4 to ``RESULTS/cold.mp4`` and probes it (frames, fps, size, codec).
