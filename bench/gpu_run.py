@@ -59,7 +59,16 @@ What it does, in order:
 5. Writes the first job's MP4 to ``RESULTS/cold.mp4`` and probes it (frames, fps, size, codec).
 
 ``--width/--height/--steps/--max-frames`` shrink the job for a smoke test of this script on a CPU
-(``GPU_PREFLIGHT=0``, ``--render-device cpu``, ``--comfy-args "--cpu ..."``).
+(``GPU_PREFLIGHT=0``, ``--render-device cpu``, ``--comfy-args "--cpu ..."``, the ``cpu_smoke``
+variants). As run on a 2-core machine with the stack's Python, a ComfyUI base directory holding
+the tiny models (``tests/plugins/realstack.py`` ``make_base`` + ``generate_models``, plus this
+script's prompt in the text cache) and ``COMFY_MAIN`` pointing at the stack's ``main.py``::
+
+    GPU_PREFLIGHT=0 PYTHONPATH=. COMFY_MAIN=$STACK/ComfyUI/main.py $STACK/venv/bin/python \
+      bench/gpu_run.py --comfy-dir $BASE --out OUT --attention sdpa --render-device cpu \
+      --comfy-args "--cpu --base-directory $BASE --database-url sqlite:///$BASE/db.sqlite" \
+      --width 256 --height 256 --steps 1 --max-frames 5 --census --profile-calls 1 \
+      --plan cpu_smoke:a,cpu_smoke16:b
 
 Output: ``RESULTS/summary.json`` (every figure above), ``RESULTS/entrypoint.log`` (entrypoint and
 ComfyUI output), ``RESULTS/vram.csv``. Exit status 0 when every job returned a video, 1 otherwise.

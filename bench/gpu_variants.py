@@ -24,6 +24,9 @@ Levers:
 - ``overlap16``: context windows overlapping by 16 frames instead of 48 (node 355): fewer
   windows per step (21-23 instead of 39-40 at 1441 frames).
 - ``fps16``: the job at 16 fps (SCAIL-preview's training rate): 961 frames for 60 s of dance.
+- ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
+  convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
+  variants ``cpu_smoke`` and ``cpu_smoke16``.
 
 Earlier results (``bench/results/gpu_h200_long``) name the variants of their day: ``lean`` was
 node 131 on the GPU plus NLFPredict in batches, both now in the shipped graph (node 131 is left
@@ -42,6 +45,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
     "fps16": {"job": {"fps": 16}},
+    "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
 }
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -52,6 +56,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
+    "cpu_smoke": ("vae_fp32",),
+    "cpu_smoke16": ("vae_fp32", "fps16"),
 }
 
 SAVE_LATENT_NODE = "9001"
