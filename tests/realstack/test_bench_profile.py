@@ -19,12 +19,15 @@ from tests.plugins.realstack import Stack
 ROOT = Path(__file__).resolve().parents[2]
 NODE = ROOT / "bench" / "comfy_nodes" / "xicon_bench_profile" / "__init__.py"
 
-SCRIPT = """
-import importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("xicon_bench_profile", sys.argv[1])
+# Every script starts by loading the file given as its argument as the module ``mod``.
+PREAMBLE = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("under_test", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
+"""
 
+SCRIPT = """
 class WanModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -47,6 +50,21 @@ print(mod.PROFILER.count)
 """
 
 
+def run_script(
+    stack: Stack, body: str, module: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``body`` in the stack's Python (CPU only) after ``PREAMBLE`` has loaded ``module``."""
+    done = subprocess.run(
+        [str(stack.python), "-c", PREAMBLE + body, str(module)],
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_the_chosen_forwards_are_profiled_and_summarised(stack: Stack, tmp_path: Path) -> None:
     source = (
         stack.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper" / "wanvideo" / "modules"
@@ -56,20 +74,8 @@ def test_the_chosen_forwards_are_profiled_and_summarised(stack: Stack, tmp_path:
     assert re.search(rf"^class {target.group(1)}\(", source.read_text(encoding="utf-8"), re.M)
 
     out = tmp_path / "profile"
-    env = {
-        **os.environ,
-        "XICON_BENCH_PROFILE_DIR": str(out),
-        "XICON_BENCH_PROFILE_CALLS": "2,4",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    done = subprocess.run(
-        [str(stack.python), "-c", SCRIPT, str(NODE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "XICON_BENCH_PROFILE_DIR": str(out), "XICON_BENCH_PROFILE_CALLS": "2,4"}
+    done = run_script(stack, SCRIPT, NODE, env)
     assert done.stdout.strip().splitlines()[-1] == "5"  # the nested call was not counted
     assert sorted(p.name for p in out.iterdir()) == [
         "call2.json",
@@ -102,31 +108,11 @@ def test_without_its_variables_the_profiler_does_nothing(stack: Stack) -> None:
         for k, v in os.environ.items()
         if k not in ("XICON_BENCH_PROFILE_DIR", "XICON_BENCH_PROFILE_CALLS")
     }
-    done = subprocess.run(
-        [
-            str(stack.python),
-            "-c",
-            "import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('p', sys.argv[1])\n"
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-            "print(mod.PROFILER)",
-            str(NODE),
-        ],
-        env={**env, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script(stack, "print(mod.PROFILER)", NODE, env)
     assert done.stdout.strip() == "None"
 
 
 CENSUS_SCRIPT = """
-import importlib.util, json, sys, torch
-spec = importlib.util.spec_from_file_location("census", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-
 class Big(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -141,14 +127,7 @@ print(mod.add_route())
 
 
 def test_the_census_names_modules_and_loose_tensors(stack: Stack) -> None:
-    done = subprocess.run(
-        [str(stack.python), "-c", CENSUS_SCRIPT, str(NODE.parent / "census.py")],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script(stack, CENSUS_SCRIPT, NODE.parent / "census.py", dict(os.environ))
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-2])
     assert lines[-1] == "False"  # outside ComfyUI there is no server to add a route to
