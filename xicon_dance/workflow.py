@@ -241,8 +241,8 @@ def check_roles(graph: Any, source: str = "<memory>") -> None:
             )
         if not spec.optional and spec.input not in node["inputs"]:
             raise ConfigError(f"{where} has no input {spec.input!r}.", field="WORKFLOW_PATH")
-    for node_id, (class_type, source) in BYPASSED.items():
-        _check_bypassed(graph, node_id, class_type, source)
+    for node_id, (class_type, link) in BYPASSED.items():
+        _check_bypassed(graph, node_id, class_type, link, f"Workflow template {source}")
 
 
 def _is_link(value: Any) -> bool:
@@ -267,13 +267,13 @@ def _links_to(graph: dict[str, Any], node_id: str) -> list[tuple[str, dict[str, 
 
 
 def _check_bypassed(
-    graph: dict[str, Any], node_id: str, class_type: str, source: list[Any]
+    graph: dict[str, Any], node_id: str, class_type: str, source: list[Any], template: str
 ) -> None:
     """A node ``build`` leaves out must be what it is taken for, or absent (see module doc)."""
     node = graph.get(node_id)
     if node is None:
         return
-    where = f"Workflow template: node {node_id}"
+    where = f"{template}: node {node_id}"
     inputs = node.get("inputs") if isinstance(node, dict) else None
     if not isinstance(inputs, dict) or node.get("class_type") != class_type:
         raise ConfigError(
