@@ -123,6 +123,12 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     install.verify_sources(comfy, heads)
     install.add_extension(comfy)
     assert (comfy / "custom_nodes" / "xicon_detection_onnx" / "__init__.py").is_file()
+    memory = comfy / "custom_nodes" / "xicon_memory_limit"
+    assert {p.name for p in memory.iterdir()} == {
+        "__init__.py",
+        "prestartup_script.py",
+        "cgroup_memory.py",
+    }
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:
