@@ -6,26 +6,16 @@ inside a real memory-limited cgroup: ``tests/realstack/test_memory_limit.py``.""
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import pytest
+
+from tests.plugins.modules import load_file as load
 
 ROOT = Path(__file__).resolve().parent.parent
 EXT = ROOT / "stack" / "comfy_extension" / "xicon_memory_limit"
 GIB = 1024**3
 HOST_TOTAL = 64 * GIB
-
-
-def load(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 cgm = load(EXT / "cgroup_memory.py", "xicon_memory_limit_cgroup_under_test")

@@ -4,7 +4,6 @@ the project's ComfyUI extension is a no-op once upstream lists .onnx itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
@@ -16,18 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.modules import load_file as load
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT.parent / "shared" / "stack" / "MANIFEST.json"
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
-
-
-def load(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 install = load(ROOT / "stack" / "install.py", "stack_install")

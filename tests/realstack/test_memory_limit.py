@@ -1,24 +1,27 @@
 """The real ComfyUI v0.33.0 inside a real memory-limited cgroup, with and without the project's
-extension ``xicon_memory_limit``.
+extension ``xicon_memory_limit``: what a container with that much RAM does.
 
 ComfyUI sizes its RAM-pressure cache from psutil, which reports the host's RAM inside a container.
-With the extension, ComfyUI and its ``/system_stats`` (which the worker reads at start for its
-host-RAM warning) see the cgroup's limit; without it they see the host's RAM. The second test is
-the proof that the extension is what changes it: once upstream reads cgroup limits itself, it
-fails, and the extension can go.
+Each test starts ComfyUI in a 4 GiB cgroup and runs one prompt whose intermediate results add up
+to well over 4 GiB (a chain of full-size image copies; each finished result stays cached until
+RAM runs short). With the extension, ComfyUI and its ``/system_stats`` (which the worker reads at
+start for its host-RAM warning) see 4 GiB, the cache drops finished results as the cgroup fills,
+and the prompt completes. Without it, ComfyUI sees the host's RAM, keeps every result, and the
+kernel kills it at the limit: the proof that the extension is what changes it. When the second
+test fails, upstream reads cgroup limits itself and the extension can go.
 
 Needs permission to create a memory cgroup (root on a writable cgroup v1 memory hierarchy, or a
-delegated cgroup v2 subtree). Where that is missing the tests are reported as skipped, with the
-reason; they never pass without running.
+delegated cgroup v2 subtree) and a host with RAM to spare beyond the cgroup's. Where either is
+missing the tests are reported as skipped, with the reason; they never pass without running.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
+import math
 import subprocess
-import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +30,10 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.plugins import cgroups
+from tests.plugins.cgroups import CgroupUnavailable, MemoryCgroup
 from tests.plugins.comfy import free_port, stop_process
-from tests.plugins.realstack import ROOT, STARTUP_TIMEOUT_S, Stack, get, make_base, wait_for
+from tests.plugins.realstack import STARTUP_TIMEOUT_S, Stack, get, make_base, post_json, wait_for
 from xicon_dance import clip
 from xicon_dance.settings import Settings
 
@@ -36,57 +41,24 @@ GIB = 1024**3
 EXTENSION = "xicon_memory_limit"
 
 
-def _cgroup_memory() -> Any:
-    path = ROOT / "stack" / "comfy_extension" / EXTENSION / "cgroup_memory.py"
-    spec = importlib.util.spec_from_file_location("xicon_memory_limit_cgroup_realstack", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[Path]:
-    """A new child of this process's memory cgroup holding ``limit`` bytes, removed after."""
-    cgm = _cgroup_memory()
-    proc = Path("/proc/self")
-    member = cgm.memberships(proc)
-    reasons = []
-    for version, root, mountpoint in cgm.mounts(proc):
-        if version not in member:
-            continue
-        parent = cgm.chain(mountpoint, root, member[version])[0]
-        child = parent / f"xicon-test-{uuid.uuid4().hex[:8]}"
-        limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
-        try:
-            child.mkdir()
-        except OSError as exc:
-            reasons.append(f"cgroup v{version} at {parent}: {exc.strerror}")
-            continue
-        try:
-            (child / limit_file).write_text(str(limit))
-        except OSError as exc:
-            child.rmdir()
-            reasons.append(f"cgroup v{version}: {limit_file} not writable ({exc.strerror})")
-            continue
-        try:
-            yield child
-        finally:
-            with contextlib.suppress(OSError):
-                child.rmdir()
-        return
-    pytest.skip("no memory cgroup can be created here: " + ("; ".join(reasons) or "none found"))
+def memory_cgroup(limit: int) -> Iterator[MemoryCgroup]:
+    try:
+        with cgroups.memory_cgroup(limit, prefix="xicon-test") as group:
+            yield group
+    except CgroupUnavailable as exc:
+        pytest.skip(str(exc))
 
 
-def start_in(cgroup: Path, stack: Stack, base: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_in(
+    cgroup: MemoryCgroup, stack: Stack, base: Path, log: Path
+) -> tuple[subprocess.Popen, str]:
     """ComfyUI on the CPU, moved into ``cgroup`` before it starts (``exec`` keeps the pid)."""
     port = free_port()
-    cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup)]
-    cmd += [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
+    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
     cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cgroup.command(cmd), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
     return proc, url
@@ -96,48 +68,111 @@ def system_stats(url: str) -> dict[str, Any]:
     return json.loads(get(f"{url}/system_stats"))
 
 
-def limit_for_host() -> int:
-    """Well below the host's RAM, well above what an idle ComfyUI holds."""
-    return min(6 * GIB, psutil.virtual_memory().total // 2 // GIB * GIB)
+LIMIT = 4 * GIB
+IMAGE = (4096, 4096, 3)  # width, height, batch: 576 MiB of float32 RGB per result
+IMAGE_BYTES = IMAGE[0] * IMAGE[1] * IMAGE[2] * 3 * 4
+# Results kept until RAM runs short: the empty image and every inversion, 2 GiB past the limit.
+INVERSIONS = math.ceil((LIMIT + 2 * GIB) / IMAGE_BYTES)
+
+
+def pressure_graph() -> dict[str, Any]:
+    """EmptyImage -> ImageInvert x INVERSIONS -> ImageCrop 8x8 -> PreviewImage (core nodes)."""
+    width, height, batch = IMAGE
+    graph: dict[str, Any] = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch, "color": 0},
+        }
+    }
+    for i in range(INVERSIONS):
+        graph[str(i + 2)] = {"class_type": "ImageInvert", "inputs": {"image": [str(i + 1), 0]}}
+    last = str(INVERSIONS + 1)
+    graph["crop"] = {
+        "class_type": "ImageCrop",
+        "inputs": {"image": [last, 0], "width": 8, "height": 8, "x": 0, "y": 0},
+    }
+    graph["preview"] = {"class_type": "PreviewImage", "inputs": {"images": ["crop", 0]}}
+    return graph
+
+
+def submit(url: str) -> str:
+    prompt_id = str(uuid.uuid4())
+    post_json(f"{url}/prompt", {"prompt": pressure_graph(), "prompt_id": prompt_id})
+    return prompt_id
+
+
+def outcome(url: str, proc: subprocess.Popen, prompt_id: str, timeout_s: float = 300.0) -> str:
+    """``"success"`` / ``"error"`` from ComfyUI's history, or ``"exited"`` if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        with contextlib.suppress(OSError):
+            entry = json.loads(get(f"{url}/history/{prompt_id}")).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return "success" if entry["status"]["completed"] else "error"
+        time.sleep(0.5)
+    pytest.fail(f"the pressure prompt neither finished nor failed within {timeout_s:.0f} s")
+
+
+def require_spare_host_ram() -> None:
+    """Without the extension ComfyUI only evicts when the *host* runs short (10 % of its RAM,
+    2-10 GB): the control needs that much free beyond the cgroup's limit, or it proves nothing."""
+    vm = psutil.virtual_memory()
+    headroom = min(10.0, max(2.0, vm.total / GIB * 0.10)) * GIB
+    if vm.available < LIMIT + headroom + 2 * GIB:
+        pytest.skip(f"host has {vm.available / GIB:.1f} GiB free; needs the 4 GiB limit + headroom")
 
 
 def test_comfyui_sees_the_cgroup_limit_with_the_extension(stack: Stack, tmp_path: Path) -> None:
-    limit = limit_for_host()
+    require_spare_host_ram()
     base = make_base(stack, tmp_path / "comfy", packs={EXTENSION})
     log = tmp_path / "comfyui.log"
-    with memory_cgroup(limit) as cgroup:
+    with memory_cgroup(LIMIT) as cgroup:
         proc, url = start_in(cgroup, stack, base, log)
         try:
             stats = system_stats(url)
-            members = (cgroup / "cgroup.procs").read_text().split()
+            members = cgroup.pids()
+            result = outcome(url, proc, submit(url))
+            alive = proc.poll() is None
+            peak, kills = cgroup.peak(), cgroup.oom_kills()
         finally:
             stop_process(proc)
     text = log.read_text(errors="replace")
-    assert str(proc.pid) in members  # ComfyUI itself ran inside the limited cgroup
+    assert proc.pid in members  # ComfyUI itself ran inside the limited cgroup
     assert "xicon_memory_limit: RAM held to the cgroup v" in text, text[-3000:]
-    assert f"limit: {limit / GIB:.1f} GiB of the host's" in text
+    assert "limit: 4.0 GiB of the host's" in text
     # comfy/model_management.py reads the RAM once at import, after the prestartup script.
-    assert f"total RAM {limit // (1024 * 1024)} MB" in text
+    assert f"total RAM {LIMIT // (1024 * 1024)} MB" in text
     ram = stats["system"]
-    assert ram["ram_total"] == limit
-    assert 0 < ram["ram_free"] < limit
+    assert ram["ram_total"] == LIMIT
+    assert 0 < ram["ram_free"] < LIMIT
     # The worker's start-up check now speaks of the container's RAM, not the host's.
     warning = clip.host_ram_warning(stats, Settings.from_env({"MAX_CLIP_MEMORY_GB": "48"}))
-    assert warning is not None and f"has {limit / 1e9:.0f} GB of RAM" in warning
+    assert warning is not None and f"has {LIMIT / 1e9:.0f} GB of RAM" in warning
+    # Results worth 2 GiB more than the limit, and the prompt still completed: the cache dropped
+    # finished ones as the cgroup filled. The kernel killed nothing.
+    assert (INVERSIONS + 1) * IMAGE_BYTES > LIMIT + 2 * GIB
+    assert (result, alive, kills) == ("success", True, 0), text[-3000:]
+    assert peak is None or peak <= LIMIT
 
 
-def test_without_the_extension_comfyui_sees_the_host(stack: Stack, tmp_path: Path) -> None:
-    """ComfyUI v0.33.0 alone in the same kind of cgroup reports the host's RAM (upstream
-    Comfy-Org/ComfyUI #14938). When this fails, upstream reads cgroups: drop the extension."""
-    limit = limit_for_host()
+def test_without_the_extension_the_kernel_kills_comfyui(stack: Stack, tmp_path: Path) -> None:
+    """ComfyUI v0.33.0 alone, same cgroup, same prompt: it reports the host's RAM (upstream
+    Comfy-Org/ComfyUI #14938), keeps every result and is killed at the limit."""
+    require_spare_host_ram()
     base = make_base(stack, tmp_path / "comfy", packs=set())
     (base / "custom_nodes").mkdir()  # ComfyUI lists it at start
     log = tmp_path / "comfyui.log"
-    with memory_cgroup(limit) as cgroup:
+    with memory_cgroup(LIMIT) as cgroup:
         proc, url = start_in(cgroup, stack, base, log)
         try:
             stats = system_stats(url)
+            result = outcome(url, proc, submit(url))
+            kills = cgroup.oom_kills()
         finally:
             stop_process(proc)
     assert "xicon_memory_limit" not in log.read_text(errors="replace")
-    assert stats["system"]["ram_total"] == psutil.virtual_memory().total > limit
+    assert stats["system"]["ram_total"] == psutil.virtual_memory().total > LIMIT
+    assert result == "exited" and proc.returncode == -9
+    assert kills is None or kills >= 1
