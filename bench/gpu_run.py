@@ -47,6 +47,10 @@ What it does, in order:
    (mapped file pages the kernel can drop), and every sampler progress event (stage, step,
    total, arrival) is kept, so steps, windows and seconds per window-step can be read from the
    summary.
+   ``--ram-limit-gib X`` starts the entrypoint (so ComfyUI) in a new memory cgroup holding X GiB
+   (``tests/plugins/cgroups.py``; root on a writable cgroup hierarchy), as a container with that
+   much RAM would run it; ``cgroup`` in the summary gives the kernel's peak charge and its
+   ``oom_kill`` count, and ComfyUI's log says whether ``xicon_memory_limit`` held it to the limit.
    ``--profile-calls 3,9`` runs those transformer forwards (one per window-step, counted from 1
    over ComfyUI's life) under ``torch.profiler`` through the bench-only custom node
    ``bench/comfy_nodes/xicon_bench_profile`` (copied in for the run, removed at its end): per
@@ -79,6 +83,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -105,6 +110,8 @@ from gpu_probes import (  # noqa: E402
     install_profiler,
     install_vram_cap,
 )
+
+from tests.plugins.cgroups import MemoryCgroup, memory_cgroup  # noqa: E402
 
 log = logging.getLogger("gpu_run")
 
@@ -157,12 +164,14 @@ def step_seconds(events: list[tuple[float, int]]) -> list[float]:
 
 
 def start_entrypoint(
-    args: argparse.Namespace, env: dict[str, str], log_path: Path
+    env: dict[str, str], log_path: Path, cgroup: MemoryCgroup | None
 ) -> subprocess.Popen:
-    """entrypoint.sh in its own session (so that it and ComfyUI can be stopped together)."""
+    """entrypoint.sh in its own session (so that it and ComfyUI can be stopped together), inside
+    ``cgroup`` when one is given."""
     out = log_path.open("w")
+    cmd = ["bash", str(ROOT / "entrypoint.sh")]
     return subprocess.Popen(
-        ["bash", str(ROOT / "entrypoint.sh")],
+        cgroup.command(cmd) if cgroup else cmd,
         cwd=ROOT,
         env=env,
         stdout=out,
@@ -489,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--video", type=Path, help="driving clip for every job (DEFAULT_VIDEO)")
     p.add_argument("--vram-cap-gib", type=float, help="hold ComfyUI to this much GPU memory")
+    p.add_argument("--ram-limit-gib", type=float, help="run ComfyUI in a cgroup of this much RAM")
     p.add_argument("--save-latents", action="store_true")
     p.add_argument(
         "--census",
@@ -550,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in graphs
         },
         "vram_cap_gib": args.vram_cap_gib,
+        "ram_limit_gib": args.ram_limit_gib,
         "video": str(args.video) if args.video else "bundled default",
     }
     records: list[dict] = []
@@ -560,8 +571,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # A time limit's SIGTERM ends the run through the finally below, so the figures are kept.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cgroups = contextlib.ExitStack()
+    cgroup = None
+    if args.ram_limit_gib:
+        cgroup = cgroups.enter_context(memory_cgroup(int(args.ram_limit_gib * 1024**3)))
+        log.info("ComfyUI runs in %s (cgroup v%d)", cgroup.path, cgroup.version)
     t_spawn = time.monotonic()
-    proc = start_entrypoint(args, env, args.out / "entrypoint.log")
+    proc = start_entrypoint(env, args.out / "entrypoint.log", cgroup)
     rc = 1
     try:
         summary["comfy_ready_s"] = round(
@@ -581,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         summary["vram_peak_mib"] = vram.peak(t_spawn, time.monotonic())
         summary["comfy_rss_peak_mib"] = rss.peak(t_spawn, time.monotonic())
+        if cgroup is not None:
+            peak = cgroup.peak()
+            summary["cgroup"] = {
+                "version": cgroup.version,
+                "peak_mib": None if peak is None else round(peak / 2**20),
+                "oom_kills": cgroup.oom_kills(),
+            }
         save()
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -589,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         vram.stop()
         rss.stop()
+        cgroups.close()
         for node in (cap_node, profile_node):
             if node is not None:
                 shutil.rmtree(node, ignore_errors=True)
