@@ -24,6 +24,12 @@ Levers:
 - ``overlap16``: context windows overlapping by 16 frames instead of 48 (node 355): fewer
   windows per step (21-23 instead of 39-40 at 1441 frames).
 - ``fps16``: the job at 16 fps (SCAIL-preview's training rate): 961 frames for 60 s of dance.
+- ``rms_fused``: the q/k RMSNorm of every block as torch's ``nn.RMSNorm`` (node 22
+  ``rms_norm_function: pytorch``) instead of WanVideoWrapper's own ``WanRMSNorm``
+  (``wanvideo/modules/model.py``), which runs square, mean, scale and weight as separate float32
+  passes over each 29,757 x 5,120 activation; the loader's tooltip says the torch one "is faster
+  ... but changes results slightly". A candidate for part of the ~1 s per step between
+  WanVideoWrapper's step and 40 bare blocks.
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -45,6 +51,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
     "fps16": {"job": {"fps": 16}},
+    "rms_fused": {"graph": {"22": {"rms_norm_function": "pytorch"}}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
 }
 
@@ -56,8 +63,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
+    "rms_fused": ("rms_fused",),
     "cpu_smoke": ("vae_fp32",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
+    "cpu_smoke_rms": ("vae_fp32", "rms_fused"),
 }
 
 SAVE_LATENT_NODE = "9001"
