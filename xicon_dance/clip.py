@@ -179,9 +179,10 @@ def check_memory(plan: ClipPlan, width: int, height: int, settings: Settings) ->
 
 
 def host_ram_warning(system_stats: Any, settings: Settings) -> str | None:
-    """A warning when the host ComfyUI runs on has less RAM than ``MAX_CLIP_MEMORY_GB`` allows
-    for the frames alone (``system.ram_total`` of ``/system_stats``, bytes); None otherwise or
-    when the answer has no figure."""
+    """A warning when ComfyUI has less RAM than ``MAX_CLIP_MEMORY_GB`` allows for the frames
+    alone (``system.ram_total`` of ``/system_stats``, bytes: the container's memory limit where
+    one is set, through the stack's ``xicon_memory_limit`` extension, else the host's RAM); None
+    otherwise or when the answer has no figure."""
     system = system_stats.get("system") if isinstance(system_stats, dict) else None
     total = system.get("ram_total") if isinstance(system, dict) else None
     if not isinstance(total, int | float) or total <= 0:
@@ -189,7 +190,8 @@ def host_ram_warning(system_stats: Any, settings: Settings) -> str | None:
     if total >= settings.max_clip_memory_gb * GB:
         return None
     return (
-        f"this host has {total / GB:.0f} GB of RAM, less than MAX_CLIP_MEMORY_GB "
+        f"ComfyUI has {total / GB:.0f} GB of RAM (the container's limit or the host's), less "
+        "than MAX_CLIP_MEMORY_GB "
         f"({settings.max_clip_memory_gb:g} GB) allows for a clip's frames alone, before the "
         "models: a long clip can make ComfyUI drop its loaded models or be killed. Lower "
         "MAX_CLIP_MEMORY_GB or MAX_SECONDS, or choose hosts with more RAM."

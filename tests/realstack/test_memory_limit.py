@@ -149,7 +149,7 @@ def test_comfyui_sees_the_cgroup_limit_with_the_extension(stack: Stack, tmp_path
     assert 0 < ram["ram_free"] < LIMIT
     # The worker's start-up check now speaks of the container's RAM, not the host's.
     warning = clip.host_ram_warning(stats, Settings.from_env({"MAX_CLIP_MEMORY_GB": "48"}))
-    assert warning is not None and f"has {LIMIT / 1e9:.0f} GB of RAM" in warning
+    assert warning is not None and f"ComfyUI has {LIMIT / 1e9:.0f} GB of RAM" in warning
     # Results worth 2 GiB more than the limit, and the prompt still completed: the cache dropped
     # finished ones as the cgroup filled. The kernel killed nothing.
     assert (INVERSIONS + 1) * IMAGE_BYTES > LIMIT + 2 * GIB
