@@ -1,7 +1,7 @@
 """The project's ComfyUI extension ``xicon_memory_limit`` on cgroup trees built in a folder: which
-level's limit counts, the working set, psutil's figures held to the limit, and the start-up
-decision (no limit, a limit, upstream already cgroup-aware). The same code in the real ComfyUI
-inside a real memory-limited cgroup: ``tests/realstack/test_memory_limit.py``."""
+level's limit counts, the memory in use beyond page cache, psutil's figures held to the limit,
+and the start-up decision (no limit, a limit, upstream already cgroup-aware). The same code in
+the real ComfyUI inside a real memory-limited cgroup: ``tests/realstack/test_memory_limit.py``."""
 
 from __future__ import annotations
 
@@ -85,13 +85,14 @@ def v2_container(tmp: Path, **files: str) -> Path:
 STAT_V2 = "anon 2147483648\nfile 1610612736\ninactive_file 1073741824\nactive_file 536870912\n"
 
 
-def test_v2_container_limit_and_working_set(tmp_path: Path) -> None:
+def test_v2_container_limit_and_memory_in_use(tmp_path: Path) -> None:
     proc = v2_container(
         tmp_path, memory_max=f"{8 * GIB}\n", memory_current=f"{3 * GIB}\n", memory_stat=STAT_V2
     )
     limit = cgm.find_limit(proc)
     assert limit is not None and limit.describe() == "cgroup v2"
-    assert limit.read() == (8 * GIB, 2 * GIB)  # 3 GiB used, 1 GiB of it inactive page cache
+    # 3 GiB charged, 1.5 GiB of it page cache on the file LRUs (inactive 1 GiB, active 0.5 GiB)
+    assert limit.read() == (8 * GIB, 3 * GIB // 2)
 
 
 def test_v2_without_a_limit_is_none(tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_v2_nested_the_tightest_level_counts_with_its_own_usage(tmp_path: Path) 
     proc = tree(tmp_path, cgroup="0::/pod/worker\n", mounts=[f"/ {cg} cgroup2 rw"], files=files)
     limit = cgm.find_limit(proc)
     assert limit is not None
-    assert limit.read() == (12 * GIB, 9 * GIB)  # the pod's limit, the pod's working set
+    assert limit.read() == (12 * GIB, 9 * GIB)  # the pod's limit, what the pod holds
     # A tighter limit set later on the worker's own level wins, read anew.
     (tmp_path / "sys/fs/cgroup/pod/worker/memory.max").write_text(f"{4 * GIB}\n")
     assert cgm.find_limit(proc).read() == (4 * GIB, GIB)
@@ -137,7 +138,10 @@ def test_v1_hybrid_host_as_docker_without_a_cgroup_namespace(tmp_path: Path) -> 
         f"{mem}/memory.limit_in_bytes": "9223372036854771712\n",
         f"{mem}/docker/memory.limit_in_bytes": f"{16 * GIB}\n",
         f"{mem}/docker/memory.usage_in_bytes": f"{5 * GIB}\n",
-        f"{mem}/docker/memory.stat": "cache 1\ninactive_file 7\ntotal_inactive_file 1073741824\n",
+        f"{mem}/docker/memory.stat": (
+            "cache 1\ninactive_file 7\nactive_file 9\n"
+            "total_inactive_file 805306368\ntotal_active_file 268435456\n"
+        ),
         f"{mem}/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",
         f"{mem}/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
         "/sys/fs/cgroup/unified/cgroup.procs": "",
@@ -154,7 +158,7 @@ def test_v1_hybrid_host_as_docker_without_a_cgroup_namespace(tmp_path: Path) -> 
     )
     limit = cgm.find_limit(proc)
     assert limit is not None and limit.describe() == "cgroup v1"
-    assert limit.read() == (16 * GIB, 4 * GIB)  # total_inactive_file (hierarchical) counts
+    assert limit.read() == (16 * GIB, 4 * GIB)  # the hierarchical total_*_file counts
 
 
 @pytest.mark.parametrize("mount_root", ["/docker/abc", "/"])
@@ -196,7 +200,7 @@ def test_no_cgroup_files_at_all(tmp_path: Path) -> None:
     assert cgm.find_limit(proc) is None
 
 
-def test_clamp_holds_total_and_available_to_the_limit() -> None:
+def test_clamp_holds_total_and_available_to_the_limit() -> None:  # limit 8, in use 3
     vm = cgm.clamp(host_vm(), 8 * GIB, 3 * GIB)
     assert (vm.total, vm.available, vm.used, vm.free) == (8 * GIB, 5 * GIB, 3 * GIB, 5 * GIB)
     assert vm.percent == 37.5 and vm.cached == 4  # the other fields are psutil's own

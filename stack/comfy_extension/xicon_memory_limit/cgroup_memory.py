@@ -13,12 +13,15 @@ Contract:
   ``0::/path`` and the v1 ``memory`` controller of ``<proc>/cgroup``, located through
   ``<proc>/mountinfo``), from its own cgroup up to the mount root, with a limit on some level;
   ``None`` when no level has one.
-- ``CgroupLimit.read()`` -> ``(limit, working_set)`` in bytes, read anew on every call (the limit
-  can change while the process runs): the smallest limit on the path, and the working set of the
-  level that sets it: usage minus the inactive page cache (``inactive_file``), what the kernel
-  cannot simply drop before it kills (the figure kubelet and cAdvisor use).
-- ``clamp(vm, limit, working_set)`` -> psutil's ``svmem`` with ``total`` at most the limit and
-  ``available`` at most ``limit - working_set``; ``percent``, ``used`` and ``free`` follow.
+- ``CgroupLimit.read()`` -> ``(limit, in_use)`` in bytes, read anew on every call (the limit can
+  change while the process runs): the smallest limit on the path, and what the level that sets
+  it holds beyond page cache: usage minus the file pages on the active and inactive LRU lists
+  (``active_file``, ``inactive_file``), which the kernel drops before it kills anything. So
+  ``limit - in_use`` is "available" in the sense psutil gives it on a host (``MemAvailable``
+  counts page cache as available), and ComfyUI's thresholds, tuned on hosts, mean the same in a
+  container of the same size.
+- ``clamp(vm, limit, in_use)`` -> psutil's ``svmem`` with ``total`` at most the limit and
+  ``available`` at most ``limit - in_use``; ``percent``, ``used`` and ``free`` follow.
 - ``install(psutil, limit)`` replaces ``psutil.virtual_memory`` by the clamped version (once).
 
 Pure standard library; paths are arguments so tests can build cgroup trees in a folder.
@@ -59,13 +62,16 @@ class Level:
         value = int(text)
         return None if self.version == 1 and value >= V1_UNLIMITED else value
 
-    def working_set(self) -> int:
+    def in_use(self) -> int:
+        """Usage minus the page cache on the file LRU lists (v1: the hierarchical totals)."""
         usage = read_text(self.usage_file)
         used = int(usage) if usage and usage.isdigit() else 0
         stat = read_stat(self.path / "memory.stat")
-        key = "inactive_file" if self.version == 2 else "total_inactive_file"
-        inactive = stat.get(key, stat.get("inactive_file", 0))
-        return max(0, used - inactive)
+        prefix = "" if self.version == 2 else "total_"
+        cache = sum(
+            stat.get(prefix + key, stat.get(key, 0)) for key in ("active_file", "inactive_file")
+        )
+        return max(0, used - cache)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class CgroupLimit:
     levels: tuple[Level, ...]
 
     def read(self) -> tuple[int, int] | None:
-        """``(limit, working_set)`` of the tightest level now, or None if none has a limit."""
+        """``(limit, in_use)`` of the tightest level now, or None if none has a limit."""
         best: tuple[int, Level] | None = None
         for level in self.levels:
             value = level.limit()
@@ -81,7 +87,7 @@ class CgroupLimit:
                 best = (value, level)
         if best is None:
             return None
-        return best[0], best[1].working_set()
+        return best[0], best[1].in_use()
 
     def describe(self) -> str:
         versions = sorted({f"v{level.version}" for level in self.levels})
@@ -178,10 +184,10 @@ def find_limit(proc: Path = Path("/proc/self")) -> CgroupLimit | None:
     return CgroupLimit(tuple(levels)) if levels else None
 
 
-def clamp(vm: Any, limit: int, working_set: int) -> Any:
+def clamp(vm: Any, limit: int, in_use: int) -> Any:
     """psutil's ``svmem`` as the cgroup sees it (see module doc)."""
     total = min(vm.total, limit)
-    available = max(0, min(vm.available, limit - working_set))
+    available = max(0, min(vm.available, limit - in_use))
     percent = round(100.0 * (total - available) / total, 1) if total else 0.0
     return vm._replace(
         total=total,
