@@ -7,7 +7,9 @@ models): a clip as the worker hands it over (the generation size, the job's fps,
 transcode's own settings) goes through
 
 - ``VHS_LoadVideo`` (OpenCV, node 130 of the shipped graph), or ``VHS_LoadVideoFFmpeg`` (ffmpeg
-  through a pipe, the same IMAGE output but no frame count at output 1),
+  through a pipe, the same IMAGE output but no frame count at output 1), or ComfyUI's own
+  ``LoadVideo`` + ``GetVideoComponents`` (PyAV, frames converted to float32 by swscale; no frame
+  count either: the load time is both nodes'),
 - then ``VHS_VideoCombine`` exactly as node 139 (``video/h264-mp4``, yuv420p, crf 19, no audio),
 
 ``--with-resize`` adds the template's node 131 (``ImageResizeKJv2``, bilinear, crop, on the
@@ -90,6 +92,11 @@ def graph(
     else:
         inputs |= {"start_time": 0}
     nodes: dict[str, Any] = {"1": {"class_type": loader, "inputs": inputs}}
+    if loader == "LoadVideo":  # ComfyUI's own: a VIDEO, then its frames (swscale to float32)
+        nodes = {
+            "0": {"class_type": "LoadVideo", "inputs": {"file": video}},
+            "1": {"class_type": "GetVideoComponents", "inputs": {"video": ["0", 0]}},
+        }
     if resize is not None:  # the template's node 131, on the CPU
         nodes["3"] = {
             "class_type": "ImageResizeKJv2",
@@ -156,7 +163,7 @@ async def run_all(args: argparse.Namespace, base: Path, url: str, pid: int) -> N
                         client_id=uuid.uuid4().hex,
                         timeout_s=1800,
                     )
-                    loads.append(run.node_times.get("1", float("nan")))
+                    loads.append(run.node_times.get("1", float("nan")) + run.node_times.get("0", 0))
                     encodes.append(run.node_times.get("2", float("nan")))
                     resizes.append(run.node_times.get("3", 0.0))
                     growth.append((rss_kib(pid, "VmHWM") - before) / 2**20)
