@@ -116,7 +116,7 @@ def test_v2_nested_the_tightest_level_counts_with_its_own_usage(tmp_path: Path) 
     assert limit.read() == (12 * GIB, 9 * GIB)  # the pod's limit, what the pod holds
     # A tighter limit set later on the worker's own level wins, read anew.
     (tmp_path / "sys/fs/cgroup/pod/worker/memory.max").write_text(f"{4 * GIB}\n")
-    assert cgm.find_limit(proc).read() == (4 * GIB, GIB)
+    assert limit.read() == (4 * GIB, GIB)
 
 
 def test_limit_changes_are_read_on_every_call(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ v0.33.0 by #15927, which adds ``comfy/system_memory.py``).
 Contract:
 - ``find_limit(proc)`` -> ``CgroupLimit | None``: the memory cgroups of the process (cgroup v2
   ``0::/path`` and the v1 ``memory`` controller of ``<proc>/cgroup``, located through
-  ``<proc>/mountinfo``), from its own cgroup up to the mount root, with a limit on some level;
-  ``None`` when no level has one.
+  ``<proc>/mountinfo``), from its own cgroup up to the mount root; ``None`` when no level has a
+  limit.
 - ``CgroupLimit.read()`` -> ``(limit, in_use)`` in bytes, read anew on every call (the limit can
   change while the process runs): the smallest limit on the path, and what the level that sets
   it holds beyond page cache: usage minus the file pages on the active and inactive LRU lists
@@ -78,20 +78,23 @@ class Level:
 class CgroupLimit:
     levels: tuple[Level, ...]
 
-    def read(self) -> tuple[int, int] | None:
-        """``(limit, in_use)`` of the tightest level now, or None if none has a limit."""
+    def tightest(self) -> tuple[int, Level] | None:
+        """The smallest limit on the path now, and the level that sets it."""
         best: tuple[int, Level] | None = None
         for level in self.levels:
             value = level.limit()
             if value is not None and (best is None or value < best[0]):
                 best = (value, level)
-        if best is None:
-            return None
-        return best[0], best[1].in_use()
+        return best
+
+    def read(self) -> tuple[int, int] | None:
+        """``(limit, in_use)`` of the tightest level now, or None if none has a limit."""
+        best = self.tightest()
+        return None if best is None else (best[0], best[1].in_use())
 
     def describe(self) -> str:
-        versions = sorted({f"v{level.version}" for level in self.levels})
-        return "cgroup " + "+".join(versions)
+        best = self.tightest()
+        return "cgroup" if best is None else f"cgroup v{best[1].version}"
 
 
 def read_text(path: Path) -> str | None:
@@ -171,17 +174,15 @@ def chain(mountpoint: Path, mount_root: str, cgroup_path: str) -> list[Path]:
 
 
 def find_limit(proc: Path = Path("/proc/self")) -> CgroupLimit | None:
-    """The memory cgroup levels of this process that carry a limit (see module doc)."""
+    """Every memory cgroup level of this process, when one of them has a limit now (see module
+    doc); the levels without one stay in, so a limit set on them later counts too."""
     member = memberships(proc)
     levels: list[Level] = []
     for version, root, mountpoint in mounts(proc):
-        if version not in member:
-            continue
-        for directory in chain(mountpoint, root, member[version]):
-            level = Level(directory, version)
-            if level.limit() is not None:
-                levels.append(level)
-    return CgroupLimit(tuple(levels)) if levels else None
+        if version in member:
+            levels += [Level(d, version) for d in chain(mountpoint, root, member[version])]
+    found = CgroupLimit(tuple(levels))
+    return found if found.read() is not None else None
 
 
 def clamp(vm: Any, limit: int, in_use: int) -> Any:
