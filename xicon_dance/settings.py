@@ -123,7 +123,8 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         "host memory ComfyUI may spend on frames: frames x width x height x 12 bytes (float32 "
         "RGB) x 8 copies (measured); a job over it is refused before ComfyUI runs. The default "
         "takes 60 s at 416x672 (39 GB); lower it on hosts with less RAM (the worker warns at "
-        "start when the host has less RAM than this)",
+        "start when ComfyUI has less RAM than this: the container's memory limit, or the "
+        "host's RAM)",
     ),
     "MAX_IMAGE_BYTES": ("52428800", "largest accepted reference image (URL or base64)"),
     "MAX_VIDEO_BYTES": ("524288000", "largest accepted driving video (URL or base64)"),
