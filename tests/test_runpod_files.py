@@ -81,6 +81,9 @@ def test_hub_json_schema() -> None:
     for needed in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"):
         assert needed in keys
     assert "JOB_TIMEOUT_S" in keys and "SAGEATTENTION_ENABLED" in keys
+    # The Hub's default for the clip length is the worker's own.
+    max_seconds = next(e["input"] for e in cfg["env"] if e["key"] == "MAX_SECONDS")
+    assert max_seconds["default"] == Settings.from_env({}).max_seconds
     for preset in cfg.get("presets", []):
         assert set(preset) == {"name", "defaults"}
         assert set(preset["defaults"]) <= set(keys)
