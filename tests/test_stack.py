@@ -121,6 +121,12 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "prestartup_script.py",
         "cgroup_memory.py",
     }
+    pose = comfy / "custom_nodes" / "xicon_pose_decode"
+    assert {p.name for p in pose.iterdir()} == {
+        "__init__.py",
+        "prestartup_script.py",
+        "pose_decode.py",
+    }
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:
