@@ -7,6 +7,7 @@ pinned pack: ``tests/realstack/test_pose_decode.py``."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -92,6 +93,8 @@ def test_the_pinned_source_gets_the_replacement(
             assert replaced(hm, None, None, **kwargs) == "upstream"
         assert [c["use_udp"] for c in pose2d.CALLS] == [False, True]
         assert pd.patch(onnx_models) == "nothing to replace in onnx_models"  # not twice
+        # The module stays introspectable through the wrapped loader.
+        assert "keypoints_from_heatmaps" in inspect.getsource(onnx_models)
     finally:
         forget(name)
 

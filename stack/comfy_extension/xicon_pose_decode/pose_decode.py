@@ -154,8 +154,14 @@ def patch(onnx_models: types.ModuleType) -> str:
 
 
 class _Loader(importlib.abc.Loader):
+    """The pack's own loader, with the replacement after its module has run; anything else
+    (``get_source``, ``get_filename``, ...) is the inner loader's."""
+
     def __init__(self, inner: importlib.abc.Loader) -> None:
         self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self.inner.create_module(spec)
