@@ -4,8 +4,8 @@ Why: pose detection (node 363, ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose
 ComfyUI-WanAnimatePreprocess's ``ViTPose`` on every frame, which decodes its 133 heatmaps with
 ``pose_utils/pose2d_utils.py`` ``keypoints_from_heatmaps(unbiased=True)``: for each keypoint a
 Gaussian blur (``_gaussian_blur``) and a Taylor refinement with a 2x2 inverse (``_taylor``), in
-Python. That loop is CPU time whatever the GPU: about 10 ms of the node's 12 ms per frame outside
-ONNX on a 2-core machine (17 s of a 60-s clip's 1441 frames).
+Python. That loop is CPU time whatever the GPU: about 7.6 ms of the node's 11.6 ms per frame
+outside ONNX on a 2-core machine, 11 s of a 60-s clip's 1441 frames (``bench/pose_detection.py``).
 
 What: ``decode_all(original, heatmaps, center, scale, ...)`` computes the same thing for every
 keypoint at once: one OpenCV blur over the heatmaps stacked, each in its own zero frame of the
