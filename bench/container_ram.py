@@ -30,25 +30,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.plugins import pressure  # noqa: E402
+from tests.plugins.cgroups import CGROUP_MEMORY as CGROUP_MEMORY_FILE  # noqa: E402
 from tests.plugins.cgroups import MemoryCgroup, memory_cgroup  # noqa: E402
 from tests.plugins.comfy import stop_process  # noqa: E402
+from tests.plugins.modules import load_file  # noqa: E402
 from tests.plugins.realstack import Stack, get, make_base  # noqa: E402
 
 GIB = 1024**3
 EXTENSION = "xicon_memory_limit"
+CGROUP_MEMORY = load_file(CGROUP_MEMORY_FILE, "xicon_memory_limit_cgroup_bench")
 
 
 def in_use(group: MemoryCgroup) -> int:
-    """Usage minus page cache on the file LRU lists (v1: hierarchical totals)."""
-    usage = "memory.usage_in_bytes" if group.version == 1 else "memory.current"
-    prefix = "total_" if group.version == 1 else ""
-    stat = dict(
-        line.split()
-        for line in (group.path / "memory.stat").read_text().splitlines()
-        if len(line.split()) == 2
-    )
-    cache = sum(int(stat.get(prefix + k, 0)) for k in ("active_file", "inactive_file"))
-    return int((group.path / usage).read_text()) - cache
+    """Usage minus page cache on the file LRU lists: the extension's own reading."""
+    return CGROUP_MEMORY.Level(group.path, group.version).in_use()
 
 
 def run(stack: Stack, tmp: Path, limit: int, with_extension: bool) -> str:
