@@ -46,7 +46,7 @@ def load(name: str, path: Path, package: bool = False) -> types.ModuleType:
     return module
 
 
-def comfy_modules(comfy_dir: Path) -> tuple[Any, Any, Any]:
+def comfy_modules(comfy_dir: Path) -> tuple[Any, Any]:
     """WanAnimatePreprocess's onnx_models and SCAIL-Pose's node, imported as ComfyUI would."""
     sys.path.insert(0, str(comfy_dir))
     os.chdir(comfy_dir)
@@ -55,10 +55,10 @@ def comfy_modules(comfy_dir: Path) -> tuple[Any, Any, Any]:
 
     comfy.options.enable_args_parsing(True)
     nodes = comfy_dir / "custom_nodes"
-    wap = load("wap", nodes / "ComfyUI-WanAnimatePreprocess" / "__init__.py", package=True)
+    load("wap", nodes / "ComfyUI-WanAnimatePreprocess" / "__init__.py", package=True)
     scail = load("scailpose", nodes / "ComfyUI-SCAIL-Pose" / "__init__.py", package=True)
     onnx_models = sys.modules["wap.models.onnx_models"]
-    return wap, onnx_models, scail.NODE_CLASS_MAPPINGS["PoseDetectionVitPoseToDWPose"]()
+    return onnx_models, scail.NODE_CLASS_MAPPINGS["PoseDetectionVitPoseToDWPose"]()
 
 
 def stand_in_models(out: Path) -> Path:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         detection = stand_in_models(Path(tmp))
-        _wap, onnx_models, node = comfy_modules(Path(home) / "ComfyUI")
+        onnx_models, node = comfy_modules(Path(home) / "ComfyUI")
         import numpy as np
         import torch
 
