@@ -30,6 +30,9 @@ Levers:
   passes over each 29,757 x 5,120 activation; the loader's tooltip says the torch one "is faster
   ... but changes results slightly". A candidate for part of the ~1 s per step between
   WanVideoWrapper's step and 40 bare blocks.
+- ``sdpa``: WanVideoWrapper's attention as PyTorch SDPA (``SAGEATTENTION_ENABLED=0``: node 22
+  ``attention_mode: sdpa``) in a ComfyUI started for ``sageattn``, so one run profiles a step in
+  both attention modes on the same server.
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -52,6 +55,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
     "fps16": {"job": {"fps": 16}},
     "rms_fused": {"graph": {"22": {"rms_norm_function": "pytorch"}}},
+    "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
 }
 
@@ -64,6 +68,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
     "rms_fused": ("rms_fused",),
+    "sdpa": ("sdpa",),
     "cpu_smoke": ("vae_fp32",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
     "cpu_smoke_rms": ("vae_fp32", "rms_fused"),

@@ -43,7 +43,7 @@ PKGS=(
     gguf==0.19.0 pyloudnorm==0.2.0 alembic==1.20.1 Mako==1.4.3 SQLAlchemy==2.1.9
     pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4
     annotated-types==0.8.0 typing-inspection==0.4.5 simpleeval==1.0.8 blake3==1.0.11
-    color-matcher==0.6.0 mss==10.2.0
+    color-matcher==0.6.0 mss==10.2.0 tenacity==9.2.1
     runpod==1.12.0 aiohttp-retry==2.9.1 backoff==2.2.1 boto3==1.44.8 botocore==1.44.8
     s3transfer==0.19.3 jmespath==1.1.0 fastapi==0.165.0 starlette==1.10.0
     python-multipart==0.0.34 uvicorn==0.54.0 watchdog==7.1.0 paramiko==5.1.0

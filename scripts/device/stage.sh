@@ -65,7 +65,7 @@ check() {
 import importlib, sys
 mods = ["av", "taichi", "imageio_ffmpeg", "comfy_kitchen", "comfy_aimdo", "diffusers", "torchsde",
         "kornia", "spandrel", "ftfy", "gguf", "pyloudnorm", "alembic", "sqlalchemy", "pydantic",
-        "pydantic_settings", "simpleeval", "blake3", "color_matcher", "mss", "runpod", "boto3",
+        "pydantic_settings", "simpleeval", "blake3", "color_matcher", "mss", "runpod", "boto3", "tenacity",
         "onnxruntime", "cv2", "transformers", "accelerate", "peft", "torch"]
 bad = 0
 for m in mods:

@@ -1,0 +1,130 @@
+"""The long-dance table from ``bench/gpu_run.py`` summaries: one row per job, every figure read
+from the summary or counted with the pinned context-window schedule.
+
+Run: ``python bench/long_table.py bench/results/gpu_h200_windows/summary.json [more ...]``
+
+Per job it prints, as a Markdown table:
+- the clip: frames, fps (the job's), the context overlap of the variant's graph (node 355);
+- windows per step: counted with ``xicon_dance.context_windows`` (the pinned ``uniform_standard``
+  schedule of WanVideoWrapper; the sampler's progress events agree with it);
+- end to end (the worker's wall time for the job), the worker's ``prepare`` stage (the driving
+  clip transcoded to the job's size and fps), the sampler node, the rest of ComfyUI's nodes;
+- seconds per window-step: the sampling span (first to last sampler event, i.e. the end of the
+  first window to the end of the last) over the window-steps in it, and its ratio to the mean
+  step of the run's reference job (``--reference``, an 81-frame job: one window per step);
+- whole-GPU VRAM peak (``nvidia-smi``, sampled), ComfyUI's RSS peak with its split into memory
+  ComfyUI allocated (``RssAnon``) and mapped files (``RssFile``, the model files' pages);
+- the MP4 (frames, seconds, audio) and the cost at a per-second price (``--price``, default
+  RunPod's published H200 PRO flex $0.00155/s), in all and per output second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xicon_dance.context_windows import ContextOptions, windows  # noqa: E402
+
+STEPS = 6
+GIB_MIB = 1024
+
+
+def _overlap(summary: dict, variant: str, default: int = 48) -> int:
+    variants = summary.get("variants")
+    entry = variants.get(variant, {}) if isinstance(variants, dict) else {}
+    levers = entry.get("levers", []) if isinstance(entry, dict) else entry  # older runs: a list
+    return 16 if "overlap16" in levers or variant == "overlap16" else default
+
+
+def _span(job: dict) -> float:
+    times = [e[0] for e in job["sampler_events"] if e[2] == STEPS]
+    return max(times) - min(times)
+
+
+def reference_step(summary: dict, label: str) -> float:
+    """Mean seconds per step of an 81-frame job: its sampling span over the steps in it."""
+    job = next(j for j in summary["jobs"] if j["job"] == label)
+    return _span(job) / (STEPS - 1)
+
+
+def rows(summary: dict, ref_s: float, price: float) -> list[str]:
+    out = []
+    for job in summary["jobs"]:
+        if not job.get("ok"):
+            out.append(f"| {job['job']} | failed: {job.get('error')} |")
+            continue
+        frames = job["max_frames"]
+        overlap = _overlap(summary, job["variant"])
+        fps = job.get("video", {}).get("fps")
+        per_step = [
+            len(windows(i, frames, ContextOptions(81, 4, overlap, "uniform_standard")))
+            for i in range(STEPS)
+        ]
+        total_ws = sum(per_step)
+        nodes = job["node_times"]
+        sampler = nodes.get("348", {}).get("s", 0.0)
+        rest = sum(v["s"] for k, v in nodes.items() if k != "348")
+        span = _span(job)
+        ws = span / (total_ws - 1) if total_ws > STEPS else None
+        video = job.get("video", {})
+        seconds = video.get("duration_s") or 0.0
+        cost = job["wall_s"] * price
+        rss = job.get("comfy_rss_at_peak_mib")
+        prep = job["timings"].get("prepare")
+        split = f" ({rss['RssAnon'] / GIB_MIB:.1f} + {rss['RssFile'] / GIB_MIB:.1f})" if rss else ""
+        cells = [
+            job["job"],
+            f"{frames} @ {fps:g} fps",
+            str(overlap),
+            f"{min(per_step)}–{max(per_step)} ({total_ws})",
+            f"{job['wall_s']:.1f} s",
+            f"{prep:.1f} s" if prep is not None else "—",
+            f"{sampler:.1f} s",
+            f"{rest:.1f} s",
+            f"{ws:.3f} s ({ws / ref_s:.2f}×)" if ws else "—",
+            f"{job['vram_peak_mib'] / GIB_MIB:.1f} GiB",
+            f"{job['comfy_rss_peak_mib'] / GIB_MIB:.1f} GiB{split}",
+            f"{video.get('frames')} fr, {seconds:.2f} s, "
+            + ("audio" if video.get("has_audio") else "no audio"),
+            f"${cost:.3f} (${cost / seconds:.4f}/s)" if seconds else f"${cost:.3f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("summaries", type=Path, nargs="+")
+    p.add_argument("--reference", default="baseline:cold", help="81-frame job of each run")
+    p.add_argument(
+        "--reference-s", type=float, help="seconds per step of the reference, for a run without one"
+    )
+    p.add_argument("--price", type=float, default=0.00155, help="$ per second of the machine")
+    args = p.parse_args()
+    print(
+        "| job | clip | overlap | windows per step (window-steps) | end to end | worker prepare "
+        "| sampler node | other nodes | s per window-step (vs 81 frames) | VRAM peak "
+        "| ComfyUI RSS peak (anon + files) | MP4 | H200 cost (per output s) |"
+    )
+    print("|" + "---|" * 13)
+    for path in args.summaries:
+        summary = json.loads(path.read_text())
+        ref = args.reference_s or reference_step(summary, args.reference)
+        for row in rows(summary, ref, args.price):
+            print(row)
+        steps = [s for j in summary["jobs"] for s in j.get("sampler_step_s", [])]
+        print(
+            f"\n{path}: reference {args.reference} {ref:.3f} s per step; "
+            f"median of all step intervals {statistics.median(steps):.3f} s",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()

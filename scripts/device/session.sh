@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One GPU benchmark sitting on the offline GPU machine, after scripts/device/stage.sh has placed
+# the stack ($COMFY_DIR) and the packages ($SITE). Run from the repository root there; each step
+# is one short call, and the long run goes on detached between them (the machine stays warm only
+# while calls keep coming, so `poll` is called back to back until the run ends).
+#
+#   scripts/device/session.sh prepare        in the background: SageAttention built for sm90
+#                                            ($SAGE/90/site) and the true-shape synthetic models
+#                                            written into $COMFY_DIR/models
+#   scripts/device/session.sh start NAME ARGS...
+#                                            wait for both, write the 61-s driving clip
+#                                            ($CLIP, the bundled dance looped, 480x832) and start
+#                                            `bench/gpu_run.py --comfy-dir $COMFY_DIR --out
+#                                            $RUNS/NAME --attention sageattn --video $CLIP
+#                                            --comfy-args "--front-end-root <empty>" ARGS...`
+#                                            detached (setsid)
+#   scripts/device/session.sh poll NAME SECS wait until the run has written summary.json or SECS
+#                                            pass, then pack what it wrote so far (no videos, no
+#                                            latents) into $OUT/NAME.tgz with the log's tail
+set -euo pipefail
+
+TMP="${TMPDIR:-/tmp}"
+STAGE="${STAGE:-$TMP/xicon-stage}"
+SITE="${SITE:-$TMP/xicon-site}"
+COMFY_DIR="${COMFY_DIR:-$TMP/xicon-stack/ComfyUI}"
+SAGE="${SAGE:-$TMP/sage}"
+RUNS="${RUNS:-$TMP/xicon-runs}"
+CLIP="${CLIP:-$TMP/d61.mp4}"
+PY="${PYTHON:-python3}"
+
+log() { printf '[session] %s\n' "$*"; }
+
+prepare() {
+    mkdir -p "$SAGE" "$RUNS"
+    setsid nohup scripts/device/build_sage.sh "$STAGE"/sageattention-*.tar.gz "$SAGE" "9.0" \
+        >"$SAGE/build_sage.log" 2>&1 </dev/null &
+    setsid nohup bash -c "'$PY' scripts/make_synthetic_models.py --size full --device cuda \
+        --out '$COMFY_DIR/models'; echo \$? >'$RUNS/models.done'" \
+        >"$RUNS/models.log" 2>&1 </dev/null &
+    log "SageAttention build and model writing started"
+}
+
+wait_for() {
+    local file="$1" what="$2" limit="${3:-600}" t0=$SECONDS
+    until [ -f "$file" ]; do
+        if ((SECONDS - t0 > limit)); then
+            log "$what: not done after ${limit} s" && return 1
+        fi
+        sleep 2
+    done
+    log "$what: exit $(cat "$file") (waited $((SECONDS - t0)) s)"
+    [ "$(cat "$file")" = 0 ]
+}
+
+start() {
+    local name="${1:?run name}"
+    shift
+    wait_for "$SAGE/90/done" "SageAttention sm90 build"
+    wait_for "$RUNS/models.done" "synthetic models"
+    export PYTHONPATH="$SAGE/90/site:$SITE" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
+    [ -f "$CLIP" ] || "$PY" scripts/make_default_video.py --seconds 61 --out "$CLIP"
+    mkdir -p "$TMP/empty-fe" "$RUNS"
+    rm -rf "${RUNS:?}/$name"
+    setsid nohup "$PY" bench/gpu_run.py --comfy-dir "$COMFY_DIR" --out "$RUNS/$name" \
+        --attention sageattn --video "$CLIP" --comfy-args "--front-end-root $TMP/empty-fe" "$@" \
+        >"$RUNS/$name.log" 2>&1 </dev/null &
+    log "run $name started: $*"
+}
+
+poll() {
+    local name="${1:?run name}" secs="${2:-540}" t0=$SECONDS
+    local dir="$RUNS/$name"
+    while [ ! -f "$dir/summary.json" ] && ((SECONDS - t0 < secs)); do
+        pgrep -f "gpu_run.py .*--out $dir" >/dev/null || break
+        sleep 5
+    done
+    log "run $name: $([ -f "$dir/summary.json" ] && echo finished || echo running) after $((SECONDS - t0)) s"
+    : "${OUT:?}"
+    tar -C "$RUNS" -czf "$OUT/$name.tgz" --exclude='*.mp4' --exclude='*.safetensors' \
+        "$name" "$name.log" 2>/dev/null || true
+    tail -n 25 "$RUNS/$name.log" || true
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
+}
+
+case "${1:-}" in
+prepare) prepare ;;
+start) shift && start "$@" ;;
+poll) shift && poll "$@" ;;
+*)
+    echo "usage: $0 prepare | start NAME ARGS... | poll NAME SECS" >&2
+    exit 2
+    ;;
+esac
