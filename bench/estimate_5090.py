@@ -1,127 +1,251 @@
-"""The RTX 5090 estimate, operation by operation and lever by lever, from measured H200 figures.
+"""The RTX 5090 estimate, operation class by operation class and lever by lever, from the H200.
 
-Not a measurement: arithmetic from what was measured on the H200 (``bench/results``) and the
-RTX 5090's published rates, with every assumption named below. It prints two Markdown tables:
-the cost of one transformer block and one window-step per lever, and whole jobs (81 frames warm,
-60 s) per lever. Run: ``python bench/estimate_5090.py``.
+Not a measurement: arithmetic on what was measured on one H200 through the worker
+(``bench/results/gpu_h200_windows``: one sampler step of each kind under ``torch.profiler``, and
+whole jobs from 81 frames to 60 s; ``bench/results/gpu_h200_long``: the 10-s and the 60-s
+overlap-48 jobs) and the RTX 5090's published rates. Every input is read from those files or
+named below. Run: ``python bench/estimate_5090.py``.
 
-Measured inputs (H200, torch 2.11, job shape 416x672, 29,757 tokens with pose, 24,024 without):
-- one Wan-14B block, bare (issue record, random weights): linears 24.3 ms (bf16), PyTorch SDPA
-  30.9 ms, whole block 60.0 ms, so 4.8 ms for everything else (norms, RoPE, modulation,
-  cross-attention, residuals);
-- the sampler through the worker (``bench/results/gpu_h200``, ``gpu_h200_long``): 2.31 s per
-  pose step / 1.78 s per plain step with ``sageattn`` (sm90), 3.42 / 2.49 s with ``sdpa``;
-  sampler node 17.1 s for 6 steps of one window (so 4.3 s before the first step: the transformer
-  moved to the GPU, the pose and reference latents);
-- ``sageattn`` NHD on sm90: 25.8 ms per call (``bench/results/attention_h100.txt``, H100);
-- outside the sampler, warm 81-frame job: 8.3 s; the 60-s job: 91.8 s (decode 24.2, VideoCombine
-  16.4, pose detection on the CPU provider 21.8, pose render 9.4, load 7.3, pose embeds 5.0,
-  resize 4.9, the last now left out of the graph).
+One window-step on the H200 (the profiled transformer forward at the job's shape, 29,757 tokens
+with the pose tokens, 24,024 without; 40 blocks), split by the profile's kernel classes:
+- self-attention: the SageAttention kernel (``qk_int8_sv_f8_attn``), or with ``sdpa`` PyTorch's
+  flash kernel less the cross-attention share;
+- cross-attention (text and CLIP tokens): PyTorch's flash kernel in the ``sageattn`` profile (80
+  calls per forward);
+- gemm: the linears (nvjet / cuBLAS kernels);
+- memory-bound: norms, RoPE, modulation, residuals, copies, SageAttention's quantisation passes
+  (``norm/elementwise`` + ``copy`` + ``other``);
+- host: wall time of the forward less the GPU's busy time.
 
-Assumptions for the RTX 5090 (each one a factor the estimate stands on):
-- linears reach the same share of peak as on the H200 (24.3 ms for 17.8 TFLOP = 732 TFLOP/s,
-  74 % of 989); peaks: 209.5 TFLOP/s bf16/fp16 with fp32 accumulation, 419 with fp16
-  accumulation (``fp16_fast``) and for fp8 (NVIDIA RTX Blackwell whitepaper);
-- ``fp16_fast`` costs the 9 % it cost on the H200 beyond the matmul rate (measured: 2.53 vs
-  2.31 s per step there, where the rate does not change);
-- self-attention: SageAttention2++ at 583-643 TOPS (SageAttention's RTX 5090 chart) plus its
-  quantisation passes scaled by memory bandwidth (2.3 ms on the H100): 32-35 ms; SDPA at
-  FlashAttention's 173-215 TFLOP/s: 84-105 ms;
-- the other ops are memory-bound: x2.68 (4.8 / 1.79 TB/s);
-- WanVideoWrapper's own cost beyond the bare block (57.8 - 54.9 = 2.9 ms per block with
-  ``sageattn``; 85.5 - 60.0 = 25.5 ms with ``sdpa``) stays as it is (host-side);
-- stages outside the sampler: CPU stages as on the H200, GPU stages (decode, CLIP vision, pose
-  embeds) x3-4.7 (the bf16 rate ratio is 4.7; memory-bound parts less), pose detection on the
-  CUDA provider at most its CPU time; the move of the transformer as on the H200 (PCIe).
+Scaling to the RTX 5090 (each factor is an assumption the estimate stands on):
+- gemm: time x 989 / 209.5 in bf16 (the H200's dense bf16 peak, H200 datasheet, against the
+  5090's fp16/bf16 with fp32 accumulation, NVIDIA RTX Blackwell whitepaper), x 989 / 419 with
+  ``fp16_fast`` (fp16 accumulation); i.e. the same share of peak as on the H200;
+- ``fp16_fast`` also costs what it cost the H200 beyond its matmuls (there it does not change the
+  matmul rate): +0.22 s per pose step, +0.15 s per plain step (``gpu_h200_long``: 2.53 / 1.93 s
+  against 2.31 / 1.78 s), counted as memory-bound work;
+- self-attention: its operations (4 N^2 x 5,120 per call) at SageAttention2++'s 583-643 TOPS on
+  the RTX 5090 (SageAttention's published chart), or at FlashAttention-2's 173-215 TFLOP/s there
+  (same chart) for ``sdpa``; cross-attention at the FlashAttention ratio of its H200 time;
+- memory-bound work and the host gap: x 4.8 / 1.79 (HBM3e against GDDR7 bandwidth) and x 1;
+- ``rms_fused`` (torch's RMSNorm, node 22): the memory-bound time of the profiled pose step with
+  it; plain steps lose the same share;
+- outside the sampler: ComfyUI's nodes as measured per job; the tensor-core nodes (decode, CLIP
+  vision, pose and reference embeds) x 3.0-4.7 (the bf16 rate ratio is 4.7, memory-bound parts
+  less), NLF and the taichi pose render x 1.0-1.5 (fp32 on CUDA cores, where the 5090's
+  published 104.8 TFLOP/s exceed the H200's 67, and much of it is host work), CPU nodes and the
+  worker's stages as on the H200; pose detection
+  ran there on the CPU provider (the image uses the CUDA one), so its CPU time is an upper bound;
+- before the first window-step the sampler node moves the transformer to the GPU (PCIe) and
+  encodes the pose latents: x 1.0-3.0.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUN = RESULTS / "gpu_h200_windows"
+LONG = RESULTS / "gpu_h200_long"
+
 BLOCKS = 40
-STEPS_POSE, STEPS_PLAIN = 4, 2  # 6 steps; the pose tokens end at 50 % (node 324)
-PLAIN_SHARE = 1.78 / 2.31  # plain step / pose step, measured with sageattn
-LINEAR_TFLOP = 17.8  # per block at 29,757 tokens (597.7 MFLOP per token)
-H200_LINEAR_EFF = LINEAR_TFLOP / 24.3e-3 / 989  # 0.74
-OTHER_MS = 4.8 * 4.8 / 1.79
-ATTN_MS = {"sdpa": (84.0, 105.0), "sageattn": (32.0, 35.0)}
-WRAPPER_MS = {"sdpa": 25.5, "sageattn": 2.9}
-RATE = {"bf16": 209.5, "fp16_fast": 419.0}
-FP16_FAST_EXTRA = 2.53 / 2.31  # measured on the H200
-PRE_SAMPLING_S = 4.3
-OUTSIDE_81 = (8.3 - 1.5 - 1.0 - 0.3 + (1.5 + 1.0 + 0.3) * 3.0, 8.3 - 1.5 - 1.0 - 0.3 + 2.8 * 4.7)
-# 60 s: CPU stages (VideoCombine 16.4, load 7.3, pose detection <= 21.8, render 9.4) + GPU
-# stages (decode 24.2, pose embeds 5.0) x3-4.7; resize left out.
-OUTSIDE_60 = (16.4 + 7.3 + 21.8 + 9.4 + 29.2 * 3.0, 16.4 + 7.3 + 21.8 + 9.4 + 29.2 * 4.7)
-WINDOW_STEPS_60 = 40 * 6  # 39-40 windows per step at 1441 frames, overlap 48
-WINDOW_STEPS_10 = 6.5 * 6  # 6-7 windows per step at 241 frames
-# 241 frames outside the sampler: between the 81-frame and 60-s figures, linear in frames
-OUTSIDE_10 = tuple(
-    a + (b - a) * (241 - 81) / (1441 - 81) for a, b in zip(OUTSIDE_81, OUTSIDE_60, strict=True)
-)
+TOKENS = {"pose": 29_757, "plain": 24_024}
+STEPS = {"pose": 4, "plain": 2}  # per window: the pose tokens end at 50 % (node 324)
+MODEL_DIM = 5_120
+H200_BF16 = 989.0
+RTX_GEMM = {"bf16": 209.5, "fp16_fast": 419.0}
+RTX_SAGE_TOPS = (583.0, 643.0)
+RTX_FA2_TFLOPS = (173.0, 215.0)
+BANDWIDTH_RATIO = 4.8 / 1.79
+FP16_FAST_EXTRA_S = {"pose": 0.22, "plain": 0.15}
+GPU_SCALE = (3.0, 4.7)
+RENDER_SCALE = (1.0, 1.5)
+PRE_SCALE = (1.0, 3.0)
+PRICE_H200 = 0.00155  # RunPod H200 PRO flex, $ per second (published price)
+TENSOR_NODES = {  # convolutions and attention on tensor cores
+    "WanVideoDecode",
+    "WanVideoClipVisionEncode",
+    "WanVideoAddSCAILPoseEmbeds",
+    "WanVideoAddSCAILReferenceEmbeds",
+}
+RENDER_NODES = {"NLFPredict", "RenderNLFPoses"}  # a small network; taichi's fp32 rasteriser
+SAMPLER = "WanVideoSamplerv2"
+# profiled forwards (bench/results/gpu_h200_windows/profile): warm job, sdpa job, rms_fused job
+CALLS = {
+    ("sageattn", "pose"): 9,
+    ("sageattn", "plain"): 11,
+    ("sdpa", "pose"): 15,
+    ("sdpa", "plain"): 17,
+    ("rms_fused", "pose"): 21,
+}
 
 
-def block_ms(attention: str, precision: str) -> tuple[float, float]:
-    linear = LINEAR_TFLOP / (RATE[precision] * H200_LINEAR_EFF) * 1e3
-    lo, hi = (linear + a + OTHER_MS + WRAPPER_MS[attention] for a in ATTN_MS[attention])
-    if precision == "fp16_fast":
-        lo, hi = lo * FP16_FAST_EXTRA, hi * FP16_FAST_EXTRA
-    return lo, hi
+def profile(call: int) -> dict:
+    return json.loads((RUN / "profile" / f"call{call}.json").read_text())
+
+
+def _kernel_ms(prof: dict, needle: str) -> float:
+    return sum(t["ms"] for t in prof["top"] if needle in t["name"])
+
+
+def h200_parts(attention: str, kind: str) -> dict[str, float]:
+    """One window-step on the H200 in ms per class (see the module doc)."""
+    prof = profile(CALLS[(attention, kind)])
+    sage = profile(CALLS[("sageattn", kind)])
+    by = prof["by_class_ms"]
+    cross = _kernel_ms(sage, "flash_fwd")
+    attention_ms = by.get("attention", 0.0)
+    return {
+        "self": attention_ms - cross,
+        "cross": cross,
+        "gemm": by.get("gemm", 0.0),
+        "memory": sum(by.get(k, 0.0) for k in ("norm/elementwise", "copy", "other")),
+        "host": prof["wall_ms"] - prof["busy_ms"],
+        "wall": prof["wall_ms"],
+    }
+
+
+def rtx_step_s(attention: str, precision: str, rms: bool, kind: str) -> tuple[float, float]:
+    """One window-step on the RTX 5090 in seconds (low, high)."""
+    parts = h200_parts(attention, kind)
+    if rms:
+        fused = h200_parts("rms_fused", "pose")["memory"] / h200_parts("sageattn", "pose")["memory"]
+        parts["memory"] *= fused
+    h200_self = h200_parts(attention, kind)["self"]
+    flops = BLOCKS * 4 * TOKENS[kind] ** 2 * MODEL_DIM
+    rates = RTX_SAGE_TOPS if attention == "sageattn" else RTX_FA2_TFLOPS
+    fa2_h200 = _fa2_h200_tflops()
+    out = []
+    for rate, fa2 in zip(rates[::-1], RTX_FA2_TFLOPS[::-1], strict=True):  # high rate -> low time
+        gemm = parts["gemm"] * H200_BF16 / RTX_GEMM[precision]
+        self_ms = flops / (rate * 1e12) * 1e3 if h200_self > 0 else 0.0
+        cross = parts["cross"] * fa2_h200 / fa2
+        memory = parts["memory"] * BANDWIDTH_RATIO
+        if precision == "fp16_fast":
+            memory += FP16_FAST_EXTRA_S[kind] * 1e3 * BANDWIDTH_RATIO
+        out.append((gemm + self_ms + cross + memory + parts["host"]) / 1e3)
+    return out[0], out[1]
+
+
+def _fa2_h200_tflops() -> float:
+    """What PyTorch's flash kernel reached on the H200 in the ``sdpa`` pose step (TFLOP/s)."""
+    parts = h200_parts("sdpa", "pose")
+    flops = BLOCKS * 4 * TOKENS["pose"] ** 2 * MODEL_DIM
+    return flops / (parts["self"] / 1e3) / 1e12
+
+
+def window_step_s(step: tuple[float, float], plain: tuple[float, float]) -> tuple[float, float]:
+    total = sum(STEPS.values())
+    pairs = zip(step, plain, strict=True)
+    return tuple((STEPS["pose"] * a + STEPS["plain"] * b) / total for a, b in pairs)
+
+
+def job(summary: Path, label: str) -> dict:
+    return next(j for j in json.loads(summary.read_text())["jobs"] if j["job"] == label)
+
+
+def _sampling_s(j: dict) -> float:
+    """Seconds from the first window-step's start to the last one's end (the span of the
+    sampler's events plus the first window-step, which ends before the first event)."""
+    times = [e[0] for e in j["sampler_events"] if e[2] == 6]
+    steps = [s for s in j["sampler_step_s"] if s > 0]
+    return max(times) - min(times) + statistics.mean(steps)
+
+
+# (row, summary, job, window-steps per job, unused); the 81-frame row is the earlier run's
+# unprofiled warm job (this run's warm job had two forwards under the profiler)
+ROWS = [
+    ("81 frames (3.4 s), warm", LONG / "lean_summary.json", "lean:warm", 6, None),
+    ("241 frames (10 s)", LONG / "frames241_summary.json", "lean:w241", 40, None),
+    ("721 frames (30 s)", RUN / "summary.json", "baseline:w721", 121, None),
+    ("1441 frames (60 s)", LONG / "lean_summary.json", "lean:long", 239, None),
+    ("1441 frames (60 s), overlap 16", RUN / "summary.json", "overlap16:long", 136, None),
+    ("961 frames (60 s at 16 fps)", RUN / "summary.json", "fps16:long", 159, None),
+]
+
+
+def outside(j: dict) -> tuple[float, float, float]:
+    """(CPU nodes + the worker's stages, tensor-core nodes, NLF + pose render) in seconds."""
+    nodes = {v["class"]: v["s"] for v in j["node_times"].values() if v["class"] != SAMPLER}
+    tensor = sum(s for c, s in nodes.items() if c in TENSOR_NODES)
+    render = sum(s for c, s in nodes.items() if c in RENDER_NODES)
+    cpu = sum(nodes.values()) - tensor - render
+    worker = j["wall_s"] - j["timings"]["inference"]
+    return cpu + worker, tensor, render
 
 
 def main() -> None:
     levers = [
-        ("`sdpa`, bf16 (no SageAttention)", "sdpa", "bf16"),
-        ("`sageattn`, bf16 (`BASE_PRECISION=bf16`)", "sageattn", "bf16"),
+        ("`sdpa`, bf16", "sdpa", "bf16", False),
+        ("`sageattn`, bf16", "sageattn", "bf16", False),
         (
-            "`sageattn`, `fp16_fast` (the worker's choice on a GeForce card)",
+            "`sageattn`, `fp16_fast` (the worker's choice on GeForce)",
             "sageattn",
             "fp16_fast",
+            False,
         ),
+        ("`sageattn`, `fp16_fast`, fused RMSNorm", "sageattn", "fp16_fast", True),
     ]
-    print(
-        "| lever | linears ms/block | attention ms | other + wrapper ms | ms/block "
-        "| s per pose window-step |"
-    )
-    print("|---|---|---|---|---|---|")
-    rows = []
-    for name, attention, precision in levers:
-        linear = LINEAR_TFLOP / (RATE[precision] * H200_LINEAR_EFF) * 1e3
-        lo, hi = block_ms(attention, precision)
-        a_lo, a_hi = ATTN_MS[attention]
-        rows.append((name, lo, hi))
+    print("One pose window-step on the H200, measured (ms, `torch.profiler`):\n")
+    print("| attention | self-attention | cross-attention | gemm | memory-bound | host | wall |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("sageattn", "sdpa", "rms_fused"):
+        p = h200_parts(name, "pose")
         print(
-            f"| {name} | {linear:.0f} | {a_lo:.0f}-{a_hi:.0f} | "
-            f"{OTHER_MS + WRAPPER_MS[attention]:.0f} | {lo:.0f}-{hi:.0f} | "
-            f"{lo * BLOCKS / 1e3:.1f}-{hi * BLOCKS / 1e3:.1f} |"
+            f"| {name} | {p['self']:.0f} | {p['cross']:.0f} | {p['gemm']:.0f} | "
+            f"{p['memory']:.0f} | {p['host']:.0f} | {p['wall']:.0f} |"
         )
-    print()
-    print(
-        "| lever | 81 frames, warm: sampler | 81 frames, warm: job | 10 s: job "
-        "| 60 s: sampler | 60 s: job |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, lo, hi in rows:
-        per_step = [(v * BLOCKS / 1e3) for v in (lo, hi)]
-        mean_step = [s * (STEPS_POSE + STEPS_PLAIN * PLAIN_SHARE) / 6 for s in per_step]
-        sampler = [PRE_SAMPLING_S + 6 * m for m in mean_step]
-        job = [sampler[0] + OUTSIDE_81[0], sampler[1] + OUTSIDE_81[1]]
-        mid_job = [
-            PRE_SAMPLING_S + WINDOW_STEPS_10 * m + o
-            for m, o in zip(mean_step, OUTSIDE_10, strict=True)
-        ]
-        long_sampler = [PRE_SAMPLING_S + WINDOW_STEPS_60 * m for m in mean_step]
-        long_job = [long_sampler[0] + OUTSIDE_60[0], long_sampler[1] + OUTSIDE_60[1]]
+    print(f"\n(PyTorch's flash kernel on the H200: {_fa2_h200_tflops():.0f} TFLOP/s)\n")
+    print("RTX 5090, estimated seconds per window-step:\n")
+    print("| lever | pose step | plain step | mean window-step (4 pose + 2 plain) |")
+    print("|---|---|---|---|")
+    means = {}
+    for name, att, prec, rms in levers:
+        pose = rtx_step_s(att, prec, rms, "pose")
+        plain = rtx_step_s(att, prec, rms, "plain")
+        mean = window_step_s(pose, plain)
+        means[name] = mean
         print(
-            f"| {name} | {sampler[0]:.0f}-{sampler[1]:.0f} s | {job[0]:.0f}-{job[1]:.0f} s | "
-            f"{mid_job[0] / 60:.1f}-{mid_job[1] / 60:.1f} min | "
-            f"{long_sampler[0] / 60:.1f}-{long_sampler[1] / 60:.1f} min | "
-            f"{long_job[0] / 60:.1f}-{long_job[1] / 60:.1f} min |"
+            f"| {name} | {pose[0]:.2f}-{pose[1]:.2f} | {plain[0]:.2f}-{plain[1]:.2f} | "
+            f"{mean[0]:.2f}-{mean[1]:.2f} |"
         )
-    print()
+    cold = job(RUN / "summary.json", "baseline:cold")
+    pre_81 = cold["node_times"]["348"]["s"] - _sampling_s(cold)
+    print(f"\n(before the first window-step, 81 frames: {pre_81:.1f} s on the H200)\n")
+    print("Whole jobs: H200 measured, RTX 5090 estimated per lever (min):\n")
+    header = "| clip | window-steps | H200 end to end | H200 $ per output s | " + " | ".join(
+        name for name, *_ in levers
+    )
+    print(header + " |")
+    print("|" + "---|" * (4 + len(levers)))
+    for row, path, label, wsteps, _ in ROWS:
+        j = job(path, label)
+        cpu, tensor, render = outside(j)
+        seconds = j["video"]["duration_s"]
+        cells = []
+        for name, *_ in levers:
+            lo, hi = (
+                pre_81 * PRE_SCALE[i]
+                + wsteps * means[name][i]
+                + cpu
+                + tensor * GPU_SCALE[i]
+                + render * RENDER_SCALE[i]
+                for i in (0, 1)
+            )
+            cells.append(f"{lo / 60:.1f}-{hi / 60:.1f}" if lo > 120 else f"{lo:.0f}-{hi:.0f} s")
+        wall = j["wall_s"]
+        h200 = f"{wall / 60:.1f} min" if wall > 120 else f"{wall:.1f} s"
+        print(
+            f"| {row} | {wsteps} | {h200} | ${wall * PRICE_H200 / seconds:.4f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     print(
-        f"(H200 linear efficiency {H200_LINEAR_EFF:.2f}; outside the sampler: 81 frames "
-        f"{OUTSIDE_81[0]:.0f}-{OUTSIDE_81[1]:.0f} s, "
-        f"60 s {OUTSIDE_60[0]:.0f}-{OUTSIDE_60[1]:.0f} s)"
+        "\n(5090 cells in minutes unless marked s. The 81-frame, 10-s and 60-s overlap-48 rows "
+        "are from the earlier run (gpu_h200_long): its clip needed no transcode and its pose "
+        "detection took 0.04 s)"
     )
 
 

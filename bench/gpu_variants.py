@@ -26,10 +26,11 @@ Levers:
 - ``fps16``: the job at 16 fps (SCAIL-preview's training rate): 961 frames for 60 s of dance.
 - ``rms_fused``: the q/k RMSNorm of every block as torch's ``nn.RMSNorm`` (node 22
   ``rms_norm_function: pytorch``) instead of WanVideoWrapper's own ``WanRMSNorm``
-  (``wanvideo/modules/model.py``), which runs square, mean, scale and weight as separate float32
+  (``wanvideo/modules/model.py``), which runs square, mean, scale and weight as separate
   passes over each 29,757 x 5,120 activation; the loader's tooltip says the torch one "is faster
-  ... but changes results slightly". A candidate for part of the ~1 s per step between
-  WanVideoWrapper's step and 40 bare blocks.
+  ... but changes results slightly". Measured on the H200 (``gpu_h200_windows``): -3.5 % per
+  step; the shipped graph has used it since. ``rms_default`` puts WanVideoWrapper's own back, for
+  an A/B against the shipped graph.
 - ``sdpa``: WanVideoWrapper's attention as PyTorch SDPA (``SAGEATTENTION_ENABLED=0``: node 22
   ``attention_mode: sdpa``) in a ComfyUI started for ``sageattn``, so one run profiles a step in
   both attention modes on the same server.
@@ -37,7 +38,9 @@ Levers:
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
 
-Earlier results (``bench/results/gpu_h200_long``) name the variants of their day: ``lean`` was
+Results name the graph of their day: in ``bench/results/gpu_h200_windows`` ``baseline`` still
+had ``rms_norm_function: default``, so ``rms_fused`` there is today's shipped graph. Earlier
+results (``bench/results/gpu_h200_long``) name the variants of their day: ``lean`` was
 node 131 on the GPU plus NLFPredict in batches, both now in the shipped graph (node 131 is left
 out by the worker, NLFPredict runs in batches of 32), ``tuned`` that plus ``resident``.
 """
@@ -55,6 +58,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
     "fps16": {"job": {"fps": 16}},
     "rms_fused": {"graph": {"22": {"rms_norm_function": "pytorch"}}},
+    "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
 }
@@ -68,6 +72,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
     "rms_fused": ("rms_fused",),
+    "rms_default": ("rms_default",),
     "sdpa": ("sdpa",),
     "cpu_smoke": ("vae_fp32",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
