@@ -105,7 +105,7 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "JOB_TIMEOUT_S": (
         "3600",
         "per-job limit; on overrun ComfyUI is interrupted (a 60-s dance takes about 10 min on an "
-        "H200 and an estimated 25–35 min on an RTX 5090)",
+        "H200 and an estimated 21–23 min on an RTX 5090)",
     ),
     "COMFY_INTERRUPT_GRACE_S": (
         "60",
