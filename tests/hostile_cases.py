@@ -255,6 +255,12 @@ CASES: list[HostileCase] = [
         "max_frames_too_small", lambda env: _img(env, max_frames=2), "max_frames", "invalid_input"
     ),
     HostileCase(
+        "context_overlap_boolean",
+        lambda env: _img(env, context_overlap=True),
+        "context_overlap",
+        "invalid_input",
+    ),
+    HostileCase(
         "keep_audio_string", lambda env: _img(env, keep_audio="yes"), "keep_audio", "invalid_input"
     ),
     HostileCase("output_ftp", lambda env: _img(env, output="ftp"), "output", "invalid_input"),

@@ -629,6 +629,17 @@ async def test_without_max_frames_the_whole_clip_is_rendered(rig: Rig) -> None:
     assert result["video"]["frames"] == 9 and result["video"]["has_audio"] is True
 
 
+async def test_context_overlap_reaches_node_355(rig_factory: Callable[..., Rig]) -> None:
+    """The job's context_overlap is written into the context options; without it the
+    template's 48 stays."""
+    rig = rig_factory()
+    plain = await rig.worker.run(rig.job())
+    tuned = await rig.worker.run(rig.job(context_overlap=16))
+    assert "error" not in plain and "error" not in tuned, (plain, tuned)
+    graphs = [rig.double.prompts[r["prompt_id"]][2] for r in (plain, tuned)]
+    assert [g["355"]["inputs"]["context_overlap"] for g in graphs] == [48, 16]
+
+
 async def test_gpu_profile_reaches_the_graph(
     rig_factory: Callable[..., Rig], caplog: pytest.LogCaptureFixture
 ) -> None:

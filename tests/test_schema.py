@@ -231,6 +231,24 @@ def test_max_seconds_is_checked(value: object, reason: str) -> None:
     assert parse_job_input({**IMG, "max_seconds": 12}, SETTINGS).max_seconds == 12
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (0, "must be between 4 and 80 (got 0)"),
+        (84, "must be between 4 and 80 (got 84)"),
+        (18, "must be a multiple of 4 (got 18)"),
+        ("16", "must be an integer, not a string"),
+        (16.0, "must be an integer, not a number"),
+    ],
+)
+def test_context_overlap_is_checked(value: object, reason: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_job_input({**IMG, "context_overlap": value}, SETTINGS)
+    assert err.value.field == "context_overlap" and reason in err.value.message
+    assert parse_job_input(IMG, SETTINGS).context_overlap is None
+    assert parse_job_input({**IMG, "context_overlap": 16}, SETTINGS).context_overlap == 16
+
+
 def test_resolve_size_without_auto_size_keeps_the_fields() -> None:
     assert parse(width=512, height=896).resolve_size(2000, 1000) == (512, 896)
     assert parse().resolve_size(2000, 1000) == (416, 672)

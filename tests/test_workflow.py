@@ -50,6 +50,10 @@ def mini_graph() -> dict[str, Any]:
             "inputs": {"attention_mode": "sdpa", "base_precision": "bf16"},
         },
         "362": {"class_type": "RenderNLFPoses", "inputs": {"render_device": "gpu"}},
+        "355": {
+            "class_type": "WanVideoContextOptions",
+            "inputs": {"context_frames": 81, "context_stride": 4, "context_overlap": 48},
+        },
         "348": {"class_type": "WanVideoSamplerv2", "inputs": {"seed": 42, "cfg": ["238", 0]}},
         "349": {"class_type": "WanVideoSchedulerv2", "inputs": {"steps": 6}},
         "368": {
@@ -119,6 +123,13 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["22"]["inputs"]["attention_mode"] == "sageattn"
     assert graph["22"]["inputs"]["base_precision"] == "fp16_fast"
     assert graph["362"]["inputs"]["render_device"] == "cpu"
+
+
+def test_context_overlap_is_the_templates_unless_the_job_sets_it() -> None:
+    wf = Workflow(mini_graph())
+    assert wf.build(params())["355"]["inputs"]["context_overlap"] == 48
+    patched = wf.build(params(context_overlap=16))["355"]["inputs"]
+    assert patched == {"context_frames": 81, "context_stride": 4, "context_overlap": 16}
 
 
 def test_the_audio_link_is_always_removed() -> None:

@@ -300,6 +300,7 @@ class Worker:
                 attention_mode=self.settings.attention_mode,
                 pose_render_device=self.settings.pose_render_device,
                 base_precision=self.gpu_profile.base_precision,
+                context_overlap=params.context_overlap,
             )
         )
 

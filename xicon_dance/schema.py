@@ -11,7 +11,8 @@ Contract:
   (416), height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg
   (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (unset; capped by
   settings.max_frames when that is set, rounded down to 4n+1), max_seconds (unset; 0.1..3600),
-  keep_audio (true), output ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole
+  context_overlap (unset: the graph's 48; 4..80, a multiple of 4), keep_audio (true), output
+  ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole
   driving clip is rendered up to ``MAX_SECONDS`` (see ``xicon_dance.clip.plan_clip``).
 - ``JobInput.resolve_size(image_width, image_height) -> tuple[int, int]``: with auto_size, a
   dimension the caller did not give is derived from the reference image aspect ratio (multiple of
@@ -82,6 +83,9 @@ MIN_SIDE = 256
 MAX_SIDE = 1280
 SIDE_STEP = 32
 MIN_FRAMES = 5
+# Context windows (node 355, pixel frames; the sampler uses overlap // 4 latent frames, which must
+# stay below the window's 21 latent frames): the overlap a job may ask for.
+MIN_OVERLAP, MAX_OVERLAP, OVERLAP_STEP = 4, 80, 4
 MAX_PROMPT_CHARS = 2000
 MAX_URL_CHARS = 4096
 MAX_PATH_CHARS = 4096
@@ -142,6 +146,9 @@ class JobInput(BaseModel):
     fps: int = Field(24, ge=1, le=60)
     max_frames: int | None = Field(None, ge=MIN_FRAMES)
     max_seconds: float | None = Field(None, ge=0.1, le=3600.0, allow_inf_nan=False)
+    context_overlap: int | None = Field(
+        None, ge=MIN_OVERLAP, le=MAX_OVERLAP, multiple_of=OVERLAP_STEP
+    )
     keep_audio: bool = True
     output: Literal["auto", "url", "base64"] = "auto"
 

@@ -8,8 +8,9 @@ Contract:
   mutated.
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
   fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, filename_prefix,
-  attention_mode, pose_render_device, base_precision (``gpu_profile``). Derived values (pose size
-  = half the generation size) are written here, nowhere else.
+  attention_mode, pose_render_device, base_precision (``gpu_profile``), context_overlap (the
+  job's, or None: the template's, node 355). Derived values (pose size = half the generation
+  size) are written here, nowhere else.
 - The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
   size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
   (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
@@ -89,6 +90,7 @@ ROLES: dict[str, Role] = {
     "base_precision": Role("22", "WanVideoModelLoader", "base_precision"),
     "pose_render_device": Role("362", "RenderNLFPoses", "render_device"),
     "pose_batch": Role("334", "NLFPredict", "per_batch"),
+    "context_overlap": Role("355", "WanVideoContextOptions", "context_overlap"),
 }
 # NLFPredict frames per pass: bounded GPU memory for any clip length, still a full GPU batch.
 POSE_BATCH = 32
@@ -111,10 +113,12 @@ class PatchParams:
     attention_mode: str
     pose_render_device: str
     base_precision: str = "bf16"
+    context_overlap: int | None = None  # None: the template's
 
     def values(self) -> dict[str, Any]:
         """Role -> value, derived values included (pose size is half the generation size)."""
-        return {
+        overlap = {} if self.context_overlap is None else {"context_overlap": self.context_overlap}
+        return overlap | {
             "image": self.image_name,
             "video": self.video_name,
             "load_fps": 0,  # the file is at the job's fps already: every frame, as it is

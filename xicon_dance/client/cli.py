@@ -108,6 +108,13 @@ def _add_job_args(run: argparse.ArgumentParser) -> None:
         "up to the worker's MAX_SECONDS)",
     )
     group.add_argument(
+        "--context-overlap",
+        dest="context_overlap",
+        type=int,
+        help="frames shared by neighbouring context windows on clips over 81 frames (4..80, a "
+        "multiple of 4; default the graph's 48): lower is faster, higher blends windows more",
+    )
+    group.add_argument(
         "--no-audio",
         dest="keep_audio",
         action="store_const",

@@ -32,6 +32,7 @@ OPTION_FIELDS = (
     "fps",
     "max_frames",
     "max_seconds",
+    "context_overlap",
     "keep_audio",
     "output",
 )
