@@ -154,15 +154,15 @@ def _sampling_s(j: dict) -> float:
     return max(times) - min(times) + statistics.mean(steps)
 
 
-# (row, summary, job, window-steps per job, unused); the 81-frame row is the earlier run's
-# unprofiled warm job (this run's warm job had two forwards under the profiler)
+# (row, summary, job, window-steps per job); the 81-frame row is the earlier run's unprofiled
+# warm job (this run's warm job had two forwards under the profiler)
 ROWS = [
-    ("81 frames (3.4 s), warm", LONG / "lean_summary.json", "lean:warm", 6, None),
-    ("241 frames (10 s)", LONG / "frames241_summary.json", "lean:w241", 40, None),
-    ("721 frames (30 s)", RUN / "summary.json", "baseline:w721", 121, None),
-    ("1441 frames (60 s)", LONG / "lean_summary.json", "lean:long", 239, None),
-    ("1441 frames (60 s), overlap 16", RUN / "summary.json", "overlap16:long", 136, None),
-    ("961 frames (60 s at 16 fps)", RUN / "summary.json", "fps16:long", 159, None),
+    ("81 frames (3.4 s), warm", LONG / "lean_summary.json", "lean:warm", 6),
+    ("241 frames (10 s)", LONG / "frames241_summary.json", "lean:w241", 40),
+    ("721 frames (30 s)", RUN / "summary.json", "baseline:w721", 121),
+    ("1441 frames (60 s)", LONG / "lean_summary.json", "lean:long", 239),
+    ("1441 frames (60 s), overlap 16", RUN / "summary.json", "overlap16:long", 136),
+    ("961 frames (60 s at 16 fps)", RUN / "summary.json", "fps16:long", 159),
 ]
 
 
@@ -220,7 +220,7 @@ def main() -> None:
     )
     print(header + " |")
     print("|" + "---|" * (4 + len(levers)))
-    for row, path, label, wsteps, _ in ROWS:
+    for row, path, label, wsteps in ROWS:
         j = job(path, label)
         cpu, tensor, render = outside(j)
         seconds = j["video"]["duration_s"]
