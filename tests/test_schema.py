@@ -234,8 +234,8 @@ def test_max_seconds_is_checked(value: object, reason: str) -> None:
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        (0, "must be between 4 and 80 (got 0)"),
-        (84, "must be between 4 and 80 (got 84)"),
+        (0, "must be between 4 and 64 (got 0)"),
+        (68, "must be between 4 and 64 (got 68)"),
         (18, "must be a multiple of 4 (got 18)"),
         ("16", "must be an integer, not a string"),
         (16.0, "must be an integer, not a number"),

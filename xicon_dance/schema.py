@@ -11,7 +11,7 @@ Contract:
   (416), height (672) (multiples of 32, 256..1280), auto_size (false), steps (6; 1..50), cfg
   (1.0; 0..20), seed (0; -1 = random), fps (24; 1..60), max_frames (unset; capped by
   settings.max_frames when that is set, rounded down to 4n+1), max_seconds (unset; 0.1..3600),
-  context_overlap (unset: the graph's 48; 4..80, a multiple of 4), keep_audio (true), output
+  context_overlap (unset: the graph's 48; 4..64, a multiple of 4), keep_audio (true), output
   ("auto" | "url" | "base64"). Without max_frames/max_seconds the whole
   driving clip is rendered up to ``MAX_SECONDS`` (see ``xicon_dance.clip.plan_clip``).
 - ``JobInput.resolve_size(image_width, image_height) -> tuple[int, int]``: with auto_size, a
@@ -83,9 +83,12 @@ MIN_SIDE = 256
 MAX_SIDE = 1280
 SIDE_STEP = 32
 MIN_FRAMES = 5
-# Context windows (node 355, pixel frames; the sampler uses overlap // 4 latent frames, which must
-# stay below the window's 21 latent frames): the overlap a job may ask for.
-MIN_OVERLAP, MAX_OVERLAP, OVERLAP_STEP = 4, 80, 4
+# Context windows (node 355, pixel frames; the sampler uses overlap // 4 latent frames of the
+# window's 21): the overlap a job may ask for. Windows per step grow steeply with it: for 60 s of
+# dance (1441 frames, 6 steps) 136 window-steps at 16, 239 at 48, 419 at 64, 693 at 72 and 2046
+# at 80 (the pinned schedule, ``context_windows``); at 72 a 60-s clip would already take about
+# an hour on an RTX 5090 (estimated 4.7 s per window-step), the default ``JOB_TIMEOUT_S``.
+MIN_OVERLAP, MAX_OVERLAP, OVERLAP_STEP = 4, 64, 4
 MAX_PROMPT_CHARS = 2000
 MAX_URL_CHARS = 4096
 MAX_PATH_CHARS = 4096

@@ -111,7 +111,7 @@ def _add_job_args(run: argparse.ArgumentParser) -> None:
         "--context-overlap",
         dest="context_overlap",
         type=int,
-        help="frames shared by neighbouring context windows on clips over 81 frames (4..80, a "
+        help="frames shared by neighbouring context windows on clips over 81 frames (4..64, a "
         "multiple of 4; default the graph's 48): lower is faster, higher blends windows more",
     )
     group.add_argument(
