@@ -54,6 +54,7 @@ BLOCKS = 40
 TOKENS = {"pose": 29_757, "plain": 24_024}
 STEPS = {"pose": 4, "plain": 2}  # per window: the pose tokens end at 50 % (node 324)
 MODEL_DIM = 5_120
+LINEAR_TFLOP = 17.8  # one block's linears at 29,757 tokens (597.7 MFLOP per token)
 H200_BF16 = 989.0
 RTX_GEMM = {"bf16": 209.5, "fp16_fast": 419.0}
 RTX_SAGE_TOPS = (583.0, 643.0)
@@ -197,7 +198,11 @@ def main() -> None:
             f"| {name} | {p['self']:.0f} | {p['cross']:.0f} | {p['gemm']:.0f} | "
             f"{p['memory']:.0f} | {p['host']:.0f} | {p['wall']:.0f} |"
         )
-    print(f"\n(PyTorch's flash kernel on the H200: {_fa2_h200_tflops():.0f} TFLOP/s)\n")
+    gemm_tflops = LINEAR_TFLOP * BLOCKS / (h200_parts("sageattn", "pose")["gemm"] / 1e3)
+    print(
+        f"\n(on the H200: PyTorch's flash kernel {_fa2_h200_tflops():.0f} TFLOP/s, the linears "
+        f"{gemm_tflops:.0f} TFLOP/s)\n"
+    )
     print("RTX 5090, estimated seconds per window-step:\n")
     print("| lever | pose step | plain step | mean window-step (4 pose + 2 plain) |")
     print("|---|---|---|---|")

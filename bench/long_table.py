@@ -8,7 +8,9 @@ Per job it prints, as a Markdown table:
 - windows per step: counted with ``xicon_dance.context_windows`` (the pinned ``uniform_standard``
   schedule of WanVideoWrapper; the sampler's progress events agree with it);
 - end to end (the worker's wall time for the job), the worker's ``prepare`` stage (the driving
-  clip transcoded to the job's size and fps), the sampler node, the rest of ComfyUI's nodes;
+  clip transcoded to the job's size and fps), the sampler node and the part of it spent moving
+  the transformer's weights to the GPU (its load bar, one event per tensor), the rest of
+  ComfyUI's nodes;
 - seconds per window-step: the sampling span (first to last sampler event, i.e. the end of the
   first window to the end of the last) over the window-steps in it, and its ratio to the mean
   step of the run's reference job (``--reference``, an 81-frame job: one window per step);
@@ -47,6 +49,17 @@ def _span(job: dict) -> float:
     return max(times) - min(times)
 
 
+def weights_move_s(job: dict) -> float | None:
+    """Seconds the sampler spent moving the transformer's weights to the GPU: its load bar (the
+    progress events whose total is the number of tensors, the largest total) from first to last."""
+    bars = [e for e in job["sampler_events"] if e[2] not in (None, STEPS)]
+    if not bars:
+        return None
+    total = max(e[2] for e in bars)
+    times = [e[0] for e in bars if e[2] == total]
+    return max(times) - min(times)
+
+
 def reference_step(summary: dict, label: str) -> float:
     """Mean seconds per step of an 81-frame job: its sampling span over the steps in it."""
     job = next(j for j in summary["jobs"] if j["job"] == label)
@@ -71,6 +84,7 @@ def rows(summary: dict, ref_s: float, price: float) -> list[str]:
         sampler = nodes.get("348", {}).get("s", 0.0)
         rest = sum(v["s"] for k, v in nodes.items() if k != "348")
         span = _span(job)
+        move = weights_move_s(job)
         ws = span / (total_ws - 1) if total_ws > STEPS else None
         video = job.get("video", {})
         seconds = video.get("duration_s") or 0.0
@@ -86,6 +100,7 @@ def rows(summary: dict, ref_s: float, price: float) -> list[str]:
             f"{job['wall_s']:.1f} s",
             f"{prep:.1f} s" if prep is not None else "—",
             f"{sampler:.1f} s",
+            f"{move:.1f} s" if move is not None else "—",
             f"{rest:.1f} s",
             f"{ws:.3f} s ({ws / ref_s:.2f}×)" if ws else "—",
             f"{job['vram_peak_mib'] / GIB_MIB:.1f} GiB",
@@ -109,10 +124,11 @@ def main() -> None:
     args = p.parse_args()
     print(
         "| job | clip | overlap | windows per step (window-steps) | end to end | worker prepare "
-        "| sampler node | other nodes | s per window-step (vs 81 frames) | VRAM peak "
+        "| sampler node | of it, weights to the GPU | other nodes "
+        "| s per window-step (vs 81 frames) | VRAM peak "
         "| ComfyUI RSS peak (anon + files) | MP4 | H200 cost (per output s) |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     for path in args.summaries:
         summary = json.loads(path.read_text())
         ref = args.reference_s or reference_step(summary, args.reference)
