@@ -42,6 +42,7 @@ Scaling to the RTX 5090 (each factor is an assumption the estimate stands on):
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -83,6 +84,7 @@ CALLS = {
 }
 
 
+@functools.cache
 def profile(call: int) -> dict:
     return json.loads((RUN / "profile" / f"call{call}.json").read_text())
 
@@ -108,33 +110,35 @@ def h200_parts(attention: str, kind: str) -> dict[str, float]:
     }
 
 
-def rtx_step_s(attention: str, precision: str, rms: bool, kind: str) -> tuple[float, float]:
-    """One window-step on the RTX 5090 in seconds (low, high)."""
-    parts = h200_parts(attention, kind)
-    if rms:
-        fused = h200_parts("rms_fused", "pose")["memory"] / h200_parts("sageattn", "pose")["memory"]
-        parts["memory"] *= fused
-    h200_self = h200_parts(attention, kind)["self"]
-    flops = BLOCKS * 4 * TOKENS[kind] ** 2 * MODEL_DIM
-    rates = RTX_SAGE_TOPS if attention == "sageattn" else RTX_FA2_TFLOPS
-    fa2_h200 = _fa2_h200_tflops()
-    out = []
-    for rate, fa2 in zip(rates[::-1], RTX_FA2_TFLOPS[::-1], strict=True):  # high rate -> low time
-        gemm = parts["gemm"] * H200_BF16 / RTX_GEMM[precision]
-        self_ms = flops / (rate * 1e12) * 1e3 if h200_self > 0 else 0.0
-        cross = parts["cross"] * fa2_h200 / fa2
-        memory = parts["memory"] * BANDWIDTH_RATIO
-        if precision == "fp16_fast":
-            memory += FP16_FAST_EXTRA_S[kind] * 1e3 * BANDWIDTH_RATIO
-        out.append((gemm + self_ms + cross + memory + parts["host"]) / 1e3)
-    return out[0], out[1]
+def attention_flops(kind: str) -> float:
+    """Self-attention operations of one forward: 4 N^2 x model width per block."""
+    return BLOCKS * 4 * TOKENS[kind] ** 2 * MODEL_DIM
 
 
 def _fa2_h200_tflops() -> float:
     """What PyTorch's flash kernel reached on the H200 in the ``sdpa`` pose step (TFLOP/s)."""
-    parts = h200_parts("sdpa", "pose")
-    flops = BLOCKS * 4 * TOKENS["pose"] ** 2 * MODEL_DIM
-    return flops / (parts["self"] / 1e3) / 1e12
+    return attention_flops("pose") / (h200_parts("sdpa", "pose")["self"] / 1e3) / 1e12
+
+
+def rtx_step_s(attention: str, precision: str, rms: bool, kind: str) -> tuple[float, float]:
+    """One window-step on the RTX 5090 in seconds (low, high)."""
+    parts = h200_parts(attention, kind)
+    memory = parts["memory"]
+    if rms:
+        fused, unfused = h200_parts("rms_fused", "pose"), h200_parts("sageattn", "pose")
+        memory *= fused["memory"] / unfused["memory"]
+    memory *= BANDWIDTH_RATIO
+    if precision == "fp16_fast":
+        memory += FP16_FAST_EXTRA_S[kind] * 1e3 * BANDWIDTH_RATIO
+    fixed_ms = parts["gemm"] * H200_BF16 / RTX_GEMM[precision] + memory + parts["host"]
+    rates = RTX_SAGE_TOPS if attention == "sageattn" else RTX_FA2_TFLOPS
+    fa2_h200 = _fa2_h200_tflops()
+    low, high = (
+        (fixed_ms + attention_flops(kind) / (rate * 1e12) * 1e3 + parts["cross"] * fa2_h200 / fa2)
+        / 1e3
+        for rate, fa2 in zip(rates[::-1], RTX_FA2_TFLOPS[::-1], strict=True)  # high rate first
+    )
+    return low, high
 
 
 def window_step_s(step: tuple[float, float], plain: tuple[float, float]) -> tuple[float, float]:
