@@ -28,7 +28,7 @@ Levers:
   ``rms_norm_function: pytorch``) instead of WanVideoWrapper's own ``WanRMSNorm``
   (``wanvideo/modules/model.py``), which runs square, mean, scale and weight as separate
   passes over each 29,757 x 5,120 activation; the loader's tooltip says the torch one "is faster
-  ... but changes results slightly". Measured on the H200 (``gpu_h200_windows``): -3.6 % per
+  ... but changes results slightly". Measured on the H200 (``gpu_h200_windows``): -3.4 % per
   step; the shipped graph has used it since. ``rms_default`` puts WanVideoWrapper's own back, for
   an A/B against the shipped graph.
 - ``sdpa``: WanVideoWrapper's attention as PyTorch SDPA (``SAGEATTENTION_ENABLED=0``: node 22

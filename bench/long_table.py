@@ -18,6 +18,10 @@ Per job it prints, as a Markdown table:
   ComfyUI allocated (``RssAnon``) and mapped files (``RssFile``, the model files' pages);
 - the MP4 (frames, seconds, audio) and the cost at a per-second price (``--price``, default
   RunPod's published H200 PRO flex $0.00155/s), in all and per output second.
+
+``--compare A B`` adds one line: 81-frame job B's seconds per pose and plain step (profiled
+forwards left out) against job A's, per window-step, per 81-frame job and over
+``--window-steps`` window-steps (default 239: 60 s of dance at overlap 48).
 """
 
 from __future__ import annotations
@@ -58,6 +62,33 @@ def weights_move_s(job: dict) -> float | None:
     total = max(e[2] for e in bars)
     times = [e[0] for e in bars if e[2] == total]
     return max(times) - min(times)
+
+
+def step_times(job: dict) -> tuple[float, float]:
+    """Mean seconds of an 81-frame job's pose steps and plain steps, profiled steps left out.
+
+    ``sampler_step_s`` holds the intervals between step events: steps 2-6 for one window (the
+    first step has no start event), so intervals 0-2 are pose steps (the pose tokens end at
+    50 %, after step 4) and 3-4 plain ones. A profiled forward runs 3x slower than its
+    neighbours; a value over 1.5x the smallest of its group is left out."""
+    intervals = job["sampler_step_s"]
+    groups = (intervals[:3], intervals[3:])
+    kept = [[v for v in g if v <= 1.5 * min(g)] for g in groups]
+    return statistics.mean(kept[0]), statistics.mean(kept[1])
+
+
+def compare(summary: dict, a: str, b: str, window_steps: int) -> str:
+    """Job ``b`` against job ``a`` (81-frame jobs): seconds per pose / plain step, per
+    window-step (4 pose + 2 plain) and over ``window_steps`` window-steps."""
+    jobs = {j["job"]: j for j in summary["jobs"]}
+    (pa, qa), (pb, qb) = step_times(jobs[a]), step_times(jobs[b])
+    wa, wb = (4 * pa + 2 * qa) / 6, (4 * pb + 2 * qb) / 6
+    return (
+        f"{b} vs {a}: pose step {pb:.3f} vs {pa:.3f} s, plain step {qb:.3f} vs {qa:.3f} s; "
+        f"window-step {wb:.3f} vs {wa:.3f} s ({(wb - wa) / wa:+.1%}): "
+        f"{(wb - wa) * 6:+.2f} s per 81-frame job, {(wb - wa) * window_steps:+.1f} s over "
+        f"{window_steps} window-steps"
+    )
 
 
 def reference_step(summary: dict, label: str) -> float:
@@ -121,6 +152,13 @@ def main() -> None:
         "--reference-s", type=float, help="seconds per step of the reference, for a run without one"
     )
     p.add_argument("--price", type=float, default=0.00155, help="$ per second of the machine")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="also print 81-frame job B's step times against job A's (first summary)",
+    )
+    p.add_argument("--window-steps", type=int, default=239, help="for --compare (60 s: 239)")
     args = p.parse_args()
     print(
         "| job | clip | overlap | windows per step (window-steps) | end to end | worker prepare "
@@ -140,6 +178,9 @@ def main() -> None:
             f"median of all step intervals {statistics.median(steps):.3f} s",
             file=sys.stderr,
         )
+    if args.compare:
+        summary = json.loads(args.summaries[0].read_text())
+        print("\n" + compare(summary, *args.compare, args.window_steps))
 
 
 if __name__ == "__main__":
