@@ -2,7 +2,8 @@
 
 Each variant is the shipped ``XiCON_Dance_SCAIL_vFinal.json`` run through the worker with a few
 changes; the changes are data (``LEVERS``, ``VARIANTS``), so every figure in ``bench/results``
-names exactly what differed. A lever changes node inputs the worker leaves alone (``graph``),
+names exactly what differed. A lever adds nodes (``nodes``, ids from 9000 up, which the
+shipped graph does not use), changes node inputs the worker leaves alone (``graph``),
 sets worker settings (``settings``) for inputs the worker writes itself (its role table: a graph
 patch there would be overwritten when the worker builds the job's graph), or changes the job's
 own fields (``job``).
@@ -34,6 +35,14 @@ Levers:
 - ``sdpa``: WanVideoWrapper's attention as PyTorch SDPA (``SAGEATTENTION_ENABLED=0``: node 22
   ``attention_mode: sdpa``) in a ComfyUI started for ``sageattn``, so one run profiles a step in
   both attention modes on the same server.
+- ``compile``: the transformer's blocks compiled by ``torch.compile`` (inductor, default mode,
+  static shapes): a ``WanVideoTorchCompileSettings`` node added (``COMPILE_NODE``) and wired into
+  the model loader's ``compile_args``; the sampler compiles each block when it runs
+  (``nodes_sampler.py`` ~L145, ``utils.compile_model``). ``allow_unmerged_lora_compile`` is on:
+  the checkpoint is scaled fp8, so the LoRA stays unmerged, and without it every LoRA'd linear
+  is a graph break (``custom_linear.py`` ~L54). The lever aims at the memory-bound work between
+  the matmuls (435 ms per profiled pose step: norms, modulation, RoPE, fp8 -> bf16 weight
+  upcasts), which inductor can fuse. The first job pays the compile.
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -50,6 +59,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+COMPILE_NODE = "9002"
+
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "resident": {"graph": {"348": {"force_offload": False}}},
     "clip_resident": {"graph": {"327": {"force_offload": False}}},
@@ -61,6 +72,26 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
+    "compile": {
+        "nodes": {
+            COMPILE_NODE: {
+                "class_type": "WanVideoTorchCompileSettings",
+                "inputs": {
+                    "backend": "inductor",
+                    "fullgraph": False,
+                    "mode": "default",
+                    "dynamic": False,
+                    "dynamo_cache_size_limit": 64,
+                    "compile_transformer_blocks_only": True,
+                    "dynamo_recompile_limit": 128,
+                    "force_parameter_static_shapes": False,
+                    "allow_unmerged_lora_compile": True,
+                },
+                "_meta": {"title": "bench: torch.compile settings"},
+            }
+        },
+        "graph": {"22": {"compile_args": [COMPILE_NODE, 0]}},
+    },
 }
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -74,9 +105,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "rms_fused": ("rms_fused",),
     "rms_default": ("rms_default",),
     "sdpa": ("sdpa",),
+    "compile": ("compile",),
     "cpu_smoke": ("vae_fp32",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
     "cpu_smoke_rms": ("vae_fp32", "rms_fused"),
+    "cpu_smoke_compile": ("vae_fp32", "compile"),
 }
 
 SAVE_LATENT_NODE = "9001"
@@ -86,6 +119,7 @@ def build(name: str, template: dict[str, Any], *, save_latents: bool = False) ->
     """The template with variant ``name``'s graph levers applied (a deep copy)."""
     graph = copy.deepcopy(template)
     for lever in VARIANTS[name]:
+        graph.update(copy.deepcopy(LEVERS[lever].get("nodes", {})))
         for node_id, inputs in LEVERS[lever].get("graph", {}).items():
             graph[node_id]["inputs"].update(inputs)
     if save_latents:

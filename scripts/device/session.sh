@@ -14,7 +14,11 @@
 #                                            $RUNS/NAME --attention sageattn --video $CLIP
 #                                            --comfy-args "--front-end-root <empty>" ARGS...`
 #                                            detached (setsid)
-#   scripts/device/session.sh poll NAME SECS wait until the run has written summary.json or SECS
+#   scripts/device/session.sh after PREV NAME ARGS...
+#                                            the same, started (detached) once run PREV's
+#                                            process has ended: two runs back to back on the GPU
+#                                            with no call in between
+#   scripts/device/session.sh poll NAME SECS wait until the run's process has ended or SECS
 #                                            pass, then pack what it wrote so far (no videos, no
 #                                            latents) into $OUT/NAME.tgz with the log's tail
 set -euo pipefail
@@ -67,14 +71,27 @@ start() {
     log "run $name started: $*"
 }
 
+running() { pgrep -f "gpu_run.py .*--out $RUNS/$1( |\$)" >/dev/null; }
+
+after() {
+    local prev="${1:?previous run}" name="${2:?run name}"
+    shift 2
+    setsid nohup bash -c 'while pgrep -f "gpu_run.py .*--out $1( |$)" >/dev/null; do sleep 5; done
+        shift; exec bash "$0" start "$@"' "$0" "$RUNS/$prev" "$name" "$@" \
+        >"$RUNS/$name.after.log" 2>&1 </dev/null &
+    log "run $name starts when run $prev has ended: $*"
+}
+
 poll() {
     local name="${1:?run name}" secs="${2:-540}" t0=$SECONDS
     local dir="$RUNS/$name"
-    while [ ! -f "$dir/summary.json" ] && ((SECONDS - t0 < secs)); do
-        pgrep -f "gpu_run.py .*--out $dir" >/dev/null || break
+    # summary.json is rewritten after every job: the run is over when its process is gone
+    while running "$name" && ((SECONDS - t0 < secs)); do
         sleep 5
     done
-    log "run $name: $([ -f "$dir/summary.json" ] && echo finished || echo running) after $((SECONDS - t0)) s"
+    local state=finished
+    running "$name" && state=running
+    log "run $name: $state after $((SECONDS - t0)) s"
     : "${OUT:?}"
     tar -C "$RUNS" -czf "$OUT/$name.tgz" --exclude='*.mp4' --exclude='*.safetensors' \
         "$name" "$name.log" 2>/dev/null || true
@@ -85,9 +102,10 @@ poll() {
 case "${1:-}" in
 prepare) prepare ;;
 start) shift && start "$@" ;;
+after) shift && after "$@" ;;
 poll) shift && poll "$@" ;;
 *)
-    echo "usage: $0 prepare | start NAME ARGS... | poll NAME SECS" >&2
+    echo "usage: $0 prepare | start NAME ARGS... | after PREV NAME ARGS... | poll NAME SECS" >&2
     exit 2
     ;;
 esac
