@@ -91,10 +91,16 @@ def compare(summary: dict, a: str, b: str, window_steps: int) -> str:
     )
 
 
-def reference_step(summary: dict, label: str) -> float:
-    """Mean seconds per step of an 81-frame job: its sampling span over the steps in it."""
-    job = next(j for j in summary["jobs"] if j["job"] == label)
-    return _span(job) / (STEPS - 1)
+def reference_step(summary: dict, label: str) -> tuple[str, float]:
+    """Mean seconds per step of an 81-frame job: its sampling span over the steps in it. The job
+    named ``label``, else the run's first 81-frame job that returned its video."""
+    ok = [j for j in summary["jobs"] if j.get("ok") and j.get("sampler_events")]
+    job = next((j for j in ok if j["job"] == label), None) or next(
+        (j for j in ok if j["max_frames"] == 81), None
+    )
+    if job is None:
+        raise SystemExit("no 81-frame job in the summary to refer to: give --reference-s")
+    return job["job"], _span(job) / (STEPS - 1)
 
 
 def rows(summary: dict, ref_s: float, price: float) -> list[str]:
@@ -169,12 +175,16 @@ def main() -> None:
     print("|" + "---|" * 14)
     for path in args.summaries:
         summary = json.loads(path.read_text())
-        ref = args.reference_s or reference_step(summary, args.reference)
+        label, ref = (
+            ("--reference-s", args.reference_s)
+            if args.reference_s
+            else reference_step(summary, args.reference)
+        )
         for row in rows(summary, ref, args.price):
             print(row)
         steps = [s for j in summary["jobs"] for s in j.get("sampler_step_s", [])]
         print(
-            f"\n{path}: reference {args.reference} {ref:.3f} s per step; "
+            f"\n{path}: reference {label} {ref:.3f} s per step; "
             f"median of all step intervals {statistics.median(steps):.3f} s",
             file=sys.stderr,
         )

@@ -121,6 +121,10 @@ class Big(torch.nn.Module):
 
 model = Big()
 loose = torch.zeros(512, 1024)  # 2 MiB that no module owns
+from torch._subclasses.fake_tensor import FakeTensorMode
+with FakeTensorMode() as fake_mode:
+    fake = torch.empty(4096, 4096)  # what torch.compile traces with: 64 MiB it does not hold
+assert fake.fake_mode is fake_mode
 print(json.dumps(mod.census("cpu")))
 print(mod.add_route())
 """
@@ -136,4 +140,6 @@ def test_the_census_names_modules_and_loose_tensors(stack: Stack) -> None:
     assert not any(row["class"] == "Linear" for row in figures["modules"])
     assert {"shape": [512, 1024], "dtype": "float32", "mib": 2.0} in figures["loose"]
     assert figures["loose_total_mib"] >= 2.0
+    assert [4096, 4096] not in [row["shape"] for row in figures["loose"]]  # the fake tensor
+    assert figures["loose_total_mib"] < 64
     assert (figures["allocated_mib"], figures["device"]) == (0.0, "cpu")

@@ -6,7 +6,9 @@
 - ``modules``: for every top-level ``torch.nn.Module`` (one that is no other module's child),
   its class and the MiB of its parameters and buffers on ``device_type``, largest first;
 - ``loose``: the largest tensors on ``device_type`` that no module owns (shape, dtype, MiB),
-  and their total.
+  and their total; tensors that own no memory (``torch.compile``'s fake tensors, which report
+  the device they stand for) are left out: the first H200 census after a compiled job counted
+  177 GB of them on a 140-GB card.
 
 Why: with the transformer kept on the GPU (``force_offload`` false) the second job ran out of
 memory at 31.5 GiB in WanVideoWrapper's ``load_weights``. Reading the pinned code, the old
@@ -23,6 +25,17 @@ from typing import Any
 import torch
 
 MIB = 2**20
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    """False for tensors that own no memory: the fake tensors ``torch.compile`` traces with (they
+    say ``cuda`` and stay alive in dynamo's caches) and tensors without storage."""
+    if getattr(t, "fake_mode", None) is not None:
+        return False
+    try:
+        return t.untyped_storage().data_ptr() != 0
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _bytes(tensors: Any, device_type: str) -> int:
@@ -52,6 +65,7 @@ def census(device_type: str = "cuda", top: int = 15) -> dict[str, Any]:
         and not isinstance(o, torch.nn.Parameter)
         and id(o) not in owned
         and o.device.type == device_type
+        and _has_memory(o)
     ]
     loose.sort(key=lambda t: -t.numel() * t.element_size())
     cuda = device_type == "cuda" and torch.cuda.is_available()
