@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import xicon_dance.transcode as pipeline
 from xicon_dance import clip
 from xicon_dance.errors import InputError
 from xicon_dance.media import VideoInfo, probe_video
@@ -304,6 +306,124 @@ def test_an_undecodable_clip_is_an_input_error(tmp_path: Path) -> None:
             broken, tmp_path / "out.mp4", make_plan(24, 25), 32, 32, field="video_base64"
         )
     assert err.value.field == "video_base64" and err.value.code == "invalid_video"
+
+
+def transcode_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("transcode-")}
+
+
+def test_a_decode_error_mid_clip_is_an_input_error(tmp_path: Path) -> None:
+    """Bytes zeroed in the middle of the video data: the decoder fails after the first frames,
+    and the threads started for the encoders are ended too."""
+    src = index_video(tmp_path / "src.mp4", 64, 64, 24, 96, audio_s=4.0)
+    data = bytearray(src.read_bytes())
+    middle = data.find(b"mdat") + (len(data) - data.find(b"mdat")) // 3
+    data[middle : middle + 4096] = bytes(4096)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(InputError) as err:
+        clip.transcode(broken, tmp_path / "out.mp4", make_plan(24, 93), 32, 32)
+    assert err.value.field == "video_url" and err.value.code == "invalid_video"
+    assert not transcode_threads()
+
+
+def test_an_audio_decode_error_is_an_input_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audio is decoded in its own thread: its error reaches the caller as today's error."""
+    src = index_video(tmp_path / "src.mp4", 64, 64, 24, 96, audio_s=4.0)
+    calls = 0
+    write = pipeline._Transcode._write_samples
+
+    def failing(self: Any, samples: np.ndarray) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 20:
+            raise av.error.InvalidDataError(-1094995529, "Invalid data found")
+        write(self, samples)
+
+    monkeypatch.setattr(pipeline._Transcode, "_write_samples", failing)
+    with pytest.raises(InputError) as err:
+        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 93), 32, 32, field="video_path")
+    assert (err.value.field, err.value.code) == ("video_path", "invalid_video")
+    assert calls == 20 and not transcode_threads()
+
+
+@pytest.mark.timeout(30, method="thread")  # a deadlock ends the run, not hangs it
+def test_a_failed_video_encoder_never_leaves_the_decoder_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder thread fails once the decoder waits on a full queue, with many more frames to
+    come: the transcode still ends (nobody is left blocked on the queue), with the encoder's
+    error, and nothing left running."""
+    src = index_video(tmp_path / "src.mp4", 64, 64, 24, 120, audio_s=5.0)
+
+    def broken(self: Any) -> None:
+        self._next_frame()
+        deadline = time.monotonic() + 10
+        while not self.frames.full() and time.monotonic() < deadline:  # the decoder is waiting
+            time.sleep(0.01)
+        raise RuntimeError("encoder bug")
+
+    monkeypatch.setattr(pipeline._Transcode, "_encode_video", broken)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="encoder bug"):
+        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32)
+    assert set(threading.enumerate()) == before
+
+
+def test_a_stop_set_mid_run_ends_every_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = index_video(tmp_path / "src.mp4", 64, 64, 24, 120, audio_s=5.0)
+    stop = threading.Event()
+    crops = 0
+    crop = pipeline.cover_crop
+
+    def crop_then_stop(*args: Any) -> np.ndarray:
+        nonlocal crops
+        crops += 1
+        if crops == 10:
+            stop.set()
+        return crop(*args)
+
+    monkeypatch.setattr(pipeline, "cover_crop", crop_then_stop)
+    before = set(threading.enumerate())
+    with pytest.raises(clip.TranscodeStopped):
+        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32, stop=stop)
+    assert crops == 10  # stopped at the next frame, not at the end of the clip
+    assert set(threading.enumerate()) == before
+
+
+def test_late_audio_is_padded_to_the_first_picture_and_trimmed_to_the_rendered_length(
+    tmp_path: Path,
+) -> None:
+    """The source's audio starts 0.5 s after its first picture and outlasts the rendered part:
+    the output's audio starts with that much silence and lasts exactly the rendered length (to
+    the AAC frame of 1024 samples the decoder rounds up to)."""
+    src = tmp_path / "src.mp4"
+    with av.open(str(src), "w", format="mp4") as out:
+        vs = out.add_stream("libx264", rate=24)
+        vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
+        audio = out.add_stream("aac", rate=44100, layout="mono")
+        for k in range(72):
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), k, np.uint8))))
+        out.mux(vs.encode(None))
+        for start in range(0, 3 * 44100, 1024):
+            t = np.arange(start, start + 1024, dtype=np.float32).reshape(1, -1) / 44100
+            wave = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
+            frame.sample_rate, frame.time_base = 44100, Fraction(1, 44100)
+            frame.pts = start + 44100 // 2
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    done = clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 41), 32, 32)
+    with av.open(str(done.path)) as c:
+        samples = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
+    rendered = round(41 / 24 * 44100)
+    assert rendered <= len(samples) < rendered + 1024
+    assert np.abs(samples[: int(0.4 * 44100)]).max() < 0.01  # before the source's audio
+    assert np.sqrt(np.mean(samples[int(0.6 * 44100) : rendered] ** 2)) > 0.2  # the tone
 
 
 BIG_SOURCE = """

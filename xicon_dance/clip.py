@@ -20,10 +20,12 @@ Contract:
   rotation applied), at the job's fps (for each output time i/fps the source frame shown at that
   time), exactly ``plan.frames`` frames, and, with ``audio``, the source audio encoded to AAC
   (the only encode it gets: ``remux`` copies it into the result) and trimmed to the rendered
-  length. One decoded frame at a time: memory does not grow with the clip's length,
-  resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``.
-  The job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and
-  waits for the thread when the job is cancelled).
+  length. One decoded frame and a few queued frames at a time: memory does not grow with
+  the clip's length, resolution or rate. Setting ``stop`` ends it early with
+  ``TranscodeStopped``. It lives in ``xicon_dance.transcode`` (decode, video encode and audio
+  encode in three threads, all joined before it returns or raises). The job runs it in its
+  folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and waits for the thread
+  when the job is cancelled).
 - ``host_ram_warning(system_stats, settings) -> str | None``: checked once at start; a host
   with less RAM than ``MAX_CLIP_MEMORY_GB`` gets a warning in the log (ComfyUI keeps the models
   in RAM too, and drops them under RAM pressure).
@@ -32,23 +34,21 @@ Contract:
 
 from __future__ import annotations
 
-import logging
 import math
-import threading
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 from typing import Any
-
-import av
-import numpy as np
 
 from .errors import InputError
 from .media import VideoInfo
 from .schema import MIN_FRAMES, JobInput
 from .settings import Settings
-
-log = logging.getLogger(__name__)
+from .transcode import AUDIO_RATES as AUDIO_RATES
+from .transcode import VIDEO_CODEC as VIDEO_CODEC
+from .transcode import VIDEO_OPTIONS as VIDEO_OPTIONS
+from .transcode import Transcoded as Transcoded
+from .transcode import TranscodeStopped as TranscodeStopped
+from .transcode import cover_crop as cover_crop
+from .transcode import transcode as transcode
 
 # Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
 # measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job
@@ -61,10 +61,6 @@ log = logging.getLogger(__name__)
 FRAME_COPIES = 8
 BYTES_PER_PIXEL = 12  # float32 RGB
 GB = 1e9
-VIDEO_CODEC = "libx264"
-# near-lossless (crf 12) and quick: a minute at 416x672 encodes in about 20 s of one core
-VIDEO_OPTIONS = {"crf": "12", "preset": "superfast"}
-AUDIO_RATES = (48000, 44100, 32000, 24000, 22050, 16000)
 _VIDEO_FIELDS = ("video_url", "video_base64", "video_path")
 
 
@@ -80,17 +76,6 @@ class ClipPlan:
     @property
     def duration_s(self) -> float:
         return self.frames / self.fps
-
-
-@dataclass(frozen=True)
-class Transcoded:
-    path: Path
-    frames: int
-    has_audio: bool
-
-
-class TranscodeStopped(Exception):
-    """The transcode was told to stop (the job was cancelled or timed out)."""
 
 
 def video_field(job: JobInput) -> str:
@@ -208,173 +193,3 @@ def answer(plan: ClipPlan) -> dict[str, Any]:
             "truncated": plan.truncated,
         },
     }
-
-
-def transcode(
-    src: Path,
-    dest: Path,
-    plan: ClipPlan,
-    width: int,
-    height: int,
-    *,
-    audio: bool = True,
-    field: str = "video_url",
-    stop: threading.Event | None = None,
-) -> Transcoded:
-    """Stream ``src`` into ``dest`` at the job's size, fps and length (see module doc)."""
-    try:
-        with av.open(str(src)) as inp, av.open(str(dest), "w", format="mp4") as out:
-            job = _Transcode(inp, out, plan, width, height, audio, stop)
-            job.run()
-    except (av.FFmpegError, ValueError, OSError) as exc:
-        log.info("transcode failed: %s: %s", type(exc).__name__, exc)
-        raise InputError(
-            f"{field}: unusable video (it could not be decoded to the end of the rendered part).",
-            field=field,
-            code="invalid_video",
-        ) from None
-    if job.frames_out == 0:
-        raise InputError(
-            f"{field}: unusable video (no frame could be decoded).",
-            field=field,
-            code="invalid_video",
-        )
-    return Transcoded(dest, job.frames_out, job.aout is not None)
-
-
-class _Transcode:
-    """One pass over the source: video frames picked by time, scaled and cropped, encoded one at
-    a time; audio decoded, shifted to the video's start, trimmed and re-encoded."""
-
-    def __init__(
-        self,
-        inp: Any,
-        out: Any,
-        plan: ClipPlan,
-        width: int,
-        height: int,
-        audio: bool,
-        stop: threading.Event | None,
-    ) -> None:
-        self.inp, self.out, self.plan = inp, out, plan
-        self.width, self.height, self.stop = width, height, stop
-        self.vin = inp.streams.video[0]
-        self.vin.thread_type = "AUTO"
-        self.vout = out.add_stream(VIDEO_CODEC, rate=plan.fps)
-        self.vout.width, self.vout.height, self.vout.pix_fmt = width, height, "yuv420p"
-        self.vout.codec_context.time_base = Fraction(1, plan.fps)
-        self.vout.options = dict(VIDEO_OPTIONS)
-        self.ain = inp.streams.audio[0] if audio and inp.streams.audio else None
-        self.aout = None
-        if self.ain is not None:
-            rate = self.ain.rate if self.ain.rate in AUDIO_RATES else 48000
-            layout = "mono" if self.ain.channels == 1 else "stereo"
-            self.aout = out.add_stream("aac", rate=rate, layout=layout)
-            self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-            self.audio_end = round(plan.duration_s * rate)
-            self.samples_out = 0
-            self.audio_origin: int | None = None
-        self.frames_out = 0
-        self.origin: float | None = None  # time of the first video frame
-        self.prev: Any = None
-        self.prev_rgb: np.ndarray | None = None
-
-    # ------------------------------------------------------------------ driver
-    def run(self) -> None:
-        streams = [s for s in (self.vin, self.ain) if s is not None]
-        for packet in self.inp.demux(*streams):
-            if self.stop is not None and self.stop.is_set():
-                raise TranscodeStopped()
-            if packet.stream is self.vin and not self.video_done:
-                for frame in packet.decode():
-                    self._video_frame(frame)
-            elif packet.stream is self.ain and not self.audio_done:
-                for frame in packet.decode():
-                    self._audio_frame(frame)
-            if self.video_done and self.audio_done:
-                break
-        while not self.video_done and self.prev is not None:  # the clip ended: hold its last frame
-            self._emit()
-        self.out.mux(self.vout.encode(None))
-        if self.aout is not None:
-            self.out.mux(self.aout.encode(None))
-
-    @property
-    def video_done(self) -> bool:
-        return self.frames_out >= self.plan.frames
-
-    @property
-    def audio_done(self) -> bool:
-        return self.aout is None or self.samples_out >= self.audio_end
-
-    # ------------------------------------------------------------------ video
-    def _video_frame(self, frame: Any) -> None:
-        t = frame.time if frame.time is not None else self.frames_out / self.plan.fps
-        if self.origin is None:
-            self.origin = t
-        t -= self.origin
-        # the previous frame is shown until this one: it serves every output time before it
-        while self.prev is not None and not self.video_done and self._next_time() < t - 1e-4:
-            self._emit()
-        self.prev, self.prev_rgb = frame, None
-
-    def _next_time(self) -> float:
-        return self.frames_out / self.plan.fps
-
-    def _emit(self) -> None:
-        if self.prev_rgb is None:
-            self.prev_rgb = cover_crop(self.prev, self.width, self.height)
-        out = av.VideoFrame.from_ndarray(self.prev_rgb, format="rgb24")
-        out.pts = self.frames_out
-        out.time_base = Fraction(1, self.plan.fps)
-        self.out.mux(self.vout.encode(out))
-        self.frames_out += 1
-
-    # ------------------------------------------------------------------ audio
-    def _audio_frame(self, frame: Any) -> None:
-        for part in self.resampler.resample(frame):
-            samples = part.to_ndarray()
-            if self.audio_origin is None:
-                start = part.time if part.time is not None else 0.0
-                lead = round((start - (self.origin or 0.0)) * part.sample_rate)
-                self.audio_origin = lead
-                if lead > 0:  # audio starts after the first picture: keep it in sync
-                    self._write_samples(np.zeros((samples.shape[0], lead), np.float32))
-                elif lead < 0:  # audio before the first picture is not part of the clip
-                    samples = samples[:, -lead:]
-            self._write_samples(samples)
-
-    def _write_samples(self, samples: np.ndarray) -> None:
-        samples = samples[:, : max(0, self.audio_end - self.samples_out)]
-        if samples.shape[1] == 0:
-            return
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(samples, dtype=np.float32),
-            format="fltp",
-            layout=self.aout.layout.name,
-        )
-        frame.sample_rate = self.aout.rate
-        frame.pts = self.samples_out
-        frame.time_base = Fraction(1, self.aout.rate)
-        self.out.mux(self.aout.encode(frame))
-        self.samples_out += samples.shape[1]
-
-
-def cover_crop(frame: Any, width: int, height: int) -> np.ndarray:
-    """The frame as displayed (rotation applied), scaled to cover width x height, centre-cropped:
-    the picture node 131 (ImageResizeKJv2, keep_proportion crop, crop_position center) makes."""
-    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # counter-clockwise quarter turns
-    shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-    scale = max(width / shown_w, height / shown_h)
-    cover_w = max(width, round(shown_w * scale))
-    cover_h = max(height, round(shown_h * scale))
-    coded_w, coded_h = (cover_h, cover_w) if turns % 2 else (cover_w, cover_h)
-    # area averaging when shrinking (anti-aliased, 3x quicker than lanczos at 1080p), else lanczos
-    interpolation = "AREA" if scale < 1 else "LANCZOS"
-    rgb = frame.reformat(
-        width=coded_w, height=coded_h, format="rgb24", interpolation=interpolation
-    ).to_ndarray()
-    if turns:
-        rgb = np.rot90(rgb, turns)
-    x, y = (cover_w - width) // 2, (cover_h - height) // 2
-    return np.ascontiguousarray(rgb[y : y + height, x : x + width])

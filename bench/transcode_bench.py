@@ -1,0 +1,154 @@
+"""How long the worker's transcode of the driving clip takes (``xicon_dance.clip.transcode``).
+
+Transcodes a clip to the job's size, fps and length as a job does (H.264 crf 12 superfast, AAC),
+``--repeat`` times, and prints the median seconds and frames per second; ``--profile`` adds a
+cProfile top 12 of one more run (own time, summed over its threads). The default clip is the
+bundled dance made ``--seconds`` long by ``scripts/make_default_video.py`` (written to a
+temporary folder); ``--video`` takes any clip instead. ``--clip-module`` times another version
+of ``clip.py`` (e.g. ``git show REV:xicon_dance/clip.py > /tmp/old_clip.py``) for before/after
+figures on one machine.
+
+Usage::
+
+    python bench/transcode_bench.py [--video CLIP] [--seconds 61] [--frames 1441]
+        [--size 416x672] [--fps 24] [--repeat 3] [--no-audio] [--profile]
+        [--clip-module OLD_CLIP_PY]
+
+Figures depend on the machine's cores (the transcode runs decode, video encode and audio encode
+side by side): say where they ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xicon_dance import clip  # noqa: E402
+
+
+def load_clip_module(path: Path | None) -> ModuleType:
+    """``xicon_dance.clip``, or the given file loaded as a module of the package (its relative
+    imports resolve against ``xicon_dance``)."""
+    if path is None:
+        return clip
+    spec = importlib.util.spec_from_file_location("xicon_dance._bench_clip", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_clip(folder: Path, seconds: int) -> Path:
+    """The bundled dance, ``seconds`` long (scripts/make_default_video.py's writer)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_default_video
+    except ImportError as exc:
+        raise SystemExit(
+            f"cannot import scripts/make_default_video.py ({exc}): give --video"
+        ) from exc
+    path = folder / f"dance_{seconds}s.mp4"
+    print(f"writing a {seconds}-s clip to {path} ...", flush=True)
+    make_default_video.write(path, seconds)
+    return path
+
+
+def profile_run(run: Callable[[], float]) -> None:
+    """One more run under cProfile, in the calling thread and in every thread the run starts
+    (``threading.setprofile``); prints the merged top 12 by own time (tottime)."""
+    profilers: list[cProfile.Profile] = []
+
+    def start_in_thread(*_: object) -> None:
+        sys.setprofile(None)
+        profiler = cProfile.Profile()
+        profilers.append(profiler)
+        profiler.enable()
+
+    main_profiler = cProfile.Profile()
+    threading.setprofile(start_in_thread)
+    main_profiler.enable()
+    try:
+        run()
+    finally:
+        main_profiler.disable()
+        threading.setprofile(None)
+    text = io.StringIO()
+    stats = pstats.Stats(main_profiler, stream=text)
+    for profiler in profilers:
+        profiler.create_stats()
+        stats.add(profiler)
+    stats.sort_stats("tottime").print_stats(12)
+    print(f"profiled {1 + len(profilers)} threads (times summed over threads)")
+    print(text.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--video", type=Path, default=None, help="clip to transcode")
+    parser.add_argument("--seconds", type=int, default=61, help="length of the generated clip")
+    parser.add_argument("--frames", type=int, default=1441, help="frames to render (4n+1)")
+    parser.add_argument("--size", default="416x672", help="WIDTHxHEIGHT of the output")
+    parser.add_argument("--fps", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-audio", action="store_true", help="leave the audio out")
+    parser.add_argument("--profile", action="store_true", help="cProfile top 12 of one more run")
+    parser.add_argument("--clip-module", type=Path, default=None, help="another clip.py to time")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    module = load_clip_module(args.clip_module)
+
+    with tempfile.TemporaryDirectory(prefix="transcode_bench_") as tmp:
+        folder = Path(tmp)
+        src = args.video if args.video is not None else make_clip(folder, args.seconds)
+        plan = module.ClipPlan(
+            args.fps, args.frames / args.fps, args.frames, args.frames, False, None
+        )
+        dest = folder / "out.mp4"
+        print(
+            f"{src.name}: {args.frames} frames at {width}x{height}, {args.fps} fps, audio "
+            f"{'off' if args.no_audio else 'on'}; {module.__file__}; {os.cpu_count()} CPUs",
+            flush=True,
+        )
+
+        def once() -> float:
+            start = time.perf_counter()
+            done = module.transcode(src, dest, plan, width, height, audio=not args.no_audio)
+            took = time.perf_counter() - start
+            print(
+                f"  {took:6.2f} s  {done.frames / took:6.1f} frames/s  "
+                f"({done.frames} frames, audio {done.has_audio}, "
+                f"{dest.stat().st_size / 1e6:.1f} MB)",
+                flush=True,
+            )
+            return took
+
+        times = [once() for _ in range(args.repeat)]
+        median = statistics.median(times)
+        print(
+            f"median of {len(times)}: {median:.2f} s, {args.frames / median:.1f} frames/s "
+            f"(min {min(times):.2f} s, max {max(times):.2f} s)"
+        )
+        if args.profile:
+            profile_run(once)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
