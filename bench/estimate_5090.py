@@ -30,6 +30,12 @@ Scaling to the RTX 5090 (each factor is an assumption the estimate stands on):
 - memory-bound work and the host gap: x 4.8 / 1.79 (HBM3e against GDDR7 bandwidth) and x 1;
 - ``rms_fused`` (torch's RMSNorm, node 22): the memory-bound time of the profiled pose step with
   it; plain steps lose the same share;
+- ``TORCH_COMPILE`` (inductor fuses the work between the matmuls): the memory-bound time scaled by
+  what compiling did to it in one H200 run (``bench/results/gpu_h200_compile/compile/profile``:
+  a compiled pose step against the shipped graph's, both with the fused RMSNorm); plain steps lose
+  the same share; attention and gemm as without it (the profile shows them unchanged). A warm
+  process: the compile itself (first job of a process, H200: 19-21 s, 7-9 s from inductor's
+  cache on disk) is not in these figures;
 - outside the sampler: ComfyUI's nodes as measured per job; the tensor-core nodes (decode, CLIP
   vision, pose and reference embeds) x 3.0-4.7 (the bf16 rate ratio is 4.7, memory-bound parts
   less), NLF and the taichi pose render x 1.0-1.5 (fp32 on CUDA cores, where the 5090's
@@ -50,6 +56,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN = RESULTS / "gpu_h200_windows"
 LONG = RESULTS / "gpu_h200_long"
+COMPILE_RUN = RESULTS / "gpu_h200_compile" / "compile"
+COMPILE_CALLS = {"shipped": 9, "compiled": 21}  # pose steps of that run's warm jobs
 
 BLOCKS = 40
 TOKENS = {"pose": 29_757, "plain": 24_024}
@@ -85,8 +93,19 @@ CALLS = {
 
 
 @functools.cache
-def profile(call: int) -> dict:
-    return json.loads((RUN / "profile" / f"call{call}.json").read_text())
+def profile(call: int, run: Path = RUN) -> dict:
+    return json.loads((run / "profile" / f"call{call}.json").read_text())
+
+
+def _memory_ms(prof: dict) -> float:
+    by = prof["by_class_ms"]
+    return sum(by.get(k, 0.0) for k in ("norm/elementwise", "copy", "other"))
+
+
+def compile_memory_ratio() -> float:
+    """Memory-bound time of a compiled pose step over the shipped graph's (one H200 run)."""
+    shipped, compiled = (profile(COMPILE_CALLS[k], COMPILE_RUN) for k in ("shipped", "compiled"))
+    return _memory_ms(compiled) / _memory_ms(shipped)
 
 
 def _kernel_ms(prof: dict, needle: str) -> float:
@@ -104,7 +123,7 @@ def h200_parts(attention: str, kind: str) -> dict[str, float]:
         "self": attention_ms - cross,
         "cross": cross,
         "gemm": by.get("gemm", 0.0),
-        "memory": sum(by.get(k, 0.0) for k in ("norm/elementwise", "copy", "other")),
+        "memory": _memory_ms(prof),
         "host": prof["wall_ms"] - prof["busy_ms"],
         "wall": prof["wall_ms"],
     }
@@ -120,13 +139,17 @@ def _fa2_h200_tflops() -> float:
     return attention_flops("pose") / (h200_parts("sdpa", "pose")["self"] / 1e3) / 1e12
 
 
-def rtx_step_s(attention: str, precision: str, rms: bool, kind: str) -> tuple[float, float]:
+def rtx_step_s(
+    attention: str, precision: str, rms: bool, kind: str, compiled: bool = False
+) -> tuple[float, float]:
     """One window-step on the RTX 5090 in seconds (low, high)."""
     parts = h200_parts(attention, kind)
     memory = parts["memory"]
     if rms:
         fused, unfused = h200_parts("rms_fused", "pose"), h200_parts("sageattn", "pose")
         memory *= fused["memory"] / unfused["memory"]
+    if compiled:
+        memory *= compile_memory_ratio()
     memory *= BANDWIDTH_RATIO
     if precision == "fp16_fast":
         memory += FP16_FAST_EXTRA_S[kind] * 1e3 * BANDWIDTH_RATIO
@@ -192,6 +215,7 @@ def main() -> None:
             False,
         ),
         ("`sageattn`, `fp16_fast`, fused RMSNorm", "sageattn", "fp16_fast", True),
+        ("the same + `TORCH_COMPILE` (warm process)", "sageattn", "fp16_fast", True, True),
     ]
     print("One pose window-step on the H200, measured (ms, `torch.profiler`):\n")
     print("| attention | self-attention | cross-attention | gemm | memory-bound | host | wall |")
@@ -202,6 +226,12 @@ def main() -> None:
             f"| {name} | {p['self']:.0f} | {p['cross']:.0f} | {p['gemm']:.0f} | "
             f"{p['memory']:.0f} | {p['host']:.0f} | {p['wall']:.0f} |"
         )
+    print(
+        f"\n(`torch.compile`, same H200, another run: memory-bound work of a pose step "
+        f"x{compile_memory_ratio():.2f}, "
+        f"{_memory_ms(profile(COMPILE_CALLS['compiled'], COMPILE_RUN)):.0f} vs "
+        f"{_memory_ms(profile(COMPILE_CALLS['shipped'], COMPILE_RUN)):.0f} ms)"
+    )
     gemm_tflops = LINEAR_TFLOP * BLOCKS / (h200_parts("sageattn", "pose")["gemm"] / 1e3)
     print(
         f"\n(on the H200: PyTorch's flash kernel {_fa2_h200_tflops():.0f} TFLOP/s, the linears "
@@ -211,9 +241,9 @@ def main() -> None:
     print("| lever | pose step | plain step | mean window-step (4 pose + 2 plain) |")
     print("|---|---|---|---|")
     means = {}
-    for name, att, prec, rms in levers:
-        pose = rtx_step_s(att, prec, rms, "pose")
-        plain = rtx_step_s(att, prec, rms, "plain")
+    for name, att, prec, rms, *compiled in levers:
+        pose = rtx_step_s(att, prec, rms, "pose", *compiled)
+        plain = rtx_step_s(att, prec, rms, "plain", *compiled)
         mean = window_step_s(pose, plain)
         means[name] = mean
         print(

@@ -36,8 +36,10 @@ Levers:
   ``attention_mode: sdpa``) in a ComfyUI started for ``sageattn``, so one run profiles a step in
   both attention modes on the same server.
 - ``compile``: the transformer's blocks compiled by ``torch.compile`` (inductor, default mode,
-  static shapes): a ``WanVideoTorchCompileSettings`` node added (``COMPILE_NODE``) and wired into
-  the model loader's ``compile_args``; the sampler compiles each block when it runs
+  static shapes): a ``WanVideoTorchCompileSettings`` node added (``COMPILE_NODE``, with the inputs
+  the worker writes for ``TORCH_COMPILE``, ``xicon_dance.workflow.COMPILE_SETTINGS``) and wired
+  into the model loader's ``compile_args``, on any device (the worker's setting is for CUDA
+  only); the sampler compiles each block when it runs
   (``nodes_sampler.py`` ~L145, ``utils.compile_model``). ``allow_unmerged_lora_compile`` is on:
   the checkpoint is scaled fp8, so the LoRA stays unmerged, and without it every LoRA'd linear
   is a graph break (``custom_linear.py`` ~L54). The lever aims at the memory-bound work between
@@ -57,9 +59,14 @@ out by the worker, NLFPredict runs in batches of 32), ``tuned`` that plus ``resi
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
-COMPILE_NODE = "9002"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xicon_dance.workflow import COMPILE_SETTINGS
+
+COMPILE_NODE = "9002"  # the worker's own (TORCH_COMPILE) is node 900, with the same inputs
 
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "resident": {"graph": {"348": {"force_offload": False}}},
@@ -76,17 +83,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
         "nodes": {
             COMPILE_NODE: {
                 "class_type": "WanVideoTorchCompileSettings",
-                "inputs": {
-                    "backend": "inductor",
-                    "fullgraph": False,
-                    "mode": "default",
-                    "dynamic": False,
-                    "dynamo_cache_size_limit": 64,
-                    "compile_transformer_blocks_only": True,
-                    "dynamo_recompile_limit": 128,
-                    "force_parameter_static_shapes": False,
-                    "allow_unmerged_lora_compile": True,
-                },
+                "inputs": dict(COMPILE_SETTINGS),
                 "_meta": {"title": "bench: torch.compile settings"},
             }
         },

@@ -61,3 +61,37 @@ def test_a_bad_setting_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="BASE_PRECISION must be auto") as info:
         Settings.from_env({"BASE_PRECISION": "int8"})
     assert info.value.field == "BASE_PRECISION"
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "kind", "on", "reason"),
+    [
+        (
+            {},
+            "cuda:0 NVIDIA H200 : cudaMallocAsync",
+            "cuda",
+            False,
+            "torch.compile off (TORCH_COMPILE)",
+        ),
+        (
+            {"TORCH_COMPILE": "1"},
+            "cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync",
+            "cuda",
+            True,
+            "torch.compile on (TORCH_COMPILE)",
+        ),
+        ({"TORCH_COMPILE": "1"}, "cpu", "cpu", False, "ComfyUI runs on no CUDA GPU"),
+    ],
+)
+def test_torch_compile_only_when_set_and_on_cuda(
+    env: dict[str, str], name: str, kind: str, on: bool, reason: str
+) -> None:
+    profile = choose(GpuInfo.from_system_stats(stats(name, kind)), Settings.from_env(env))
+    assert profile.torch_compile is on
+    assert reason in profile.summary()
+
+
+def test_torch_compile_stays_off_on_an_unknown_device() -> None:
+    profile = choose(None, Settings.from_env({"TORCH_COMPILE": "1"}))
+    assert profile.torch_compile is False
+    assert "no CUDA GPU" in profile.summary()

@@ -664,3 +664,21 @@ async def test_gpu_profile_reaches_the_graph(
     pinned.worker.gpu_profile = choose(geforce, pinned.settings)
     result = await pinned.worker.run(pinned.job())
     assert rig.double.prompts[result["prompt_id"]][2]["22"]["inputs"]["base_precision"] == "bf16"
+    assert "compile_args" not in rig.double.prompts[result["prompt_id"]][2]["22"]["inputs"]
+
+
+async def test_torch_compile_reaches_the_graph(rig_factory: Callable[..., Rig]) -> None:
+    """TORCH_COMPILE on a CUDA GPU: the job's graph holds the compile settings node, linked to
+    the model loader; the double accepts it (WanVideoTorchCompileSettings is in its node
+    table, taken from the real stack's /object_info)."""
+    from xicon_dance.gpu_profile import GpuInfo, choose
+    from xicon_dance.workflow import COMPILE_NODE
+
+    rig = rig_factory(torch_compile=True)
+    h200 = GpuInfo("cuda:0 NVIDIA H200 : cudaMallocAsync", "cuda", 140 * 1024**3)
+    rig.worker.gpu_profile = choose(h200, rig.settings)
+    result = await rig.worker.run(rig.job())
+    assert "error" not in result, result
+    graph = rig.double.prompts[result["prompt_id"]][2]
+    assert graph[COMPILE_NODE]["class_type"] == "WanVideoTorchCompileSettings"
+    assert graph["22"]["inputs"]["compile_args"] == [COMPILE_NODE, 0]

@@ -114,6 +114,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "SAGEATTENTION_ENABLED": "0",
         "POSE_RENDER_DEVICE": "cpu",
         "BASE_PRECISION": "fp16_fast",
+        "TORCH_COMPILE": "1",
         "PROGRESS_INTERVAL_S": "2",
         "LOG_LEVEL": "debug",
         "LOCAL_OUTPUT_DIR": "/o",

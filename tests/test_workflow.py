@@ -13,6 +13,8 @@ from xicon_dance.errors import ConfigError
 from xicon_dance.settings import PACKAGE_ROOT
 from xicon_dance.workflow import (
     BYPASSED,
+    COMPILE_NODE,
+    COMPILE_SETTINGS,
     POSE_BATCH,
     ROLES,
     PatchParams,
@@ -123,6 +125,22 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["22"]["inputs"]["attention_mode"] == "sageattn"
     assert graph["22"]["inputs"]["base_precision"] == "fp16_fast"
     assert graph["362"]["inputs"]["render_device"] == "cpu"
+
+
+def test_torch_compile_adds_its_settings_node_and_links_the_loader() -> None:
+    wf = Workflow(mini_graph())
+    off = wf.build(params())
+    assert COMPILE_NODE not in off
+    assert "compile_args" not in off["22"]["inputs"]
+    on = wf.build(params(torch_compile=True))
+    assert on[COMPILE_NODE]["class_type"] == "WanVideoTorchCompileSettings"
+    assert on[COMPILE_NODE]["inputs"] == COMPILE_SETTINGS
+    assert on[COMPILE_NODE]["inputs"]["allow_unmerged_lora_compile"] is True
+    assert on["22"]["inputs"]["compile_args"] == [COMPILE_NODE, 0]
+    assert set(on) - set(off) == {COMPILE_NODE}
+    assert "compile_args" not in wf.template["22"]["inputs"]  # the template is never changed
+    on[COMPILE_NODE]["inputs"]["mode"] = "max-autotune"  # a built graph owns its copy
+    assert COMPILE_SETTINGS["mode"] == "default"
 
 
 def test_context_overlap_is_the_templates_unless_the_job_sets_it() -> None:

@@ -16,10 +16,18 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
   TFLOP/s on the RTX 5090); ``bf16`` elsewhere: data-centre and workstation cards accumulate in
   fp32 at full rate, and on the H200 fp16_fast was slower than bf16, not faster. ComfyUI on the
   CPU keeps ``bf16``.
+- ``torch_compile`` (``TORCH_COMPILE``, off unless set): the transformer's blocks compiled by
+  ``torch.compile`` (a ``WanVideoTorchCompileSettings`` node wired into node 22, see
+  ``workflow``), on CUDA devices only (inductor's GPU kernels are Triton's); elsewhere it stays
+  off and the reason says so. Off by default because the first job of every ComfyUI process
+  pays the compile (H200: 19-21 s, 7-9 s with inductor's cache from an earlier start) while
+  each window-step gains 6.9 %: it pays back within the first job of a long dance, after about
+  ten 81-frame jobs.
 - A transformer kept on the GPU between jobs is not offered: WanVideoWrapper's sampler at the
   pinned commit loads the weights onto the GPU again on every run (``nodes_sampler.py``, the
   ``load_weights`` call before sampling), and with ``force_offload`` off the second job ran out
-  of memory there at 32 GB (measured; what held the memory is not known yet).
+  of memory there at 32 GB (measured: after the first job the GPU holds the transformer's
+  16.6 GB, the second job's ``load_weights`` builds a second copy, peak 33.2 GB).
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class GpuProfile:
     base_precision: str
     reasons: tuple[str, ...]
     gpu: GpuInfo | None = None
+    torch_compile: bool = False
 
     def summary(self) -> str:
         where = self.gpu.describe() if self.gpu else "an unknown device"
@@ -85,4 +94,16 @@ def choose(gpu: GpuInfo | None, settings: Settings) -> GpuProfile:
     else:
         precision = "bf16"
         why = "base_precision bf16 (auto: fp16 accumulation pays only on GeForce cards)"
-    return GpuProfile(base_precision=precision, reasons=(why,), gpu=gpu)
+    compile_on = settings.torch_compile and gpu is not None and gpu.type == "cuda"
+    if compile_on:
+        compile_why = "torch.compile on (TORCH_COMPILE)"
+    elif settings.torch_compile:
+        compile_why = "torch.compile off (TORCH_COMPILE is set, but ComfyUI runs on no CUDA GPU)"
+    else:
+        compile_why = "torch.compile off (TORCH_COMPILE)"
+    return GpuProfile(
+        base_precision=precision,
+        reasons=(why, compile_why),
+        gpu=gpu,
+        torch_compile=compile_on,
+    )

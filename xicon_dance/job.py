@@ -301,6 +301,7 @@ class Worker:
                 pose_render_device=self.settings.pose_render_device,
                 base_precision=self.gpu_profile.base_precision,
                 context_overlap=params.context_overlap,
+                torch_compile=self.gpu_profile.torch_compile,
             )
         )
 

@@ -8,9 +8,14 @@ Contract:
   mutated.
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
   fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, filename_prefix,
-  attention_mode, pose_render_device, base_precision (``gpu_profile``), context_overlap (the
-  job's, or None: the template's, node 355). Derived values (pose size = half the generation
-  size) are written here, nowhere else.
+  attention_mode, pose_render_device, base_precision and torch_compile (``gpu_profile``),
+  context_overlap (the job's, or None: the template's, node 355). Derived values (pose size =
+  half the generation size) are written here, nowhere else.
+- ``torch_compile``: ``build`` adds ``COMPILE_NODE`` (``WanVideoTorchCompileSettings``: inductor,
+  default mode, static shapes, the transformer's blocks only, ``allow_unmerged_lora_compile`` on
+  because the scaled-fp8 checkpoint keeps its LoRA unmerged and every LoRA'd linear would
+  otherwise break the graph) and links it to the model loader's ``compile_args`` (node 22); the
+  sampler compiles the blocks when it runs. Off: the graph has no such node.
 - The driving video reaches node 130 already transcoded (``xicon_dance.clip``) to the generation
   size, the job's fps and exactly ``frame_load_cap`` frames: node 130 loads it as it is
   (``force_rate`` 0, ``custom_width``/``custom_height`` 0), so no frame exists in ComfyUI at the
@@ -96,6 +101,22 @@ ROLES: dict[str, Role] = {
 POSE_BATCH = 32
 
 
+# The node ``build`` adds for ``torch_compile`` (an id the template does not use) and its inputs:
+# WanVideoWrapper's WanVideoTorchCompileSettings (nodes_model_loading.py, the pinned commit).
+COMPILE_NODE = "900"
+COMPILE_SETTINGS: dict[str, Any] = {
+    "backend": "inductor",
+    "fullgraph": False,
+    "mode": "default",
+    "dynamic": False,
+    "dynamo_cache_size_limit": 64,
+    "compile_transformer_blocks_only": True,
+    "dynamo_recompile_limit": 128,
+    "force_parameter_static_shapes": False,
+    "allow_unmerged_lora_compile": True,
+}
+
+
 @dataclass(frozen=True)
 class PatchParams:
     image_name: str
@@ -114,6 +135,7 @@ class PatchParams:
     pose_render_device: str
     base_precision: str = "bf16"
     context_overlap: int | None = None  # None: the template's
+    torch_compile: bool = False
 
     def values(self) -> dict[str, Any]:
         """Role -> value, derived values included (pose size is half the generation size)."""
@@ -222,6 +244,14 @@ class Workflow:
                     inputs[name] = list(source)
         audio = ROLES["audio"]
         graph[audio.node]["inputs"].pop(audio.input, None)
+        if params.torch_compile:
+            graph[COMPILE_NODE] = {
+                "class_type": "WanVideoTorchCompileSettings",
+                "inputs": dict(COMPILE_SETTINGS),
+                "_meta": {"title": "torch.compile (TORCH_COMPILE)"},
+            }
+            loader = ROLES["base_precision"].node
+            graph[loader]["inputs"]["compile_args"] = [COMPILE_NODE, 0]
         return graph
 
 

@@ -19,7 +19,13 @@ from xicon_dance.graph_check import VALIDATE_INPUTS_DEFAULT
 ROOT = Path(__file__).resolve().parent.parent.parent
 GRAPH = ROOT / "XiCON_Dance_SCAIL_vFinal.json"
 FIXTURE = ROOT / "tests" / "fixtures" / "object_info.json"
-EXTRA_CLASSES = ("WanVideoBlockSwap", "WanVideoSetBlockSwap", "LoadWanVideoT5TextEncoder")
+# WanVideoTorchCompileSettings: the node the worker adds with TORCH_COMPILE (xicon_dance.workflow)
+EXTRA_CLASSES = (
+    "WanVideoBlockSwap",
+    "WanVideoSetBlockSwap",
+    "LoadWanVideoT5TextEncoder",
+    "WanVideoTorchCompileSettings",
+)
 INPUT_FILE_LISTS = {"LoadImage": "image", "VHS_LoadVideo": "video"}
 
 
