@@ -6,6 +6,7 @@ COPY source present and not excluded by .dockerignore."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shlex
 import shutil
@@ -64,9 +65,26 @@ def test_build_arguments_and_defaults() -> None:
     args = _args()
     assert args["TORCH_CUDA_ARCH_LIST"] == "12.0"
     assert args["BAKE_MODELS"] == "1"
+    assert args["BAKE_TEXT_CACHE"] == "1"
     for name in ("EXT_PARALLEL", "MAX_JOBS"):
         assert args[name].isdigit()
     assert args["CUDA_DEVEL_IMAGE"] == "nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04"
+
+
+def test_text_cache_baked_by_the_script_only_with_the_t5_in_the_image() -> None:
+    """The bake runs scripts/bake_text_cache.py (tested on the real stack) with ComfyUI's state
+    kept out of the image, and only when BAKE_TEXT_CACHE=1 and the umt5-xxl file is there."""
+    runs = [line for line in _logical_lines() if "bake_text_cache.py --comfy-dir" in line]
+    assert len(runs) == 1
+    run = runs[0]
+    assert '[ "${BAKE_TEXT_CACHE}" = "1" ]' in run
+    assert "-s /comfyui/models/text_encoders/umt5-xxl-enc-bf16.safetensors" in run
+    for arg in ("--user-directory=/tmp/bake", "--database-url=sqlite:////tmp/bake/"):
+        assert arg in run
+    assert "--output-directory=/tmp/bake" in run and "rm -rf /tmp/bake" in run
+    assert "COPY scripts/bake_text_cache.py /worker/scripts/bake_text_cache.py" in _logical_lines()
+    graph = json.loads((ROOT / "XiCON_Dance_SCAIL_vFinal.json").read_text(encoding="utf-8"))
+    assert graph["368"]["inputs"]["model_name"] == "umt5-xxl-enc-bf16.safetensors"
 
 
 def test_every_git_source_is_a_full_commit() -> None:
