@@ -76,6 +76,8 @@ running() { pgrep -f "gpu_run.py .*--out $RUNS/$1( |\$)" >/dev/null; }
 after() {
     local prev="${1:?previous run}" name="${2:?run name}"
     shift 2
+    # the inner script's $0, $1 and $@ are its own arguments (given after it), not this shell's
+    # shellcheck disable=SC2016
     setsid nohup bash -c 'while pgrep -f "gpu_run.py .*--out $1( |$)" >/dev/null; do sleep 5; done
         shift; exec bash "$0" start "$@"' "$0" "$RUNS/$prev" "$name" "$@" \
         >"$RUNS/$name.after.log" 2>&1 </dev/null &
@@ -84,7 +86,6 @@ after() {
 
 poll() {
     local name="${1:?run name}" secs="${2:-540}" t0=$SECONDS
-    local dir="$RUNS/$name"
     # summary.json is rewritten after every job: the run is over when its process is gone
     while running "$name" && ((SECONDS - t0 < secs)); do
         sleep 5

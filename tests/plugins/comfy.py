@@ -17,7 +17,6 @@ Fixtures:
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.comfy_double import ComfyDouble, media
+from tests.plugins.ports import server_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -75,9 +75,8 @@ def comfy_media(comfy_double: ComfyDouble) -> ComfyMedia:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server started later (below the ephemeral range: ``ports``)."""
+    return server_port()
 
 
 @dataclass

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.plugins.ports import server_port
 
 READY_TIMEOUT_S = 60.0
 
@@ -67,20 +68,13 @@ def _weed_binary() -> str | None:
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback, each with port+10000 free too (SeaweedFS's gRPC default offset)."""
+    """Ports free on loopback, each with port+10000 free too (SeaweedFS's gRPC default offset),
+    below the ephemeral range (``ports.server_port``)."""
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        ports.append(port)
+        port = server_port(offset=10_000)
+        if port not in ports and all(abs(port - p) != 10_000 for p in ports):
+            ports.append(port)
     return ports
 
 
