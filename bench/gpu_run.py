@@ -17,7 +17,9 @@ What it does, in order:
    self-test when ``--attention sageattn``, ComfyUI on 127.0.0.1:8188), and measures spawn ->
    ``/system_stats`` answering. The entrypoint's last step, the SDK job loop, needs RunPod's job
    queue; a process that only waits stands in for it (``HANDLER``), so ComfyUI stays up.
-3. Runs jobs with ``xicon_dance.job.Worker`` built exactly as ``handler.py`` builds it, against
+3. Runs jobs with ``xicon_dance.job.Worker`` built and started exactly as ``handler.py`` does
+   (``wait_for_comfy``: model aliases, the GPU profile chosen from ComfyUI's device and logged,
+   so a variant's ``BASE_PRECISION`` or ``TORCH_COMPILE`` acts as in the product), against
    that ComfyUI, at the job defaults (416x672, 81 frames, 6 steps, cfg 1) with the reference image
    of ``test_input.json`` and the bundled driving video. Each job records the worker's timings
    (download, queue, inference, upload, total), the ComfyUI client's per-node times, every
@@ -252,10 +254,14 @@ async def run_jobs(
     records: list[dict],
     save: Any,
 ) -> None:
+    import handler
+
     workers = {
         name: build_worker({**worker_env(args, path), **gpu_variants.settings(name)})
         for name, path in graphs.items()
     }
+    for worker in workers.values():  # as handler.py starts: aliases, the GPU profile (logged)
+        await handler.wait_for_comfy(worker, 60.0)
     try:
         for job in args.plan:
             record = await run_job(workers[job.variant], job, probes, args.out)

@@ -45,6 +45,8 @@ Levers:
   is a graph break (``custom_linear.py`` ~L54). The lever aims at the memory-bound work between
   the matmuls (435 ms per profiled pose step: norms, modulation, RoPE, fp8 -> bf16 weight
   upcasts), which inductor can fuse. The first job pays the compile.
+- ``torch_compile``: the same through the worker's own setting (``TORCH_COMPILE=1``: node 900,
+  chosen at start on a CUDA GPU), the product path for the next GPU run.
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -79,6 +81,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
+    "torch_compile": {"settings": {"TORCH_COMPILE": "1"}},
     "compile": {
         "nodes": {
             COMPILE_NODE: {
@@ -103,10 +106,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "rms_default": ("rms_default",),
     "sdpa": ("sdpa",),
     "compile": ("compile",),
+    "torch_compile": ("torch_compile",),
     "cpu_smoke": ("vae_fp32",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
     "cpu_smoke_rms": ("vae_fp32", "rms_fused"),
     "cpu_smoke_compile": ("vae_fp32", "compile"),
+    "cpu_smoke_torch_compile": ("vae_fp32", "torch_compile"),
 }
 
 SAVE_LATENT_NODE = "9001"

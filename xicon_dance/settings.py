@@ -175,7 +175,8 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         "off. Measured on an H200: 6.9 % less time per window-step (19 s less for 60 s of dance "
         "at overlap 16), but the first job of each ComfyUI process pays the compile, 19-21 s, or "
         "7-9 s when `TORCHINDUCTOR_CACHE_DIR` (torch's own variable) holds the kernels of an "
-        "earlier start: point it at the network volume",
+        "earlier start: point it at the network volume; with `WARMUP=1` the warm-up job pays it "
+        "before the worker takes jobs",
     ),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
