@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xicon_dance.clip import cover_crop  # noqa: E402
+from xicon_dance.transcode import cover_crop  # noqa: E402
 
 # video/h264-mp4's main_pass with its defaults (pix_fmt yuv420p, crf 19).
 MAIN_PASS = [

@@ -57,12 +57,12 @@ from encode_bench import dance_frames, noise_frames  # noqa: E402
 
 from tests.plugins.comfy import free_port  # noqa: E402
 from tests.plugins.realstack import Stack, forget_cached_outputs, make_base  # noqa: E402
-from xicon_dance.clip import VIDEO_OPTIONS  # noqa: E402
 from xicon_dance.comfy import ComfyClient  # noqa: E402
+from xicon_dance.transcode import VIDEO_OPTIONS  # noqa: E402
 
 
 def write_clip(path: Path, frames: np.ndarray, fps: int) -> None:
-    """H.264 at the worker's transcode settings (``clip.VIDEO_OPTIONS``)."""
+    """H.264 at the worker's transcode settings (``transcode.VIDEO_OPTIONS``)."""
     _, height, width, _ = frames.shape
     with av.open(str(path), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps)

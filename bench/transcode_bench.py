@@ -1,12 +1,13 @@
-"""How long the worker's transcode of the driving clip takes (``xicon_dance.clip.transcode``).
+"""How long the worker's transcode of the driving clip takes (``xicon_dance.transcode``).
 
 Transcodes a clip to the job's size, fps and length as a job does (H.264 crf 12 superfast, AAC),
 ``--repeat`` times, and prints the median seconds and frames per second; ``--profile`` adds a
 cProfile top 12 of one more run (own time, summed over its threads). The default clip is the
 bundled dance made ``--seconds`` long by ``scripts/make_default_video.py`` (written to a
-temporary folder); ``--video`` takes any clip instead. ``--clip-module`` times another version
-of ``clip.py`` (e.g. ``git show REV:xicon_dance/clip.py > /tmp/old_clip.py``) for before/after
-figures on one machine.
+temporary folder); ``--video`` takes any clip instead. ``--clip-module`` times the ``transcode``
+of another module file instead, e.g. the one-thread version that ``clip.py`` held before
+2026-12-05 (``git show REV:xicon_dance/clip.py > /tmp/old_clip.py``), for before/after figures
+on one machine.
 
 Usage::
 
@@ -38,14 +39,14 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xicon_dance import clip  # noqa: E402
+from xicon_dance import clip, transcode  # noqa: E402
 
 
 def load_clip_module(path: Path | None) -> ModuleType:
-    """``xicon_dance.clip``, or the given file loaded as a module of the package (its relative
-    imports resolve against ``xicon_dance``)."""
+    """``xicon_dance.transcode``, or the given file loaded as a module of the package (its
+    relative imports resolve against ``xicon_dance``); the bench calls its ``transcode``."""
     if path is None:
-        return clip
+        return transcode
     spec = importlib.util.spec_from_file_location("xicon_dance._bench_clip", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {path}")
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-audio", action="store_true", help="leave the audio out")
     parser.add_argument("--profile", action="store_true", help="cProfile top 12 of one more run")
-    parser.add_argument("--clip-module", type=Path, default=None, help="another clip.py to time")
+    parser.add_argument(
+        "--clip-module", type=Path, default=None, help="another module file whose transcode to time"
+    )
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     module = load_clip_module(args.clip_module)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="transcode_bench_") as tmp:
         folder = Path(tmp)
         src = args.video if args.video is not None else make_clip(folder, args.seconds)
-        plan = module.ClipPlan(
+        plan = clip.ClipPlan(
             args.fps, args.frames / args.fps, args.frames, args.frames, False, None
         )
         dest = folder / "out.mp4"

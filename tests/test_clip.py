@@ -211,7 +211,7 @@ def make_plan(fps: int, frames: int) -> clip.ClipPlan:
 def test_frames_are_picked_by_time(tmp_path: Path, src_fps: int, fps: int) -> None:
     src = index_video(tmp_path / "src.mp4", 64, 64, src_fps, 31)
     frames = clip.to_4n1(int(31 / src_fps * fps))
-    done = clip.transcode(src, tmp_path / "out.mp4", make_plan(fps, frames), 32, 32)
+    done = pipeline.transcode(src, tmp_path / "out.mp4", make_plan(fps, frames), 32, 32)
     got = read(done.path)
     assert done.frames == len(got["pictures"]) == frames
     assert got["size"] == (32, 32) and got["fps"] == fps
@@ -221,11 +221,13 @@ def test_frames_are_picked_by_time(tmp_path: Path, src_fps: int, fps: int) -> No
 
 def test_audio_is_trimmed_to_the_rendered_length(tmp_path: Path) -> None:
     src = index_video(tmp_path / "src.mp4", 64, 64, 24, 96, audio_s=4.0)
-    done = clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 41), 32, 32)
+    done = pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 41), 32, 32)
     got = read(done.path)
     assert done.has_audio and len(got["pictures"]) == 41
     assert got["audio_s"] == pytest.approx(41 / 24, abs=0.03)  # one AAC frame
-    silent = clip.transcode(src, tmp_path / "silent.mp4", make_plan(24, 41), 32, 32, audio=False)
+    silent = pipeline.transcode(
+        src, tmp_path / "silent.mp4", make_plan(24, 41), 32, 32, audio=False
+    )
     assert not silent.has_audio and read(silent.path)["audio_s"] == 0
 
 
@@ -262,7 +264,7 @@ def test_the_picture_is_scaled_to_cover_and_cropped_centrally(
     tmp_path: Path, src: tuple[int, int], out: tuple[int, int]
 ) -> None:
     path, picture = gradient_video(tmp_path / "src.mp4", *src)
-    done = clip.transcode(path, tmp_path / "out.mp4", make_plan(8, 5), *out)
+    done = pipeline.transcode(path, tmp_path / "out.mp4", make_plan(8, 5), *out)
     got = read(done.path)["pictures"][2].astype(int)
     want = centre_cover(picture, *out).astype(int)
     assert got.shape == want.shape == (out[1], out[0], 3)
@@ -283,7 +285,7 @@ def test_display_rotation_is_applied(tmp_path: Path) -> None:
     data[at + 44 : at + 80] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
     rotated = tmp_path / "rotated.mp4"
     rotated.write_bytes(bytes(data))
-    done = clip.transcode(rotated, tmp_path / "out.mp4", make_plan(8, 5), 48, 96)
+    done = pipeline.transcode(rotated, tmp_path / "out.mp4", make_plan(8, 5), 48, 96)
     got = read(done.path)["pictures"][0].astype(int)
     upright = np.rot90(picture, -1)  # 90 degrees clockwise, as players show it
     assert got.shape == upright.shape and np.abs(got - upright.astype(int)).mean() < 4
@@ -293,8 +295,8 @@ def test_a_set_stop_event_ends_the_transcode(tmp_path: Path) -> None:
     src = index_video(tmp_path / "src.mp4", 64, 64, 24, 30)
     stop = threading.Event()
     stop.set()
-    with pytest.raises(clip.TranscodeStopped):
-        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 25), 32, 32, stop=stop)
+    with pytest.raises(pipeline.TranscodeStopped):
+        pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 25), 32, 32, stop=stop)
 
 
 def test_an_undecodable_clip_is_an_input_error(tmp_path: Path) -> None:
@@ -302,7 +304,7 @@ def test_an_undecodable_clip_is_an_input_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 64 + src.read_bytes()[64:])
     with pytest.raises(InputError) as err:
-        clip.transcode(
+        pipeline.transcode(
             broken, tmp_path / "out.mp4", make_plan(24, 25), 32, 32, field="video_base64"
         )
     assert err.value.field == "video_base64" and err.value.code == "invalid_video"
@@ -322,7 +324,7 @@ def test_a_decode_error_mid_clip_is_an_input_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(bytes(data))
     with pytest.raises(InputError) as err:
-        clip.transcode(broken, tmp_path / "out.mp4", make_plan(24, 93), 32, 32)
+        pipeline.transcode(broken, tmp_path / "out.mp4", make_plan(24, 93), 32, 32)
     assert err.value.field == "video_url" and err.value.code == "invalid_video"
     assert not transcode_threads()
 
@@ -344,7 +346,7 @@ def test_an_audio_decode_error_is_an_input_error(
 
     monkeypatch.setattr(pipeline._Transcode, "_write_samples", failing)
     with pytest.raises(InputError) as err:
-        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 93), 32, 32, field="video_path")
+        pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 93), 32, 32, field="video_path")
     assert (err.value.field, err.value.code) == ("video_path", "invalid_video")
     assert calls == 20 and not transcode_threads()
 
@@ -368,7 +370,7 @@ def test_a_failed_video_encoder_never_leaves_the_decoder_waiting(
     monkeypatch.setattr(pipeline._Transcode, "_encode_video", broken)
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError, match="encoder bug"):
-        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32)
+        pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32)
     assert set(threading.enumerate()) == before
 
 
@@ -389,8 +391,8 @@ def test_a_stop_set_mid_run_ends_every_thread(
 
     monkeypatch.setattr(pipeline, "cover_crop", crop_then_stop)
     before = set(threading.enumerate())
-    with pytest.raises(clip.TranscodeStopped):
-        clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32, stop=stop)
+    with pytest.raises(pipeline.TranscodeStopped):
+        pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 117), 32, 32, stop=stop)
     assert crops == 10  # stopped at the next frame, not at the end of the clip
     assert set(threading.enumerate()) == before
 
@@ -417,7 +419,7 @@ def test_late_audio_is_padded_to_the_first_picture_and_trimmed_to_the_rendered_l
             frame.pts = start + 44100 // 2
             out.mux(audio.encode(frame))
         out.mux(audio.encode(None))
-    done = clip.transcode(src, tmp_path / "out.mp4", make_plan(24, 41), 32, 32)
+    done = pipeline.transcode(src, tmp_path / "out.mp4", make_plan(24, 41), 32, 32)
     with av.open(str(done.path)) as c:
         samples = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
     rendered = round(41 / 24 * 44100)
@@ -446,10 +448,10 @@ with av.open(path, "w", format="mp4") as out:
 MEASURE = """
 import json, sys
 from pathlib import Path
-from xicon_dance import clip
+from xicon_dance import clip, transcode
 src, frames = Path(sys.argv[1]), int(sys.argv[2])
 plan = clip.ClipPlan(24, frames / 24, frames, frames, False, None)
-done = clip.transcode(src, Path(sys.argv[3]), plan, 416, 672)
+done = transcode.transcode(src, Path(sys.argv[3]), plan, 416, 672)
 status = Path("/proc/self/status").read_text()
 hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
 print(json.dumps({"frames": done.frames, "hwm_kb": hwm}))

@@ -1,4 +1,5 @@
-"""The driving clip: how much of it a job renders, the memory it may cost, and its transcode.
+"""The driving clip: how much of it a job renders and the memory it may cost (its transcode to the
+job's size, fps and length: ``xicon_dance.transcode``).
 
 Contract:
 - ``plan_clip(video, job, settings) -> ClipPlan``: the frames to render at the job's fps. The
@@ -14,18 +15,6 @@ Contract:
   ``frames * width * height * 12 * FRAME_COPIES`` exceeds ``MAX_CLIP_MEMORY_GB`` is refused with
   ``InputError(field="max_frames", code="clip_too_long")``, naming the limit and the frames that
   would fit at that size.
-- ``transcode(src, dest, plan, width, height, audio=..., stop=...) -> Transcoded``: streams the
-  driving video into ``dest`` (H.264 in MP4) at exactly width x height (scaled to cover, then
-  centre-cropped, as the template's node 131 ``ImageResizeKJv2`` crop/center would; display
-  rotation applied), at the job's fps (for each output time i/fps the source frame shown at that
-  time), exactly ``plan.frames`` frames, and, with ``audio``, the source audio encoded to AAC
-  (the only encode it gets: ``remux`` copies it into the result) and trimmed to the rendered
-  length. One decoded frame and a few queued frames at a time: memory does not grow with
-  the clip's length, resolution or rate. Setting ``stop`` ends it early with
-  ``TranscodeStopped``. It lives in ``xicon_dance.transcode`` (decode, video encode and audio
-  encode in three threads, all joined before it returns or raises). The job runs it in its
-  folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and waits for the thread
-  when the job is cancelled).
 - ``host_ram_warning(system_stats, settings) -> str | None``: checked once at start; a host
   with less RAM than ``MAX_CLIP_MEMORY_GB`` gets a warning in the log (ComfyUI keeps the models
   in RAM too, and drops them under RAM pressure).
@@ -42,13 +31,6 @@ from .errors import InputError
 from .media import VideoInfo
 from .schema import MIN_FRAMES, JobInput
 from .settings import Settings
-from .transcode import AUDIO_RATES as AUDIO_RATES
-from .transcode import VIDEO_CODEC as VIDEO_CODEC
-from .transcode import VIDEO_OPTIONS as VIDEO_OPTIONS
-from .transcode import Transcoded as Transcoded
-from .transcode import TranscodeStopped as TranscodeStopped
-from .transcode import cover_crop as cover_crop
-from .transcode import transcode as transcode
 
 # Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
 # measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import clip, media, remux
+from . import clip, media, remux, transcode
 from .comfy import ComfyClient, OutputFile, RunResult, output_files
 from .delivery import deliver
 from .errors import ComfyError, InputError, JobTimeout, WorkerError, internal_error_response
@@ -242,8 +242,8 @@ class Worker:
             f" (cut by {plan.cap})" if plan.truncated else "",
         )
         dest = folder.path / "driving_job.mp4"
-        transcode = functools.partial(
-            clip.transcode,
+        work = functools.partial(
+            transcode.transcode,
             video.path,
             dest,
             plan,
@@ -255,7 +255,7 @@ class Worker:
         )
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                done = await folder.run(transcode)
+                done = await folder.run(work)
         except TimeoutError:
             raise JobTimeout(
                 f"The job ran past its limit of {self.settings.job_timeout_s:g} s while "

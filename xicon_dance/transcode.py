@@ -1,4 +1,16 @@
-"""The driving clip's streamed transcode (``clip.transcode``; the contract is ``clip``'s docstring).
+"""The driving clip's streamed transcode to the job's size, fps and length (``clip.ClipPlan``).
+
+Contract: ``transcode(src, dest, plan, width, height, audio=..., stop=...) -> Transcoded`` streams
+the driving video into ``dest`` (H.264 in MP4) at exactly width x height (scaled to cover, then
+centre-cropped, as the template's node 131 ``ImageResizeKJv2`` crop/center would; display rotation
+applied), at the job's fps (for each output time i/fps the source frame shown at that time),
+exactly ``plan.frames`` frames, and, with ``audio``, the source audio encoded to AAC (the only
+encode it gets: ``remux`` copies it into the result) and trimmed to the rendered length. One
+decoded frame and a few queued frames at a time: memory does not grow with the clip's length,
+resolution or rate. Setting ``stop`` ends it early with ``TranscodeStopped``; a video that cannot
+be decoded to the end of the rendered part raises ``InputError(field, code="invalid_video")``. The
+job runs it in its folder's thread pool (``jobdir.JobFolder.run``, which sets ``stop`` and waits
+for the thread when the job is cancelled).
 
 Three threads, so that decoding, the video encode and the audio encode overlap on a multi-core
 host (PyAV releases the GIL in decode, swscale, encode and mux):
