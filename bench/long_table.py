@@ -19,6 +19,11 @@ Per job it prints, as a Markdown table:
 - the MP4 (frames, seconds, audio) and the cost at a per-second price (``--price``, default
   RunPod's published H200 PRO flex $0.00155/s), in all and per output second.
 
+``--first-steps`` adds one line per 81-frame job: the seconds from the end of the weights' load
+bar to the first step event (the first window-step, with whatever the first forward of a process
+pays: ``torch.compile``'s compile) and the step intervals after it (a recompile for the plain
+steps shows in the fourth).
+
 ``--compare A B`` adds one line: 81-frame job B's seconds per pose and plain step (profiled
 forwards left out) against job A's, per window-step, per 81-frame job and over
 ``--window-steps`` window-steps (default 239: 60 s of dance at overlap 48).
@@ -62,6 +67,16 @@ def weights_move_s(job: dict) -> float | None:
     total = max(e[2] for e in bars)
     times = [e[0] for e in bars if e[2] == total]
     return max(times) - min(times)
+
+
+def first_step_s(job: dict) -> float | None:
+    """Seconds from the end of the weights' load bar to the first step event (see module doc)."""
+    bars = [e for e in job["sampler_events"] if e[2] not in (None, STEPS)]
+    steps = [e[0] for e in job["sampler_events"] if e[2] == STEPS]
+    if not bars or not steps:
+        return None
+    total = max(e[2] for e in bars)
+    return min(steps) - max(e[0] for e in bars if e[2] == total)
 
 
 def step_times(job: dict) -> tuple[float, float]:
@@ -165,6 +180,9 @@ def main() -> None:
         help="also print 81-frame job B's step times against job A's (first summary)",
     )
     p.add_argument("--window-steps", type=int, default=239, help="for --compare (60 s: 239)")
+    p.add_argument(
+        "--first-steps", action="store_true", help="the first window-step of each 81-frame job"
+    )
     args = p.parse_args()
     print(
         "| job | clip | overlap | windows per step (window-steps) | end to end | worker prepare "
@@ -188,6 +206,17 @@ def main() -> None:
             f"median of all step intervals {statistics.median(steps):.3f} s",
             file=sys.stderr,
         )
+    if args.first_steps:
+        print()
+        for path in args.summaries:
+            for job in json.loads(path.read_text())["jobs"]:
+                first = first_step_s(job) if job.get("ok") and job["max_frames"] == 81 else None
+                if first is not None:
+                    intervals = ", ".join(f"{v:.2f}" for v in job["sampler_step_s"])
+                    print(
+                        f"{path.parent.name}/{job['job']}: first window-step {first:.1f} s after "
+                        f"the weights' load; then steps of {intervals} s"
+                    )
     if args.compare:
         summary = json.loads(args.summaries[0].read_text())
         print("\n" + compare(summary, *args.compare, args.window_steps))
