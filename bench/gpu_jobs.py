@@ -7,8 +7,9 @@ Contract:
   ``test_input.json``, ``PROMPT``, the variant's job fields).
 - ``run_job(worker, job, probes, out)``: runs it through ``Worker.run`` and returns its record:
   the worker's timings, ComfyUI's per-node times, every sampler progress event and the seconds
-  per step, VRAM and ComfyUI RSS peaks over the job (``Probes``), the latents it saved, and the
-  MP4 written to ``out`` and probed.
+  per step, VRAM and ComfyUI RSS peaks over the job (``Probes``; also the peak of ``RssAnon``,
+  what ComfyUI allocated, per node while it ran, and what ComfyUI held once idle after the job),
+  the latents it saved, and the MP4 written to ``out`` and probed.
 - ``compare(records)``: each variant's last default-size job against the first variant's:
   latents (finite, max difference, cosine) and decoded frames.
 """
@@ -16,11 +17,14 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("gpu_run")
 
 JOB_DEFAULTS = {"width": 416, "height": 672, "steps": 6, "cfg": 1.0, "seed": 42, "max_frames": 81}
+IDLE_SAMPLE_S = 1.0  # after a job: long enough for several RSS samples of the idle ComfyUI
+RSS_SLACK_S = 0.25  # a node's last sample may land just after the client heard it finished
 PROMPT = "a person dancing in a bright studio, full body, smooth motion"
 
 
@@ -145,17 +151,21 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
     latents_before = set(probes.latents_dir.glob("*.latent"))
     worker.comfy.run = run_and_keep
     worker._reporter_factory = reporter
+    spans: list[tuple[str, float, float]] = []
     t0 = time.monotonic()
     try:
-        result = await worker.run(
-            {
-                "id": f"gpu-{job.variant}-{job.label}",
-                "input": job_input(job.max_frames, job.variant),
-            }
-        )
+        with node_spans(spans):
+            result = await worker.run(
+                {
+                    "id": f"gpu-{job.variant}-{job.label}",
+                    "input": job_input(job.max_frames, job.variant),
+                }
+            )
     finally:
         worker.comfy.run = real_run
     t1 = time.monotonic()
+    await asyncio.sleep(IDLE_SAMPLE_S)  # ComfyUI idle after the job: what it still holds
+    idle = probes.rss.at_peak(t1 + IDLE_SAMPLE_S / 2, time.monotonic())
     graph = json.loads(worker.settings.workflow_path.read_text(encoding="utf-8"))
     run = captured.get("run")
     nodes = {}
@@ -179,6 +189,9 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
         "vram_peak_mib": probes.vram.peak(t0, t1),
         "comfy_rss_peak_mib": probes.rss.peak(t0, t1),
         "comfy_rss_at_peak_mib": probes.rss.at_peak(t0, t1),
+        "comfy_anon_peak_mib": probes.rss.peak(t0, t1, "RssAnon"),
+        "comfy_rss_idle_after_mib": idle,
+        "node_anon_peak_mib": node_peaks(spans, probes.rss, graph),
         "latents": [str(p) for p in new_latents],
     }
     video = result.get("video") if isinstance(result, dict) else None
@@ -192,6 +205,42 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
             record["mp4_path"] = str(path)
     log.info("job %s: %s", job.name, json.dumps({k: v for k, v in record.items()}))
     return record
+
+
+@contextlib.contextmanager
+def node_spans(spans: list[tuple[str, float, float]]) -> Iterator[None]:
+    """Record (node id, start, end) of every node ComfyUI runs, as the client times them
+    (``run_state._Run.close_node``, which ``node_times`` sums)."""
+    from xicon_dance.comfy import run_state
+
+    original = run_state._Run.close_node
+
+    def close_node(self: Any, now: float) -> None:
+        if self.current is not None:
+            spans.append((self.current[0], self.current[1], now))
+        original(self, now)
+
+    run_state._Run.close_node = close_node  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        run_state._Run.close_node = original  # type: ignore[method-assign]
+
+
+def node_peaks(
+    spans: list[tuple[str, float, float]], rss: RssSampler, graph: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per node that ran, ComfyUI's highest ``RssAnon`` while it ran (MiB; None when no sample
+    fell inside), in the order the nodes ran."""
+    peaks: dict[str, dict[str, Any]] = {}
+    for nid, start, end in spans:
+        anon = rss.peak(start, end + RSS_SLACK_S, "RssAnon")
+        entry = peaks.setdefault(
+            nid, {"class": graph.get(nid, {}).get("class_type", "?"), "anon": None}
+        )
+        if anon is not None:
+            entry["anon"] = max(entry["anon"] or 0, anon)
+    return peaks
 
 
 def probe_mp4(path: Path) -> dict[str, Any]:

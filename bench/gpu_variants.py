@@ -50,6 +50,10 @@ Levers:
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
+- ``cpu_long``: windows overlapping by 4 frames (``overlap4``, node 355: 19 windows per step at
+  1441 frames instead of 39-40), the VAE as shipped (bf16, so the decoder's host copies are the
+  GPU's): a 60-s clip at a tiny size through the whole graph on a CPU in minutes, for memory
+  figures (``bench/README.md``, the released outputs).
 
 Results name the graph of their day: in ``bench/results/gpu_h200_windows`` ``baseline`` still
 had ``rms_norm_function: default``, so ``rms_fused`` there is today's shipped graph. Earlier
@@ -76,6 +80,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "fp16_fast": {"settings": {"BASE_PRECISION": "fp16_fast"}},
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
+    "overlap4": {"graph": {"355": {"context_overlap": 4}}},
     "fps16": {"job": {"fps": 16}},
     "rms_fused": {"graph": {"22": {"rms_norm_function": "pytorch"}}},
     "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
@@ -108,6 +113,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "compile": ("compile",),
     "torch_compile": ("torch_compile",),
     "cpu_smoke": ("vae_fp32",),
+    "cpu_long": ("overlap4",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
     "cpu_smoke_rms": ("vae_fp32", "rms_fused"),
     "cpu_smoke_compile": ("vae_fp32", "compile"),

@@ -127,6 +127,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "prestartup_script.py",
         "pose_decode.py",
     }
+    release = comfy / "custom_nodes" / "xicon_release_outputs"
+    assert {p.name for p in release.iterdir()} == {"__init__.py", "release_outputs.py"}
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:
