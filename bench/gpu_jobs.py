@@ -8,7 +8,8 @@ Contract:
 - ``run_job(worker, job, probes, out)``: runs it through ``Worker.run`` and returns its record:
   the worker's timings, ComfyUI's per-node times, every sampler progress event and the seconds
   per step, VRAM and ComfyUI RSS peaks over the job (``Probes``; also the peak of ``RssAnon``,
-  what ComfyUI allocated, per node while it ran, and what ComfyUI held once idle after the job),
+  what ComfyUI allocated, per node while it ran, and what ComfyUI held once idle after the job;
+  the nodes' spans and the ``RssAnon`` samples, in seconds from the job's start),
   the latents it saved, and the MP4 written to ``out`` and probed.
 - ``compare(records)``: each variant's last default-size job against the first variant's:
   latents (finite, max difference, cosine) and decoded frames.
@@ -192,6 +193,10 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
         "comfy_anon_peak_mib": probes.rss.peak(t0, t1, "RssAnon"),
         "comfy_rss_idle_after_mib": idle,
         "node_anon_peak_mib": node_peaks(spans, probes.rss, graph),
+        "node_spans_s": [(nid, round(a - t0, 2), round(b - t0, 2)) for nid, a, b in spans],
+        "rss_anon_timeline_mib": [
+            (round(t - t0, 1), v.get("RssAnon")) for t, v in probes.rss.samples if t0 <= t
+        ],
         "latents": [str(p) for p in new_latents],
     }
     video = result.get("video") if isinstance(result, dict) else None
