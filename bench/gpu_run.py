@@ -231,10 +231,10 @@ def worker_env(args: argparse.Namespace, workflow: Path) -> dict[str, str]:
             "JOB_TIMEOUT_S": str(args.job_timeout),
         }
     )
-    longest = max((j.max_frames or 0 for j in args.plan), default=0)
-    if longest:
-        env["MAX_FRAMES"] = str(max(longest, JOB_DEFAULTS["max_frames"]))
-        env["MAX_SECONDS"] = str(longest // 16 + 2)  # room for the 16-fps variant
+    # the plan's explicit frame counts and the default job's (--max-frames overrides it)
+    longest = max([j.max_frames or 0 for j in args.plan] + [JOB_DEFAULTS["max_frames"]])
+    env["MAX_FRAMES"] = str(longest)
+    env["MAX_SECONDS"] = str(longest // 16 + 2)  # room for the 16-fps variant
     if args.video is not None:
         env["DEFAULT_VIDEO"] = str(args.video.resolve())
     return env
