@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -230,3 +231,17 @@ def test_a_1080x1920_source_keeps_comfyui_and_the_handler_small(long_job: dict[s
     assert peak["handler"] < HANDLER_PEAK_LIMIT_GB, peak
     # what the frames add while the job runs: far below one copy at the source size
     assert long_job["growth_kb"] / 2**20 < JOB_GROWTH_LIMIT_GB
+
+
+def test_the_clips_copies_leave_comfyuis_cache(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """The project's extension ``xicon_release_outputs`` in the worker's own ComfyUI: the loaded
+    frames (node 130) and the decoded frames (node 28), 120 MB each here, left ComfyUI's output
+    cache once their node had run, instead of staying until the next job's first node."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert "xicon_release_outputs: cached results of 64 MiB or more are released" in text
+    found = re.findall(r"released the cached results of node\(s\) ([^(]+) \(", text)
+    released = {node.strip() for names in found for node in names.split(",")}
+    assert {"130", "28"} <= released, released
