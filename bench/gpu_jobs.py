@@ -8,8 +8,9 @@ Contract:
 - ``run_job(worker, job, probes, out)``: runs it through ``Worker.run`` and returns its record:
   the worker's timings, ComfyUI's per-node times, every sampler progress event and the seconds
   per step, VRAM and ComfyUI RSS peaks over the job (``Probes``; also the peak of ``RssAnon``,
-  what ComfyUI allocated, per node while it ran, and what ComfyUI held once idle after the job;
-  the nodes' spans and the ``RssAnon`` samples, in seconds from the job's start),
+  what ComfyUI allocated, and what ComfyUI held once idle after the job; the nodes' spans and
+  the ``RssAnon`` samples, in seconds from the job's start, from which ``memory_table.py``
+  reads the figures per node),
   the latents it saved, and the MP4 written to ``out`` and probed.
 - ``compare(records)``: each variant's last default-size job against the first variant's:
   latents (finite, max difference, cosine) and decoded frames.
@@ -38,7 +39,6 @@ log = logging.getLogger("gpu_run")
 
 JOB_DEFAULTS = {"width": 416, "height": 672, "steps": 6, "cfg": 1.0, "seed": 42, "max_frames": 81}
 IDLE_SAMPLE_S = 1.0  # after a job: long enough for several RSS samples of the idle ComfyUI
-RSS_SLACK_S = 0.25  # a node's last sample may land just after the client heard it finished
 PROMPT = "a person dancing in a bright studio, full body, smooth motion"
 
 
@@ -192,7 +192,6 @@ async def run_job(worker: Any, job: PlannedJob, probes: Probes, out: Path) -> di
         "comfy_rss_at_peak_mib": probes.rss.at_peak(t0, t1),
         "comfy_anon_peak_mib": probes.rss.peak(t0, t1, "RssAnon"),
         "comfy_rss_idle_after_mib": idle,
-        "node_anon_peak_mib": node_peaks(spans, probes.rss, graph),
         "node_spans_s": [(nid, round(a - t0, 2), round(b - t0, 2)) for nid, a, b in spans],
         "rss_anon_timeline_mib": [
             (round(t - t0, 1), v.get("RssAnon")) for t, v in probes.rss.samples if t0 <= t
@@ -230,22 +229,6 @@ def node_spans(spans: list[tuple[str, float, float]]) -> Iterator[None]:
         yield
     finally:
         run_state._Run.close_node = original  # type: ignore[method-assign]
-
-
-def node_peaks(
-    spans: list[tuple[str, float, float]], rss: RssSampler, graph: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """Per node that ran, ComfyUI's highest ``RssAnon`` while it ran (MiB; None when no sample
-    fell inside), in the order the nodes ran."""
-    peaks: dict[str, dict[str, Any]] = {}
-    for nid, start, end in spans:
-        anon = rss.peak(start, end + RSS_SLACK_S, "RssAnon")
-        entry = peaks.setdefault(
-            nid, {"class": graph.get(nid, {}).get("class_type", "?"), "anon": None}
-        )
-        if anon is not None:
-            entry["anon"] = max(entry["anon"] or 0, anon)
-    return peaks
 
 
 def probe_mp4(path: Path) -> dict[str, Any]:

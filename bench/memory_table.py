@@ -60,9 +60,10 @@ COLUMNS = ("before sampler", "decode", "encode", "job peak", "idle after")
 
 
 def cell(value: int | None, base: int | None, copy_mib: float | None) -> str:
+    """``value`` MiB, and in brackets its float32 copies above ``base`` (none without a base)."""
     if value is None:
         return "-"
-    if base is None or copy_mib is None or value is base:
+    if base is None or copy_mib is None:
         return f"{value:,}"
     return f"{value:,} ({(value - base) / copy_mib:+.2f})"
 
@@ -79,7 +80,7 @@ def table(summaries: list[tuple[str, dict[str, Any]]]) -> list[str]:
             f = figures(job)
             base = f["before sampler"]
             copy = f["copy_mib"]
-            cells = [cell(f[c], base, copy) for c in COLUMNS]
+            cells = [cell(f[c], None if c == COLUMNS[0] else base, copy) for c in COLUMNS]
             copy_s = f"{copy:,.0f}" if copy else "-"
             lines.append(
                 f"| {name} | {job['job']} | {f['frames']} | {f['size']} | {copy_s} | "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,6 +127,12 @@ def place_graph_inputs(base: Path, image: Path, video: Path) -> None:
     graph = json.loads(GRAPH.read_text(encoding="utf-8"))
     shutil.copyfile(image, base / "input" / graph["106"]["inputs"]["image"])
     shutil.copyfile(video, base / "input" / graph["130"]["inputs"]["video"])
+
+
+def released_nodes(log: str) -> set[str]:
+    """Node ids named by ``xicon_release_outputs``'s "released" lines in a ComfyUI log."""
+    found = re.findall(r"released the cached results of node\(s\) ([^(]+) \(", log)
+    return {node.strip() for names in found for node in names.split(",")}
 
 
 def get(url: str, timeout: float = 10.0) -> bytes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import threading
 import time
 import urllib.request
@@ -29,7 +28,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.plugins.realstack import Server
+from tests.plugins.realstack import Server, released_nodes
 
 RUNSYNC_TIMEOUT_S = 1750  # the worker's own JOB_TIMEOUT_S (conftest) ends the job before this
 SOURCE_SIZE = (1080, 1920)
@@ -242,6 +241,5 @@ def test_the_clips_copies_leave_comfyuis_cache(
     assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
     text = real_worker.log.read_text(errors="replace")
     assert "xicon_release_outputs: cached results of 64 MiB or more are released" in text
-    found = re.findall(r"released the cached results of node\(s\) ([^(]+) \(", text)
-    released = {node.strip() for names in found for node in names.split(",")}
+    released = released_nodes(text)
     assert {"130", "28"} <= released, released

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 import uuid
@@ -29,6 +28,7 @@ from tests.plugins.realstack import (
     get,
     make_base,
     post_json,
+    released_nodes,
     wait_for,
 )
 
@@ -89,12 +89,6 @@ def cached_nodes(entry: dict[str, Any]) -> set[str]:
     raise AssertionError(f"no execution_cached message: {entry['status']}")
 
 
-def released(log: str) -> set[str]:
-    """Node ids named by the extension's "released" lines."""
-    found = re.findall(r"released the cached results of node\(s\) ([^(]+) \(", log)
-    return {node.strip() for names in found for node in names.split(",")}
-
-
 def serve_twice(stack: Stack, folder: Path, threshold: str | None) -> dict[str, Any]:
     """ComfyUI (CPU, only this extension) runs the prompt twice; what it logged and held."""
     base = make_base(stack, folder / "comfy", packs={EXTENSION})
@@ -134,8 +128,8 @@ def test_large_results_are_released_and_small_ones_kept(stack: Stack, tmp_path: 
     assert "xicon_release_outputs: off (XICON_RELEASE_OUTPUTS_MIB)" in off["log"]
     # each large result released once its node had run (its reader took it from the prompt's own
     # execution cache, which put it back in the output cache until the reader had run too)
-    assert released(on["log"]) == set(LARGE), on["log"][-3000:]
-    assert released(off["log"]) == set()
+    assert released_nodes(on["log"]) == set(LARGE), on["log"][-3000:]
+    assert released_nodes(off["log"]) == set()
 
     print(
         f"ComfyUI idle after the prompt: RSS {on['rss'] / MIB:.0f} MiB with the extension, "
