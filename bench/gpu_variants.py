@@ -47,6 +47,10 @@ Levers:
   upcasts), which inductor can fuse. The first job pays the compile.
 - ``torch_compile``: the same through the worker's own setting (``TORCH_COMPILE=1``: node 900,
   chosen at start on a CUDA GPU), the product path for the next GPU run.
+- ``steps2``: 2 sampler steps (the job's ``steps``), for memory runs on a long clip: the
+  clip's host copies and the decode do not depend on the steps, and the sampler's time per
+  window-step is still measured. ``long16`` is ``overlap16`` with it, ``torch_compile16`` that
+  with ``TORCH_COMPILE`` (the compile lever on a 60-s clip against ``long16`` in one run).
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -82,6 +86,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "overlap16": {"graph": {"355": {"context_overlap": 16}}},
     "overlap4": {"graph": {"355": {"context_overlap": 4}}},
     "fps16": {"job": {"fps": 16}},
+    "steps2": {"job": {"steps": 2}},
     "rms_fused": {"graph": {"22": {"rms_norm_function": "pytorch"}}},
     "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
@@ -112,6 +117,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "sdpa": ("sdpa",),
     "compile": ("compile",),
     "torch_compile": ("torch_compile",),
+    "long16": ("overlap16", "steps2"),
+    "torch_compile16": ("torch_compile", "overlap16", "steps2"),
     "cpu_smoke": ("vae_fp32",),
     "cpu_long": ("overlap4",),
     "cpu_smoke16": ("vae_fp32", "fps16"),
