@@ -44,8 +44,9 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extension `xicon_release_outputs` reads
-`XICON_RELEASE_OUTPUTS_MIB` there (default 64; `0`: off):
+(secrets removed); the project's extensions read two settings there:
+`XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off) and
+`XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`):
 [operations.md](operations.md#the-comfyui-stack).
 """
 

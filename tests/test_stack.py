@@ -129,6 +129,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     }
     release = comfy / "custom_nodes" / "xicon_release_outputs"
     assert {p.name for p in release.iterdir()} == {"__init__.py", "release_outputs.py"}
+    decode = comfy / "custom_nodes" / "xicon_decode_frames"
+    assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:

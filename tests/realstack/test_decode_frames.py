@@ -1,0 +1,300 @@
+"""The project's extension ``xicon_decode_frames`` against the pinned WanVideoWrapper, in the
+stack's Python (torch): upstream's own ``WanVideoDecode.decode`` (its pinned source, run with a
+VAE double that returns what ``WanVideoVAE.decode`` returns) gives bit-identical frames with and
+without the wrapper, the wrapper's frames are contiguous and upstream's are not, the VAE object is
+left as it was, and the pinned source is the one the extension was written against. In the real
+ComfyUI: the extension wraps the node before the first prompt, and a decode through it gives the
+same frames as a ComfyUI with it turned off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tests.plugins.comfy import free_port, stop_process
+from tests.plugins.realstack import (
+    ROOT,
+    STARTUP_TIMEOUT_S,
+    Stack,
+    get,
+    make_base,
+    post_json,
+    wait_for,
+)
+
+EXTENSION = "xicon_decode_frames"
+EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "decode_frames.py"
+PACK = "ComfyUI-WanVideoWrapper"
+
+SCRIPT = r"""
+import ast, importlib.util, inspect, json, linecache, sys, types
+import torch
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+df = load("decode_frames_under_test", sys.argv[1])
+nodes_py = sys.argv[2]
+source = open(nodes_py).read()
+lines = source.splitlines(keepends=True)
+cls_node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.ClassDef) and n.name == "WanVideoDecode")
+class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
+# upstream's own class, compiled from the pinned file's lines (linecache lets inspect read them),
+# with the module globals its decode reads
+fname = "<pinned WanVideoWrapper nodes.py: WanVideoDecode>"
+linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
+mm = types.SimpleNamespace(soft_empty_cache=lambda: None)
+cpu = torch.device("cpu")
+ns = {"torch": torch, "mm": mm, "device": cpu, "offload_device": cpu}
+exec(compile(class_source, fname, "exec"), ns)
+Pinned = ns["WanVideoDecode"]
+digest = df.upstream_digest(Pinned)
+ns["decode"] = Pinned.decode
+Upstream = type("WanVideoDecode", (), {"decode": ns["decode"]})
+Wrapped = type("WanVideoDecode", (), {"decode": df.wrap_node_decode(ns["decode"])})
+
+class VAE(torch.nn.Module):
+    # what WanVideoVAE.decode returns: one (C, T, H, W) tensor per batch item
+    def __init__(self, video):
+        super().__init__()
+        self.video = video
+        self.dtype = video.dtype
+        self.calls = 0
+    def decode(self, latents, device, end_=False, tiled=False, tile_size=None, tile_stride=None):
+        self.calls += 1
+        return [self.video.clone()]
+
+def run(cls, video, **samples):
+    vae = VAE(video)
+    lat = {"samples": torch.zeros(1, 16, 3, 4, 4), **samples}
+    norm = samples.pop("normalization", "default")
+    out = cls().decode(vae, lat, False, 272, 272, 144, 128, norm)[0]
+    return out, vae
+
+g = torch.Generator().manual_seed(3)
+out = {"digest_ok": digest == df.UPSTREAM_SHA256, "cases": {}}
+for name, dtype, shape in [("bf16", torch.bfloat16, (3, 9, 24, 40)),
+                           ("float32", torch.float32, (3, 5, 16, 16)),
+                           ("long", torch.bfloat16, (3, 41, 8, 8))]:
+    video = (torch.randn(shape, generator=g) * 1.5).to(dtype)  # beyond [-1, 1]: clamping matters
+    a, vae_a = run(Upstream, video)
+    b, vae_b = run(Wrapped, video)
+    out["cases"][name] = {
+        "equal": bool(torch.equal(a, b)), "shape": list(b.shape), "dtype": str(b.dtype),
+        "upstream_contiguous": a.is_contiguous(), "wrapped_contiguous": b.is_contiguous(),
+        "decode_calls": vae_b.calls, "vae_restored": "decode" not in vae_b.__dict__,
+    }
+# the frames chunked across several steps equal one step's
+video = torch.randn(3, 13, 8, 8, generator=g).to(torch.bfloat16)
+one = df.to_host_frames(video, chunk_bytes=1 << 30)
+many = df.to_host_frames(video, chunk_bytes=8 * 8 * 3 * 4 * 2)  # two frames a step
+out["chunks_equal"] = bool(torch.equal(one, many))
+out["view_of_contiguous"] = one.permute(1, 2, 3, 0).is_contiguous()
+# the end_image path (the node drops the last frame) and minmax normalisation
+video = torch.randn(3, 9, 8, 8, generator=g).to(torch.bfloat16)
+for label, extra in [("end_image", {"end_image": torch.zeros(1)}), ("minmax", {})]:
+    norm = "minmax" if label == "minmax" else "default"
+    vae_u, vae_w = VAE(video), VAE(video)
+    lat = {"samples": torch.zeros(1, 16, 3, 4, 4), **extra}
+    a = Upstream().decode(vae_u, dict(lat), False, 272, 272, 144, 128, norm)[0]
+    b = Wrapped().decode(vae_w, dict(lat), False, 272, 272, 144, 128, norm)[0]
+    out["cases"][label] = {"equal": bool(torch.equal(a, b)), "shape": list(b.shape)}
+# a VAE that already carries its own decode attribute is left alone
+vae = VAE(video)
+vae.decode = vae.decode
+b = Wrapped().decode(vae, {"samples": torch.zeros(1, 16, 3, 4, 4)}, False, 272, 272, 144, 128)[0]
+out["own_attribute_untouched"] = (not b.is_contiguous()) and "decode" in vae.__dict__
+# install: off by the setting, wraps the registry's class before the first prompt, once
+class Executor:
+    async def execute_async(self, *a, **k):
+        return "ran"
+registry = {"WanVideoDecode": type("WanVideoDecode", (Pinned,), {"decode": Pinned.decode})}
+out["off"] = df.install(Executor, registry, {"XICON_DECODE_FRAMES": "off"})
+out["installed"] = df.install(Executor, registry, {})
+out["again"] = df.install(Executor, registry, {})
+before = registry["WanVideoDecode"].decode is Pinned.decode
+import asyncio
+out["first_prompt"] = asyncio.run(Executor().execute_async())
+out["wrapped_before_prompt"] = before
+out["wrapped_after_prompt"] = getattr(registry["WanVideoDecode"].decode, df.WRAPPED, False)
+edited = class_source.replace("images.clamp_(0.0, 1.0)", "images.clamp_(0.0, 0.5)")
+fname2 = "<edited WanVideoDecode>"
+linecache.cache[fname2] = (len(edited), None, edited.splitlines(keepends=True), fname2)
+ns2 = dict(ns)
+exec(compile(edited, fname2, "exec"), ns2)
+out["changed"] = df.patch({"WanVideoDecode": ns2["WanVideoDecode"]})
+unreadable = type("WanVideoDecode", (), {"decode": lambda self, vae, samples: None})
+out["unreadable"] = df.patch({"WanVideoDecode": unreadable})
+out["missing"] = df.patch({})
+print(json.dumps(out))
+"""
+
+
+def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: Path) -> None:
+    nodes_py = stack.comfy_dir / "custom_nodes" / PACK / "nodes.py"
+    done = subprocess.run(
+        [str(stack.python), "-c", SCRIPT, str(EXT), str(nodes_py)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert out["digest_ok"], "WanVideoDecode.decode changed at the pinned commit"
+    for name in ("bf16", "float32", "long"):
+        case = out["cases"][name]
+        assert case["equal"], (name, case)
+        assert case["dtype"] == "torch.float32"
+        assert case["wrapped_contiguous"] and not case["upstream_contiguous"], (name, case)
+        assert case["decode_calls"] == 1 and case["vae_restored"], (name, case)
+    assert out["cases"]["bf16"]["shape"] == [9, 24, 40, 3]
+    assert out["cases"]["end_image"] == {"equal": True, "shape": [8, 8, 8, 3]}
+    assert out["cases"]["minmax"]["equal"]
+    assert out["chunks_equal"] and out["view_of_contiguous"]
+    assert out["own_attribute_untouched"]
+    assert out["off"] == "off (XICON_DECODE_FRAMES)"
+    assert out["installed"] == "WanVideoDecode will be wrapped before the first prompt"
+    assert out["again"] == "already installed"
+    assert out["first_prompt"] == "ran"
+    assert out["wrapped_before_prompt"] and out["wrapped_after_prompt"]
+    assert "changed upstream" in out["changed"] and "left as it is" in out["changed"]
+    assert (
+        out["unreadable"] == "WanVideoDecode.decode's source cannot be read; decoding left as it is"
+    )
+    assert out["missing"] == "WanVideoDecode not loaded; nothing to do"
+
+
+def prompt(width: int, height: int, frames: int) -> dict[str, Any]:
+    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
+    as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
+    shows)."""
+    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
+    return {
+        "vae": {
+            "class_type": "WanVideoVAELoader",
+            "inputs": {
+                "model_name": "Wan2_1_VAE_bf16.safetensors",
+                "precision": "bf16",
+                "use_cpu_cache": False,
+                "verbose": False,
+            },
+        },
+        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
+        "clip": {
+            "class_type": "RepeatImageBatch",
+            "inputs": {"image": ["img", 0], "amount": frames},
+        },
+        "enc": {
+            "class_type": "WanVideoEncode",
+            "inputs": {
+                "vae": ["vae", 0],
+                "image": ["clip", 0],
+                "enable_vae_tiling": False,
+                **tiles,
+            },
+        },
+        "dec": {
+            "class_type": "WanVideoDecode",
+            "inputs": {
+                "vae": ["vae", 0],
+                "samples": ["enc", 0],
+                "enable_vae_tiling": False,
+                "normalization": "default",
+                **tiles,
+            },
+        },
+        "save": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
+        },
+        "enc2": {
+            "class_type": "WanVideoEncode",
+            "inputs": {"vae": ["vae", 0], "image": ["dec", 0], "enable_vae_tiling": False, **tiles},
+        },
+        "lat": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["enc2", 0], "filename_prefix": "latents/dec"},
+        },
+    }
+
+
+def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
+    """ComfyUI (CPU, WanVideoWrapper and this extension) decodes the clip once."""
+    base = make_base(stack, folder / "comfy", packs={PACK, EXTENSION})
+    (base / "models").symlink_to(realstack_base / "models")
+    width, height = 64, 48
+    Image.frombytes(
+        "RGB",
+        (width, height),
+        bytes((x * 4 + y) % 256 for y in range(height) for x in range(width) for _ in range(3)),
+    ).save(base / "input" / "gradient.png")
+    log = folder / "comfyui.log"
+    port = free_port()
+    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
+    cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
+    env = {k: v for k, v in os.environ.items() if k != "XICON_DECODE_FRAMES"}
+    if setting is not None:
+        env["XICON_DECODE_FRAMES"] = setting
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
+        prompt_id = str(uuid.uuid4())
+        post_json(f"{url}/prompt", {"prompt": prompt(width, height, 5), "prompt_id": prompt_id})
+        deadline = time.monotonic() + 600
+        entry: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            entry = json.loads(get(f"{url}/history/{prompt_id}")).get(prompt_id) or {}
+            if entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        stop_process(proc)
+    output = base / "output"
+    return {
+        "entry": entry,
+        "log": log.read_text(errors="replace"),
+        "pngs": [p.read_bytes() for p in sorted(output.glob("dec_*.png"))],
+        "latent": [p.read_bytes() for p in sorted((output / "latents").glob("dec_*.latent"))],
+    }
+
+
+def test_comfyui_decodes_through_the_extension(
+    stack: Stack, realstack_base: Path, tmp_path: Path
+) -> None:
+    on = serve(stack, realstack_base, tmp_path / "on", None)  # the default, as the image runs it
+    off = serve(stack, realstack_base, tmp_path / "off", "off")
+    for served in (on, off):
+        assert served["entry"].get("status", {}).get("status_str") == "success", served["log"][
+            -3000:
+        ]
+    assert (
+        "xicon_decode_frames: WanVideoDecode will be wrapped before the first prompt" in on["log"]
+    )
+    assert (
+        "xicon_decode_frames: WanVideoDecode hands its frames to the host as one contiguous "
+        "float32 tensor" in on["log"]
+    ), on["log"][-3000:]
+    # the decode ran through it: the tiny VAE's 2 latent frames decode to 5 frames of 64x48
+    assert "xicon_decode_frames: 5 frames of 64x48 to the host as one float32 tensor" in on["log"]
+    assert "xicon_decode_frames: off (XICON_DECODE_FRAMES)" in off["log"]
+    assert "to the host as one float32 tensor" not in off["log"]
+    assert len(on["pngs"]) == 5 and on["pngs"] == off["pngs"]
+    assert len(on["latent"]) == 1 and on["latent"] == off["latent"]
