@@ -19,8 +19,9 @@ Usage (any machine; ffmpeg from ``--ffmpeg``, PATH or imageio-ffmpeg)::
         [--presets medium,faster,veryfast] [--content dance,noise] [--repeat 3] [--threads 0]
 
 Prints one line per (content, preset): median seconds, frames per second, MB and Mbit/s of the
-MP4; then the conversion's median seconds. Figures depend on the machine's cores: compare rows of
-one run, and say where it ran.
+MP4; then the conversion's median seconds, for contiguous frames and for the channel-first view
+that WanVideoDecode hands over upstream (``--presets ''`` skips the encodes). Figures depend on
+the machine's cores: compare rows of one run, and say where it ran.
 """
 
 from __future__ import annotations
@@ -109,9 +110,14 @@ def encode(
     return time.perf_counter() - t0
 
 
-def conversion_seconds(frames: np.ndarray) -> float:
-    """VHS's per-frame float32 [0, 1] -> uint8 conversion over the clip."""
+def conversion_seconds(frames: np.ndarray, channel_first: bool = False) -> float:
+    """VHS's per-frame float32 [0, 1] -> uint8 conversion over the clip. ``channel_first``: the
+    frames as WanVideoDecode hands them over upstream, a (T, H, W, C) view of a (C, T, H, W)
+    tensor (its ``permute(1, 2, 3, 0)``), so each frame's channels lie a plane apart; otherwise
+    one contiguous (T, H, W, C) array (what ``xicon_decode_frames`` hands over)."""
     floats = frames[: min(len(frames), 241)].astype(np.float32) / 255
+    if channel_first:
+        floats = np.ascontiguousarray(floats.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0)
     t0 = time.perf_counter()
     for frame in floats:
         np.clip(frame * 255 + 0.5, 0, 255).astype(np.uint8).tobytes()
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "out.mp4"
         for content in args.content.split(","):
             frames = makers[content](args.frames, width, height)
-            for preset in args.presets.split(","):
+            for preset in [p for p in args.presets.split(",") if p]:
                 times = [
                     encode(exe, frames, args.fps, args.crf, preset, args.threads, out)
                     for _ in range(args.repeat)
@@ -152,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{content:6s} {preset:10s} {median:7.2f} s  {args.frames / median:7.1f} fps  "
                     f"{size / 1e6:7.1f} MB  {mbps:6.2f} Mbit/s"
                 )
-            conv = statistics.median(conversion_seconds(frames) for _ in range(args.repeat))
-            print(f"{content:6s} float32->uint8 conversion (VHS tensor_to_bytes): {conv:.2f} s")
+            for channel_first, layout in ((False, "contiguous"), (True, "channel-first view")):
+                conv = statistics.median(
+                    conversion_seconds(frames, channel_first) for _ in range(args.repeat)
+                )
+                print(
+                    f"{content:6s} float32->uint8 conversion (VHS tensor_to_bytes), frames "
+                    f"{layout}: {conv:.2f} s"
+                )
     return 0
 
 
