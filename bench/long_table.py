@@ -42,8 +42,16 @@ sys.path.insert(0, str(ROOT))
 
 from xicon_dance.context_windows import ContextOptions, windows  # noqa: E402
 
-STEPS = 6
+STEPS = 6  # the job's default; a run's job or a variant may set another (``steps_of``)
 GIB_MIB = 1024
+
+
+def steps_of(summary: dict, job: dict) -> int:
+    """The sampler steps of ``job``: its variant's job field, else the run's job, else 6."""
+    variants = summary.get("variants")
+    entry = variants.get(job.get("variant"), {}) if isinstance(variants, dict) else {}
+    fields = entry.get("job", {}) if isinstance(entry, dict) else {}
+    return int(fields.get("steps", summary.get("job", {}).get("steps", STEPS)))
 
 
 def _overlap(summary: dict, variant: str, default: int = 48) -> int:
@@ -53,15 +61,15 @@ def _overlap(summary: dict, variant: str, default: int = 48) -> int:
     return 16 if "overlap16" in levers or variant == "overlap16" else default
 
 
-def _span(job: dict) -> float:
-    times = [e[0] for e in job["sampler_events"] if e[2] == STEPS]
+def _span(job: dict, steps: int = STEPS) -> float:
+    times = [e[0] for e in job["sampler_events"] if e[2] == steps]
     return max(times) - min(times)
 
 
-def weights_move_s(job: dict) -> float | None:
+def weights_move_s(job: dict, steps: int = STEPS) -> float | None:
     """Seconds the sampler spent moving the transformer's weights to the GPU: its load bar (the
     progress events whose total is the number of tensors, the largest total) from first to last."""
-    bars = [e for e in job["sampler_events"] if e[2] not in (None, STEPS)]
+    bars = [e for e in job["sampler_events"] if e[2] not in (None, steps)]
     if not bars:
         return None
     total = max(e[2] for e in bars)
@@ -69,14 +77,14 @@ def weights_move_s(job: dict) -> float | None:
     return max(times) - min(times)
 
 
-def first_step_s(job: dict) -> float | None:
+def first_step_s(job: dict, steps: int = STEPS) -> float | None:
     """Seconds from the end of the weights' load bar to the first step event (see module doc)."""
-    bars = [e for e in job["sampler_events"] if e[2] not in (None, STEPS)]
-    steps = [e[0] for e in job["sampler_events"] if e[2] == STEPS]
-    if not bars or not steps:
+    bars = [e for e in job["sampler_events"] if e[2] not in (None, steps)]
+    ends = [e[0] for e in job["sampler_events"] if e[2] == steps]
+    if not bars or not ends:
         return None
     total = max(e[2] for e in bars)
-    return min(steps) - max(e[0] for e in bars if e[2] == total)
+    return min(ends) - max(e[0] for e in bars if e[2] == total)
 
 
 def step_times(job: dict) -> tuple[float, float]:
@@ -115,7 +123,8 @@ def reference_step(summary: dict, label: str) -> tuple[str, float]:
     )
     if job is None:
         raise SystemExit("no 81-frame job in the summary to refer to: give --reference-s")
-    return job["job"], _span(job) / (STEPS - 1)
+    steps = steps_of(summary, job)
+    return job["job"], _span(job, steps) / (steps - 1)
 
 
 def rows(summary: dict, ref_s: float, price: float) -> list[str]:
@@ -127,17 +136,18 @@ def rows(summary: dict, ref_s: float, price: float) -> list[str]:
         frames = job["max_frames"]
         overlap = _overlap(summary, job["variant"])
         fps = job.get("video", {}).get("fps")
+        steps = steps_of(summary, job)
         per_step = [
             len(windows(i, frames, ContextOptions(81, 4, overlap, "uniform_standard")))
-            for i in range(STEPS)
+            for i in range(steps)
         ]
         total_ws = sum(per_step)
         nodes = job["node_times"]
         sampler = nodes.get("348", {}).get("s", 0.0)
         rest = sum(v["s"] for k, v in nodes.items() if k != "348")
-        span = _span(job)
-        move = weights_move_s(job)
-        ws = span / (total_ws - 1) if total_ws > STEPS else None
+        span = _span(job, steps)
+        move = weights_move_s(job, steps)
+        ws = span / (total_ws - 1) if total_ws > steps else None
         video = job.get("video", {})
         seconds = video.get("duration_s") or 0.0
         cost = job["wall_s"] * price

@@ -116,7 +116,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("summaries", type=Path, nargs="+")
     args = p.parse_args()
-    loaded = [(path.stem, json.loads(path.read_text())) for path in args.summaries]
+    loaded = [
+        (path.parent.name if path.stem == "summary" else path.stem, json.loads(path.read_text()))
+        for path in args.summaries
+    ]
     out = table(loaded)
     if len(loaded) == 2:
         out += ["", *differences(loaded[0], loaded[1])]
