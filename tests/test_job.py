@@ -610,7 +610,7 @@ async def test_inputs_from_the_network_volume_run_the_job(
 async def test_a_clip_over_the_memory_budget_is_refused_before_comfyui(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 57 MB
+    rig = rig_factory(max_clip_memory_gb=0.01)  # 10 MB: 9 frames at 256x256 need 28 MB
     before = len(rig.double.prompts)
     result = await rig.worker.run(rig.job())
     assert result["code"] == "clip_too_long" and result["field"] == "max_frames", result

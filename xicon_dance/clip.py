@@ -32,15 +32,14 @@ from .media import VideoInfo
 from .schema import MIN_FRAMES, JobInput
 from .settings import Settings
 
-# Host memory per rendered frame, in float32 RGB copies of the frame at the generation size:
-# measured on the real stack (CPU, tests/realstack/test_long_clip.py): a 153-frame 256x256 job
-# raised ComfyUI's RSS 7.4 copies per frame more than a 5-frame job (loader, resize, pose
-# render, VAE encode/decode buffers, decoded result, output cache), rounded up. Since the
-# worker's graph leaves out the resize (node 131), the same test measures 3.4 copies (5.5 with
-# the resize, same machine and run order). On an H200 host (models on the GPU) 60 s at 416x672
-# cost 17 GiB over an 81-frame job with the resize: about 4 copies. The estimate stays on the
-# safe side.
-FRAME_COPIES = 8
+# Host memory per rendered frame, in float32 RGB copies of the frame at the generation size,
+# over what an 81-frame job holds. Measured through the worker on an H100 host (models on the
+# GPU), 60 s at 416x672, allocated memory at the job's peak (bench/results/gpu_h100_extensions):
+# 2.9 copies as upstream caches and decodes, 1.5 with the image's two extensions
+# (xicon_release_outputs, xicon_decode_frames). On the CPU with the tiny models
+# (tests/realstack/test_long_clip.py, before the extensions) 3.4: the tiny VAE's activations on
+# the host. 4 stays above every measurement; it was 8 before the GPU measured it.
+FRAME_COPIES = 4
 BYTES_PER_PIXEL = 12  # float32 RGB
 GB = 1e9
 _VIDEO_FIELDS = ("video_url", "video_base64", "video_path")

@@ -121,8 +121,9 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     "MAX_CLIP_MEMORY_GB": (
         "48",
         "host memory ComfyUI may spend on frames: frames x width x height x 12 bytes (float32 "
-        "RGB) x 8 copies (measured); a job over it is refused before ComfyUI runs. The default "
-        "takes 60 s at 416x672 (39 GB); lower it on hosts with less RAM (the worker warns at "
+        "RGB) x 4 copies (measured: 1.5 on a GPU host); a job over it is refused before "
+        "ComfyUI runs. The default takes 60 s at 416x672 (19 GB) and at 576x1024 (41 GB); "
+        "lower it on hosts with less RAM (the worker warns at "
         "start when ComfyUI has less RAM than this: the container's memory limit, or the "
         "host's RAM)",
     ),
