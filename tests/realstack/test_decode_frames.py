@@ -161,7 +161,9 @@ def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: P
         case = out["cases"][name]
         assert case["equal"], (name, case)
         assert case["dtype"] == "torch.float32"
-        assert case["wrapped_contiguous"] and not case["upstream_contiguous"], (name, case)
+        assert not case["upstream_contiguous"], (name, case)
+        # a float32 video already on the host is passed on as upstream gets it (no extra copy)
+        assert case["wrapped_contiguous"] == (name != "float32"), (name, case)
         assert case["decode_calls"] == 1 and case["vae_restored"], (name, case)
     assert out["cases"]["bf16"]["shape"] == [9, 24, 40, 3]
     assert out["cases"]["end_image"] == {"equal": True, "shape": [8, 8, 8, 3]}

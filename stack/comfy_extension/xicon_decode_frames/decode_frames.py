@@ -69,7 +69,9 @@ def to_host_frames(video: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch
 
 def host_decoding(decode: Callable[..., Any]) -> Callable[..., Any]:
     """The VAE's bound ``decode``, returning each (C, T, H, W) video through ``to_host_frames``
-    and dropping its own copy of each as soon as it is converted."""
+    and dropping its own copy of each as soon as it is converted. A video already on the host in
+    float32 (an fp32 VAE decoding on the CPU or tiled: its tiles are gathered on the host) is
+    passed on as it is: the node's ``.cpu().float()`` copies nothing then either."""
 
     @functools.wraps(decode)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -79,6 +81,8 @@ def host_decoding(decode: Callable[..., Any]) -> Callable[..., Any]:
         ):
             return videos  # not the shape this was written for: the node gets it as it came
         for i, video in enumerate(videos):
+            if video.device.type == "cpu" and video.dtype == torch.float32:
+                continue  # already what the node makes of it: a copy would only add one
             videos[i] = to_host_frames(video)
             _, t, h, w = video.shape
             del video
