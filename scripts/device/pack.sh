@@ -82,4 +82,27 @@ for f in "$OUT"/part.*; do
     n=$((n + 1))
 done
 cp "$STACK_ARCHIVE" "$(dirname "$STACK_ARCHIVE")/MANIFEST.json" "$SAGE_SRC" "$OUT/site.tar.xz.sha256" "$OUT/c1/"
-du -sh "$OUT"/c[0-9]
+
+# Optional (ORT_GPU=1): onnxruntime-gpu for the ONNX pose models' CUDA provider, in its own calls
+# (o1, o2, ...: the wheel split in PART_MIB pieces). The GPU machines have torch for CUDA 13 and
+# onnxruntime's CPU provider only; PyPI's onnxruntime-gpu 1.31.1 is the CUDA 13 build (its CUDA
+# provider needs libcublas.so.13 and libcudart.so.13, which torch's CUDA 13 wheels bring). The
+# image pins 1.22.0 (CUDA 12) for CUDA 12.8; this pin is the bench machine's only.
+# `stage.sh ort` joins and installs it under $SITE_ORT, which session.sh puts before $SITE.
+ORT_GPU_PIN="onnxruntime-gpu==1.31.1"
+rm -rf "$OUT"/o[0-9] "$OUT/ort"
+if [ "${ORT_GPU:-0}" = 1 ]; then
+    mkdir -p "$OUT/ort"
+    "$PY" -m pip download -q --no-deps "${TARGET[@]}" -d "$OUT/ort" "$ORT_GPU_PIN"
+    wheel="$(ls "$OUT"/ort/onnxruntime_gpu-*.whl)"
+    split -b "${PART_MIB}M" -d -a 2 --numeric-suffixes=1 "$wheel" "$OUT/ort/part."
+    n=1
+    for f in "$OUT"/ort/part.*; do
+        mkdir -p "$OUT/o$n"
+        mv "$f" "$OUT/o$n/ort.whl.$(printf '%02d' "$n")"
+        n=$((n + 1))
+    done
+    basename "$wheel" >"$OUT/o1/ort.whl.name"
+    sha256sum "$wheel" | awk '{print $1}' >"$OUT/o1/ort.whl.sha256"
+fi
+du -sh "$OUT"/c[0-9] "$OUT"/o[0-9] 2>/dev/null

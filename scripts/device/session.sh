@@ -26,6 +26,7 @@ set -euo pipefail
 TMP="${TMPDIR:-/tmp}"
 STAGE="${STAGE:-$TMP/xicon-stage}"
 SITE="${SITE:-$TMP/xicon-site}"
+SITE_ORT="${SITE_ORT:-$TMP/xicon-ort}"
 COMFY_DIR="${COMFY_DIR:-$TMP/xicon-stack/ComfyUI}"
 SAGE="${SAGE:-$TMP/sage}"
 RUNS="${RUNS:-$TMP/xicon-runs}"
@@ -61,7 +62,10 @@ start() {
     shift
     wait_for "$SAGE/90/done" "SageAttention sm90 build"
     wait_for "$RUNS/models.done" "synthetic models"
-    export PYTHONPATH="$SAGE/90/site:$SITE" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
+    # onnxruntime-gpu, where `stage.sh ort` installed it, before the machine's CPU-only build
+    local ort_site=""
+    [ -d "$SITE_ORT" ] && ort_site="$SITE_ORT:"
+    export PYTHONPATH="$SAGE/90/site:$ort_site$SITE" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
     [ -f "$CLIP" ] || "$PY" scripts/make_default_video.py --seconds 61 --out "$CLIP"
     mkdir -p "$TMP/empty-fe" "$RUNS"
     rm -rf "${RUNS:?}/$name"

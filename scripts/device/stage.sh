@@ -9,6 +9,9 @@
 #                                        stack/install.py) and add the project's ComfyUI extension
 #   scripts/device/stage.sh site         join site.tar.xz.NN, check its sha256, unpack it as $SITE
 #   scripts/device/stage.sh check        import every module the graph and the worker need
+#   scripts/device/stage.sh ort          (after `part .device/oN` for every oN that pack.sh made
+#                                        with ORT_GPU=1) join ort.whl.NN, check its sha256 and
+#                                        install onnxruntime-gpu as $SITE_ORT; say its providers
 #
 # Then use: PYTHONPATH=$SITE python3 ...  (the machine's python3 holds torch).
 set -euo pipefail
@@ -16,6 +19,7 @@ set -euo pipefail
 TMP="${TMPDIR:-/tmp}"
 STAGE="${STAGE:-$TMP/xicon-stage}"
 SITE="${SITE:-$TMP/xicon-site}"
+SITE_ORT="${SITE_ORT:-$TMP/xicon-ort}"
 STACK_ROOT="${STACK_ROOT:-$TMP/xicon-stack}"
 COMFY_DIR="${COMFY_DIR:-$STACK_ROOT/ComfyUI}"
 PY="${PYTHON:-python3}"
@@ -60,6 +64,22 @@ EOF
     log "stack placed at $COMFY_DIR; total $((SECONDS - t0)) s"
 }
 
+ort() {
+    local name wheel
+    name="$(cat "$STAGE/ort.whl.name")"
+    wheel="$STAGE/$name"
+    cat "$STAGE"/ort.whl.[0-9][0-9] >"$wheel"
+    echo "$(cat "$STAGE/ort.whl.sha256")  $wheel" | sha256sum -c --quiet
+    rm -rf "$SITE_ORT"
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE_ORT" "$wheel"
+    rm -f "$wheel" "$STAGE"/ort.whl.[0-9][0-9]
+    PYTHONPATH="$SITE_ORT:$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
+import torch  # loads CUDA 13 libraries first, as ComfyUI does
+import onnxruntime as ort
+print("onnxruntime", ort.__version__, ort.__file__)
+print("providers:", ort.get_available_providers())'
+}
+
 check() {
     PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
 import importlib, sys
@@ -88,8 +108,9 @@ part) part "${2:-}" ;;
 stack) stack ;;
 site) site ;;
 check) check ;;
+ort) ort ;;
 *)
-    echo "usage: $0 part DIR | stack | site | check" >&2
+    echo "usage: $0 part DIR | stack | site | check | ort" >&2
     exit 2
     ;;
 esac
