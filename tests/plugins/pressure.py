@@ -22,7 +22,14 @@ from typing import Any
 
 from tests.plugins.cgroups import MemoryCgroup
 from tests.plugins.comfy import free_port
-from tests.plugins.realstack import STARTUP_TIMEOUT_S, Stack, get, post_json, wait_for
+from tests.plugins.realstack import (
+    STARTUP_TIMEOUT_S,
+    Stack,
+    cpu_comfy_command,
+    get,
+    post_json,
+    wait_for,
+)
 
 GIB = 1024**3
 
@@ -32,8 +39,7 @@ def start_in(
 ) -> tuple[subprocess.Popen, str]:
     """ComfyUI on the CPU, moved into ``cgroup`` before it starts (``exec`` keeps the pid)."""
     port = free_port()
-    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
-    cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
+    cmd = cpu_comfy_command(stack, base, port)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cgroup.command(cmd), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

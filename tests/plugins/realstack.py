@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,47 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: floa
         except (urllib.error.URLError, OSError):
             time.sleep(POLL_S)
     pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def run_prompt(url: str, graph: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
+    """Queue ``graph`` on the ComfyUI at ``url`` and return its history entry once completed."""
+    prompt_id = str(uuid.uuid4())
+    post_json(f"{url}/prompt", {"prompt": graph, "prompt_id": prompt_id})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = json.loads(get(f"{url}/history/{prompt_id}")).get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            return entry
+        time.sleep(0.2)
+    raise TimeoutError(f"the prompt did not finish within {timeout_s:.0f} s")
+
+
+def cpu_comfy_command(stack: Stack, base: Path, port: int) -> list[str]:
+    """ComfyUI's command line on the CPU over the base directory ``base``, on loopback ``port``."""
+    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
+    return [*cmd, "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
+
+
+@contextlib.contextmanager
+def cpu_comfy(
+    stack: Stack, base: Path, log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """ComfyUI on the CPU over ``base`` (output to ``log``, environment ``env`` or this
+    process's), ready: its URL and process; stopped when the block ends."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cpu_comfy_command(stack, base, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
+        yield url, proc
+    finally:
+        stop_process(proc)
 
 
 def cpu_job(media: tuple[Path, Path], **extra: Any) -> dict[str, Any]:

@@ -12,23 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from tests.plugins.comfy import free_port, stop_process
-from tests.plugins.realstack import (
-    ROOT,
-    STARTUP_TIMEOUT_S,
-    Stack,
-    get,
-    make_base,
-    post_json,
-    wait_for,
-)
+from tests.plugins.realstack import ROOT, Stack, cpu_comfy, make_base, run_prompt
 
 EXTENSION = "xicon_decode_frames"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "decode_frames.py"
@@ -247,28 +236,11 @@ def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None)
         bytes((x * 4 + y) % 256 for y in range(height) for x in range(width) for _ in range(3)),
     ).save(base / "input" / "gradient.png")
     log = folder / "comfyui.log"
-    port = free_port()
-    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
-    cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
     env = {k: v for k, v in os.environ.items() if k != "XICON_DECODE_FRAMES"}
     if setting is not None:
         env["XICON_DECODE_FRAMES"] = setting
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
-        prompt_id = str(uuid.uuid4())
-        post_json(f"{url}/prompt", {"prompt": prompt(width, height, 5), "prompt_id": prompt_id})
-        deadline = time.monotonic() + 600
-        entry: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            entry = json.loads(get(f"{url}/history/{prompt_id}")).get(prompt_id) or {}
-            if entry.get("status", {}).get("completed") is not None:
-                break
-            time.sleep(0.2)
-    finally:
-        stop_process(proc)
+    with cpu_comfy(stack, base, log, env) as (url, _):
+        entry = run_prompt(url, prompt(width, height, 5), timeout_s=600)
     output = base / "output"
     return {
         "entry": entry,

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -22,17 +21,15 @@ from typing import Any
 import av
 import pytest
 
-from tests.plugins.comfy import free_port, stop_process
 from tests.plugins.realstack import (
     GRAPH,
-    STARTUP_TIMEOUT_S,
     Server,
     Stack,
+    cpu_comfy,
     cpu_job,
     forget_cached_outputs,
     get,
     make_base,
-    wait_for,
 )
 from tests.realstack.object_info import FIXTURE, differences, fixture_from_live
 from xicon_dance.comfy import ComfyClient, Progress
@@ -169,15 +166,7 @@ async def test_without_the_onnx_fix_the_shipped_graph_is_refused(
     (base / "input").rmdir()
     for sub in ("models", "input"):
         (base / sub).symlink_to(realstack_base / sub)
-    port = free_port()
-    log = tmp_path / "comfyui.log"
-    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
-    cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
+    with cpu_comfy(stack, base, tmp_path / "comfyui.log") as (url, _):
         async with ComfyClient(url) as client:
             with pytest.raises(ComfyError) as refused:
                 await client.run(
@@ -186,7 +175,5 @@ async def test_without_the_onnx_fix_the_shipped_graph_is_refused(
                     client_id=uuid.uuid4().hex,
                     timeout_s=120,
                 )
-    finally:
-        stop_process(proc)
     assert refused.value.code == "comfyui_validation"
     assert "364" in refused.value.message and "OnnxDetectionModelLoader" in refused.value.message

@@ -11,26 +11,13 @@ prompt, which the extension's ComfyUI does not.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from tests.plugins.comfy import free_port, stop_process
-from tests.plugins.realstack import (
-    STARTUP_TIMEOUT_S,
-    Stack,
-    get,
-    make_base,
-    post_json,
-    released_nodes,
-    wait_for,
-)
+from tests.plugins.realstack import Stack, cpu_comfy, make_base, released_nodes, run_prompt
 
 EXTENSION = "xicon_release_outputs"
 MIB = 1024 * 1024
@@ -69,19 +56,6 @@ def graph() -> dict[str, Any]:
     return nodes
 
 
-def run(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Queue the prompt and wait for its history entry."""
-    prompt_id = str(uuid.uuid4())
-    post_json(f"{url}/prompt", {"prompt": graph(), "prompt_id": prompt_id})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        entry = json.loads(get(f"{url}/history/{prompt_id}")).get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            return entry
-        time.sleep(0.2)
-    raise TimeoutError(f"the prompt did not finish within {timeout_s:.0f} s")
-
-
 def cached_nodes(entry: dict[str, Any]) -> set[str]:
     for kind, data in entry["status"]["messages"]:
         if kind == "execution_cached":
@@ -93,22 +67,13 @@ def serve_twice(stack: Stack, folder: Path, threshold: str | None) -> dict[str, 
     """ComfyUI (CPU, only this extension) runs the prompt twice; what it logged and held."""
     base = make_base(stack, folder / "comfy", packs={EXTENSION})
     log = folder / "comfyui.log"
-    port = free_port()
-    cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
-    cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
     env = {k: v for k, v in os.environ.items() if k != "XICON_RELEASE_OUTPUTS_MIB"}
     if threshold is not None:
         env["XICON_RELEASE_OUTPUTS_MIB"] = threshold
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/system_stats", proc, log, STARTUP_TIMEOUT_S)
-        first = run(url)
+    with cpu_comfy(stack, base, log, env) as (url, proc):
+        first = run_prompt(url, graph())
         rss = psutil.Process(proc.pid).memory_info().rss  # idle, after the prompt
-        second = run(url)
-    finally:
-        stop_process(proc)
+        second = run_prompt(url, graph())
     return {
         "first": first,
         "second": second,
