@@ -171,11 +171,16 @@ def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: P
     assert out["missing"] == "WanVideoDecode not loaded; nothing to do"
 
 
-def prompt(width: int, height: int, frames: int) -> dict[str, Any]:
+def prompt(frames: int) -> dict[str, Any]:
     """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
     as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
     shows)."""
     tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
+
+    def encode(image: list[Any]) -> dict[str, Any]:
+        inputs = {"vae": ["vae", 0], "image": image, "enable_vae_tiling": False, **tiles}
+        return {"class_type": "WanVideoEncode", "inputs": inputs}
+
     return {
         "vae": {
             "class_type": "WanVideoVAELoader",
@@ -191,15 +196,7 @@ def prompt(width: int, height: int, frames: int) -> dict[str, Any]:
             "class_type": "RepeatImageBatch",
             "inputs": {"image": ["img", 0], "amount": frames},
         },
-        "enc": {
-            "class_type": "WanVideoEncode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "image": ["clip", 0],
-                "enable_vae_tiling": False,
-                **tiles,
-            },
-        },
+        "enc": encode(["clip", 0]),
         "dec": {
             "class_type": "WanVideoDecode",
             "inputs": {
@@ -214,10 +211,7 @@ def prompt(width: int, height: int, frames: int) -> dict[str, Any]:
             "class_type": "SaveImage",
             "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
         },
-        "enc2": {
-            "class_type": "WanVideoEncode",
-            "inputs": {"vae": ["vae", 0], "image": ["dec", 0], "enable_vae_tiling": False, **tiles},
-        },
+        "enc2": encode(["dec", 0]),
         "lat": {
             "class_type": "SaveLatent",
             "inputs": {"samples": ["enc2", 0], "filename_prefix": "latents/dec"},
@@ -240,7 +234,7 @@ def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None)
     if setting is not None:
         env["XICON_DECODE_FRAMES"] = setting
     with cpu_comfy(stack, base, log, env) as (url, _):
-        entry = run_prompt(url, prompt(width, height, 5), timeout_s=600)
+        entry = run_prompt(url, prompt(5), timeout_s=600)
     output = base / "output"
     return {
         "entry": entry,
