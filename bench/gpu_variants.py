@@ -14,7 +14,14 @@ latents can be compared (cosine, max difference, finite) for the same seed.
 
 Levers:
 - ``resident``: the sampler keeps the transformer on the GPU after the job
-  (``WanVideoSamplerv2.force_offload`` false), so a warm job does not move 15.9 GB again.
+  (``RESIDENT_TRANSFORMER=1``: node 348's ``force_offload`` off), so a warm job does not move
+  15.9 GB again (with the image's extension ``xicon_resident_weights``, which lets the sampler
+  use the weights already there). ``offload`` is ``RESIDENT_TRANSFORMER=0``, the graph as
+  shipped: the transformer leaves the GPU after every job (the worker's ``auto`` keeps it on
+  CUDA cards of 30 GiB or more, so a GPU run names the one it measures). ``resident16`` and
+  ``offload16`` are those with ``long16``'s overlap and steps; ``resident_prompt`` sends a
+  prompt whose encoding is not on disk (``new_prompt``), so the 11-GB text encoder runs on the
+  GPU beside the resident transformer.
 - ``clip_resident``: CLIP vision stays on the GPU after its encode
   (``WanVideoClipVisionEncode.force_offload`` false, node 327: 1.2 GB of VRAM); the warm job
   spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645).
@@ -79,7 +86,11 @@ from xicon_dance.workflow import COMPILE_SETTINGS
 COMPILE_NODE = "9002"  # the worker's own (TORCH_COMPILE) is node 900, with the same inputs
 
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
-    "resident": {"graph": {"348": {"force_offload": False}}},
+    "resident": {"settings": {"RESIDENT_TRANSFORMER": "1"}},
+    "offload": {"settings": {"RESIDENT_TRANSFORMER": "0"}},
+    "new_prompt": {
+        "job": {"prompt": "A dancer in a red jacket spins across a wooden stage, full body."}
+    },
     "clip_resident": {"graph": {"327": {"force_offload": False}}},
     "fp16_fast": {"settings": {"BASE_PRECISION": "fp16_fast"}},
     "bf16": {"settings": {"BASE_PRECISION": "bf16"}},
@@ -109,6 +120,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "bf16": ("bf16",),
     "fp16": ("fp16_fast",),
     "resident": ("resident",),
+    "offload": ("offload",),
+    "resident16": ("resident", "overlap16", "steps2"),
+    "offload16": ("offload", "overlap16", "steps2"),
+    "resident_prompt": ("resident", "new_prompt"),
     "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),

@@ -95,3 +95,45 @@ def test_torch_compile_stays_off_on_an_unknown_device() -> None:
     profile = choose(None, Settings.from_env({"TORCH_COMPILE": "1"}))
     assert profile.torch_compile is False
     assert "no CUDA GPU" in profile.summary()
+
+
+GIB = 1024**3
+RTX_5090 = 32_607 * 1024**2  # what torch reports for an RTX 5090: 31.8 GiB
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "kind", "total", "on", "reason"),
+    [
+        ({}, "cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", RTX_5090, True,
+         "kept on the GPU between jobs (auto: 31.8 GiB of VRAM, at least 30 GiB)"),
+        ({}, "cuda:0 NVIDIA H200 : cudaMallocAsync", "cuda", 140 * GIB, True, "(auto: 140.0 GiB"),
+        ({}, "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync", "cuda", 24 * GIB, False,
+         "offloaded after each job (auto: 24.0 GiB of VRAM, under 30 GiB)"),
+        ({}, "cpu", "cpu", 0, False, "(auto: ComfyUI runs on no CUDA GPU)"),
+        ({"RESIDENT_TRANSFORMER": "0"}, "cuda:0 NVIDIA H200 : cudaMallocAsync", "cuda",
+         140 * GIB, False, "offloaded from the GPU between jobs (RESIDENT_TRANSFORMER)"),
+        ({"RESIDENT_TRANSFORMER": "on"}, "cuda:0 NVIDIA GeForce RTX 4090 : native", "cuda",
+         24 * GIB, True, "kept on the GPU between jobs (RESIDENT_TRANSFORMER)"),
+    ],
+)  # fmt: skip
+def test_the_transformer_stays_on_cards_with_room(
+    env: dict[str, str], name: str, kind: str, total: int, on: bool, reason: str
+) -> None:
+    profile = choose(GpuInfo.from_system_stats(stats(name, kind, total)), Settings.from_env(env))
+    assert profile.resident_transformer is on
+    assert reason in profile.summary()
+
+
+def test_an_unknown_device_offloads_the_transformer() -> None:
+    assert choose(None, Settings()).resident_transformer is False
+
+
+@pytest.mark.parametrize(("raw", "value"), [("AUTO", "auto"), ("yes", "on"), ("false", "off")])
+def test_resident_setting_words(raw: str, value: str) -> None:
+    assert Settings.from_env({"RESIDENT_TRANSFORMER": raw}).resident_transformer == value
+
+
+def test_a_bad_resident_setting_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="RESIDENT_TRANSFORMER must be auto, 1 or 0") as info:
+        Settings.from_env({"RESIDENT_TRANSFORMER": "sometimes"})
+    assert info.value.field == "RESIDENT_TRANSFORMER"

@@ -115,6 +115,7 @@ def test_every_env_variable_is_documented_and_parsed() -> None:
         "POSE_RENDER_DEVICE": "cpu",
         "BASE_PRECISION": "fp16_fast",
         "TORCH_COMPILE": "1",
+        "RESIDENT_TRANSFORMER": "0",
         "PROGRESS_INTERVAL_S": "2",
         "LOG_LEVEL": "debug",
         "LOCAL_OUTPUT_DIR": "/o",

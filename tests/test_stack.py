@@ -131,6 +131,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     assert {p.name for p in release.iterdir()} == {"__init__.py", "release_outputs.py"}
     decode = comfy / "custom_nodes" / "xicon_decode_frames"
     assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
+    resident = comfy / "custom_nodes" / "xicon_resident_weights"
+    assert {p.name for p in resident.iterdir()} == {"__init__.py", "resident_weights.py"}
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:

@@ -56,7 +56,10 @@ def mini_graph() -> dict[str, Any]:
             "class_type": "WanVideoContextOptions",
             "inputs": {"context_frames": 81, "context_stride": 4, "context_overlap": 48},
         },
-        "348": {"class_type": "WanVideoSamplerv2", "inputs": {"seed": 42, "cfg": ["238", 0]}},
+        "348": {
+            "class_type": "WanVideoSamplerv2",
+            "inputs": {"seed": 42, "cfg": ["238", 0], "force_offload": True},
+        },
         "349": {"class_type": "WanVideoSchedulerv2", "inputs": {"steps": 6}},
         "368": {
             "class_type": "WanVideoTextEncodeCached",
@@ -117,6 +120,7 @@ def test_build_sets_every_role_and_derived_pose_size() -> None:
     assert graph["238"]["inputs"]["value"] == 1.0
     assert isinstance(graph["238"]["inputs"]["value"], float)
     assert graph["348"]["inputs"]["seed"] == 7
+    assert graph["348"]["inputs"]["force_offload"] is True  # the transformer leaves the GPU
     assert graph["349"]["inputs"]["steps"] == 6
     assert graph["368"]["inputs"] == {"positive_prompt": "dance", "negative_prompt": "static"}
     assert graph["139"]["inputs"]["frame_rate"] == 24
@@ -141,6 +145,13 @@ def test_torch_compile_adds_its_settings_node_and_links_the_loader() -> None:
     assert "compile_args" not in wf.template["22"]["inputs"]  # the template is never changed
     on[COMPILE_NODE]["inputs"]["mode"] = "max-autotune"  # a built graph owns its copy
     assert COMPILE_SETTINGS["mode"] == "default"
+
+
+def test_a_resident_transformer_turns_the_samplers_offload_off() -> None:
+    wf = Workflow(mini_graph())
+    assert wf.build(params(resident_transformer=True))["348"]["inputs"]["force_offload"] is False
+    assert wf.build(params(resident_transformer=False))["348"]["inputs"]["force_offload"] is True
+    assert wf.template["348"]["inputs"]["force_offload"] is True
 
 
 def test_context_overlap_is_the_templates_unless_the_job_sets_it() -> None:

@@ -23,11 +23,14 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
   pays the compile (H200: 19-21 s, 7-9 s with inductor's cache from an earlier start) while
   each window-step gains 6.9 %: it pays back within the first job of a long dance, after about
   ten 81-frame jobs.
-- A transformer kept on the GPU between jobs is not offered: WanVideoWrapper's sampler at the
-  pinned commit loads the weights onto the GPU again on every run (``nodes_sampler.py``, the
-  ``load_weights`` call before sampling), and with ``force_offload`` off the second job ran out
-  of memory there at 32 GB (measured: after the first job the GPU holds the transformer's
-  16.6 GB, the second job's ``load_weights`` builds a second copy, peak 33.2 GB).
+- ``resident_transformer`` (``RESIDENT_TRANSFORMER``, ``auto`` by default): the sampler keeps the
+  transformer on the GPU after a job (node 348 ``force_offload`` off), so the next job does not
+  copy its 15.9 GB onto the GPU again. ``auto`` keeps it on CUDA GPUs of at least
+  ``RESIDENT_MIN_VRAM_GIB`` (an RTX 5090 reports 31.8 GiB): the default job peaks at 21.9 GB with
+  the transformer on the GPU, and the image's ComfyUI extension ``xicon_resident_weights`` lets
+  the sampler use the weights already there (WanVideoWrapper's sampler at the pinned commit loads
+  them again on every run and, with them still on the GPU, held two copies at once: out of
+  memory at 33.2 GB on a card held to 32 GB). Elsewhere (smaller cards, the CPU) it offloads.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+RESIDENT_MIN_VRAM_GIB = 30.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class GpuProfile:
     reasons: tuple[str, ...]
     gpu: GpuInfo | None = None
     torch_compile: bool = False
+    resident_transformer: bool = False
 
     def summary(self) -> str:
         where = self.gpu.describe() if self.gpu else "an unknown device"
@@ -101,9 +106,30 @@ def choose(gpu: GpuInfo | None, settings: Settings) -> GpuProfile:
         compile_why = "torch.compile off (TORCH_COMPILE is set, but ComfyUI runs on no CUDA GPU)"
     else:
         compile_why = "torch.compile off (TORCH_COMPILE)"
+    resident, resident_why = _resident(gpu, settings.resident_transformer)
     return GpuProfile(
         base_precision=precision,
-        reasons=(why, compile_why),
+        reasons=(why, compile_why, resident_why),
         gpu=gpu,
         torch_compile=compile_on,
+        resident_transformer=resident,
+    )
+
+
+def _resident(gpu: GpuInfo | None, setting: str) -> tuple[bool, str]:
+    if setting != "auto":
+        on = setting == "on"
+        where = "kept on" if on else "offloaded from"
+        return on, f"transformer {where} the GPU between jobs (RESIDENT_TRANSFORMER)"
+    if gpu is None or gpu.type != "cuda":
+        return False, "transformer offloaded after each job (auto: ComfyUI runs on no CUDA GPU)"
+    gib = gpu.vram_total / GIB
+    if gib < RESIDENT_MIN_VRAM_GIB:
+        return False, (
+            f"transformer offloaded after each job (auto: {gib:.1f} GiB of VRAM, under "
+            f"{RESIDENT_MIN_VRAM_GIB:.0f} GiB)"
+        )
+    return True, (
+        f"transformer kept on the GPU between jobs (auto: {gib:.1f} GiB of VRAM, at least "
+        f"{RESIDENT_MIN_VRAM_GIB:.0f} GiB)"
     )

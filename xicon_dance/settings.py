@@ -83,6 +83,12 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.", field=name)
 
 
+# RESIDENT_TRANSFORMER's words besides auto
+RESIDENT_WORDS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), "on"),
+    **dict.fromkeys(("0", "false", "no", "off"), "off"),
+}
+
 # name -> (default shown to users, meaning as markdown). Keep in step with Settings.from_env;
 # after a change run `python scripts/settings_doc.py --write` (docs/settings.md).
 ENV_DOC: dict[str, tuple[str, str]] = {
@@ -179,6 +185,14 @@ ENV_DOC: dict[str, tuple[str, str]] = {
         "earlier start: point it at the network volume; with `WARMUP=1` the warm-up job pays it "
         "before the worker takes jobs",
     ),
+    "RESIDENT_TRANSFORMER": (
+        "auto",
+        "keep the 16-GB transformer on the GPU between jobs (the sampler's `force_offload` off), "
+        "so a warm job does not load it again: `auto` keeps it on CUDA GPUs of at least 30 GiB "
+        "(the RTX 5090 and larger), `1` always, `0` never. It relies on the image's ComfyUI "
+        "extension `xicon_resident_weights`; without it the second job would build a second "
+        "copy of the weights on the GPU",
+    ),
     "PROGRESS_INTERVAL_S": ("1.0", "minimum seconds between progress updates"),
     "LOG_LEVEL": ("INFO", "worker log level"),
     "LOCAL_OUTPUT_DIR": (
@@ -230,6 +244,7 @@ ENV_DOC_SECTIONS: dict[str, tuple[str, ...]] = {
         "POSE_RENDER_DEVICE",
         "BASE_PRECISION",
         "TORCH_COMPILE",
+        "RESIDENT_TRANSFORMER",
     ),
     "Logs and local runs": ("PROGRESS_INTERVAL_S", "LOG_LEVEL", "LOCAL_OUTPUT_DIR"),
 }
@@ -269,6 +284,7 @@ class Settings:
     pose_render_device: str = "gpu"
     base_precision: str = "auto"
     torch_compile: bool = False
+    resident_transformer: str = "auto"  # auto, on or off
     progress_interval_s: float = 1.0
     log_level: str = "INFO"
     local_output_dir: Path | None = PACKAGE_ROOT / "output"
@@ -314,6 +330,13 @@ class Settings:
                 f"got {base_precision!r}.",
                 field="BASE_PRECISION",
             )
+        resident = _s(env, "RESIDENT_TRANSFORMER", "auto").lower()
+        resident = RESIDENT_WORDS.get(resident, resident)
+        if resident not in {"auto", "on", "off"}:
+            raise ConfigError(
+                f"RESIDENT_TRANSFORMER must be auto, 1 or 0, got {resident!r}.",
+                field="RESIDENT_TRANSFORMER",
+            )
         return cls(
             comfy_host=_s(env, "COMFY_HOST", "127.0.0.1:8188"),
             comfy_dir=comfy_dir,
@@ -347,6 +370,7 @@ class Settings:
             pose_render_device=render_device,
             base_precision=base_precision,
             torch_compile=_bool(env, "TORCH_COMPILE", False),
+            resident_transformer=resident,
             progress_interval_s=_float(env, "PROGRESS_INTERVAL_S", 1.0, 0.0),
             log_level=_s(env, "LOG_LEVEL", "INFO").upper(),
             local_output_dir=_optional_path(path, env, "LOCAL_OUTPUT_DIR", "output"),
