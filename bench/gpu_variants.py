@@ -124,6 +124,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "resident16": ("resident", "overlap16", "steps2"),
     "offload16": ("offload", "overlap16", "steps2"),
     "resident_prompt": ("resident", "new_prompt"),
+    "resident_compile": ("resident", "torch_compile"),
     "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),

@@ -137,3 +137,15 @@ def test_a_bad_resident_setting_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="RESIDENT_TRANSFORMER must be auto, 1 or 0") as info:
         Settings.from_env({"RESIDENT_TRANSFORMER": "sometimes"})
     assert info.value.field == "RESIDENT_TRANSFORMER"
+
+
+def test_a_job_larger_than_measured_lets_the_transformer_go() -> None:
+    gpu = GpuInfo.from_system_stats(stats("cuda:0 NVIDIA GeForce RTX 5090 : x", total=RTX_5090))
+    profile = choose(gpu, Settings())
+    assert profile.keeps_transformer(81, 416, 672)
+    assert profile.keeps_transformer(1441, 416, 672)  # 60 s at the default size: measured
+    assert profile.keeps_transformer(1441, 672, 416)
+    assert not profile.keeps_transformer(1445, 416, 672)
+    assert not profile.keeps_transformer(1441, 576, 1024)
+    off = choose(gpu, Settings.from_env({"RESIDENT_TRANSFORMER": "0"}))
+    assert not off.keeps_transformer(81, 416, 672)

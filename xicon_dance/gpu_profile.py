@@ -26,11 +26,16 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
 - ``resident_transformer`` (``RESIDENT_TRANSFORMER``, ``auto`` by default): the sampler keeps the
   transformer on the GPU after a job (node 348 ``force_offload`` off), so the next job does not
   copy its 15.9 GB onto the GPU again. ``auto`` keeps it on CUDA GPUs of at least
-  ``RESIDENT_MIN_VRAM_GIB`` (an RTX 5090 reports 31.8 GiB): the default job peaks at 21.9 GB with
-  the transformer on the GPU, and the image's ComfyUI extension ``xicon_resident_weights`` lets
-  the sampler use the weights already there (WanVideoWrapper's sampler at the pinned commit loads
-  them again on every run and, with them still on the GPU, held two copies at once: out of
-  memory at 33.2 GB on a card held to 32 GB). Elsewhere (smaller cards, the CPU) it offloads.
+  ``RESIDENT_MIN_VRAM_GIB`` (an RTX 5090 reports 31.8 GiB). Measured on an H200 held to
+  31.5 GiB: the warm default job 26.6 -> 22.6 s, whole-GPU peak 21.6-22.0 GB, a prompt never
+  encoded before (the 11-GB text encoder beside it) 28.5 GB. The image's ComfyUI extension
+  ``xicon_resident_weights`` lets the sampler use the weights already there (WanVideoWrapper's
+  sampler at the pinned commit loads them again on every run and, with them still on the GPU,
+  held two copies at once: out of memory at 33.2 GB on a card held to 32 GB). Elsewhere
+  (smaller cards, the CPU) it offloads.
+  A job larger than the largest measured with it (``RESIDENT_MAX_PIXEL_FRAMES``: 60 s at 24 fps
+  and 416x672, whole-GPU peak 28.0 GB at the decode, whose memory grows with frames x pixels)
+  lets it go after sampling, as the shipped graph does; the next job loads it again.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 
 GIB = 1024**3
 RESIDENT_MIN_VRAM_GIB = 30.0
+# The largest job measured with the transformer kept on the GPU: 60 s at 24 fps (1441 frames) at
+# 416x672, whole-GPU peak 28.0 GB, at the decode (H200, ComfyUI held to 31.5 GiB). The decode's
+# memory grows with frames x pixels; a larger job lets the transformer go before it.
+RESIDENT_MAX_PIXEL_FRAMES = 1441 * 416 * 672
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,11 @@ class GpuProfile:
     gpu: GpuInfo | None = None
     torch_compile: bool = False
     resident_transformer: bool = False
+
+    def keeps_transformer(self, frames: int, width: int, height: int) -> bool:
+        """Whether a job of ``frames`` at ``width`` x ``height`` leaves the transformer on the
+        GPU: when the profile keeps it and the job is no larger than the largest measured so."""
+        return self.resident_transformer and frames * width * height <= RESIDENT_MAX_PIXEL_FRAMES
 
     def summary(self) -> str:
         where = self.gpu.describe() if self.gpu else "an unknown device"

@@ -302,7 +302,7 @@ class Worker:
                 base_precision=self.gpu_profile.base_precision,
                 context_overlap=params.context_overlap,
                 torch_compile=self.gpu_profile.torch_compile,
-                resident_transformer=self.gpu_profile.resident_transformer,
+                resident_transformer=self.gpu_profile.keeps_transformer(frames, width, height),
             )
         )
 
