@@ -21,7 +21,8 @@ Levers:
   CUDA cards of 30 GiB or more, so a GPU run names the one it measures). ``resident16`` and
   ``offload16`` are those with ``long16``'s overlap and steps; ``resident_prompt`` sends a
   prompt whose encoding is not on disk (``new_prompt``), so the 11-GB text encoder runs on the
-  GPU beside the resident transformer.
+  GPU beside the resident transformer; ``resident_compile`` and ``resident_compile16`` add
+  ``torch_compile``.
 - ``clip_resident``: CLIP vision stays on the GPU after its encode
   (``WanVideoClipVisionEncode.force_offload`` false, node 327: 1.2 GB of VRAM); the warm job
   spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645).
@@ -125,6 +126,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "offload16": ("offload", "overlap16", "steps2"),
     "resident_prompt": ("resident", "new_prompt"),
     "resident_compile": ("resident", "torch_compile"),
+    "resident_compile16": ("resident", "torch_compile", "overlap16", "steps2"),
     "clip_resident": ("clip_resident",),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),

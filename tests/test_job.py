@@ -682,3 +682,19 @@ async def test_torch_compile_reaches_the_graph(rig_factory: Callable[..., Rig]) 
     graph = rig.double.prompts[result["prompt_id"]][2]
     assert graph[COMPILE_NODE]["class_type"] == "WanVideoTorchCompileSettings"
     assert graph["22"]["inputs"]["compile_args"] == [COMPILE_NODE, 0]
+
+
+async def test_a_resident_transformer_reaches_the_graph(rig_factory: Callable[..., Rig]) -> None:
+    """On a CUDA card of 30 GiB or more the job's sampler keeps the transformer (node 348's
+    force_offload off); on the CPU, or with RESIDENT_TRANSFORMER=0, it offloads it."""
+    from xicon_dance.gpu_profile import GpuInfo, choose
+
+    rtx = GpuInfo("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", 32 * 1024**3)
+    cpu = GpuInfo("cpu", "cpu", 0)
+    for setting, gpu, offload in (("auto", rtx, False), ("auto", cpu, True), ("off", rtx, True)):
+        rig = rig_factory(resident_transformer=setting)
+        rig.worker.gpu_profile = choose(gpu, rig.settings)
+        result = await rig.worker.run(rig.job())
+        assert "error" not in result, result
+        graph = rig.double.prompts[result["prompt_id"]][2]
+        assert graph["348"]["inputs"]["force_offload"] is offload, (setting, gpu)
