@@ -164,6 +164,7 @@ def rows(summary: dict, ref_s: float, price: float) -> list[str]:
             f"{sampler:.1f} s",
             f"{move:.1f} s" if move is not None else "—",
             f"{rest:.1f} s",
+            f"{job['wall_s'] - sampler:.1f} s",
             f"{ws:.3f} s ({ws / ref_s:.2f}×)" if ws else "—",
             f"{job['vram_peak_mib'] / GIB_MIB:.1f} GiB",
             f"{job['comfy_rss_peak_mib'] / GIB_MIB:.1f} GiB{split}",
@@ -197,10 +198,11 @@ def main() -> None:
     print(
         "| job | clip | overlap | windows per step (window-steps) | end to end | worker prepare "
         "| sampler node | of it, weights to the GPU | other nodes "
+        "| outside the sampler (end to end less the sampler node) "
         "| s per window-step (vs 81 frames) | VRAM peak "
         "| ComfyUI RSS peak (anon + files) | MP4 | H200 cost (per output s) |"
     )
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 15)
     for path in args.summaries:
         summary = json.loads(path.read_text())
         label, ref = (

@@ -27,14 +27,14 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
   transformer on the GPU after a job (node 348 ``force_offload`` off), so the next job does not
   copy its 15.9 GB onto the GPU again. ``auto`` keeps it on CUDA GPUs of at least
   ``RESIDENT_MIN_VRAM_GIB`` (an RTX 5090 reports 31.8 GiB). Measured on an H200 held to
-  31.5 GiB: the warm default job 26.6 -> 22.6 s, whole-GPU peak 21.6-22.0 GB, a prompt never
-  encoded before (the 11-GB text encoder beside it) 28.5 GB. The image's ComfyUI extension
+  31.5 GiB: the warm default job 26.6 -> 22.6 s, whole-GPU peak 21.1-21.5 GiB, a prompt never
+  encoded before (the 11-GB text encoder beside it) 27.8 GiB. The image's ComfyUI extension
   ``xicon_resident_weights`` lets the sampler use the weights already there (WanVideoWrapper's
   sampler at the pinned commit loads them again on every run and, with them still on the GPU,
-  held two copies at once: out of memory at 33.2 GB on a card held to 32 GB). Elsewhere
+  held two copies at once: out of memory at 33,225 MiB on a card held to 31.5 GiB). Elsewhere
   (smaller cards, the CPU) it offloads.
   A job larger than the largest measured with it (``RESIDENT_MAX_PIXEL_FRAMES``: 60 s at 24 fps
-  and 416x672, whole-GPU peak 28.0 GB at the decode, whose memory grows with frames x pixels)
+  and 416x672, whole-GPU peak 27.4 GiB at the decode, whose memory grows with frames x pixels)
   lets it go after sampling, as the shipped graph does; the next job loads it again.
 """
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 RESIDENT_MIN_VRAM_GIB = 30.0
 # The largest job measured with the transformer kept on the GPU: 60 s at 24 fps (1441 frames) at
-# 416x672, whole-GPU peak 28.0 GB, at the decode (H200, ComfyUI held to 31.5 GiB). The decode's
+# 416x672, whole-GPU peak 27.4 GiB, at the decode (H200, ComfyUI held to 31.5 GiB). The decode's
 # memory grows with frames x pixels; a larger job lets the transformer go before it.
 RESIDENT_MAX_PIXEL_FRAMES = 1441 * 416 * 672
 

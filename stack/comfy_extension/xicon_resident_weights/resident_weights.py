@@ -8,7 +8,7 @@ run left every parameter on the ``meta`` device, so this costs the copy only (15
 in fp8: 2.1-2.5 s a job on an H200). With ``force_offload`` off the transformer is still on the
 GPU, and the walk keeps every old parameter alive until it ends (``named_parameters`` holds each
 parameter it has yielded in its ``memo`` set), so the GPU holds two copies of the weights near the
-end of the walk: the second job ran out of memory at 33.2 GB on a card held to 32 GB.
+end of the walk: the second job ran out of memory at 33,225 MiB on a card held to 31.5 GiB.
 
 What: ``load_weights`` as the sampler's module sees it is wrapped. After a load that this can
 vouch for (not GGUF, no block swap) the wrapper notes, on the transformer, the state dict, the
