@@ -46,17 +46,21 @@ STEPS = 6  # the job's default; a run's job or a variant may set another (``step
 GIB_MIB = 1024
 
 
+def _variant(summary: dict, name: str | None) -> dict | list:
+    """The run's record of variant ``name`` (older runs: its list of levers); {} if none."""
+    variants = summary.get("variants")
+    return variants.get(name, {}) if isinstance(variants, dict) else {}
+
+
 def steps_of(summary: dict, job: dict) -> int:
     """The sampler steps of ``job``: its variant's job field, else the run's job, else 6."""
-    variants = summary.get("variants")
-    entry = variants.get(job.get("variant"), {}) if isinstance(variants, dict) else {}
+    entry = _variant(summary, job.get("variant"))
     fields = entry.get("job", {}) if isinstance(entry, dict) else {}
     return int(fields.get("steps", summary.get("job", {}).get("steps", STEPS)))
 
 
 def _overlap(summary: dict, variant: str, default: int = 48) -> int:
-    variants = summary.get("variants")
-    entry = variants.get(variant, {}) if isinstance(variants, dict) else {}
+    entry = _variant(summary, variant)
     levers = entry.get("levers", []) if isinstance(entry, dict) else entry  # older runs: a list
     return 16 if "overlap16" in levers or variant == "overlap16" else default
 

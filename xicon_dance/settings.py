@@ -74,20 +74,18 @@ def _optional_path(
     return None if _s(env, name, default).lower() in OFF else resolve(name, Path(default))
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = _s(env, name, "1" if default else "0").lower()
-    if raw in {"1", "true", "yes", "on"}:
+    if raw in TRUE_WORDS:
         return True
-    if raw in {"0", "false", "no", "off"}:
+    if raw in FALSE_WORDS:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}.", field=name)
 
-
-# RESIDENT_TRANSFORMER's words besides auto
-RESIDENT_WORDS = {
-    **dict.fromkeys(("1", "true", "yes", "on"), "on"),
-    **dict.fromkeys(("0", "false", "no", "off"), "off"),
-}
 
 # name -> (default shown to users, meaning as markdown). Keep in step with Settings.from_env;
 # after a change run `python scripts/settings_doc.py --write` (docs/settings.md).
@@ -333,8 +331,9 @@ class Settings:
                 field="BASE_PRECISION",
             )
         resident = _s(env, "RESIDENT_TRANSFORMER", "auto").lower()
-        resident = RESIDENT_WORDS.get(resident, resident)
-        if resident not in {"auto", "on", "off"}:
+        if resident in TRUE_WORDS | FALSE_WORDS:
+            resident = "on" if resident in TRUE_WORDS else "off"
+        elif resident != "auto":
             raise ConfigError(
                 f"RESIDENT_TRANSFORMER must be auto, 1 or 0, got {resident!r}.",
                 field="RESIDENT_TRANSFORMER",

@@ -188,6 +188,29 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: floa
     pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def stack_json(
+    stack: Stack,
+    script: str,
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 600.0,
+) -> Any:
+    """``script`` run by the stack's Python (``-c``, with ``args``): it must succeed (else its
+    stderr's tail fails the test), and the JSON its last line of output prints is returned."""
+    done = subprocess.run(
+        [str(stack.python), "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_prompt(url: str, graph: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
     """Queue ``graph`` on the ComfyUI at ``url`` and return its history entry once completed."""
     prompt_id = str(uuid.uuid4())

@@ -5,10 +5,9 @@ several lengths, overlaps and schedules."""
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 
-from tests.plugins.realstack import Stack
+from tests.plugins.realstack import Stack, stack_json
 from xicon_dance.context_windows import ContextOptions, latent_frames, windows
 
 FRAMES = (81, 85, 121, 241, 481, 961, 1441)
@@ -66,15 +65,7 @@ def test_our_windows_are_the_pinned_samplers(stack: Stack) -> None:
                 )
                 ours.append([windows(step, frames, options) for step in range(STEPS)])
     pack = stack.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper"
-    proc = subprocess.run(
-        [str(stack.python), "-c", UPSTREAM, str(pack), json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    upstream = json.loads(proc.stdout.strip().splitlines()[-1])
+    upstream = stack_json(stack, UPSTREAM, pack, json.dumps(cases), timeout_s=300)
     assert len(upstream) == len(cases)
     mismatches = [
         (case, step, len(mine[step]), len(theirs[step]))

@@ -9,15 +9,13 @@ same frames as a ComfyUI with it turned off.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from tests.plugins.realstack import ROOT, Stack, cpu_comfy, make_base, run_prompt
+from tests.plugins.realstack import ROOT, Stack, cpu_comfy, make_base, run_prompt, stack_json
 
 EXTENSION = "xicon_decode_frames"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "decode_frames.py"
@@ -134,16 +132,7 @@ print(json.dumps(out))
 
 def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: Path) -> None:
     nodes_py = stack.comfy_dir / "custom_nodes" / PACK / "nodes.py"
-    done = subprocess.run(
-        [str(stack.python), "-c", SCRIPT, str(EXT), str(nodes_py)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = stack_json(stack, SCRIPT, EXT, nodes_py, cwd=tmp_path)
 
     assert out["digest_ok"], "WanVideoDecode.decode changed at the pinned commit"
     for name in ("bf16", "float32", "long"):

@@ -6,12 +6,10 @@ real ComfyUI the worker runs has it in place.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 
-from tests.plugins.realstack import ROOT, Server, Stack
+from tests.plugins.realstack import ROOT, Server, Stack, stack_json
 
 EXT = ROOT / "stack" / "comfy_extension" / "xicon_pose_decode" / "pose_decode.py"
 
@@ -75,15 +73,7 @@ def test_decoding_matches_the_pinned_upstream(stack: Stack) -> None:
     pose2d = (
         stack.comfy_dir / "custom_nodes" / "ComfyUI-WanAnimatePreprocess" / "pose_utils"
     ) / "pose2d_utils.py"
-    done = subprocess.run(
-        [str(stack.python), "-c", SCRIPT, str(EXT), str(pose2d)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = stack_json(stack, SCRIPT, EXT, pose2d, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     # The pinned functions are the ones the replacement reproduces; a new pin fails here first.
     assert out["digest_ok"] is True
     for case in ("gaussians", "flat", "zero", "edge"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from tests.plugins.realstack import (
     make_base,
     place_graph_inputs,
     run_prompt,
+    stack_json,
 )
 from tests.realstack.cpu_profile import cpu_graph
 
@@ -155,16 +155,7 @@ print(json.dumps(out))
 
 
 def test_the_wrapper_loads_only_what_changed(stack: Stack, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(stack.python), "-c", SCRIPT, str(EXT)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=stack.comfy_dir,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = stack_json(stack, SCRIPT, EXT, cwd=stack.comfy_dir)
 
     assert out["digest_ok"], "load_weights or WanVideoSampler.process changed at the pinned commit"
     expected = {
@@ -285,15 +276,8 @@ def test_comfyui_keeps_a_resident_transformer(
 def same_latents(stack: Stack, a: Path, b: Path) -> bool:
     """The two latent files hold equal tensors (their metadata, the prompt, may differ)."""
     script = (
-        "import sys, torch; from safetensors.torch import load_file; "
+        "import json, sys, torch; from safetensors.torch import load_file; "
         "a, b = (load_file(p) for p in sys.argv[1:]); "
-        "print(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))"
+        "print(json.dumps(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)))"
     )
-    done = subprocess.run(
-        [str(stack.python), "-c", script, str(a), str(b)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return done.stdout.strip() == "True"
+    return stack_json(stack, script, a, b, timeout_s=120) is True
