@@ -25,7 +25,8 @@ Levers:
   ``torch_compile``.
 - ``clip_resident``: CLIP vision stays on the GPU after its encode
   (``WanVideoClipVisionEncode.force_offload`` false, node 327: 1.2 GB of VRAM); the warm job
-  spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645).
+  spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645). ``resident_clip`` and
+  ``resident_clip16`` are ``resident`` and ``resident16`` with it.
 - ``fp16_fast``: ``BASE_PRECISION=fp16_fast`` (fp16 with fp16 accumulation; the worker's
   default on GeForce cards); pays on GeForce cards (twice the fp32-accumulate rate), not on the
   H200.
@@ -128,6 +129,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "resident_compile": ("resident", "torch_compile"),
     "resident_compile16": ("resident", "torch_compile", "overlap16", "steps2"),
     "clip_resident": ("clip_resident",),
+    "resident_clip": ("resident", "clip_resident"),
+    "resident_clip16": ("resident", "clip_resident", "overlap16", "steps2"),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
     "rms_fused": ("rms_fused",),

@@ -44,10 +44,11 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read three settings there:
+(secrets removed); the project's extensions read four settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
-`XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`) and
-`XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`):
+`XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
+`XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`) and
+`XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`):
 [operations.md](operations.md#the-comfyui-stack).
 """
 

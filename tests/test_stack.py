@@ -133,6 +133,12 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
     resident = comfy / "custom_nodes" / "xicon_resident_weights"
     assert {p.name for p in resident.iterdir()} == {"__init__.py", "resident_weights.py"}
+    render = comfy / "custom_nodes" / "xicon_pose_render"
+    assert {p.name for p in render.iterdir()} == {
+        "__init__.py",
+        "prestartup_script.py",
+        "pose_render.py",
+    }
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:

@@ -243,3 +243,14 @@ def test_the_clips_copies_leave_comfyuis_cache(
     assert "xicon_release_outputs: cached results of 64 MiB or more are released" in text
     released = released_nodes(text)
     assert {"130", "28"} <= released, released
+
+
+def test_the_pose_render_ran_with_the_extension(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """The project's extension ``xicon_pose_render`` was put in place in the worker's own ComfyUI
+    when node 362 first imported SCAIL-Pose's renderer (``tests/realstack/test_pose_render.py``:
+    its frames are upstream's)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert "xicon_pose_render: SCAIL pose render: taichi runtime and kernels kept" in text

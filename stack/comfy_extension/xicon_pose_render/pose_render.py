@@ -1,0 +1,495 @@
+"""The SCAIL pose render (node 362) without its per-job set-up and per-frame round trips; the
+frames are upstream's, bit for bit.
+
+Why: ComfyUI-SCAIL-Pose's ``RenderNLFPoses.predict`` (``nodes.py``, pinned commit) calls
+``ti.init`` on every run, which tears taichi's runtime down and builds it again, and its renderer
+(``render_3d/taichi_cylinder.py`` ``render_whole``) defines its kernel and fields anew on every
+call, then renders one frame per launch, copies each frame to the host as float32 and converts it
+there. ``NLFPoseExtract/nlf_render.py`` ``render_nlf_as_images`` then lays the 2D skeleton over
+each frame with a boolean-mask scatter, and the hands' colours are computed by ``hsv_to_rgb``
+(``pose_draw/draw_utils.py``) 40 times a frame from the same 20 inputs. On the H200 the node took
+1.0-2.6 s of an 81-frame job and 12.8 s of a 60-s one.
+
+What, each the same arithmetic as upstream's:
+- ``render_whole``: upstream's kernel, function for function (the same compile-time constants:
+  the camera, the radius and the far plane of the call), rendering a batch of frames per launch
+  into one ndarray, copied to the host once per batch and converted there as upstream converts a
+  frame (clip to [0, 1], times 255, to uint8). Kernels are kept per set of constants while the
+  taichi runtime lives, so a job like an earlier one compiles nothing.
+- ``taichi.init``: a call with the same arguments as the last one, while that runtime is still
+  up, returns at once (upstream's renderer is replaced, so nothing it allocated per call is left
+  to free). Any other call initialises as upstream does, and the kept kernels are dropped.
+- ``render_nlf_as_images``: upstream's own, without its 2D pass, then that pass as upstream draws
+  it (``draw_pose_to_canvas_np`` with upstream's arguments, from a deep copy of the poses), laid
+  over each frame with ``np.copyto(where=)`` in place of the boolean-mask scatter.
+- ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
+
+``install(meta_path)`` adds an import hook: when SCAIL-Pose's ``NLFPoseExtract/nlf_render.py`` has
+run (``RenderNLFPoses`` imports it on its first run), the above are put in place, but only if
+upstream's functions still have the source this was written against (``UPSTREAM_SHA256``);
+otherwise nothing changes and the reason is logged. ``XICON_POSE_RENDER=off`` turns it off.
+"""
+
+import copy
+import functools
+import hashlib
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("xicon_pose_render")
+
+ENV = "XICON_POSE_RENDER"
+TARGET = "ComfyUI-SCAIL-Pose.NLFPoseExtract.nlf_render"
+# sha256 of the sources of taichi_cylinder.render_whole and flatten_specs, nlf_render's
+# render_nlf_as_images and render_multi_nlf_as_images (both call the renderer),
+# draw_pose_utils.draw_pose_to_canvas_np, draw_utils.hsv_to_rgb and nodes.RenderNLFPoses.predict,
+# joined, at ComfyUI-SCAIL-Pose
+# 11402b150d728440a4a89964faa58907f84c35e6.
+UPSTREAM_SHA256 = "2edf8a59266d1114edf27a9381db489653c326720299f6807d1795c1feceb12f"
+REPLACED = "_xicon_pose_render"
+BATCH_BYTES = 128 << 20  # the float32 frames of one launch, on the render device
+KEPT_KERNELS = 8
+
+
+def enabled(env: Mapping[str, str]) -> bool:
+    """False when ``ENV`` is ``0``/``off``/``false``/``no``; True otherwise (the default)."""
+    return env.get(ENV, "").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def upstream_modules(nlf_render: types.ModuleType) -> dict[str, types.ModuleType]:
+    """SCAIL-Pose's modules this touches, found from ``nlf_render`` (ComfyUI names a pack's
+    modules after its folder)."""
+    package = nlf_render.__name__.rsplit(".", 2)[0]
+    draw_pose_utils = inspect.getmodule(nlf_render.draw_pose_to_canvas_np)
+    modules = {
+        "nlf_render": nlf_render,
+        "draw_pose_utils": draw_pose_utils,
+        "draw_utils": sys.modules.get(f"{package}.pose_draw.draw_utils"),
+        "nodes": sys.modules.get(f"{package}.nodes"),
+        "taichi_cylinder": sys.modules.get(f"{package}.render_3d.taichi_cylinder"),
+    }
+    return {k: v for k, v in modules.items() if v is not None}
+
+
+def upstream_digest(modules: Mapping[str, types.ModuleType]) -> str:
+    sources = [
+        inspect.getsource(modules["taichi_cylinder"].render_whole),
+        inspect.getsource(modules["taichi_cylinder"].flatten_specs),
+        inspect.getsource(modules["nlf_render"].render_nlf_as_images),
+        inspect.getsource(modules["nlf_render"].render_multi_nlf_as_images),
+        inspect.getsource(modules["draw_pose_utils"].draw_pose_to_canvas_np),
+        inspect.getsource(modules["draw_utils"].hsv_to_rgb),
+        inspect.getsource(modules["nodes"].RenderNLFPoses.predict),
+    ]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()
+
+
+# --- the renderer -------------------------------------------------------------------------------
+
+
+class Renderer:
+    """Upstream's ray-marched cylinders (``taichi_cylinder.render_whole``), kernels kept."""
+
+    def __init__(self, flatten_specs: Callable[..., tuple[np.ndarray, ...]]) -> None:
+        self.flatten_specs = flatten_specs
+        self.kernels: dict[tuple[Any, ...], Any] = {}
+        self.program: int | None = None
+        self.compiled = 0
+
+    def forget(self) -> None:
+        self.kernels.clear()
+        self.program = None
+
+    def kernel(self, H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any, zfar: Any):
+        import taichi as ti
+
+        program = id(ti.lang.impl.get_runtime().prog)
+        if program != self.program:  # a new runtime: kernels of the old one are gone
+            self.kernels.clear()
+            self.program = program
+        key = tuple((type(v).__name__, v) for v in (H, W, fx, fy, cx, cy, radius, zfar))
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            if len(self.kernels) >= KEPT_KERNELS:
+                self.kernels.pop(next(iter(self.kernels)))
+            kernel = self.kernels[key] = build_kernel(H, W, fx, fy, cx, cy, radius, zfar)
+            self.compiled += 1
+        return kernel
+
+    def __call__(
+        self,
+        specs_list: Sequence[Any],
+        H: int = 480,
+        W: int = 640,
+        fx: Any = 500,
+        fy: Any = 500,
+        cx: Any = 240,
+        cy: Any = 320,
+        radius: Any = 21.5,
+    ) -> list[np.ndarray]:
+        import taichi as ti
+
+        # As upstream, in upstream's order (an empty clip fails here as it does there).
+        starts, ends, colors, frame_offset, frame_count = self.flatten_specs(specs_list)
+        total_cyl = len(starts)
+        n_frames = len(specs_list)
+        z_min = min(starts[:, 2].min(), ends[:, 2].min())
+        z_max = max(starts[:, 2].max(), ends[:, 2].max())
+        zfar = max(min(z_max, 25000), 10000)
+        render = self.kernel(H, W, fx, fy, cx, cy, radius, zfar)
+
+        c_start = ti.ndarray(ti.math.vec3, total_cyl)
+        c_end = ti.ndarray(ti.math.vec3, total_cyl)
+        c_rgba = ti.ndarray(ti.math.vec4, total_cyl)
+        f_offset = ti.ndarray(ti.i32, n_frames)
+        f_count = ti.ndarray(ti.i32, n_frames)
+        c_start.from_numpy(starts)
+        c_end.from_numpy(ends)
+        c_rgba.from_numpy(colors)
+        f_offset.from_numpy(frame_offset)
+        f_count.from_numpy(frame_count)
+        batch = max(1, min(n_frames, BATCH_BYTES // (H * W * 16)))
+        img = ti.ndarray(ti.math.vec4, (batch, H, W))
+
+        frames: list[np.ndarray] = []
+        for first in range(0, n_frames, batch):
+            n = min(batch, n_frames - first)
+            render(img, first, n, c_start, c_end, c_rgba, f_offset, f_count, z_min, z_max)
+            arr = img.to_numpy()[:n]
+            np.clip(arr, 0, 1, out=arr)  # upstream, per frame: np.clip(img.to_numpy(), 0, 1)
+            np.multiply(arr, 255, out=arr)  # then (arr * 255).astype(np.uint8)
+            frames.extend(arr.astype(np.uint8))
+        return frames
+
+
+def build_kernel(H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any, zfar: Any):
+    """Upstream's kernel for one set of compile-time constants, over a batch of frames: the
+    functions below are ``render_whole``'s, with the frame's cylinders passed in."""
+    import taichi as ti
+
+    znear = 0.1
+    C = ti.Vector([0.0, 0.0, 0.0])
+    light_dir = ti.Vector([0.0, 0.0, 1.0])
+
+    @ti.func
+    def sd_cylinder(p, a, b, r):
+        pa = p - a
+        ba = b - a
+        h = ba.norm()
+        eps = 1e-8
+        res = 0.0
+        if h < eps:
+            res = pa.norm() - r
+        else:
+            ba_n = ba / h
+            proj = pa.dot(ba_n)
+            proj_clamped = min(max(proj, 0.0), h)
+            res = (pa - proj_clamped * ba_n).norm() - r
+        return res
+
+    @ti.func
+    def scene_sdf(
+        p,
+        fid,
+        c_start: ti.template(),
+        c_end: ti.template(),
+        c_rgba: ti.template(),
+        f_offset: ti.template(),
+        f_count: ti.template(),
+    ):
+        best_d = 1e6
+        best_col = ti.Vector([0.0, 0.0, 0.0, 0.0])
+        off = f_offset[fid]
+        cnt = f_count[fid]
+        for i in range(cnt):
+            a = c_start[off + i]
+            b = c_end[off + i]
+            r = radius
+            col = c_rgba[off + i]
+            d = sd_cylinder(p, a, b, r)
+            if d < best_d:
+                best_d = d
+                best_col = col
+        return best_d, best_col
+
+    @ti.func
+    def get_normal(
+        p,
+        fid,
+        cs: ti.template(),
+        ce: ti.template(),
+        cc: ti.template(),
+        fo: ti.template(),
+        fc: ti.template(),
+    ):
+        e = 1e-3
+        dx = (
+            scene_sdf(p + ti.Vector([e, 0.0, 0.0]), fid, cs, ce, cc, fo, fc)[0]
+            - scene_sdf(p - ti.Vector([e, 0.0, 0.0]), fid, cs, ce, cc, fo, fc)[0]
+        )
+        dy = (
+            scene_sdf(p + ti.Vector([0.0, e, 0.0]), fid, cs, ce, cc, fo, fc)[0]
+            - scene_sdf(p - ti.Vector([0.0, e, 0.0]), fid, cs, ce, cc, fo, fc)[0]
+        )
+        dz = (
+            scene_sdf(p + ti.Vector([0.0, 0.0, e]), fid, cs, ce, cc, fo, fc)[0]
+            - scene_sdf(p - ti.Vector([0.0, 0.0, e]), fid, cs, ce, cc, fo, fc)[0]
+        )
+        n = ti.Vector([dx, dy, dz])
+        return n.normalized()
+
+    @ti.func
+    def pixel_to_ray(xi, yi):
+        u = (xi - cx) / fx
+        v = (yi - cy) / fy
+        dir_cam = ti.Vector([u, v, 1.0]).normalized()
+        Rcw = ti.Matrix.identity(ti.f32, 3)
+        rd_world = Rcw @ dir_cam
+        ro_world = C
+        return ro_world, rd_world
+
+    @ti.kernel
+    def render(
+        img: ti.types.ndarray(dtype=ti.math.vec4, ndim=3),
+        first: ti.i32,
+        n: ti.i32,
+        c_start: ti.types.ndarray(dtype=ti.math.vec3, ndim=1),
+        c_end: ti.types.ndarray(dtype=ti.math.vec3, ndim=1),
+        c_rgba: ti.types.ndarray(dtype=ti.math.vec4, ndim=1),
+        f_offset: ti.types.ndarray(dtype=ti.i32, ndim=1),
+        f_count: ti.types.ndarray(dtype=ti.i32, ndim=1),
+        z_min: ti.f32,
+        z_max: ti.f32,
+    ):
+        depth_near, depth_far = ti.max(z_min, 0.1), ti.min(z_max + 6000, 20000)
+        for k, y, x in ti.ndrange(n, H, W):
+            fid = first + k
+            ro, rd = pixel_to_ray(x, y)
+            t = znear
+            col_out = ti.Vector([0.0, 0.0, 0.0, 0.0])
+            for _ in range(300):
+                p = ro + rd * t
+                d, col = scene_sdf(p, fid, c_start, c_end, c_rgba, f_offset, f_count)
+                if d < 1e-3:
+                    n_ = get_normal(p, fid, c_start, c_end, c_rgba, f_offset, f_count)
+                    diff = max(n_.dot(-light_dir), 0.0)
+
+                    view_dir = -rd.normalized()
+                    half_dir = (view_dir + -light_dir).normalized()
+                    spec = max(n_.dot(half_dir), 0.0) ** 32
+
+                    depth_factor = 1.0 - (p.z - depth_near) / (depth_far - znear)
+                    depth_factor = ti.max(0.0, ti.min(1.0, depth_factor))
+
+                    diffuse_term = 0.3 + 0.7 * diff
+                    base = col.xyz * diffuse_term * depth_factor
+
+                    highlight = ti.Vector([1.0, 1.0, 1.0]) * (0.5 * spec) * depth_factor
+
+                    col_out = ti.Vector(
+                        [base.x + highlight.x, base.y + highlight.y, base.z + highlight.z, col.w]
+                    )
+                    break
+
+                if t > zfar:
+                    break
+                t += max(d, 1e-4)
+            img[k, y, x] = col_out
+
+    return render
+
+
+# --- the other replacements ----------------------------------------------------------------------
+
+
+class KeptInit:
+    """``taichi.init`` that returns at once when called as last time while that runtime is up."""
+
+    def __init__(self, original: Callable[..., Any], renderer: Renderer) -> None:
+        self.original = original
+        self.renderer = renderer
+        self.key: str | None = None
+        self.initialised = 0
+        setattr(self, REPLACED, True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import taichi as ti
+
+        key = repr((args, sorted(kwargs.items())))
+        if key == self.key and ti.lang.impl.get_runtime().prog is not None:
+            return None
+        self.renderer.forget()
+        result = self.original(*args, **kwargs)
+        self.key = key
+        self.initialised += 1
+        return result
+
+
+def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
+    """``frame[:, :, :3][canvas != 0] = canvas[canvas != 0]`` (upstream's overlay) in one pass."""
+    rgb = frame[:, :, :3]
+    if rgb.shape == canvas.shape and rgb.dtype == canvas.dtype:
+        np.copyto(rgb, canvas, where=canvas != 0)
+    else:
+        mask = canvas != 0
+        rgb[mask] = canvas[mask]
+
+
+def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable[..., Any]):
+    """``render_nlf_as_images``: upstream's 3D pass, then its 2D pass laid over in one pass."""
+
+    @functools.wraps(original)
+    def render_nlf_as_images(
+        smpl_poses: Any,
+        dw_poses: Any,
+        height: int,
+        width: int,
+        video_length: int,
+        intrinsic_matrix: Any = None,
+        draw_2d: bool = True,
+        draw_face: bool = True,
+        draw_hands: bool = True,
+        render_backend: str = "taichi",
+    ) -> list[np.ndarray]:
+        frames = original(
+            smpl_poses,
+            dw_poses,
+            height,
+            width,
+            video_length,
+            intrinsic_matrix=intrinsic_matrix,
+            draw_2d=False,
+            draw_face=draw_face,
+            draw_hands=draw_hands,
+            render_backend=render_backend,
+        )
+        if dw_poses is not None and draw_2d:
+            canvas_2d = draw_pose_to_canvas_np(
+                copy.deepcopy(dw_poses),
+                pool=None,
+                H=height,
+                W=width,
+                reshape_scale=0,
+                show_feet_flag=False,
+                show_body_flag=False,
+                show_cheek_flag=True,
+                dw_hand=True,
+                show_face_flag=draw_face,
+                show_hand_flag=draw_hands,
+            )
+            for i in range(len(frames)):
+                lay_over(frames[i], canvas_2d[i])
+        return frames
+
+    setattr(render_nlf_as_images, REPLACED, True)
+    return render_nlf_as_images
+
+
+def remembered(original: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
+    """``hsv_to_rgb`` computed once per input; each call gets its own copy."""
+    cache: dict[tuple[Any, ...], np.ndarray] = {}
+
+    @functools.wraps(original)
+    def hsv_to_rgb(hsv: Any) -> np.ndarray:
+        key_array = np.asarray(hsv, dtype=np.float32)
+        key = (key_array.shape, key_array.tobytes())
+        rgb = cache.get(key)
+        if rgb is None:
+            if len(cache) >= 1024:
+                cache.clear()
+            rgb = cache[key] = original(hsv)
+        return rgb.copy()
+
+    setattr(hsv_to_rgb, REPLACED, True)
+    return hsv_to_rgb
+
+
+def patch(
+    nlf_render: types.ModuleType,
+    env: Mapping[str, str] | None = None,
+    taichi_module: types.ModuleType | None = None,
+) -> str:
+    """Put the replacements in place after SCAIL-Pose's ``nlf_render`` has run; the line to log.
+    ``taichi_module`` is the ``taichi`` whose ``init`` is kept (the imported one by default)."""
+    if not enabled(os.environ if env is None else env):
+        return f"off ({ENV})"
+    if getattr(nlf_render.render_nlf_as_images, REPLACED, False):
+        return "already in place"
+    modules = upstream_modules(nlf_render)
+    missing = {"draw_pose_utils", "draw_utils", "nodes"} - modules.keys()
+    if missing:
+        return f"SCAIL-Pose's {', '.join(sorted(missing))} not found; the render left as it is"
+    taichi_ok = getattr(nlf_render, "render_whole_taichi", None) is not None
+    if not taichi_ok:
+        return "taichi not importable in SCAIL-Pose; the render left as it is"
+    digest = upstream_digest(modules)
+    if digest != UPSTREAM_SHA256:
+        return (
+            f"upstream's pose render changed (sha256 {digest[:12]}, expected "
+            f"{UPSTREAM_SHA256[:12]}); the render left as it is"
+        )
+    if taichi_module is None:
+        import taichi as taichi_module
+    renderer = Renderer(modules["taichi_cylinder"].flatten_specs)
+    draw_utils = modules["draw_utils"]
+    draw_utils.hsv_to_rgb = remembered(draw_utils.hsv_to_rgb)
+    nlf_render.render_nlf_as_images = overlay_after(
+        nlf_render.render_nlf_as_images, nlf_render.draw_pose_to_canvas_np
+    )
+    nlf_render.render_whole_taichi = renderer
+    if not getattr(taichi_module.init, REPLACED, False):
+        taichi_module.init = KeptInit(taichi_module.init, renderer)
+    return "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
+
+
+class _Loader(importlib.abc.Loader):
+    """The pack's own loader, with the replacements after its module has run; anything else
+    (``get_source``, ``get_filename``, ...) is the inner loader's."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.inner.exec_module(module)
+        try:
+            log.info("xicon_pose_render: %s", patch(module))
+        except Exception:  # never break the pack: it then runs as upstream ships it
+            log.exception("xicon_pose_render: the render left as it is")
+
+
+class Finder(importlib.abc.MetaPathFinder):
+    """Wraps the loader of SCAIL-Pose's ``NLFPoseExtract.nlf_render`` (by module-name suffix)."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.endswith(TARGET):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def install(meta_path: list[Any] | None = None) -> bool:
+    """Add the import hook once; False when it is already there."""
+    meta_path = sys.meta_path if meta_path is None else meta_path
+    if any(isinstance(f, Finder) for f in meta_path):
+        return False
+    meta_path.insert(0, Finder())
+    return True
