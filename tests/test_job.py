@@ -686,7 +686,8 @@ async def test_torch_compile_reaches_the_graph(rig_factory: Callable[..., Rig]) 
 
 async def test_a_resident_transformer_reaches_the_graph(rig_factory: Callable[..., Rig]) -> None:
     """On a CUDA card of 30 GiB or more the job's sampler keeps the transformer (node 348's
-    force_offload off); on the CPU, or with RESIDENT_TRANSFORMER=0, it offloads it."""
+    force_offload off) and CLIP vision (node 327's); on the CPU, or with RESIDENT_TRANSFORMER=0,
+    both are offloaded."""
     from xicon_dance.gpu_profile import GpuInfo, choose
 
     rtx = GpuInfo("cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync", "cuda", 32 * 1024**3)
@@ -698,3 +699,4 @@ async def test_a_resident_transformer_reaches_the_graph(rig_factory: Callable[..
         assert "error" not in result, result
         graph = rig.double.prompts[result["prompt_id"]][2]
         assert graph["348"]["inputs"]["force_offload"] is offload, (setting, gpu)
+        assert graph["327"]["inputs"]["force_offload"] is offload, (setting, gpu)

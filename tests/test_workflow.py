@@ -60,6 +60,7 @@ def mini_graph() -> dict[str, Any]:
             "class_type": "WanVideoSamplerv2",
             "inputs": {"seed": 42, "cfg": ["238", 0], "force_offload": True},
         },
+        "327": {"class_type": "WanVideoClipVisionEncode", "inputs": {"force_offload": True}},
         "349": {"class_type": "WanVideoSchedulerv2", "inputs": {"steps": 6}},
         "368": {
             "class_type": "WanVideoTextEncodeCached",
@@ -147,11 +148,12 @@ def test_torch_compile_adds_its_settings_node_and_links_the_loader() -> None:
     assert COMPILE_SETTINGS["mode"] == "default"
 
 
-def test_a_resident_transformer_turns_the_samplers_offload_off() -> None:
+def test_a_resident_transformer_turns_the_samplers_and_clip_visions_offload_off() -> None:
     wf = Workflow(mini_graph())
-    assert wf.build(params(resident_transformer=True))["348"]["inputs"]["force_offload"] is False
-    assert wf.build(params(resident_transformer=False))["348"]["inputs"]["force_offload"] is True
-    assert wf.template["348"]["inputs"]["force_offload"] is True
+    for node in ("348", "327"):  # the sampler, the CLIP vision encode
+        assert wf.build(params(resident_transformer=True))[node]["inputs"]["force_offload"] is False
+        assert wf.build(params(resident_transformer=False))[node]["inputs"]["force_offload"] is True
+        assert wf.template[node]["inputs"]["force_offload"] is True
 
 
 def test_context_overlap_is_the_templates_unless_the_job_sets_it() -> None:

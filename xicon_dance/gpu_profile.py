@@ -25,7 +25,8 @@ Choices (measured on an H200 through the worker, see the benchmark docs):
   ten 81-frame jobs.
 - ``resident_transformer`` (``RESIDENT_TRANSFORMER``, ``auto`` by default): the sampler keeps the
   transformer on the GPU after a job (node 348 ``force_offload`` off), so the next job does not
-  copy its 15.9 GB onto the GPU again. ``auto`` keeps it on CUDA GPUs of at least
+  copy its 15.9 GB onto the GPU again, and CLIP vision with it (node 327, 1.2 GB: its encode
+  0.9-1.1 -> 0.1 s on an H100). ``auto`` keeps it on CUDA GPUs of at least
   ``RESIDENT_MIN_VRAM_GIB`` (an RTX 5090 reports 31.8 GiB). Measured on an H200 held to
   31.5 GiB: the warm default job 26.6 -> 22.6 s, whole-GPU peak 21.1-21.5 GiB, a prompt never
   encoded before (the 11-GB text encoder beside it) 27.8 GiB. The image's ComfyUI extension

@@ -185,8 +185,10 @@ ENV_DOC: dict[str, tuple[str, str]] = {
     ),
     "RESIDENT_TRANSFORMER": (
         "auto",
-        "keep the 16-GB transformer on the GPU between jobs (the sampler's `force_offload` off), "
-        "so a warm job does not load it again (H200: 26.6 -> 22.6 s for the default job): "
+        "keep the 16-GB transformer and the 1.2-GB CLIP vision model on the GPU between jobs "
+        "(`force_offload` off on the sampler and the CLIP vision encode), so a warm job does not "
+        "load them again (H200: 26.6 -> 22.6 s for the default job with the transformer kept; "
+        "H100: a further 1 s with CLIP vision kept): "
         "`auto` keeps it on CUDA GPUs of at least 30 GiB (the RTX 5090 and larger), `1` always, "
         "`0` never. A job larger than 60 s at 416x672 (frames x pixels) lets it go after "
         "sampling, so its decode has the memory. It relies on the image's ComfyUI extension "

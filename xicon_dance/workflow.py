@@ -9,7 +9,8 @@ Contract:
 - ``PatchParams``: image_name, video_name (paths relative to ComfyUI's input folder), width, height,
   fps, frame_load_cap, steps, cfg, seed, prompt, negative_prompt, filename_prefix,
   attention_mode, pose_render_device, base_precision, torch_compile and resident_transformer
-  (``gpu_profile``; the last is node 348's ``force_offload``, inverted),
+  (``gpu_profile``; the last is node 348's ``force_offload`` and node 327's (CLIP vision),
+  inverted),
   context_overlap (the job's, or None: the template's, node 355). Derived values (pose size =
   half the generation size) are written here, nowhere else.
 - ``torch_compile``: ``build`` adds ``COMPILE_NODE`` (``WanVideoTorchCompileSettings``: inductor,
@@ -98,6 +99,7 @@ ROLES: dict[str, Role] = {
     "pose_batch": Role("334", "NLFPredict", "per_batch"),
     "context_overlap": Role("355", "WanVideoContextOptions", "context_overlap"),
     "force_offload": Role("348", "WanVideoSamplerv2", "force_offload"),
+    "clip_force_offload": Role("327", "WanVideoClipVisionEncode", "force_offload"),
 }
 # NLFPredict frames per pass: bounded GPU memory for any clip length, still a full GPU batch.
 POSE_BATCH = 32
@@ -138,7 +140,7 @@ class PatchParams:
     base_precision: str = "bf16"
     context_overlap: int | None = None  # None: the template's
     torch_compile: bool = False
-    resident_transformer: bool = False  # the sampler leaves the transformer on the GPU
+    resident_transformer: bool = False  # the transformer and CLIP vision stay on the GPU
 
     def values(self) -> dict[str, Any]:
         """Role -> value, derived values included (pose size is half the generation size)."""
@@ -166,6 +168,7 @@ class PatchParams:
             "pose_render_device": self.pose_render_device,
             "pose_batch": POSE_BATCH,
             "force_offload": not self.resident_transformer,
+            "clip_force_offload": not self.resident_transformer,
         }
 
 
