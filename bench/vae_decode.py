@@ -1,0 +1,188 @@
+"""WanVideoWrapper's Wan 2.1 VAE decode (node 28's work) in one process, as the graph runs it and
+with levers that keep its arithmetic: cuDNN's algorithm search (``torch.backends.cudnn.
+benchmark``), the decoder's weights and the latents in channels-last memory (``channels_last``),
+and the decoder compiled by ``torch.compile`` (what ``WanVideoVAELoader``'s ``compile_args``
+does). For each: seconds per decode (the first run apart: it pays searches and compiles), the
+torch allocator's peak, the whole GPU's peak (sampled every 10 ms: cuDNN's and inductor's own
+memory included), and the frames against the plain decode's (max |difference|, cosine, finite).
+
+Run by the stack's Python on the GPU machine:
+
+    python bench/vae_decode.py --comfy-dir ComfyUI \\
+        --vae ComfyUI/models/vae/Wan2_1_VAE_bf16.safetensors \\
+        --latent-frames 21,61 --variants plain,benchmark,channels_last,both,compile
+
+``--vae`` is the model file, loaded as ``WanVideoVAELoader`` loads it (the synthetic one works:
+its figures are time and memory; PyTorch's default initialisation of this VAE decodes to NaN).
+The last line printed is the JSON of every figure.
+"""
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile")
+
+
+def to_channels_last(module: Any) -> None:
+    """Every 5-D parameter channels-last-3d, every 4-D one channels-last (``Module.to`` refuses
+    a 3-D format on the decoder's 2-D convolutions)."""
+    import torch
+
+    for p in module.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        elif p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+class GpuPeak:
+    """The whole device's used memory, sampled in a thread (``torch.cuda.mem_get_info``)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> "GpuPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Wan 2.1 VAE decode, plain and with levers")
+    parser.add_argument("--comfy-dir", type=Path, required=True)
+    parser.add_argument("--vae", type=Path, required=True, help="Wan2_1_VAE_bf16.safetensors")
+    parser.add_argument("--latent-frames", default="21", help="comma-separated (81 frames: 21)")
+    parser.add_argument("--size", default="416x672", help="WIDTHxHEIGHT of the frames")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs after the first")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(args.comfy_dir))
+    import comfy.cli_args
+
+    if args.device == "cpu":
+        comfy.cli_args.args.cpu = True
+    import torch
+
+    root = args.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper"
+    spec = importlib.util.spec_from_file_location(
+        "wvw", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    assert spec and spec.loader
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["wvw"] = package
+    vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = torch.device(args.device)
+    width, height = (int(v) for v in args.size.split("x"))
+
+    from safetensors.torch import load_file
+
+    sd = load_file(str(args.vae))
+    if not any(k.startswith("model.") for k in sd):
+        sd = {f"model.{k}": v for k, v in sd.items()}
+    # as WanVideoVAELoader (nodes_model_loading.py, pinned commit): decoder width 96 is lightVAE
+    pruning = 0.75 if sd["model.decoder.conv1.bias"].shape[0] == 96 else 0.0
+
+    def fresh_vae() -> Any:
+        vae = vae_module.WanVideoVAE(dtype=dtype, pruning_rate=pruning)
+        vae.load_state_dict(sd)
+        return vae.eval().to(device=device, dtype=dtype)
+
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "size": [width, height],
+        "dtype": args.dtype,
+        "weights": args.vae.name,
+        "pruning_rate": pruning,
+        "runs": {},
+    }
+    for t in (int(v) for v in args.latent_frames.split(",")):
+        generator = torch.Generator().manual_seed(42)
+        latent = torch.randn(16, t, height // 8, width // 8, generator=generator).to(dtype)
+        reference = None
+        for variant in args.variants.split(","):
+            torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
+            vae = fresh_vae()
+            lat = latent
+            if variant in ("channels_last", "both"):
+                to_channels_last(vae.model.decoder)
+                to_channels_last(vae.model.conv2)
+            if variant == "compile":
+                vae.model.decoder = torch.compile(vae.model.decoder)
+            times = []
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            with GpuPeak() if device.type == "cuda" else _Null() as peak:
+                for _ in range(1 + args.repeat):
+                    t0 = time.perf_counter()
+                    video = vae.decode([lat], device=device, tiled=False, pbar=False)[0]
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+            frames = video.float().cpu()
+            row: dict[str, Any] = {
+                "first_s": times[0],
+                "median_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+                "frames": list(frames.shape),
+                "finite": bool(torch.isfinite(frames).all()),
+            }
+            if device.type == "cuda":
+                row["torch_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                row["gpu_peak_gib"] = peak.peak / 2**30
+            if reference is None:
+                reference = frames
+            else:
+                diff = (frames - reference).abs()
+                row["max_abs_diff"] = float(diff.max())
+                row["mean_abs_diff"] = float(diff.mean())
+                row["cosine"] = float(
+                    torch.nn.functional.cosine_similarity(
+                        frames.flatten(), reference.flatten(), dim=0
+                    )
+                )
+            out["runs"][f"{variant}@{t}"] = row
+            print(f"{variant:>14} @ {t:3d} latent frames: {row}", file=sys.stderr)
+            del vae, video, frames
+    print(json.dumps(out))
+
+
+class _Null:
+    peak = 0
+
+    def __enter__(self) -> "_Null":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main()
