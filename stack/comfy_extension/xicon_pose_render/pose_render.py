@@ -21,7 +21,8 @@ What, each the same arithmetic as upstream's:
   to free). Any other call initialises as upstream does, and the kept kernels are dropped.
 - ``render_nlf_as_images``: upstream's own, without its 2D pass, then that pass as upstream draws
   it (``draw_pose_to_canvas_np`` with upstream's arguments, from a deep copy of the poses), laid
-  over each frame with ``np.copyto(where=)`` in place of the boolean-mask scatter.
+  over each frame with ``np.copyto(where=)`` on the rows it reaches, in place of the
+  boolean-mask scatter.
 - ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
 
 ``install(meta_path)`` adds an import hook: when SCAIL-Pose's ``NLFPoseExtract/nlf_render.py`` has
@@ -314,18 +315,17 @@ def build_kernel(H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any
 class KeptInit:
     """``taichi.init`` that returns at once when called as last time while that runtime is up."""
 
-    def __init__(self, original: Callable[..., Any], renderer: Renderer) -> None:
+    def __init__(self, original: Callable[..., Any], renderer: Renderer, ti: Any) -> None:
         self.original = original
+        self.ti = ti  # the taichi module whose init this is
         self.renderer = renderer
         self.key: str | None = None
         self.initialised = 0
         setattr(self, REPLACED, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import taichi as ti
-
         key = repr((args, sorted(kwargs.items())))
-        if key == self.key and ti.lang.impl.get_runtime().prog is not None:
+        if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
             return None
         self.renderer.forget()
         result = self.original(*args, **kwargs)
@@ -335,10 +335,15 @@ class KeptInit:
 
 
 def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
-    """``frame[:, :, :3][canvas != 0] = canvas[canvas != 0]`` (upstream's overlay) in one pass."""
+    """``frame[:, :, :3][canvas != 0] = canvas[canvas != 0]`` (upstream's overlay) in one pass
+    over the rows the skeleton reaches (elsewhere the canvas is zero and nothing is copied)."""
     rgb = frame[:, :, :3]
-    if rgb.shape == canvas.shape and rgb.dtype == canvas.dtype:
-        np.copyto(rgb, canvas, where=canvas != 0)
+    if rgb.shape == canvas.shape and rgb.dtype == canvas.dtype and canvas.ndim == 3:
+        rows = np.flatnonzero(canvas.reshape(canvas.shape[0], -1).any(axis=1))
+        if rows.size:
+            top, bottom = int(rows[0]), int(rows[-1]) + 1
+            part = canvas[top:bottom]
+            np.copyto(rgb[top:bottom], part, where=part != 0)
     else:
         mask = canvas != 0
         rgb[mask] = canvas[mask]
@@ -447,7 +452,7 @@ def patch(
     )
     nlf_render.render_whole_taichi = renderer
     if not getattr(taichi_module.init, REPLACED, False):
-        taichi_module.init = KeptInit(taichi_module.init, renderer)
+        taichi_module.init = KeptInit(taichi_module.init, renderer, taichi_module)
     return "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
 
 
