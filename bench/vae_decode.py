@@ -19,6 +19,7 @@ The last line printed is the JSON of every figure.
 
 import argparse
 import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -28,18 +29,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile")
-
-
-def to_channels_last(module: Any) -> None:
-    """Every 5-D parameter channels-last-3d, every 4-D one channels-last (``Module.to`` refuses
-    a 3-D format on the decoder's 2-D convolutions)."""
-    import torch
-
-    for p in module.parameters():
-        if p.dim() == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-        elif p.dim() == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
+# the channels-last conversion of the bench's graph lever (``vae_channels_last``): one function
+LEVERS = Path(__file__).resolve().parent / "comfy_nodes" / "xicon_bench_levers" / "__init__.py"
 
 
 class GpuPeak:
@@ -86,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         comfy.cli_args.args.cpu = True
     import torch
 
+    spec = importlib.util.spec_from_file_location("xicon_bench_levers", LEVERS)
+    assert spec and spec.loader
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+
     root = args.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper"
     spec = importlib.util.spec_from_file_location(
         "wvw", root / "__init__.py", submodule_search_locations=[str(root)]
@@ -131,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             vae = fresh_vae()
             lat = latent
             if variant in ("channels_last", "both"):
-                to_channels_last(vae.model.decoder)
-                to_channels_last(vae.model.conv2)
+                levers.channels_last(vae.model.decoder)
+                levers.channels_last(vae.model.conv2)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []
