@@ -57,7 +57,10 @@ TARGET = "ComfyUI-SCAIL-Pose.NLFPoseExtract.nlf_render"
 # 11402b150d728440a4a89964faa58907f84c35e6.
 UPSTREAM_SHA256 = "2edf8a59266d1114edf27a9381db489653c326720299f6807d1795c1feceb12f"
 REPLACED = "_xicon_pose_render"
-BATCH_BYTES = 128 << 20  # the float32 frames of one launch, on the render device
+# The float32 frames of one launch on the render device (7 at 416x672). Taichi's memory pool
+# keeps the largest batch for the process: 128 MiB batches (the H100 sitting) left 100-300 MiB
+# more on the GPU between jobs.
+BATCH_BYTES = 32 << 20
 KEPT_KERNELS = 8
 
 
