@@ -106,7 +106,7 @@ class Renderer:
     def __init__(self, flatten_specs: Callable[..., tuple[np.ndarray, ...]]) -> None:
         self.flatten_specs = flatten_specs
         self.kernels: dict[tuple[Any, ...], Any] = {}
-        self.program: int | None = None
+        self.program: Any = None  # the taichi program the kernels were built in
         self.compiled = 0
 
     def forget(self) -> None:
@@ -116,8 +116,8 @@ class Renderer:
     def kernel(self, H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any, zfar: Any):
         import taichi as ti
 
-        program = id(ti.lang.impl.get_runtime().prog)
-        if program != self.program:  # a new runtime: kernels of the old one are gone
+        program = ti.lang.impl.get_runtime().prog
+        if program is not self.program:  # a new runtime: kernels of the old one are gone
             self.kernels.clear()
             self.program = program
         key = tuple((type(v).__name__, v) for v in (H, W, fx, fy, cx, cy, radius, zfar))
