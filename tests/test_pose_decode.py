@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.plugins.modules import load_file
+from tests.plugins.modules import forget, load_file, load_pack
 
 ROOT = Path(__file__).resolve().parent.parent
 pd = load_file(
@@ -51,15 +51,7 @@ def stand_in_pack(tmp: Path, folder: str = "ComfyUI-WanAnimatePreprocess") -> st
     (pack / "__init__.py").write_text("")
     (pack / "models" / "onnx_models.py").write_text(ONNX_MODELS)
     (pack / "pose_utils" / "pose2d_utils.py").write_text(POSE2D)
-    name = str(pack).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(
-        name, pack / "__init__.py", submodule_search_locations=[str(pack)]
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return name
+    return load_pack(pack)
 
 
 @pytest.fixture
@@ -69,11 +61,6 @@ def hooked(monkeypatch: pytest.MonkeyPatch) -> list:
     assert pd.install(meta_path) is True
     assert pd.install(meta_path) is False  # once
     return meta_path
-
-
-def forget(name: str) -> None:
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
 
 
 def test_the_pinned_source_gets_the_replacement(

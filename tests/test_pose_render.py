@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.plugins.modules import load_file
+from tests.plugins.modules import forget, load_file, load_pack
 
 ROOT = Path(__file__).resolve().parent.parent
 pr = load_file(
@@ -71,15 +71,7 @@ def stand_in_pack(tmp: Path, folder: str = "ComfyUI-SCAIL-Pose") -> str:
         path = pack / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    name = str(pack).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(
-        name, pack / "__init__.py", submodule_search_locations=[str(pack)]
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return name
+    return load_pack(pack)
 
 
 def fake_taichi() -> types.ModuleType:
@@ -109,11 +101,6 @@ def hooked(monkeypatch: pytest.MonkeyPatch) -> list:
     assert pr.install(meta_path) is True
     assert pr.install(meta_path) is False  # once
     return meta_path
-
-
-def forget(name: str) -> None:
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
 
 
 def digest_of_stand_in(tmp: Path) -> str:
