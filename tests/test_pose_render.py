@@ -235,14 +235,29 @@ def test_hsv_is_computed_once_per_input_and_copied() -> None:
 
 def test_taichi_init_is_skipped_only_when_nothing_changed() -> None:
     ti = fake_taichi()
-    renderer = pr.Renderer(lambda specs: specs)
-    renderer.kernels[("k",)] = object()
-    kept = pr.KeptInit(ti.init, renderer, ti)
+    kept = pr.KeptInit(ti.init, ti)
     kept(arch="gpu")
     kept(arch="gpu")  # the same arguments, the runtime up: nothing to do
     assert len(ti.inits) == 1 and kept.initialised == 1
-    kept(arch="cpu")  # another device: a new runtime, kept kernels dropped
-    assert len(ti.inits) == 2 and not renderer.kernels
+    kept(arch="cpu")  # another device: a new runtime
+    assert len(ti.inits) == 2
     ti.runtime.prog = None  # someone reset taichi: initialise again
     kept(arch="cpu")
     assert len(ti.inits) == 3
+
+
+def test_kernels_are_kept_per_constants_and_dropped_with_their_runtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ti = fake_taichi()
+    monkeypatch.setitem(sys.modules, "taichi", ti)
+    monkeypatch.setattr(pr, "build_kernel", lambda *constants: object())
+    renderer = pr.Renderer(lambda specs: specs)
+    ti.init()
+    first = renderer.kernel(4, 3, 1.0, 1.0, 2.0, 1.5, 21.5, 10000)
+    assert renderer.kernel(4, 3, 1.0, 1.0, 2.0, 1.5, 21.5, 10000) is first
+    other = renderer.kernel(4, 3, 2.0, 1.0, 2.0, 1.5, 21.5, 10000)  # another camera
+    assert other is not first and renderer.compiled == 2
+    ti.init()  # a new runtime: the old one's kernels are gone
+    assert renderer.kernel(4, 3, 1.0, 1.0, 2.0, 1.5, 21.5, 10000) is not first
+    assert renderer.compiled == 3 and len(renderer.kernels) == 1

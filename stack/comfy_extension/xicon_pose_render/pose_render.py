@@ -18,7 +18,8 @@ What, each the same arithmetic as upstream's:
   taichi runtime lives, so a job like an earlier one compiles nothing.
 - ``taichi.init``: a call with the same arguments as the last one, while that runtime is still
   up, returns at once (upstream's renderer is replaced, so nothing it allocated per call is left
-  to free). Any other call initialises as upstream does, and the kept kernels are dropped.
+  to free). Any other call initialises as upstream does; kernels kept for the old runtime are
+  not used in the new one (the renderer keeps them per taichi program).
 - ``render_nlf_as_images``: upstream's own, without its 2D pass, then that pass as upstream draws
   it (``draw_pose_to_canvas_np`` with upstream's arguments, from a deep copy of the poses), laid
   over each frame with ``np.copyto(where=)`` on the rows it reaches, in place of the
@@ -108,10 +109,6 @@ class Renderer:
         self.kernels: dict[tuple[Any, ...], Any] = {}
         self.program: Any = None  # the taichi program the kernels were built in
         self.compiled = 0
-
-    def forget(self) -> None:
-        self.kernels.clear()
-        self.program = None
 
     def kernel(self, H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any, zfar: Any):
         import taichi as ti
@@ -318,10 +315,9 @@ def build_kernel(H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any
 class KeptInit:
     """``taichi.init`` that returns at once when called as last time while that runtime is up."""
 
-    def __init__(self, original: Callable[..., Any], renderer: Renderer, ti: Any) -> None:
+    def __init__(self, original: Callable[..., Any], ti: Any) -> None:
         self.original = original
         self.ti = ti  # the taichi module whose init this is
-        self.renderer = renderer
         self.key: str | None = None
         self.initialised = 0
         setattr(self, REPLACED, True)
@@ -330,7 +326,6 @@ class KeptInit:
         key = repr((args, sorted(kwargs.items())))
         if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
             return None
-        self.renderer.forget()
         result = self.original(*args, **kwargs)
         self.key = key
         self.initialised += 1
@@ -455,7 +450,7 @@ def patch(
     )
     nlf_render.render_whole_taichi = renderer
     if not getattr(taichi_module.init, REPLACED, False):
-        taichi_module.init = KeptInit(taichi_module.init, renderer, taichi_module)
+        taichi_module.init = KeptInit(taichi_module.init, taichi_module)
     return "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
 
 
