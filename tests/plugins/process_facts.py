@@ -31,12 +31,15 @@ from tests.plugins.runpod_worker_api import FakePlatform
 DRAIN_S = 60.0  # idle keep-alive connections to ComfyUI close after aiohttp's 15 s
 POLL_S = 0.2
 TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
 
 
 @dataclass(frozen=True)
 class Usage:
     """What the handler process holds: non-socket fds, sockets, TCP connections to ComfyUI,
-    threads, resident memory, and the remote port of each established TCP connection."""
+    threads, resident memory, the remote port of each established TCP connection (``peers``)
+    and of each TCP socket in any state but listening (``remotes``: a connection being opened
+    or closed has one too)."""
 
     fds: int
     sockets: int
@@ -44,6 +47,7 @@ class Usage:
     threads: int
     rss_kb: int
     peers: tuple[int, ...] = ()
+    remotes: tuple[int, ...] = ()
 
 
 def _socket_inodes(pid: int) -> tuple[int, set[str]]:
@@ -61,16 +65,21 @@ def _socket_inodes(pid: int) -> tuple[int, set[str]]:
     return other, inodes
 
 
-def _peer_ports(inodes: set[str]) -> tuple[int, ...]:
-    """Remote ports of the established TCP connections among these socket inodes."""
-    ports = []
+def _remote_ports(inodes: set[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Remote ports among these socket inodes' TCP sockets: of the established connections, and
+    of every socket that is not listening (one being opened or closed included)."""
+    established, remotes = [], []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 cols = line.split()
-                if cols[3] == TCP_ESTABLISHED and cols[9] in inodes:
-                    ports.append(int(cols[2].rsplit(":", 1)[1], 16))
-    return tuple(sorted(ports))
+                if cols[9] not in inodes or cols[3] == TCP_LISTEN:
+                    continue
+                port = int(cols[2].rsplit(":", 1)[1], 16)
+                remotes.append(port)
+                if cols[3] == TCP_ESTABLISHED:
+                    established.append(port)
+    return tuple(sorted(established)), tuple(sorted(remotes))
 
 
 def usage(pid: int, comfy_port: int) -> Usage:
@@ -78,8 +87,8 @@ def usage(pid: int, comfy_port: int) -> Usage:
     status = Path(f"/proc/{pid}/status").read_text()
     rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
-    peers = _peer_ports(inodes)
-    return Usage(other, len(inodes), peers.count(comfy_port), threads, rss, peers)
+    peers, remotes = _remote_ports(inodes)
+    return Usage(other, len(inodes), peers.count(comfy_port), threads, rss, peers, remotes)
 
 
 def drained_usage(pid: int, comfy_port: int) -> Usage:
@@ -177,8 +186,9 @@ def platform_port(platform: FakePlatform) -> int:
 
 def own_sockets(used: Usage, platform_port: int) -> int:
     """Sockets other than the SDK's connections to the platform (its job-take and job-stop
-    long polls and result posts come and go on their own schedule)."""
-    return used.sockets - used.peers.count(platform_port)
+    long polls and result posts come and go on their own schedule, so one may be opening or
+    closing when the process is read)."""
+    return used.sockets - used.remotes.count(platform_port)
 
 
 def wait_until(
