@@ -121,7 +121,6 @@ class RssSampler:
 
 
 PROFILE_NODE = ROOT / "bench" / "comfy_nodes" / "xicon_bench_profile"
-LEVERS_NODE = ROOT / "bench" / "comfy_nodes" / "xicon_bench_levers"
 
 VRAM_CAP_NODE = """\
 # Written by bench/gpu_run.py --vram-cap-gib for one benchmark run, removed at its end.
@@ -184,14 +183,6 @@ def install_profiler(args: argparse.Namespace, env: dict[str, str]) -> Path | No
         log.info("profiling forwards %s into %s", args.profile_calls, args.out / "profile")
     if args.census:
         env["XICON_BENCH_CENSUS"] = "1"
-    return node
-
-
-def install_levers(args: argparse.Namespace) -> Path:
-    """The bench-only lever nodes (``bench/comfy_nodes/xicon_bench_levers``) for one run; a
-    variant uses them only when its graph names them."""
-    node = args.comfy_dir / "custom_nodes" / LEVERS_NODE.name
-    shutil.copytree(LEVERS_NODE, node, dirs_exist_ok=True)
     return node
 
 

@@ -118,7 +118,6 @@ from gpu_probes import (  # noqa: E402
     RssSampler,
     VramSampler,
     gpu_census,
-    install_levers,
     install_profiler,
     install_vram_cap,
 )
@@ -334,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     cap_node = install_vram_cap(args, env)
     profile_node = install_profiler(args, env)
-    levers_node = install_levers(args)
     rss = RssSampler(args.out / "comfyui.pid")
     rss.start()
     probes = Probes(vram, rss, args.comfy_dir / "output" / "latents")
@@ -405,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         vram.stop()
         rss.stop()
         cgroups.close()
-        for node in (cap_node, profile_node, levers_node):
+        for node in (cap_node, profile_node):
             if node is not None:
                 shutil.rmtree(node, ignore_errors=True)
     return rc

@@ -27,11 +27,6 @@ Levers:
   (``WanVideoClipVisionEncode.force_offload`` false, node 327: 1.2 GB of VRAM); the warm job
   spent 0.9 s in node 327, mostly moving the model (``nodes.py`` ~L645). ``resident_clip`` and
   ``resident_clip16`` are ``resident`` and ``resident16`` with it.
-- ``vae_channels_last``: the decode (node 28) gets a copy of the VAE whose decoder weights are in
-  channels-last memory (bench node ``XiconBenchVAEChannelsLast``, ``bench/comfy_nodes/
-  xicon_bench_levers``, node 9003 between nodes 38 and 28): -11 % per decode and less memory on
-  an H100 alone (``bench/vae_decode.py``), not yet measured through the worker.
-  ``resident_vae_cl`` / ``resident_vae_cl16`` are ``resident_clip`` / ``resident_clip16`` with it.
 - ``fp16_fast``: ``BASE_PRECISION=fp16_fast`` (fp16 with fp16 accumulation; the worker's
   default on GeForce cards); pays on GeForce cards (twice the fp32-accumulate rate), not on the
   H200.
@@ -91,7 +86,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xicon_dance.workflow import COMPILE_SETTINGS
 
 COMPILE_NODE = "9002"  # the worker's own (TORCH_COMPILE) is node 900, with the same inputs
-VAE_LAYOUT_NODE = "9003"
 
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "resident": {"settings": {"RESIDENT_TRANSFORMER": "1"}},
@@ -111,16 +105,6 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
     "torch_compile": {"settings": {"TORCH_COMPILE": "1"}},
-    "vae_channels_last": {
-        "nodes": {
-            VAE_LAYOUT_NODE: {
-                "class_type": "XiconBenchVAEChannelsLast",
-                "inputs": {"vae": ["38", 0]},
-                "_meta": {"title": "bench: VAE decoder in channels-last memory"},
-            }
-        },
-        "graph": {"28": {"vae": [VAE_LAYOUT_NODE, 0]}},
-    },
     "compile": {
         "nodes": {
             COMPILE_NODE: {
@@ -147,8 +131,6 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "clip_resident": ("clip_resident",),
     "resident_clip": ("resident", "clip_resident"),
     "resident_clip16": ("resident", "clip_resident", "overlap16", "steps2"),
-    "resident_vae_cl": ("resident", "clip_resident", "vae_channels_last"),
-    "resident_vae_cl16": ("resident", "clip_resident", "vae_channels_last", "overlap16", "steps2"),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
     "rms_fused": ("rms_fused",),

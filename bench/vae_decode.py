@@ -1,16 +1,21 @@
 """WanVideoWrapper's Wan 2.1 VAE decode (node 28's work) in one process, as the graph runs it and
 with levers that keep its arithmetic: cuDNN's algorithm search (``torch.backends.cudnn.
-benchmark``), the decoder's weights and the latents in channels-last memory (``channels_last``),
-and the decoder compiled by ``torch.compile`` (what ``WanVideoVAELoader``'s ``compile_args``
-does). For each: seconds per decode (the first run apart: it pays searches and compiles), the
-torch allocator's peak, the whole GPU's peak (sampled every 10 ms: cuDNN's and inductor's own
-memory included), and the frames against the plain decode's (max |difference|, cosine, finite).
+benchmark``), the decoder's weights in channels-last memory (``channels_last``: the conversion
+of the image's extension ``xicon_vae_channels_last``), and the decoder compiled by
+``torch.compile`` (what ``WanVideoVAELoader``'s ``compile_args`` does). ``encode`` and
+``encode_channels_last`` time the encode instead (the pose embeds' work, node 324: the rendered
+pose frames at ``--encode-size``), with upstream's layout and with the encoder's weights
+channels-last. For each: seconds per run (the first run apart: it pays searches and
+compiles), the torch allocator's peak, the whole GPU's peak (sampled every 10 ms: cuDNN's and
+inductor's own memory included), and the output against the plain decode's or encode's (max
+|difference|, cosine, finite).
 
 Run by the stack's Python on the GPU machine:
 
     python bench/vae_decode.py --comfy-dir ComfyUI \\
         --vae ComfyUI/models/vae/Wan2_1_VAE_bf16.safetensors \\
-        --latent-frames 21,61 --variants plain,benchmark,channels_last,both,compile
+        --latent-frames 21,61 --variants plain,benchmark,channels_last,both,compile,encode,\
+encode_channels_last
 
 ``--vae`` is the model file, loaded as ``WanVideoVAELoader`` loads it (the synthetic one works:
 its figures are time and memory; PyTorch's default initialisation of this VAE decodes to NaN).
@@ -29,8 +34,15 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile")
-# the channels-last conversion of the bench's graph lever (``vae_channels_last``): one function
-LEVERS = Path(__file__).resolve().parent / "comfy_nodes" / "xicon_bench_levers" / "__init__.py"
+ENCODE_VARIANTS = ("encode", "encode_channels_last")
+# the image's conversion, the one function both use
+LAYOUT = (
+    Path(__file__).resolve().parent.parent
+    / "stack"
+    / "comfy_extension"
+    / "xicon_vae_channels_last"
+    / "vae_channels_last.py"
+)
 
 
 class GpuPeak:
@@ -64,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", type=Path, required=True, help="Wan2_1_VAE_bf16.safetensors")
     parser.add_argument("--latent-frames", default="21", help="comma-separated (81 frames: 21)")
     parser.add_argument("--size", default="416x672", help="WIDTHxHEIGHT of the frames")
+    parser.add_argument(
+        "--encode-size", default="208x336", help="WIDTHxHEIGHT of the encoded pose frames"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after the first")
     parser.add_argument("--device", default="cuda")
@@ -77,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         comfy.cli_args.args.cpu = True
     import torch
 
-    spec = importlib.util.spec_from_file_location("xicon_bench_levers", LEVERS)
+    spec = importlib.util.spec_from_file_location("xicon_vae_channels_last_impl", LAYOUT)
     assert spec and spec.loader
-    levers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(levers)
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
 
     root = args.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper"
     spec = importlib.util.spec_from_file_location(
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     device = torch.device(args.device)
     width, height = (int(v) for v in args.size.split("x"))
+    enc_width, enc_height = (int(v) for v in args.encode_size.split("x"))
 
     from safetensors.torch import load_file
 
@@ -113,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "size": [width, height],
+        "encode_size": [enc_width, enc_height],
         "dtype": args.dtype,
         "weights": args.vae.name,
         "pruning_rate": pruning,
@@ -121,14 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     for t in (int(v) for v in args.latent_frames.split(",")):
         generator = torch.Generator().manual_seed(42)
         latent = torch.randn(16, t, height // 8, width // 8, generator=generator).to(dtype)
-        reference = None
+        # pose frames in [-1, 1], as node 324 hands them to the encoder
+        pixels = torch.rand(3, 4 * (t - 1) + 1, enc_height, enc_width, generator=generator)
+        pixels = (pixels * 2 - 1).to(dtype)
+        references: dict[bool, Any] = {}
         for variant in args.variants.split(","):
+            encoding = variant in ENCODE_VARIANTS
             torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
             vae = fresh_vae()
-            lat = latent
             if variant in ("channels_last", "both"):
-                levers.channels_last(vae.model.decoder)
-                levers.channels_last(vae.model.conv2)
+                layout.convert(vae, layout.DECODER)
+            if variant == "encode_channels_last":
+                layout.convert(vae, layout.ENCODER)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []
@@ -139,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
             with GpuPeak() if device.type == "cuda" else _Null() as peak:
                 for _ in range(1 + args.repeat):
                     t0 = time.perf_counter()
-                    video = vae.decode([lat], device=device, tiled=False, pbar=False)[0]
+                    if encoding:
+                        video = vae.encode([pixels], device=device, tiled=False, pbar=False)[0]
+                    else:
+                        video = vae.decode([latent], device=device, tiled=False, pbar=False)[0]
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
@@ -153,9 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 row["torch_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
                 row["gpu_peak_gib"] = peak.peak / 2**30
-            if reference is None:
-                reference = frames
-            else:
+            reference = references.setdefault(encoding, frames)
+            if reference is not frames:
                 diff = (frames - reference).abs()
                 row["max_abs_diff"] = float(diff.max())
                 row["mean_abs_diff"] = float(diff.mean())

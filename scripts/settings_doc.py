@@ -44,11 +44,14 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read four settings there:
+(secrets removed); the project's extensions read six settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
-`XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`) and
-`XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`):
+`XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`),
+`XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; on unless `off`),
+`XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`) and
+`XICON_POSE_RENDER_WARM` (its taichi start once ComfyUI has loaded its nodes, on a CUDA
+device; on unless `off`):
 [operations.md](operations.md#the-comfyui-stack).
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def fake_taichi() -> types.ModuleType:
         runtime.prog = object()
 
     ti.init = init  # type: ignore[attr-defined]
+    ti.gpu = "arch:gpu"  # type: ignore[attr-defined]
     ti.runtime = runtime  # type: ignore[attr-defined]
     ti.lang = types.SimpleNamespace(  # type: ignore[attr-defined]
         impl=types.SimpleNamespace(get_runtime=lambda: runtime)
@@ -261,3 +263,126 @@ def test_kernels_are_kept_per_constants_and_dropped_with_their_runtime(
     ti.init()  # a new runtime: the old one's kernels are gone
     assert renderer.kernel(4, 3, 1.0, 1.0, 2.0, 1.5, 21.5, 10000) is not first
     assert renderer.compiled == 3 and len(renderer.kernels) == 1
+
+
+class Executor:
+    """ComfyUI's ``PromptExecutor`` as the warm start sees it: built once nodes are loaded."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+
+
+def join_starts() -> int:
+    threads = [t for t in threading.enumerate() if t.name == "xicon-taichi-start"]
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    return len(threads)
+
+
+def test_taichi_starts_once_the_nodes_are_loaded(
+    tmp_path: Path, hooked: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pr, "UPSTREAM_SHA256", digest_of_stand_in(tmp_path))
+    executor = type("PromptExecutor", (Executor,), {})
+    results: list[str] = []
+    name = stand_in_pack(tmp_path)  # loaded as ComfyUI loads it; nlf_render not imported yet
+    try:
+        assert name + ".NLFPoseExtract.nlf_render" not in sys.modules
+        line = pr.install_warm(executor, {}, lambda: True, target=lambda: results.append(pr.warm()))
+        assert line == "taichi starts in the background once ComfyUI has loaded its nodes"
+        assert pr.install_warm(executor, {}, lambda: True) == "taichi's start already arranged"
+        assert join_starts() == 0  # nothing before the prompt worker builds its executor
+        built = executor("server")
+        executor("again")
+        assert built.server == "server"  # upstream's __init__ ran
+        assert join_starts() == 1  # one start, however many executors
+        ti = sys.modules["taichi"]
+        assert results == [results[0]] and results[0].startswith("taichi started for the first")
+        assert ti.inits == [((), {"arch": "arch:gpu"})]
+        # the hook put the replacements in place on the way, and the node's own call (the
+        # shipped graph's render_device "gpu") finds the runtime up
+        nlf_render = sys.modules[name + ".NLFPoseExtract.nlf_render"]
+        assert getattr(nlf_render.render_nlf_as_images, pr.REPLACED) is True
+        assert isinstance(ti.init, pr.KeptInit)
+        ti.init(arch=ti.gpu)
+        assert len(ti.inits) == 1
+        ti.init(arch="cpu")  # another device: initialised as upstream does
+        assert len(ti.inits) == 2
+    finally:
+        forget(name)
+
+
+@pytest.mark.parametrize(
+    ("env", "cuda", "line"),
+    [
+        ({"XICON_POSE_RENDER": "off"}, True, "off (XICON_POSE_RENDER)"),
+        (
+            {"XICON_POSE_RENDER_WARM": "off"},
+            True,
+            "taichi starts with the first render (XICON_POSE_RENDER_WARM)",
+        ),
+        ({}, False, "no CUDA device; taichi starts with the first render"),
+    ],
+)
+def test_no_early_start_when_off_or_without_cuda(env: dict, cuda: bool, line: str) -> None:
+    executor = type("PromptExecutor", (Executor,), {})
+    original = executor.__init__
+    assert pr.install_warm(executor, env, lambda: cuda, target=pytest.fail) == line
+    assert executor.__init__ is original
+    executor("server")
+    assert join_starts() == 0
+
+
+def test_no_early_start_for_a_changed_upstream_or_a_missing_pack(
+    tmp_path: Path, hooked: list
+) -> None:
+    assert (
+        pr.warm(modules={}) == "ComfyUI-SCAIL-Pose not loaded; taichi starts with the first render"
+    )
+    name = stand_in_pack(tmp_path)  # its digest is not the pinned one: the hook leaves it alone
+    try:
+        assert pr.warm() == "the render is upstream's; taichi starts with the first render"
+        assert sys.modules["taichi"].inits == []
+    finally:
+        forget(name)
+
+
+class WatchedLock:
+    """A lock that says when a thread asks for it."""
+
+    def __init__(self) -> None:
+        self.inner = threading.Lock()
+        self.asked = threading.Semaphore(0)
+
+    def __enter__(self) -> None:
+        self.asked.release()
+        self.inner.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+
+
+def test_taichi_init_calls_from_two_threads_run_one_at_a_time() -> None:
+    ti = fake_taichi()
+    inside, go = threading.Event(), threading.Event()
+    plain_init = ti.init
+
+    def slow_init(*args: Any, **kwargs: Any) -> None:
+        inside.set()
+        assert go.wait(timeout=30)
+        plain_init(*args, **kwargs)
+
+    kept = pr.KeptInit(slow_init, ti)
+    kept.lock = WatchedLock()  # type: ignore[assignment]
+    first = threading.Thread(target=kept, kwargs={"arch": "gpu"})
+    first.start()
+    assert inside.wait(timeout=30)  # the warm start is inside taichi's init
+    second = threading.Thread(target=kept, kwargs={"arch": "gpu"})  # the node's own call
+    second.start()
+    assert kept.lock.asked.acquire(timeout=30) and kept.lock.asked.acquire(timeout=30)
+    go.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    assert ti.inits == [((), {"arch": "gpu"})] and kept.initialised == 1

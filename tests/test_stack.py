@@ -133,6 +133,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
     resident = comfy / "custom_nodes" / "xicon_resident_weights"
     assert {p.name for p in resident.iterdir()} == {"__init__.py", "resident_weights.py"}
+    layout = comfy / "custom_nodes" / "xicon_vae_channels_last"
+    assert {p.name for p in layout.iterdir()} == {"__init__.py", "vae_channels_last.py"}
     render = comfy / "custom_nodes" / "xicon_pose_render"
     assert {p.name for p in render.iterdir()} == {
         "__init__.py",

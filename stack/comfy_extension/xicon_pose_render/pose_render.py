@@ -26,6 +26,13 @@ What, each the same arithmetic as upstream's:
   boolean-mask scatter.
 - ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
 
+``install_warm(PromptExecutor, env)``: when ComfyUI has loaded its nodes (its prompt worker builds
+the ``PromptExecutor``) and a CUDA device is there, a thread imports ``nlf_render`` (the hook
+below puts the replacements in place) and, if they are in place, calls ``taichi.init`` as node
+362 of the shipped graph does (``render_device`` ``gpu``), so that the first job's render finds
+taichi's runtime up; ``taichi.init`` calls wait for one another. ``XICON_POSE_RENDER_WARM=off``
+leaves taichi to start with the first render.
+
 ``install(meta_path)`` adds an import hook: when SCAIL-Pose's ``NLFPoseExtract/nlf_render.py`` has
 run (``RenderNLFPoses`` imports it on its first run), the above are put in place, but only if
 upstream's functions still have the source this was written against (``UPSTREAM_SHA256``);
@@ -41,6 +48,8 @@ import inspect
 import logging
 import os
 import sys
+import threading
+import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -50,7 +59,10 @@ import numpy as np
 log = logging.getLogger("xicon_pose_render")
 
 ENV = "XICON_POSE_RENDER"
-TARGET = "ComfyUI-SCAIL-Pose.NLFPoseExtract.nlf_render"
+WARM_ENV = "XICON_POSE_RENDER_WARM"
+PACK = "ComfyUI-SCAIL-Pose"
+TARGET = f"{PACK}.NLFPoseExtract.nlf_render"
+WARM_ARCH = "gpu"  # node 362's render_device in the shipped graph (upstream: ti.init(arch=ti.gpu))
 # sha256 of the sources of taichi_cylinder.render_whole and flatten_specs, nlf_render's
 # render_nlf_as_images and render_multi_nlf_as_images (both call the renderer),
 # draw_pose_utils.draw_pose_to_canvas_np, draw_utils.hsv_to_rgb and nodes.RenderNLFPoses.predict,
@@ -65,9 +77,9 @@ BATCH_BYTES = 32 << 20
 KEPT_KERNELS = 8
 
 
-def enabled(env: Mapping[str, str]) -> bool:
-    """False when ``ENV`` is ``0``/``off``/``false``/``no``; True otherwise (the default)."""
-    return env.get(ENV, "").strip().lower() not in {"0", "off", "false", "no"}
+def enabled(env: Mapping[str, str], name: str = ENV) -> bool:
+    """False when ``name`` is ``0``/``off``/``false``/``no``; True otherwise (the default)."""
+    return env.get(name, "").strip().lower() not in {"0", "off", "false", "no"}
 
 
 def upstream_modules(nlf_render: types.ModuleType) -> dict[str, types.ModuleType]:
@@ -313,23 +325,26 @@ def build_kernel(H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any
 
 
 class KeptInit:
-    """``taichi.init`` that returns at once when called as last time while that runtime is up."""
+    """``taichi.init`` that returns at once when called as last time while that runtime is up;
+    calls from several threads (the warm start's, the prompt worker's) run one at a time."""
 
     def __init__(self, original: Callable[..., Any], ti: Any) -> None:
         self.original = original
         self.ti = ti  # the taichi module whose init this is
         self.key: str | None = None
         self.initialised = 0
+        self.lock = threading.Lock()
         setattr(self, REPLACED, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = repr((args, sorted(kwargs.items())))
-        if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
-            return None
-        result = self.original(*args, **kwargs)
-        self.key = key
-        self.initialised += 1
-        return result
+        with self.lock:
+            if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
+                return None
+            result = self.original(*args, **kwargs)
+            self.key = key
+            self.initialised += 1
+            return result
 
 
 def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
@@ -452,6 +467,77 @@ def patch(
     if not getattr(taichi_module.init, REPLACED, False):
         taichi_module.init = KeptInit(taichi_module.init, taichi_module)
     return "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
+
+
+# --- taichi started before the first render ---------------------------------------------------
+
+
+def nlf_render_name(modules: Mapping[str, types.ModuleType]) -> str | None:
+    """The name ``nlf_render`` gets when imported from the loaded SCAIL-Pose package (ComfyUI
+    names a pack's package after its path)."""
+    for name, module in list(modules.items()):
+        if name.endswith(PACK) and hasattr(module, "__path__"):
+            return f"{name}.NLFPoseExtract.nlf_render"
+    return None
+
+
+def warm(
+    modules: Mapping[str, types.ModuleType] | None = None,
+    import_module: Callable[[str], types.ModuleType] = importlib.import_module,
+) -> str:
+    """Import SCAIL-Pose's ``nlf_render`` (the hook puts the replacements in place) and, when they
+    are in place, start taichi as node 362 will; the line to log."""
+    name = nlf_render_name(sys.modules if modules is None else modules)
+    if name is None:
+        return f"{PACK} not loaded; taichi starts with the first render"
+    nlf_render = import_module(name)
+    if not getattr(nlf_render.render_nlf_as_images, REPLACED, False):
+        return "the render is upstream's; taichi starts with the first render"
+    import taichi as ti
+
+    if not isinstance(ti.init, KeptInit):
+        return "taichi.init is not the kept one; taichi starts with the first render"
+    t0 = time.perf_counter()
+    ti.init(arch=getattr(ti, WARM_ARCH))
+    return f"taichi started for the first render in {time.perf_counter() - t0:.1f} s"
+
+
+def warm_logged() -> None:
+    try:
+        log.info("xicon_pose_render: %s", warm())
+    except Exception:  # the render then starts taichi itself, as upstream does
+        log.exception("xicon_pose_render: taichi not started ahead; the first render starts it")
+
+
+def install_warm(
+    executor_class: type,
+    env: Mapping[str, str],
+    cuda_available: Callable[[], bool],
+    target: Callable[[], None] = warm_logged,
+) -> str:
+    """Start ``target`` in a thread once, when ComfyUI's prompt worker builds its
+    ``executor_class`` (``PromptExecutor``: every node is loaded by then); the line to log."""
+    if not enabled(env):
+        return f"off ({ENV})"
+    if not enabled(env, WARM_ENV):
+        return f"taichi starts with the first render ({WARM_ENV})"
+    if not cuda_available():
+        return "no CUDA device; taichi starts with the first render"
+    original = executor_class.__init__
+    if getattr(original, REPLACED, False):
+        return "taichi's start already arranged"
+    started: list[threading.Thread] = []
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if not started:  # not a daemon: an exit waits for a start under way
+            started.append(threading.Thread(target=target, name="xicon-taichi-start"))
+            started[0].start()
+
+    setattr(__init__, REPLACED, True)
+    executor_class.__init__ = __init__
+    return "taichi starts in the background once ComfyUI has loaded its nodes"
 
 
 class _Loader(importlib.abc.Loader):

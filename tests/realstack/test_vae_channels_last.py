@@ -1,0 +1,277 @@
+"""The project's extension ``xicon_vae_channels_last`` against the pinned WanVideoWrapper, with
+the stack's torch on the CPU and the tiny synthetic VAE: upstream's own
+``WanVideoVAELoader.loadmodel`` (its pinned source) through the wrapper gives a VAE whose decoder
+weights are channels-last and whose encoder is as loaded; the pinned source is the one the
+extension was written against; ``bench/vae_decode.py`` (the same conversion) decodes and encodes
+through that layout to the plain frames and latents (float32: the same operations in another
+order). In the real ComfyUI: the extension wraps the loader before the first prompt, and a
+decode through it gives the frames of a ComfyUI with it turned off, to within bf16's rounding.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageChops
+
+from tests.plugins.realstack import ROOT, Stack, cpu_comfy, make_base, run_prompt, stack_json
+
+EXTENSION = "xicon_vae_channels_last"
+EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "vae_channels_last.py"
+BENCH = ROOT / "bench" / "vae_decode.py"
+PACK = "ComfyUI-WanVideoWrapper"
+
+SCRIPT = r"""
+import ast, asyncio, importlib, importlib.util, json, linecache, logging, sys, types
+comfy_dir, ext_file, vae_file = sys.argv[1:4]
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+from comfy.utils import load_torch_file
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+ext = load("vae_channels_last_under_test", ext_file)
+root = f"{comfy_dir}/custom_nodes/ComfyUI-WanVideoWrapper"
+spec = importlib.util.spec_from_file_location(
+    "wvw", f"{root}/__init__.py", submodule_search_locations=[root])
+sys.modules["wvw"] = importlib.util.module_from_spec(spec)
+vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
+
+# upstream's own loader class, compiled from the pinned file's lines (linecache lets inspect
+# read them), with the module globals its loadmodel reads
+source = open(f"{root}/nodes_model_loading.py").read()
+lines = source.splitlines(keepends=True)
+cls_node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.ClassDef) and n.name == "WanVideoVAELoader")
+class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
+fname = "<pinned WanVideoWrapper nodes_model_loading.py: WanVideoVAELoader>"
+linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
+folder_paths = types.SimpleNamespace(
+    get_filename_list=lambda kind: [], get_full_path_or_raise=lambda kind, name: vae_file)
+ns = {"torch": torch, "folder_paths": folder_paths, "load_torch_file": load_torch_file,
+      "WanVideoVAE": vae_module.WanVideoVAE, "WanVideoVAE38": None,
+      "log": logging.getLogger("wvw"), "offload_device": torch.device("cpu")}
+exec(compile(class_source, fname, "exec"), ns)
+Pinned = ns["WanVideoVAELoader"]
+
+def layouts(module):
+    # 5-D weights laid out otherwise than the default, and those not channels-last
+    five = [p for p in module.parameters() if p.dim() == 5]
+    return {
+        "five_d": len(five),
+        "moved": sum(p.stride() != p.contiguous().stride() for p in five),
+        "not_cl": sum(not p.is_contiguous(memory_format=torch.channels_last_3d) for p in five),
+    }
+
+out = {"digest_ok": ext.upstream_digest(Pinned) == ext.UPSTREAM_SHA256}
+(plain,) = Pinned().loadmodel("vae.safetensors", "fp32")
+(vae,) = ext.wrap_loader(Pinned.loadmodel)(Pinned(), "vae.safetensors", "fp32")
+out["plain_decoder"] = layouts(plain.model.decoder)
+out["decoder"] = layouts(vae.model.decoder)
+out["encoder"] = layouts(vae.model.encoder)
+out["again"] = ext.convert(vae)  # already converted: nothing moves
+out["not_a_vae"] = ext.convert(object())
+# the same weights, only laid out otherwise
+out["same_values"] = all(
+    torch.equal(a, b) for a, b in zip(plain.state_dict().values(), vae.state_dict().values()))
+# a move keeps the layout (Module.to preserves a dense tensor's memory format)
+moved = vae.to(dtype=torch.bfloat16)
+out["after_to"] = layouts(moved.model.decoder)
+
+# install: off by the setting, wraps the registry's class before the first prompt, once
+class Executor:
+    async def execute_async(self, *a, **k):
+        return "ran"
+Loader = type("WanVideoVAELoader", (Pinned,), {"loadmodel": Pinned.loadmodel})
+registry = {"WanVideoVAELoader": Loader}
+out["off"] = ext.install(Executor, registry, {"XICON_VAE_CHANNELS_LAST": "off"})
+out["installed"] = ext.install(Executor, registry, {})
+out["again_installed"] = ext.install(Executor, registry, {})
+out["wrapped_before_prompt"] = getattr(registry["WanVideoVAELoader"].loadmodel, ext.WRAPPED, False)
+out["first_prompt"] = asyncio.run(Executor().execute_async())
+out["wrapped_after_prompt"] = getattr(registry["WanVideoVAELoader"].loadmodel, ext.WRAPPED, False)
+edited = class_source.replace("vae.eval()", "vae.train()")
+fname2 = "<edited WanVideoVAELoader>"
+linecache.cache[fname2] = (len(edited), None, edited.splitlines(keepends=True), fname2)
+ns2 = dict(ns)
+exec(compile(edited, fname2, "exec"), ns2)
+out["changed"] = ext.patch({"WanVideoVAELoader": ns2["WanVideoVAELoader"]})
+out["missing"] = ext.patch({})
+print(json.dumps(out))
+"""
+
+
+def vae_file(realstack_base: Path) -> Path:
+    return realstack_base / "models" / "vae" / "Wan2_1_VAE_bf16.safetensors"
+
+
+def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: Path) -> None:
+    out = stack_json(
+        stack,
+        SCRIPT,
+        stack.comfy_dir,
+        EXT,
+        vae_file(realstack_base),
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out["digest_ok"], "WanVideoVAELoader.loadmodel changed at the pinned commit"
+    assert out["plain_decoder"]["moved"] == 0, out
+    decoder = out["decoder"]
+    assert decoder["moved"] > 10 and decoder["not_cl"] == 0, out
+    assert out["encoder"]["moved"] == 0 and out["encoder"]["five_d"] > 10, out
+    assert out["again"] == 0 and out["not_a_vae"] == 0
+    assert out["same_values"] is True
+    assert out["after_to"] == decoder
+    assert out["off"] == "off (XICON_VAE_CHANNELS_LAST)"
+    assert out["installed"] == "WanVideoVAELoader will be wrapped before the first prompt"
+    assert out["again_installed"] == "already installed"
+    assert out["first_prompt"] == "ran"
+    assert not out["wrapped_before_prompt"] and out["wrapped_after_prompt"]
+    assert "changed upstream" in out["changed"] and "left as upstream loads it" in out["changed"]
+    assert out["missing"] == "WanVideoVAELoader not loaded; nothing to do"
+
+
+def test_channels_last_decodes_and_encodes_to_the_plain_values(
+    stack: Stack, realstack_base: Path
+) -> None:
+    out = stack_json(
+        stack,
+        f"__file__ = {str(BENCH)!r}\n{BENCH.read_text()}",  # run as ``-c``, where it is unset
+        "--comfy-dir",
+        stack.comfy_dir,
+        "--vae",
+        vae_file(realstack_base),
+        "--latent-frames",
+        "2",
+        "--size",
+        "64x48",
+        "--encode-size",
+        "32x24",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--repeat",
+        "0",
+        "--variants",
+        "plain,channels_last,encode,encode_channels_last",
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    plain, cl = out["runs"]["plain@2"], out["runs"]["channels_last@2"]
+    assert plain["frames"] == cl["frames"] == [3, 5, 48, 64]
+    assert plain["finite"] and cl["finite"]
+    assert cl["max_abs_diff"] < 1e-4 and cl["cosine"] > 0.99999, cl
+    enc, enc_cl = out["runs"]["encode@2"], out["runs"]["encode_channels_last@2"]
+    assert enc["frames"] == enc_cl["frames"] == [16, 2, 3, 4]  # 5 frames of 32x24 -> 2 latents
+    assert "max_abs_diff" not in enc  # the encode's own reference, not the decode's
+    assert enc_cl["finite"] and enc_cl["max_abs_diff"] < 1e-4, enc_cl
+
+
+def prompt(frames: int) -> dict[str, Any]:
+    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again."""
+    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
+    return {
+        "vae": {
+            "class_type": "WanVideoVAELoader",
+            "inputs": {
+                "model_name": "Wan2_1_VAE_bf16.safetensors",
+                "precision": "bf16",
+                "use_cpu_cache": False,
+                "verbose": False,
+            },
+        },
+        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
+        "clip": {
+            "class_type": "RepeatImageBatch",
+            "inputs": {"image": ["img", 0], "amount": frames},
+        },
+        "enc": {
+            "class_type": "WanVideoEncode",
+            "inputs": {
+                "vae": ["vae", 0],
+                "image": ["clip", 0],
+                "enable_vae_tiling": False,
+                **tiles,
+            },
+        },
+        "dec": {
+            "class_type": "WanVideoDecode",
+            "inputs": {
+                "vae": ["vae", 0],
+                "samples": ["enc", 0],
+                "enable_vae_tiling": False,
+                "normalization": "default",
+                **tiles,
+            },
+        },
+        "save": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
+        },
+    }
+
+
+def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
+    """ComfyUI (CPU, WanVideoWrapper and this extension) encodes and decodes the clip once."""
+    base = make_base(stack, folder / "comfy", packs={PACK, EXTENSION})
+    (base / "models").symlink_to(realstack_base / "models")
+    width, height = 64, 48
+    Image.frombytes(
+        "RGB",
+        (width, height),
+        bytes((x * 4 + y) % 256 for y in range(height) for x in range(width) for _ in range(3)),
+    ).save(base / "input" / "gradient.png")
+    log = folder / "comfyui.log"
+    env = {k: v for k, v in os.environ.items() if k != "XICON_VAE_CHANNELS_LAST"}
+    if setting is not None:
+        env["XICON_VAE_CHANNELS_LAST"] = setting
+    with cpu_comfy(stack, base, log, env) as (url, _):
+        entry = run_prompt(url, prompt(5), timeout_s=600)
+    return {
+        "entry": entry,
+        "log": log.read_text(errors="replace"),
+        "pngs": [p.read_bytes() for p in sorted((base / "output").glob("dec_*.png"))],
+    }
+
+
+def test_comfyui_loads_the_vae_through_the_extension(
+    stack: Stack, realstack_base: Path, tmp_path: Path
+) -> None:
+    on = serve(stack, realstack_base, tmp_path / "on", None)  # the default, as the image runs it
+    off = serve(stack, realstack_base, tmp_path / "off", "off")
+    for served in (on, off):
+        assert served["entry"].get("status", {}).get("status_str") == "success", served["log"][
+            -3000:
+        ]
+    assert (
+        "xicon_vae_channels_last: WanVideoVAELoader will be wrapped before the first prompt"
+        in on["log"]
+    )
+    assert (
+        "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's weights in "
+        "channels-last memory" in on["log"]
+    ), on["log"][-3000:]
+    assert (
+        "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory ("
+        in (on["log"])
+    )
+    assert "xicon_vae_channels_last: off (XICON_VAE_CHANNELS_LAST)" in off["log"]
+    assert "channels-last memory (" not in off["log"]
+    assert len(on["pngs"]) == len(off["pngs"]) == 5
+    # bf16 on the CPU: the same operations in another order round differently, by little
+    for a, b in zip(on["pngs"], off["pngs"], strict=True):
+        diff = ImageChops.difference(
+            Image.open(io.BytesIO(a)).convert("RGB"), Image.open(io.BytesIO(b)).convert("RGB")
+        )
+        levels = [lo_hi[1] for lo_hi in diff.getextrema()]
+        assert max(levels) <= 8, levels
