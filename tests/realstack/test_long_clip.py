@@ -254,3 +254,15 @@ def test_the_pose_render_ran_with_the_extension(
     assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
     text = real_worker.log.read_text(errors="replace")
     assert "xicon_pose_render: SCAIL pose render: taichi runtime and kernels kept" in text
+    # on this machine (no CUDA device) taichi is not started ahead of the first render
+    assert "xicon_pose_render: no CUDA device; taichi starts with the first render" in text
+
+
+def test_the_vae_decoder_ran_channels_last(long_job: dict[str, Any], real_worker: Server) -> None:
+    """The project's extension ``xicon_vae_channels_last`` wrapped the VAE loader in the worker's
+    own ComfyUI and the job's VAE came with its decoder channels-last
+    (``tests/realstack/test_vae_channels_last.py``: its frames against upstream's layout)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's weights" in text
+    assert "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory (" in text

@@ -48,3 +48,74 @@ def test_the_render_is_upstreams_bit_for_bit(stack: Stack) -> None:
     # camera (shared by one person and two), the solved camera, the other size; the second run
     # of each job compiled nothing
     assert out["compiled"] == 4
+
+
+WARM_SCRIPT = r"""
+import importlib.util, json, random, sys, threading
+bench_file, comfy_dir, mode = sys.argv[1:4]
+spec = importlib.util.spec_from_file_location("pose_render_bench", bench_file)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import numpy as np
+import taichi as ti
+
+pr = bench.load("xicon_pose_render_impl", bench.EXT)
+if mode != "upstream":
+    pr.install()  # the import hook, as prestartup_script.py adds it
+root = bench.Path(comfy_dir) / "custom_nodes" / bench.PACK
+pack = bench.load(bench.PACK, root / "__init__.py", root)  # nlf_render not imported yet
+node = pack.NODE_CLASS_MAPPINGS["RenderNLFPoses"]()
+poses, dw = bench.clip(np.random.default_rng(3), 4)
+out = {}
+
+def render(key):
+    random.seed(11)
+    image, mask = node.predict(poses, 48, 64, dw_poses=dw, render_device="cpu")
+    out[key] = bench.digest(image) + bench.digest(mask)
+
+def on(name, work):
+    thread = threading.Thread(target=work, name=name)
+    thread.start()
+    thread.join()
+
+if mode == "upstream":
+    on("prompt-worker", lambda: render("render"))
+else:
+    # as install_warm runs it, on this machine's device (taichi's probe for "gpu" crashes here)
+    on("prompt-worker", lambda: out.update(warm=pr.warm(arch="cpu")))
+    on("prompt-worker", lambda: render("render"))
+out["initialised"] = getattr(ti.init, "initialised", None)
+out["arch"] = str(ti.lang.impl.current_cfg().arch)
+print(json.dumps(out))
+"""
+
+
+def test_taichi_started_early_on_the_prompt_thread_renders_upstreams_frames(
+    stack: Stack,
+) -> None:
+    """The early start (``warm``) and the render on one thread, as ComfyUI's prompt worker runs
+    them: upstream's frames, one taichi start. (On a CUDA device taichi compiles only on the
+    thread that started it: a start on a thread of its own failed the first job's render on an
+    H100; the CPU backend here does not check, so that case is not asserted.)"""
+
+    def run(mode: str) -> dict:
+        return stack_json(
+            stack,
+            WARM_SCRIPT,
+            BENCH,
+            stack.comfy_dir,
+            mode,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
+
+    upstream, same = run("upstream"), run("same")
+    assert "render" in upstream and upstream["initialised"] is None
+    # the early start found the pack, put the replacements in place and started taichi ...
+    assert same["warm"].startswith("taichi started for the first render in "), same
+    assert same["arch"] == "Arch.x64"
+    # ... and the node's own taichi.init, on the same thread, started nothing: same frames
+    assert same["initialised"] == 1
+    assert same["render"] == upstream["render"]

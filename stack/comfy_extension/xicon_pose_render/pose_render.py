@@ -26,12 +26,14 @@ What, each the same arithmetic as upstream's:
   boolean-mask scatter.
 - ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
 
-``install_warm(PromptExecutor, env)``: when ComfyUI has loaded its nodes (its prompt worker builds
-the ``PromptExecutor``) and a CUDA device is there, a thread imports ``nlf_render`` (the hook
-below puts the replacements in place) and, if they are in place, calls ``taichi.init`` as node
-362 of the shipped graph does (``render_device`` ``gpu``), so that the first job's render finds
-taichi's runtime up; ``taichi.init`` calls wait for one another. ``XICON_POSE_RENDER_WARM=off``
-leaves taichi to start with the first render.
+``install_warm(PromptExecutor, env)``: when ComfyUI has loaded its nodes and a CUDA device is
+there, its prompt worker thread, as it builds its ``PromptExecutor`` and before it takes a
+prompt, imports ``nlf_render`` (the hook below puts the replacements in place) and, if they are
+in place, calls ``taichi.init`` as node 362 of the shipped graph does (``render_device``
+``gpu``), so that the first job's render finds taichi's runtime up. On that thread because
+taichi compiles only on the thread that started it (an early start in a thread of its own
+failed the first job's render: "Assertion failure: std::this_thread::get_id() ==
+main_thread_id_"). ``XICON_POSE_RENDER_WARM=off`` leaves taichi to start with the first render.
 
 ``install(meta_path)`` adds an import hook: when SCAIL-Pose's ``NLFPoseExtract/nlf_render.py`` has
 run (``RenderNLFPoses`` imports it on its first run), the above are put in place, but only if
@@ -48,7 +50,6 @@ import inspect
 import logging
 import os
 import sys
-import threading
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -325,26 +326,23 @@ def build_kernel(H: int, W: int, fx: Any, fy: Any, cx: Any, cy: Any, radius: Any
 
 
 class KeptInit:
-    """``taichi.init`` that returns at once when called as last time while that runtime is up;
-    calls from several threads (the warm start's, the prompt worker's) run one at a time."""
+    """``taichi.init`` that returns at once when called as last time while that runtime is up."""
 
     def __init__(self, original: Callable[..., Any], ti: Any) -> None:
         self.original = original
         self.ti = ti  # the taichi module whose init this is
         self.key: str | None = None
         self.initialised = 0
-        self.lock = threading.Lock()
         setattr(self, REPLACED, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = repr((args, sorted(kwargs.items())))
-        with self.lock:
-            if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
-                return None
-            result = self.original(*args, **kwargs)
-            self.key = key
-            self.initialised += 1
-            return result
+        if key == self.key and self.ti.lang.impl.get_runtime().prog is not None:
+            return None
+        result = self.original(*args, **kwargs)
+        self.key = key
+        self.initialised += 1
+        return result
 
 
 def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
@@ -484,9 +482,10 @@ def nlf_render_name(modules: Mapping[str, types.ModuleType]) -> str | None:
 def warm(
     modules: Mapping[str, types.ModuleType] | None = None,
     import_module: Callable[[str], types.ModuleType] = importlib.import_module,
+    arch: str = WARM_ARCH,
 ) -> str:
     """Import SCAIL-Pose's ``nlf_render`` (the hook puts the replacements in place) and, when they
-    are in place, start taichi as node 362 will; the line to log."""
+    are in place, start taichi as node 362 will (``ti.init(arch=ti.<arch>)``); the line to log."""
     name = nlf_render_name(sys.modules if modules is None else modules)
     if name is None:
         return f"{PACK} not loaded; taichi starts with the first render"
@@ -498,7 +497,7 @@ def warm(
     if not isinstance(ti.init, KeptInit):
         return "taichi.init is not the kept one; taichi starts with the first render"
     t0 = time.perf_counter()
-    ti.init(arch=getattr(ti, WARM_ARCH))
+    ti.init(arch=getattr(ti, arch))
     return f"taichi started for the first render in {time.perf_counter() - t0:.1f} s"
 
 
@@ -515,8 +514,8 @@ def install_warm(
     cuda_available: Callable[[], bool],
     target: Callable[[], None] = warm_logged,
 ) -> str:
-    """Start ``target`` in a thread once, when ComfyUI's prompt worker builds its
-    ``executor_class`` (``PromptExecutor``: every node is loaded by then); the line to log."""
+    """Run ``target`` once, on ComfyUI's prompt worker thread as it builds its ``executor_class``
+    (``PromptExecutor``: every node is loaded by then, no prompt taken yet); the line to log."""
     if not enabled(env):
         return f"off ({ENV})"
     if not enabled(env, WARM_ENV):
@@ -526,18 +525,18 @@ def install_warm(
     original = executor_class.__init__
     if getattr(original, REPLACED, False):
         return "taichi's start already arranged"
-    started: list[threading.Thread] = []
+    started: list[bool] = []
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        if not started:  # not a daemon: an exit waits for a start under way
-            started.append(threading.Thread(target=target, name="xicon-taichi-start"))
-            started[0].start()
+        if not started:
+            started.append(True)
+            target()
 
     setattr(__init__, REPLACED, True)
     executor_class.__init__ = __init__
-    return "taichi starts in the background once ComfyUI has loaded its nodes"
+    return "taichi starts on the prompt worker once ComfyUI has loaded its nodes"
 
 
 class _Loader(importlib.abc.Loader):
