@@ -48,7 +48,8 @@ FOOTER = """\
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`),
-`XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; on unless `off`),
+`XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; the decoder unless `off`; `all`: the
+encoder too),
 `XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`) and
 `XICON_POSE_RENDER_WARM` (its taichi start once ComfyUI has loaded its nodes, on a CUDA
 device; on unless `off`):

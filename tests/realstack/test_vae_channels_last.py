@@ -87,6 +87,11 @@ out["same_values"] = all(
 # a move keeps the layout (Module.to preserves a dense tensor's memory format)
 moved = vae.to(dtype=torch.bfloat16)
 out["after_to"] = layouts(moved.model.decoder)
+(both,) = ext.wrap_loader(Pinned.loadmodel, ext.DECODER + ext.ENCODER)(
+    Pinned(), "vae.safetensors", "fp32")
+out["all_decoder"], out["all_encoder"] = layouts(both.model.decoder), layouts(both.model.encoder)
+out["parts"] = {v: list(ext.chosen_parts({"XICON_VAE_CHANNELS_LAST": v}))
+                for v in ("", "on", "all", " ALL ", "off", "0")}
 
 # install: off by the setting, wraps the registry's class before the first prompt, once
 class Executor:
@@ -132,6 +137,17 @@ def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: 
     assert out["again"] == 0 and out["not_a_vae"] == 0
     assert out["same_values"] is True
     assert out["after_to"] == decoder
+    # XICON_VAE_CHANNELS_LAST=all: the encoder too
+    assert out["all_decoder"] == decoder
+    assert out["all_encoder"]["moved"] > 10 and out["all_encoder"]["not_cl"] == 0, out
+    assert out["parts"] == {
+        "": ["decoder", "conv2"],
+        "on": ["decoder", "conv2"],
+        "all": ["decoder", "conv2", "encoder", "conv1"],
+        " ALL ": ["decoder", "conv2", "encoder", "conv1"],
+        "off": [],
+        "0": [],
+    }
     assert out["off"] == "off (XICON_VAE_CHANNELS_LAST)"
     assert out["installed"] == "WanVideoVAELoader will be wrapped before the first prompt"
     assert out["again_installed"] == "already installed"
