@@ -11,6 +11,8 @@
 - ``start_worker(stack, base, **env) -> EntrypointWorker`` starts ``entrypoint.sh`` (PID 1 of
   the container) and waits for ComfyUI and the handler's job loop; ``stop_worker`` stops it and
   every process under it. ``fault_base`` is a base of its own on a shared base's models.
+- ``serve_on_gradient(...)``: one prompt through a CPU ComfyUI over a new base, a gradient image
+  as its input, one setting set or unset; what it wrote and logged.
 - ``cpu_job(media, **extra)``: the small CPU job (256×256, 5 frames, 1 step) with both inputs
   as base64; ``wait_for(url, proc, log, timeout_s)`` polls a URL while the process lives.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.plugins.comfy import free_port, stop_process
 from tests.plugins.media_factory import job_input
@@ -250,6 +253,43 @@ def cpu_comfy(
         yield url, proc
     finally:
         stop_process(proc)
+
+
+def serve_on_gradient(
+    stack: Stack,
+    realstack_base: Path,
+    folder: Path,
+    packs: set[str],
+    prompt: dict[str, Any],
+    setting: tuple[str, str | None],
+) -> dict[str, Any]:
+    """One prompt run by a CPU ComfyUI over a new base in ``folder`` (the ``packs`` named, the
+    tiny models of ``realstack_base``, a 64x48 gradient as ``input/gradient.png``), with the
+    environment variable ``setting[0]`` set to ``setting[1]`` (or unset for ``None``): the
+    history entry, ComfyUI's log, and the bytes of every PNG it wrote as ``dec_*.png`` and every
+    latent as ``latents/dec_*.latent``."""
+    base = make_base(stack, folder / "comfy", packs=packs)
+    (base / "models").symlink_to(realstack_base / "models")
+    width, height = 64, 48
+    Image.frombytes(
+        "RGB",
+        (width, height),
+        bytes((x * 4 + y) % 256 for y in range(height) for x in range(width) for _ in range(3)),
+    ).save(base / "input" / "gradient.png")
+    log = folder / "comfyui.log"
+    name, value = setting
+    env = {k: v for k, v in os.environ.items() if k != name}
+    if value is not None:
+        env[name] = value
+    with cpu_comfy(stack, base, log, env) as (url, _):
+        entry = run_prompt(url, prompt, timeout_s=600)
+    output = base / "output"
+    return {
+        "entry": entry,
+        "log": log.read_text(errors="replace"),
+        "pngs": [p.read_bytes() for p in sorted(output.glob("dec_*.png"))],
+        "latent": [p.read_bytes() for p in sorted((output / "latents").glob("dec_*.latent"))],
+    }
 
 
 def cpu_job(media: tuple[Path, Path], **extra: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageChops
 
-from tests.plugins.realstack import ROOT, Stack, cpu_comfy, make_base, run_prompt, stack_json
+from tests.plugins.realstack import ROOT, Stack, serve_on_gradient, stack_json
 
 EXTENSION = "xicon_vae_channels_last"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "vae_channels_last.py"
@@ -239,25 +239,14 @@ def prompt(frames: int) -> dict[str, Any]:
 
 def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
     """ComfyUI (CPU, WanVideoWrapper and this extension) encodes and decodes the clip once."""
-    base = make_base(stack, folder / "comfy", packs={PACK, EXTENSION})
-    (base / "models").symlink_to(realstack_base / "models")
-    width, height = 64, 48
-    Image.frombytes(
-        "RGB",
-        (width, height),
-        bytes((x * 4 + y) % 256 for y in range(height) for x in range(width) for _ in range(3)),
-    ).save(base / "input" / "gradient.png")
-    log = folder / "comfyui.log"
-    env = {k: v for k, v in os.environ.items() if k != "XICON_VAE_CHANNELS_LAST"}
-    if setting is not None:
-        env["XICON_VAE_CHANNELS_LAST"] = setting
-    with cpu_comfy(stack, base, log, env) as (url, _):
-        entry = run_prompt(url, prompt(5), timeout_s=600)
-    return {
-        "entry": entry,
-        "log": log.read_text(errors="replace"),
-        "pngs": [p.read_bytes() for p in sorted((base / "output").glob("dec_*.png"))],
-    }
+    return serve_on_gradient(
+        stack,
+        realstack_base,
+        folder,
+        {PACK, EXTENSION},
+        prompt(5),
+        ("XICON_VAE_CHANNELS_LAST", setting),
+    )
 
 
 def test_comfyui_loads_the_vae_through_the_extension(
