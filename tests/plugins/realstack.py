@@ -11,6 +11,8 @@
 - ``start_worker(stack, base, **env) -> EntrypointWorker`` starts ``entrypoint.sh`` (PID 1 of
   the container) and waits for ComfyUI and the handler's job loop; ``stop_worker`` stops it and
   every process under it. ``fault_base`` is a base of its own on a shared base's models.
+- ``vae_round_trip_prompt(frames)``: the gradient image as a clip, encoded and decoded by the tiny
+  Wan VAE through WanVideoWrapper's nodes, the frames saved as PNGs and encoded again as a latent.
 - ``serve_on_gradient(...)``: one prompt through a CPU ComfyUI over a new base, a gradient image
   as its input, one setting set or unset; what it wrote and logged.
 - ``cpu_job(media, **extra)``: the small CPU job (256×256, 5 frames, 1 step) with both inputs
@@ -253,6 +255,54 @@ def cpu_comfy(
         yield url, proc
     finally:
         stop_process(proc)
+
+
+def vae_round_trip_prompt(frames: int) -> dict[str, Any]:
+    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
+    as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
+    shows)."""
+    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
+
+    def encode(image: list[Any]) -> dict[str, Any]:
+        inputs = {"vae": ["vae", 0], "image": image, "enable_vae_tiling": False, **tiles}
+        return {"class_type": "WanVideoEncode", "inputs": inputs}
+
+    return {
+        "vae": {
+            "class_type": "WanVideoVAELoader",
+            "inputs": {
+                "model_name": "Wan2_1_VAE_bf16.safetensors",
+                "precision": "bf16",
+                "use_cpu_cache": False,
+                "verbose": False,
+            },
+        },
+        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
+        "clip": {
+            "class_type": "RepeatImageBatch",
+            "inputs": {"image": ["img", 0], "amount": frames},
+        },
+        "enc": encode(["clip", 0]),
+        "dec": {
+            "class_type": "WanVideoDecode",
+            "inputs": {
+                "vae": ["vae", 0],
+                "samples": ["enc", 0],
+                "enable_vae_tiling": False,
+                "normalization": "default",
+                **tiles,
+            },
+        },
+        "save": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
+        },
+        "enc2": encode(["dec", 0]),
+        "lat": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["enc2", 0], "filename_prefix": "latents/dec"},
+        },
+    }
 
 
 def serve_on_gradient(

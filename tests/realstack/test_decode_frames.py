@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.plugins.realstack import ROOT, Stack, serve_on_gradient, stack_json
+from tests.plugins.realstack import (
+    ROOT,
+    Stack,
+    serve_on_gradient,
+    stack_json,
+    vae_round_trip_prompt,
+)
 
 EXTENSION = "xicon_decode_frames"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "decode_frames.py"
@@ -157,54 +163,6 @@ def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: P
     assert out["missing"] == "WanVideoDecode not loaded; nothing to do"
 
 
-def prompt(frames: int) -> dict[str, Any]:
-    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
-    as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
-    shows)."""
-    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
-
-    def encode(image: list[Any]) -> dict[str, Any]:
-        inputs = {"vae": ["vae", 0], "image": image, "enable_vae_tiling": False, **tiles}
-        return {"class_type": "WanVideoEncode", "inputs": inputs}
-
-    return {
-        "vae": {
-            "class_type": "WanVideoVAELoader",
-            "inputs": {
-                "model_name": "Wan2_1_VAE_bf16.safetensors",
-                "precision": "bf16",
-                "use_cpu_cache": False,
-                "verbose": False,
-            },
-        },
-        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
-        "clip": {
-            "class_type": "RepeatImageBatch",
-            "inputs": {"image": ["img", 0], "amount": frames},
-        },
-        "enc": encode(["clip", 0]),
-        "dec": {
-            "class_type": "WanVideoDecode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "samples": ["enc", 0],
-                "enable_vae_tiling": False,
-                "normalization": "default",
-                **tiles,
-            },
-        },
-        "save": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
-        },
-        "enc2": encode(["dec", 0]),
-        "lat": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["enc2", 0], "filename_prefix": "latents/dec"},
-        },
-    }
-
-
 def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
     """ComfyUI (CPU, WanVideoWrapper and this extension) decodes the clip once."""
     return serve_on_gradient(
@@ -212,7 +170,7 @@ def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None)
         realstack_base,
         folder,
         {PACK, EXTENSION},
-        prompt(5),
+        vae_round_trip_prompt(5),
         ("XICON_DECODE_FRAMES", setting),
     )
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from PIL import Image, ImageChops
 
-from tests.plugins.realstack import ROOT, Stack, serve_on_gradient, stack_json
+from tests.plugins.realstack import (
+    ROOT,
+    Stack,
+    serve_on_gradient,
+    stack_json,
+    vae_round_trip_prompt,
+)
 
 EXTENSION = "xicon_vae_channels_last"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "vae_channels_last.py"
@@ -193,50 +199,6 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     assert enc_cl["finite"] and enc_cl["max_abs_diff"] < 1e-4, enc_cl
 
 
-def prompt(frames: int) -> dict[str, Any]:
-    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again."""
-    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
-    return {
-        "vae": {
-            "class_type": "WanVideoVAELoader",
-            "inputs": {
-                "model_name": "Wan2_1_VAE_bf16.safetensors",
-                "precision": "bf16",
-                "use_cpu_cache": False,
-                "verbose": False,
-            },
-        },
-        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
-        "clip": {
-            "class_type": "RepeatImageBatch",
-            "inputs": {"image": ["img", 0], "amount": frames},
-        },
-        "enc": {
-            "class_type": "WanVideoEncode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "image": ["clip", 0],
-                "enable_vae_tiling": False,
-                **tiles,
-            },
-        },
-        "dec": {
-            "class_type": "WanVideoDecode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "samples": ["enc", 0],
-                "enable_vae_tiling": False,
-                "normalization": "default",
-                **tiles,
-            },
-        },
-        "save": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
-        },
-    }
-
-
 def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
     """ComfyUI (CPU, WanVideoWrapper and this extension) encodes and decodes the clip once."""
     return serve_on_gradient(
@@ -244,7 +206,7 @@ def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None)
         realstack_base,
         folder,
         {PACK, EXTENSION},
-        prompt(5),
+        vae_round_trip_prompt(5),
         ("XICON_VAE_CHANNELS_LAST", setting),
     )
 
