@@ -253,7 +253,8 @@ def test_kernels_are_kept_per_constants_and_dropped_with_their_runtime(
 ) -> None:
     ti = fake_taichi()
     monkeypatch.setitem(sys.modules, "taichi", ti)
-    monkeypatch.setattr(pr, "build_kernel", lambda *constants: object())
+    renderer_module = sys.modules[pr.Renderer.__module__]  # renderer.py, loaded by pose_render.py
+    monkeypatch.setattr(renderer_module, "build_kernel", lambda *constants: object())
     renderer = pr.Renderer(lambda specs: specs)
     ti.init()
     first = renderer.kernel(4, 3, 1.0, 1.0, 2.0, 1.5, 21.5, 10000)

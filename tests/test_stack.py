@@ -140,6 +140,7 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "__init__.py",
         "prestartup_script.py",
         "pose_render.py",
+        "renderer.py",
     }
 
 
