@@ -6,7 +6,9 @@
 #   scripts/device/stage.sh part DIR     copy the parts in DIR (.device/cN) to $STAGE
 #   scripts/device/stage.sh stack        unpack the stack as $COMFY_DIR (ComfyUI v0.33.0 + packs,
 #                                        commits checked against MANIFEST.json by
-#                                        stack/install.py) and add the project's ComfyUI extension
+#                                        stack/install.py) and add the project's ComfyUI extension;
+#                                        placed again, it keeps the last placement's models and
+#                                        cached text encodings
 #   scripts/device/stage.sh site         join site.tar.xz.NN, check its sha256, unpack it as $SITE
 #   scripts/device/stage.sh check        import every module the graph and the worker need
 #   scripts/device/stage.sh ort          (after `part .device/oN` for every oN that pack.sh made
@@ -22,6 +24,7 @@ SITE="${SITE:-$TMP/xicon-site}"
 SITE_ORT="${SITE_ORT:-$TMP/xicon-ort}"
 STACK_ROOT="${STACK_ROOT:-$TMP/xicon-stack}"
 COMFY_DIR="${COMFY_DIR:-$STACK_ROOT/ComfyUI}"
+TEXT_CACHE="custom_nodes/ComfyUI-WanVideoWrapper/text_embed_cache"
 PY="${PYTHON:-python3}"
 
 log() { printf '[stage] %s\n' "$*"; }
@@ -47,8 +50,13 @@ site() {
 }
 
 stack() {
-    local t0=$SECONDS archive
+    local t0=$SECONDS archive kept="$STACK_ROOT/kept"
     archive="$(ls "$STAGE"/comfy-stack-*.tar.gz)"
+    # a stack placed again keeps what the machine wrote into the last one: the models
+    # (session.sh prepare, about 30 GB) and the text encodings WanVideoWrapper cached
+    rm -rf "$kept" && mkdir -p "$kept"
+    if [ -d "$COMFY_DIR/models" ]; then mv "$COMFY_DIR/models" "$kept/models"; fi
+    if [ -d "$COMFY_DIR/$TEXT_CACHE" ]; then mv "$COMFY_DIR/$TEXT_CACHE" "$kept/text_embed_cache"; fi
     rm -rf "$COMFY_DIR" && mkdir -p "$(dirname "$COMFY_DIR")"
     "$PY" - "$COMFY_DIR" "$archive" <<'EOF'
 import logging, sys
@@ -61,6 +69,14 @@ heads = install.place_from_archive(comfy, archive)
 install.verify_sources(comfy, heads)
 install.add_extension(comfy)
 EOF
+    if [ -d "$kept/models" ]; then
+        rm -rf "$COMFY_DIR/models" && mv "$kept/models" "$COMFY_DIR/models"
+        log "models of the last placement kept"
+    fi
+    if [ -d "$kept/text_embed_cache" ]; then
+        rm -rf "${COMFY_DIR:?}/$TEXT_CACHE" && mv "$kept/text_embed_cache" "$COMFY_DIR/$TEXT_CACHE"
+        log "text encodings of the last placement kept"
+    fi
     log "stack placed at $COMFY_DIR; total $((SECONDS - t0)) s"
 }
 
