@@ -7,11 +7,9 @@ ComfyUI loads the packs, and this package arranges taichi's start once every nod
 (``install_warm``). This package registers no node.
 """
 
-import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -20,19 +18,15 @@ log = logging.getLogger("xicon_pose_render")
 
 try:
     impl = sys.modules.get("xicon_pose_render_impl")  # loaded by prestartup_script.py
-    if impl is None:
-        path = Path(__file__).resolve().with_name("pose_render.py")
-        spec = importlib.util.spec_from_file_location("xicon_pose_render_impl", path)
-        assert spec and spec.loader
-        impl = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = impl
-        spec.loader.exec_module(impl)
-    import execution
-    import torch
+    if impl is None:  # its import hook is not in place: nothing to start taichi for
+        log.info("xicon_pose_render: no import hook; taichi starts with the first render")
+    else:
+        import execution
+        import torch
 
-    log.info(
-        "xicon_pose_render: %s",
-        impl.install_warm(execution.PromptExecutor, os.environ, torch.cuda.is_available),
-    )
+        log.info(
+            "xicon_pose_render: %s",
+            impl.install_warm(execution.PromptExecutor, os.environ, torch.cuda.is_available),
+        )
 except Exception:  # taichi then starts with the first render, as upstream does
     log.exception("xicon_pose_render: taichi's early start not arranged")

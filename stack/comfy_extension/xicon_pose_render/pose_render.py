@@ -285,23 +285,17 @@ def nlf_render_name(modules: Mapping[str, types.ModuleType]) -> str | None:
     return None
 
 
-def warm(
-    modules: Mapping[str, types.ModuleType] | None = None,
-    import_module: Callable[[str], types.ModuleType] = importlib.import_module,
-    arch: str = WARM_ARCH,
-) -> str:
+def warm(modules: Mapping[str, types.ModuleType] | None = None, arch: str = WARM_ARCH) -> str:
     """Import SCAIL-Pose's ``nlf_render`` (the hook puts the replacements in place) and, when they
     are in place, start taichi as node 362 will (``ti.init(arch=ti.<arch>)``); the line to log."""
     name = nlf_render_name(sys.modules if modules is None else modules)
     if name is None:
         return f"{PACK} not loaded; taichi starts with the first render"
-    nlf_render = import_module(name)
+    nlf_render = importlib.import_module(name)
     if not getattr(nlf_render.render_nlf_as_images, REPLACED, False):
         return "the render is upstream's; taichi starts with the first render"
-    import taichi as ti
+    import taichi as ti  # its init is the kept one: patch() put it in place with the render
 
-    if not isinstance(ti.init, KeptInit):
-        return "taichi.init is not the kept one; taichi starts with the first render"
     t0 = time.perf_counter()
     ti.init(arch=getattr(ti, arch))
     return f"taichi started for the first render in {time.perf_counter() - t0:.1f} s"
