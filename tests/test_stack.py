@@ -132,7 +132,11 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     decode = comfy / "custom_nodes" / "xicon_decode_frames"
     assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
     resident = comfy / "custom_nodes" / "xicon_resident_weights"
-    assert {p.name for p in resident.iterdir()} == {"__init__.py", "resident_weights.py"}
+    assert {p.name for p in resident.iterdir()} == {
+        "__init__.py",
+        "resident_weights.py",
+        "file_pages.py",
+    }
     layout = comfy / "custom_nodes" / "xicon_vae_channels_last"
     assert {p.name for p in layout.iterdir()} == {"__init__.py", "vae_channels_last.py"}
     render = comfy / "custom_nodes" / "xicon_pose_render"

@@ -35,9 +35,9 @@ PACK = "ComfyUI-WanVideoWrapper"
 UPSTREAM_LOAD = "Loading and assigning model weights to device..."  # load_weights' own log line
 SKIPPED = "as the last load left them; not loaded again"
 
-SCRIPT = r"""
+PREAMBLE = r"""
 import asyncio, importlib.util, json, logging, sys, types
-extension = sys.argv[1]
+extension, *script_args = sys.argv[1:]
 sys.argv = ["main.py", "--cpu"]
 sys.path.insert(0, ".")
 import comfy.options
@@ -67,7 +67,11 @@ base = rw.sampler_base(node)
 module = sys.modules[base.__module__]
 upstream = module.load_weights
 out = {"digest_ok": rw.upstream_digest(upstream, base) == rw.UPSTREAM_SHA256}
+"""
 
+SCRIPT = (
+    PREAMBLE
+    + r"""
 calls = []
 def counted(*a, **k):
     calls.append(1)
@@ -152,6 +156,7 @@ module.load_weights = upstream
 out["missing"] = rw.patch({})
 print(json.dumps(out))
 """
+)
 
 
 def test_the_wrapper_loads_only_what_changed(stack: Stack, tmp_path: Path) -> None:
@@ -191,6 +196,149 @@ def test_the_wrapper_loads_only_what_changed(stack: Stack, tmp_path: Path) -> No
     assert out["patch_again"] == "load_weights already wrapped; nothing to do"
     assert "changed upstream" in out["changed"] and "left as it is" in out["changed"]
     assert out["missing"] == "WanVideoSamplerv2 not loaded; nothing to do"
+
+
+PAGES_SCRIPT = (
+    PREAMBLE
+    + r"""
+import inspect
+from pathlib import Path
+import comfy.utils
+from safetensors.torch import save_file
+fp = rw.file_pages
+path = Path(script_args[0]) / "weights.safetensors"
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(512, 512, device="meta")  # 1 MiB of float32 weights
+        self.norm = torch.nn.LayerNorm(512, device="meta")
+
+class Big(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block() for _ in range(8)])
+        self.patched_linear = True
+        self.audio_model = None
+
+g = torch.Generator().manual_seed(7)
+saved = {k: torch.randn(v.shape, generator=g) for k, v in Big().state_dict().items()}
+save_file(saved, str(path))
+out["file_kib"] = path.stat().st_size // 1024
+
+def mapped_kib():
+    maps = [m for m in fp.parse_maps(Path("/proc/self/maps").read_text()) if m.path == str(path)]
+    fields = fp.parse_smaps(Path("/proc/self/smaps").read_text(), maps).values()
+    return sum(f.get("Rss", 0) for f in fields)
+
+# A copy to a GPU reads its source; a "copy" to meta reads nothing. So each value is read here as
+# the copy to a GPU would read it, then the file's resident pages are counted, then upstream's own
+# set_module_tensor_to_device runs.
+samples = []
+upstream_set = upstream.__globals__["set_module_tensor_to_device"]
+def reading_set(module_, name, device, value=None, dtype=None):
+    if value is not None and value.device.type == "cpu":
+        value.clone()
+    samples.append(mapped_kib())
+    return upstream_set(module_, name, device, value=value, dtype=dtype)
+upstream.__globals__["set_module_tensor_to_device"] = reading_set
+
+WRITTEN = "blocks.3.q.weight"
+def case(label, keep, device, release=True, write=False):
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)  # views of the mapped file
+    if write:
+        with torch.no_grad():
+            sd[WRITTEN][0, :4] = 1.5  # that page becomes the process's own copy
+    model = Big()
+    samples.clear()
+    lines.clear()
+    token = rw.KEEPING.set(keep)
+    try:
+        rw.resident_loading(upstream, release)(
+            model, sd, torch.float32, base_dtype=torch.float32, transformer_load_device=device,
+            block_swap_args=None, compile_args=None)
+    finally:
+        rw.KEEPING.reset(token)
+    after = mapped_kib()  # before the checks below read the values again
+    out[label] = {
+        "peak": max(samples), "after": after, "lines": list(lines),
+        "device": str(next(model.parameters()).device),
+        "values": all(torch.equal(sd[k], saved[k]) for k in saved if not (write and k == WRITTEN)),
+        "write_kept": bool(write) and float(sd[WRITTEN][0, 0]) == 1.5,
+        "read_again": mapped_kib(),
+    }
+    del sd, model
+
+meta, cpu = torch.device("meta"), torch.device("cpu")
+case("kept", True, meta)
+case("offloaded", False, meta)  # the sampler's force_offload on: the next job reads the file
+case("on_host", True, cpu)  # the parameters are the file's pages themselves
+case("setting_keep", True, meta, release=False)
+case("written", True, meta, write=True)
+
+# KEEPING as the wrapper of WanVideoSampler.process sets it, on upstream's own signature
+seen = []
+def stand_in(*a, **k):
+    seen.append(rw.KEEPING.get())
+stand_in.__signature__ = inspect.signature(base.process)
+params = list(inspect.signature(base.process).parameters.values())[1:]
+required = {p.name: None for p in params if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+wrapped = rw.keeping(stand_in)
+wrapped(object(), **required, force_offload=False)
+wrapped(object(), **required, force_offload=True)
+wrapped(object(), **required)
+wrapped(object())  # arguments upstream would refuse: nothing kept
+out["keeping"] = seen
+out["keeping_after"] = rw.KEEPING.get()
+out["patched_off"] = rw.patch({"WanVideoSamplerv2": node}, release_pages=False)
+out["process_wrapped_off"] = getattr(base.process, rw.WRAPPED, False)
+module.load_weights = upstream
+out["patched"] = rw.patch({"WanVideoSamplerv2": node})
+out["process_wrapped"] = getattr(base.process, rw.WRAPPED, False)
+out["setting"] = [rw.releases_pages(e) for e in ({}, {"XICON_RESIDENT_PAGES": "keep"})]
+print(json.dumps(out))
+"""
+)
+
+
+def test_the_model_files_pages_leave_once_the_weights_are_kept_off_the_host(
+    stack: Stack, tmp_path: Path
+) -> None:
+    out = stack_json(stack, PAGES_SCRIPT, EXT, tmp_path, cwd=stack.comfy_dir)
+
+    assert out["digest_ok"]
+    whole = out["file_kib"]  # 8 MiB of weights, 8.1 MiB with the small ones
+    assert whole > 8 * 1024
+    kept = out["kept"]
+    # each tensor's pages left as the next was read: never much more than two 1-MiB weights
+    # resident (the kernel maps up to 64 KiB around a faulting page), none once the load ended
+    assert kept["peak"] < 2.5 * 1024, kept
+    assert kept["after"] == 0, kept
+    assert kept["values"] and kept["device"] == "meta"
+    assert kept["read_again"] >= 8 * 1024  # read again: the same bytes, mapped in from the file
+    assert len(kept["lines"]) == 1 and "taken out of ComfyUI's resident set" in kept["lines"][0]
+    assert "1 model file(s)" in kept["lines"][0] and "went to meta" in kept["lines"][0]
+    for label in ("offloaded", "on_host", "setting_keep"):
+        case = out[label]
+        assert case["peak"] >= 8 * 1024 and case["after"] >= 8 * 1024, (label, case)
+        assert case["values"] and not case["lines"], (label, case)
+    assert out["on_host"]["device"] == "cpu"
+    written = out["written"]
+    assert written["after"] >= 8 * 1024 and written["values"] and written["write_kept"], written
+    assert written["lines"] == [
+        "xicon_resident_weights: the model file's pages stay mapped: "
+        "the process wrote 4 KiB of the mapped file"
+    ]
+
+    assert out["keeping"] == [True, False, False, False] and out["keeping_after"] is False
+    assert out["patched_off"].endswith("the model file's pages stay mapped (XICON_RESIDENT_PAGES)")
+    assert not out["process_wrapped_off"]
+    assert out["patched"].endswith(
+        "the model file's pages leave ComfyUI's memory once it is kept off the host"
+    )
+    assert out["process_wrapped"]
+    assert out["setting"] == [True, False]
 
 
 PATCH: dict[tuple[str, str], Any] = {
@@ -260,6 +408,9 @@ def test_comfyui_keeps_a_resident_transformer(
         "xicon_resident_weights: a transformer left on its device by the sampler is not loaded "
         "again" in on["log"]
     ), on["log"][-3000:]
+    assert "the model file's pages leave ComfyUI's memory once it is kept off the host" in on["log"]
+    # on the CPU the parameters are the mapped file's pages themselves: none are given back
+    assert "taken out of ComfyUI's resident set" not in on["log"]
     assert "xicon_resident_weights: off (XICON_RESIDENT_WEIGHTS)" in off["log"]
     # on: j1 loads, j2 and j3 find it resident, j3 offloads it, j4 loads again
     assert on["log"].count(UPSTREAM_LOAD) == 2, on["log"][-3000:]

@@ -1,7 +1,8 @@
-"""xicon_resident_weights: a transformer the sampler left on the GPU is not loaded again.
+"""xicon_resident_weights: a transformer the sampler left on the GPU is not loaded again, and the
+model file's pages leave ComfyUI's resident set once the weights are there.
 
-The work is in ``resident_weights.py``; it is installed when ComfyUI loads this package and takes
-effect before the first prompt. This package registers no node.
+The work is in ``resident_weights.py`` (and ``file_pages.py``); it is installed when ComfyUI loads
+this package and takes effect before the first prompt. This package registers no node.
 """
 
 import importlib.util
