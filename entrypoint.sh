@@ -5,7 +5,10 @@
 #    arch list covers its compute capability). GPU_PREFLIGHT=0 skips it.
 # 2. SageAttention self-test (SAGEATTENTION_ENABLED=1 and SAGE_SELF_TEST=1, independent of
 #    GPU_PREFLIGHT): sageattn against PyTorch attention at the job's attention shape, bounded by
-#    SAGE_SELF_TEST_TIMEOUT_S; on disagreement, failure or overrun the worker runs with sdpa.
+#    SAGE_SELF_TEST_TIMEOUT_S; on disagreement, failure or overrun the worker runs with sdpa. It
+#    runs in the background beside steps 3-5 (its ~13 s of imports, kernel builds and CUDA
+#    start-up overlap ComfyUI's own start); its result is taken once ComfyUI is ready, and if it
+#    failed, ComfyUI is started again without --use-sage-attention before anything is served.
 # 3. Models: RunPod cached models are linked in; MODEL_DOWNLOAD_AT_START=1 fetches the manifest
 #    onto the network volume (or the image's models folder when there is no volume).
 # 4. ComfyUI on COMFY_HOST, which must be 127.0.0.1:<port> or localhost:<port> (ComfyUI has no
@@ -60,6 +63,8 @@ MODEL_MANIFEST="${MODEL_MANIFEST:-$WORKER_DIR/model_manifest.json}"
 COMFY_PID=""
 CHILD_PID=""
 HANDLER_PID=""
+SAGE_PID=""
+COMFY_SAGE=0 # ComfyUI was started with --use-sage-attention
 
 log() { printf '[entrypoint] %s\n' "$*"; }
 die() {
@@ -70,7 +75,7 @@ die() {
 
 stop_children() {
     local pid
-    for pid in "$CHILD_PID" "$COMFY_PID"; do
+    for pid in "$CHILD_PID" "$SAGE_PID" "$COMFY_PID"; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
     done
 }
@@ -137,24 +142,40 @@ gpu_preflight() {
 # SageAttention can be wrong without raising (ComfyUI then never falls back), so compare it with
 # PyTorch attention on this GPU once, at the job's attention shape (the kernel path the job takes);
 # if it disagrees, fails or overruns SAGE_SELF_TEST_TIMEOUT_S, run with sdpa rather than deliver
-# garbage. Independent of GPU_PREFLIGHT; SAGE_SELF_TEST=0 skips it.
-sage_self_test() {
+# garbage. Independent of GPU_PREFLIGHT; SAGE_SELF_TEST=0 skips it. It starts here and runs in the
+# background while the models are prepared and ComfyUI starts; sage_self_test_result takes its
+# result once ComfyUI is ready.
+sage_self_test_start() {
     is_true "${SAGEATTENTION_ENABLED:-1}" || return 0
     if ! is_true "${SAGE_SELF_TEST:-1}"; then
         log "SageAttention self-test skipped (SAGE_SELF_TEST=${SAGE_SELF_TEST})."
         return 0
     fi
+    log "SageAttention self-test started beside ComfyUI's start."
+    timeout --kill-after=10 "$SAGE_SELF_TEST_TIMEOUT_S" \
+        "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" --sage-self-test &
+    SAGE_PID=$!
+}
+
+sage_self_test_result() {
+    [ -n "$SAGE_PID" ] || return 0
     local rc=0
-    run_child timeout --kill-after=10 "$SAGE_SELF_TEST_TIMEOUT_S" \
-        "$PYTHON_BIN" "$WORKER_DIR/scripts/gpu_preflight.py" --sage-self-test || rc=$?
+    wait "$SAGE_PID" || rc=$?
+    SAGE_PID=""
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         printf '[entrypoint] GPU PREFLIGHT: the SageAttention self-test ran past SAGE_SELF_TEST_TIMEOUT_S (%s s).\n' \
             "$SAGE_SELF_TEST_TIMEOUT_S" >&2
     fi
-    if [ "$rc" -ne 0 ]; then
-        printf '[entrypoint] WARNING: SAGEATTENTION SELF-TEST FAILED (exit %s; see the GPU PREFLIGHT line above). This worker runs with PyTorch attention (SAGEATTENTION_ENABLED=0): correct output, slower. Rebuild SageAttention for this GPU to get the speed back.\n' "$rc" >&2
-        SAGEATTENTION_ENABLED=0
-        export SAGEATTENTION_ENABLED
+    [ "$rc" -ne 0 ] || return 0
+    printf '[entrypoint] WARNING: SAGEATTENTION SELF-TEST FAILED (exit %s; see the GPU PREFLIGHT line above). This worker runs with PyTorch attention (SAGEATTENTION_ENABLED=0): correct output, slower. Rebuild SageAttention for this GPU to get the speed back.\n' "$rc" >&2
+    SAGEATTENTION_ENABLED=0
+    export SAGEATTENTION_ENABLED
+    if [ "$COMFY_SAGE" -eq 1 ]; then
+        log "restarting ComfyUI without --use-sage-attention."
+        stop_pid "$COMFY_PID" "$COMFY_STOP_TIMEOUT_S"
+        COMFY_PID=""
+        start_comfy keep-log
+        wait_ready
     fi
 }
 
@@ -221,8 +242,10 @@ watch_log() {
 start_comfy() {
     local host="${COMFY_HOST%:*}" port="${COMFY_HOST##*:}"
     local -a args=(--listen "$host" --port "$port" --disable-auto-launch --disable-metadata --log-stdout)
+    COMFY_SAGE=0
     if is_true "${SAGEATTENTION_ENABLED:-1}"; then
         args+=(--use-sage-attention)
+        COMFY_SAGE=1
     else
         log "SAGEATTENTION_ENABLED=${SAGEATTENTION_ENABLED}: ComfyUI starts without --use-sage-attention."
     fi
@@ -231,8 +254,10 @@ start_comfy() {
         read -r -a extra <<<"$COMFY_EXTRA_ARGS"
         args+=("${extra[@]}")
     fi
-    : >"$COMFY_LOG_FILE"
-    rm -f "$COMFY_LOG_FILE.1"
+    if [ "${1:-}" != keep-log ]; then # a restart goes on with the first start's log
+        : >"$COMFY_LOG_FILE"
+        rm -f "$COMFY_LOG_FILE.1"
+    fi
     local -a unset_secrets=()
     local name
     for name in "${SECRET_ENV_NAMES[@]}"; do unset_secrets+=(-u "$name"); done
@@ -368,10 +393,11 @@ main() {
     trap 'on_signal INT 130' INT
     check_settings
     gpu_preflight
-    sage_self_test
+    sage_self_test_start
     prepare_models
     start_comfy
     wait_ready
+    sage_self_test_result
     warmup
     serve
 }

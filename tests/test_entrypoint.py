@@ -43,6 +43,8 @@ MAIN_PY = textwrap.dedent(
     from http.server import BaseHTTPRequestHandler, HTTPServer
     with open(os.environ["STANDIN_ARGV"], "w") as fh:
         json.dump(sys.argv[1:], fh)
+    with open(os.environ["STANDIN_ARGV"] + ".starts", "a") as fh:  # one line per start
+        fh.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:]}) + "\\n")
     with open(os.environ["STANDIN_ARGV"] + ".env", "w") as fh:
         json.dump(sorted(os.environ), fh)
     mode = os.environ.get("STANDIN_MODE", "ok")
@@ -186,18 +188,25 @@ FAKE_TORCH = textwrap.dedent(
 )
 
 # Stand-in SageAttention: FAKE_SAGE=missing -> ImportError, raise -> the kernel raises; the
-# agreement with SDPA is FAKE_SAGE_COS (read by the fake torch's cosine_similarity).
+# agreement with SDPA is FAKE_SAGE_COS (read by the fake torch's cosine_similarity). With
+# FAKE_SAGE_AFTER the kernel returns only once that file exists (the stand-in ComfyUI's argv: it
+# has started), and raises if it never appears: a self-test run before ComfyUI starts fails.
 FAKE_SAGEATTENTION = textwrap.dedent(
     """
-    import os
+    import os, time
     if os.environ.get("FAKE_SAGE") == "missing":
         raise ImportError("No module named 'sageattention._fused'")
     def sageattn(q, k, v, tensor_layout="HND", is_causal=False):
+        after = os.environ.get("FAKE_SAGE_AFTER")
+        deadline = time.monotonic() + 30
+        while after and not os.path.exists(after):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the self-test ran alone: ComfyUI did not start beside it")
+            time.sleep(0.05)
         if os.environ.get("FAKE_SAGE_SHAPE"):
             with open(os.environ["FAKE_SAGE_SHAPE"], "w") as fh:
                 fh.write(repr(q.shape))
         if os.environ.get("FAKE_SAGE") == "hang":
-            import time
             time.sleep(600)
         if os.environ.get("FAKE_SAGE") == "raise":
             raise RuntimeError("CUDA error: no kernel image is available for execution")
@@ -221,6 +230,11 @@ class Rig:
 
     def comfy_argv(self) -> list[str]:
         return json.loads(self.argv_file.read_text())
+
+    def comfy_starts(self) -> list[dict]:
+        """Every start of the stand-in ComfyUI: its pid and argv."""
+        lines = Path(f"{self.argv_file}.starts").read_text().splitlines()
+        return [json.loads(line) for line in lines]
 
     def start(self, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -463,7 +477,9 @@ def test_gpu_preflight_passes_for_a_listed_arch(rig: Rig) -> None:
 def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
     rig: Rig, fake: dict[str, str], expect_sage: bool, preflight: str
 ) -> None:
-    """The self-test runs whether or not GPU_PREFLIGHT is on, at the job's attention shape."""
+    """The self-test runs whether or not GPU_PREFLIGHT is on, at the job's attention shape, beside
+    ComfyUI's start (its kernel returns only once ComfyUI has started); when it fails, ComfyUI is
+    started again without --use-sage-attention before the handler starts."""
     env = {"GPU_PREFLIGHT": preflight, "IMAGE_CUDA_ARCH_LIST": "9.0;12.0", "FAKE_CAPABILITY": "9.0"}
     shape = rig.tmp / "sage_shape.txt"
     with rig.serving(
@@ -471,16 +487,29 @@ def test_sage_self_test_falls_back_to_sdpa_when_sage_is_wrong(
         **fake,
         SAGE_SELF_TEST="1",
         FAKE_SAGE_SHAPE=str(shape),
+        FAKE_SAGE_AFTER=str(rig.argv_file),
         PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
     ) as proc:
+        starts = rig.comfy_starts()
+        alive = [_alive(start["pid"]) for start in starts]
         _, out = _stop(proc)
     handler = json.loads(rig.handler_file.read_text())
     assert ("--use-sage-attention" in rig.comfy_argv()) is expect_sage
     assert handler["sage"] == (None if expect_sage else "0")
     assert ("SAGEATTENTION SELF-TEST FAILED" in out) is not expect_sage
+    assert "SageAttention self-test started beside ComfyUI's start" in out
+    assert "--use-sage-attention" in starts[0]["argv"]  # started before the result was known
     if expect_sage:
+        assert len(starts) == 1 and alive == [True]
         assert "sageattn agrees with PyTorch attention (cosine 0.99930)" in out
         assert "at 29757 tokens x 40 heads x 128" in out
+        assert "restarting ComfyUI" not in out
+    else:  # the first ComfyUI stopped, the second serves without sage; one log for both
+        assert len(starts) == 2 and alive == [False, True], (starts, alive)
+        assert "--use-sage-attention" not in starts[1]["argv"]
+        assert "restarting ComfyUI without --use-sage-attention" in out
+        log = Path(rig.env["COMFY_LOG_FILE"]).read_text()
+        assert log.count("Starting server (stand-in)") == 2
     if fake.get("FAKE_SAGE") != "missing":
         assert shape.read_text() == "(1, 29757, 40, 128)"  # NHD at the job's shape
     if fake.get("FAKE_SAGE") == "hang":
@@ -596,6 +625,38 @@ def test_sigterm_during_start_stops_comfy_at_once(rig: Rig) -> None:
     assert proc.stdout is not None
     assert "received SIGTERM during start-up" in proc.stdout.read()
     assert not rig.handler_file.exists()
+
+
+def test_sigterm_during_start_stops_the_self_test_too(rig: Rig) -> None:
+    """The self-test runs in the background beside ComfyUI's start (under ``timeout``, in a
+    process group of its own): a SIGTERM then stops it with ComfyUI."""
+    proc = rig.start(
+        STANDIN_MODE="hang",
+        COMFY_STARTUP_TIMEOUT_S="60",
+        SAGE_SELF_TEST="1",
+        FAKE_SAGE="hang",
+        PYTHONPATH=f"{rig.tmp / 'fakepkgs'}{os.pathsep}{ROOT}",
+    )
+    try:
+        _wait_for(rig.argv_file, proc)
+        deadline = time.monotonic() + 20
+        tests: list[psutil.Process] = []
+        while not tests and time.monotonic() < deadline:
+            tests = [
+                p
+                for p in psutil.Process(proc.pid).children(recursive=True)
+                if "--sage-self-test" in " ".join(p.cmdline())
+            ]
+            time.sleep(0.1)
+        assert tests, "the self-test must be running beside ComfyUI's start"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143
+        _, alive = psutil.wait_procs(tests, timeout=10)
+        assert not alive, f"the self-test outlived the entrypoint: {alive}"
+    finally:
+        _kill_group(proc)
+    assert proc.stdout is not None
+    assert "received SIGTERM during start-up" in proc.stdout.read()
 
 
 def _alive(pid: int) -> bool:
