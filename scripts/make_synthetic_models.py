@@ -20,7 +20,9 @@ Two size classes:
 * ``full`` (GPU machine, ``--device cuda``): the real shapes: SCAIL-14B in the fp8 "scaled" layout
   of the real ``_fp8_e4m3fn_scaled`` file (block linears fp8_e4m3fn, each with a float32
   ``<layer>.scale_weight``, plus the ``scaled_fp8`` marker; everything else bf16), rank-64 LoRA,
-  the full Wan 2.1 VAE, the full umt5-xxl encoder in bf16, the same CLIP/NLF/ONNX files.
+  the full Wan 2.1 VAE, the full umt5-xxl encoder in bf16, ViTPose-L's layers at their true
+  shapes as ONNX (ViT-L/16 at 256x192 and its deconvolution head, 1.2 GB: its per-frame compute and
+  its session start-up are the real model's), the same CLIP/NLF/YOLO files.
 
 Files are written by a streaming safetensors writer: the header is computed from the shape table
 first, then one tensor at a time is generated (on ``--device``), cast, copied to the host and
@@ -537,8 +539,17 @@ def write_yolo(path: Path) -> int:
     )
 
 
-def write_vitpose(path: Path, seed: int) -> int:
-    """ONNX graph: input [1,3,256,192] -> sigmoid(conv 4x4/4) heatmaps [1,133,64,48]."""
+# ViTPose-L (wholebody): ViT-L/16 at 256x192 (192 tokens, 24 blocks of width 1024, 16 heads, MLP
+# 4096), then the classic decoder: two 4x4 stride-2 deconvolutions of 256 channels with batch norm
+# and ReLU, a 1x1 convolution to the 133 heatmaps. About 307 M parameters (1.2 GB in float32).
+VITPOSE_L = {"width": 1024, "depth": 24, "heads": 16, "mlp": 4096, "patch": 16, "deconv": 256}
+
+
+def write_vitpose(path: Path, seed: int, size: str = "tiny") -> int:
+    """ONNX graph: input [1,3,256,192] -> heatmaps [1,133,64,48]. ``tiny``: sigmoid(conv 4x4/4);
+    ``full``: ViTPose-L's layers at their true shapes (``VITPOSE_L``), random weights."""
+    if size == "full":
+        return _save_onnx_large(_vitpose_large(seed), path)
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -561,6 +572,131 @@ def write_vitpose(path: Path, seed: int) -> int:
     return _save_onnx(
         onnx, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path
     )
+
+
+def vitpose_large_parameters(cfg: dict[str, int] = VITPOSE_L) -> int:
+    """The parameter count of ``_vitpose_large(seed, cfg)`` (ViTPose-L: 308 M in its paper)."""
+    width, patch, deconv, mlp = cfg["width"], cfg["patch"], cfg["deconv"], cfg["mlp"]
+    tokens = (VITPOSE_INPUT[2] // patch) * (VITPOSE_INPUT[3] // patch)
+    block = 2 * 2 * width + (width + 1) * 3 * width + (width + 1) * width
+    block += (width + 1) * mlp + (mlp + 1) * width
+    head = width * deconv * 16 + 4 * deconv + deconv * deconv * 16 + 4 * deconv
+    head += (deconv + 1) * VITPOSE_KEYPOINTS
+    stem = (3 * patch * patch + 1) * width + tokens * width
+    return stem + cfg["depth"] * block + 2 * width + head
+
+
+def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
+    """ViTPose-L as an ONNX graph of standard operators (GELU written with Erf and
+    LayerNormalization, as a PyTorch export writes them), weights drawn like the other models'."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    width, heads, patch, deconv = cfg["width"], cfg["heads"], cfg["patch"], cfg["deconv"]
+    rows, cols = VITPOSE_INPUT[2] // patch, VITPOSE_INPUT[3] // patch
+    tokens, head_dim = rows * cols, width // heads
+    rng = np.random.default_rng(_tensor_seed(seed, "vitpose_l"))
+    inits: list[Any] = []
+    nodes: list[Any] = []
+
+    def weight(name: str, shape: tuple[int, ...], fill: float | None = None) -> str:
+        if fill is None:
+            array = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        else:
+            array = np.full(shape, fill, np.float32)
+        inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def const(name: str, values: list[int] | list[float], dtype: Any = np.int64) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def linear(x: str, name: str, n_in: int, n_out: int) -> str:
+        y = node("MatMul", [x, weight(f"{name}.w", (n_in, n_out))], f"{name}.mm")
+        return node("Add", [y, weight(f"{name}.b", (n_out,), 0.0)], f"{name}.out")
+
+    def norm(x: str, name: str) -> str:
+        g, b = weight(f"{name}.g", (width,), 1.0), weight(f"{name}.b", (width,), 0.0)
+        return node("LayerNormalization", [x, g, b], f"{name}.out", axis=-1, epsilon=1e-6)
+
+    const("shape.tokens", [1, width, tokens])
+    const("shape.qkv", [1, tokens, 3, heads, head_dim])
+    const("shape.merge", [1, tokens, width])
+    const("shape.map", [1, width, rows, cols])
+    const("split.qkv", [1, 1, 1])
+    const("axis0", [0])
+    const("scale", [head_dim**-0.5], np.float32)
+    const("sqrt2", [2.0**0.5], np.float32)
+    const("one", [1.0], np.float32)
+    const("half", [0.5], np.float32)
+
+    w = weight("patch.w", (width, 3, patch, patch))
+    x = node("Conv", ["input", w, weight("patch.b", (width,), 0.0)], "patch", strides=[patch] * 2)
+    x = node("Reshape", [x, "shape.tokens"], "patch.flat")
+    x = node("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
+    x = node("Add", [x, weight("pos", (1, tokens, width))], "x0")
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}"
+        qkv = node("Reshape", [linear(norm(x, f"{b}.norm1"), f"{b}.qkv", width, 3 * width),
+                               "shape.qkv"], f"{b}.qkv5")  # fmt: skip
+        qkv = node("Transpose", [qkv], f"{b}.qkvT", perm=[2, 0, 3, 1, 4])
+        nodes.append(helper.make_node("Split", [qkv, "split.qkv"], [f"{b}.{n}3" for n in "qkv"]))
+        q, k, v = (node("Squeeze", [f"{b}.{n}3", "axis0"], f"{b}.{n}") for n in "qkv")
+        scores = node("MatMul", [q, node("Transpose", [k], f"{b}.kT", perm=[0, 1, 3, 2])], f"{b}.s")
+        scores = node("Mul", [scores, "scale"], f"{b}.s_scaled")
+        attn = node("MatMul", [node("Softmax", [scores], f"{b}.p", axis=-1), v], f"{b}.o")
+        attn = node("Transpose", [attn], f"{b}.oT", perm=[0, 2, 1, 3])
+        attn = node("Reshape", [attn, "shape.merge"], f"{b}.o_merged")
+        x = node("Add", [x, linear(attn, f"{b}.proj", width, width)], f"{b}.x1")
+        h = linear(norm(x, f"{b}.norm2"), f"{b}.fc1", width, cfg["mlp"])
+        erf = node("Erf", [node("Div", [h, "sqrt2"], f"{b}.h_scaled")], f"{b}.erf")
+        gelu = node("Mul", [node("Mul", [h, node("Add", [erf, "one"], f"{b}.erf1")], f"{b}.hg"),
+                            "half"], f"{b}.gelu")  # fmt: skip
+        x = node("Add", [x, linear(gelu, f"{b}.fc2", cfg["mlp"], width)], f"{b}.x2")
+    x = node("Transpose", [norm(x, "last_norm")], "feat.T", perm=[0, 2, 1])
+    x = node("Reshape", [x, "shape.map"], "feat")
+    channels = width
+    for i in range(2):
+        d = f"deconv.{i}"
+        w = weight(f"{d}.w", (channels, deconv, 4, 4))
+        x = node("ConvTranspose", [x, w], f"{d}.out", strides=[2, 2], pads=[1, 1, 1, 1])
+        bn = [weight(f"{d}.bn.{n}", (deconv,), f) for n, f in (("g", 1.0), ("b", 0.0))]
+        bn += [weight(f"{d}.bn.{n}", (deconv,), f) for n, f in (("mean", 0.0), ("var", 1.0))]
+        x = node("Relu", [node("BatchNormalization", [x, *bn], f"{d}.bn")], f"{d}.relu")
+        channels = deconv
+    w = weight("final.w", (VITPOSE_KEYPOINTS, deconv, 1, 1))
+    node("Conv", [x, w, weight("final.b", (VITPOSE_KEYPOINTS,), 0.0)], "heatmaps")
+    out_shape = (1, VITPOSE_KEYPOINTS, VITPOSE_INPUT[2] // 4, VITPOSE_INPUT[3] // 4)
+    graph = helper.make_graph(
+        nodes,
+        "synthetic_vitpose_l",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, VITPOSE_INPUT)],
+        [helper.make_tensor_value_info("heatmaps", TensorProto.FLOAT, out_shape)],
+        initializer=inits,
+    )
+    weights = sum(int(np.prod(t.dims)) for t in inits if t.data_type == TensorProto.FLOAT)
+    weights -= 4  # the float constants
+    if weights != vitpose_large_parameters(cfg):
+        raise AssertionError(f"ViTPose graph has {weights} weights, its table says otherwise")
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _save_onnx_large(model: Any, path: Path) -> int:
+    """``_save_onnx`` for a model near protobuf's 2-GB limit: checked by path, written through a
+    temporary file so that a stopped run leaves no half model behind."""
+    import onnx
+
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    onnx.save(model, str(tmp))
+    onnx.checker.check_model(str(tmp))
+    tmp.replace(path)
+    return path.stat().st_size
 
 
 def _save_onnx(onnx: Any, model: Any, path: Path) -> int:
@@ -610,7 +746,7 @@ def write_model(entry: ModelEntry, out: Path, size: str, device: str = "cpu", se
     if entry.name == "yolov10m":
         return write_yolo(path)
     if entry.name == "vitpose_l":
-        return write_vitpose(path, seed)
+        return write_vitpose(path, seed, size)
     raise ValueError(
         f"{entry.name}: no synthetic generator for this manifest entry "
         f"(known: {', '.join(KNOWN_MODELS)})"

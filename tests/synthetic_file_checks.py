@@ -115,6 +115,26 @@ def onnx_detectors_have_the_io_the_loaders_read(out: Path) -> None:
     assert heat.shape == (1, 133, 64, 48), heat.shape
 
 
+def vitpose_large_runs_at_a_reduced_width(out: Path) -> None:
+    """``full``'s ViTPose-L graph, built at a small width and depth: onnxruntime loads and runs it
+    with the real model's input and output, its weights are as many as the table says, and the
+    full table is ViTPose-L's size."""
+    import numpy as np
+    import onnxruntime
+
+    small = {"width": 64, "depth": 2, "heads": 4, "mlp": 128, "patch": 16, "deconv": 32}
+    msm._save_onnx_large(msm._vitpose_large(0, small), out / "vitpose_small.onnx")
+    cpu = ["CPUExecutionProvider"]
+    pose = onnxruntime.InferenceSession(str(out / "vitpose_small.onnx"), providers=cpu)
+    assert pose.get_inputs()[0].shape == [1, 3, 256, 192], pose.get_inputs()[0].shape
+    frame = np.random.default_rng(0).random((1, 3, 256, 192), dtype=np.float32)
+    (heat,) = pose.run(None, {pose.get_inputs()[0].name: frame})
+    assert heat.shape == (1, 133, 64, 48) and np.isfinite(heat).all(), heat.shape
+    assert heat.std() > 0, "the heatmaps must depend on the weights"
+    full = msm.vitpose_large_parameters()
+    assert 306_000_000 < full < 310_000_000, full  # ViTPose-L: 308 M (its paper)
+
+
 def seeded_text_cache_is_what_the_node_loads(out: Path) -> None:
     import torch
 
@@ -135,6 +155,7 @@ CHECKS: dict[str, Callable[[Path], None]] = {
         fp8_tensors_round_trip_through_the_streaming_writer,
         nlf_answers_the_calls_the_nodes_make,
         onnx_detectors_have_the_io_the_loaders_read,
+        vitpose_large_runs_at_a_reduced_width,
         seeded_text_cache_is_what_the_node_loads,
     )
 }

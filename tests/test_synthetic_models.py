@@ -208,6 +208,7 @@ CHECK_NAMES = [
     "fp8_tensors_round_trip_through_the_streaming_writer",
     "nlf_answers_the_calls_the_nodes_make",
     "onnx_detectors_have_the_io_the_loaders_read",
+    "vitpose_large_runs_at_a_reduced_width",
     "seeded_text_cache_is_what_the_node_loads",
 ]
 

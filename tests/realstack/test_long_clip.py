@@ -266,3 +266,24 @@ def test_the_vae_decoder_ran_channels_last(long_job: dict[str, Any], real_worker
     text = real_worker.log.read_text(errors="replace")
     assert "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's weights" in text
     assert "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory (" in text
+
+
+def test_the_pose_detectors_sessions_were_kept(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """The project's extension ``xicon_pose_sessions`` in the worker's own ComfyUI: after three
+    jobs, each with two pose-detection runs, the sessions were kept (on this machine they hold no
+    GPU memory) and never released (``tests/realstack/test_pose_sessions.py``: the starts saved,
+    the same poses)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert (
+        "xicon_pose_sessions: the pose detectors' ONNX sessions are kept between runs while "
+        "there is room (no GPU)" in text
+    )
+    for name in ("Yolo", "ViTPose"):
+        line = (
+            f"xicon_pose_sessions: {name}'s session kept for the next run (it holds no GPU memory)"
+        )
+        assert text.count(line) == 1, name  # logged once per model and reason
+    assert "session released" not in text
