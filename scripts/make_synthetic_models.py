@@ -21,8 +21,9 @@ Two size classes:
   of the real ``_fp8_e4m3fn_scaled`` file (block linears fp8_e4m3fn, each with a float32
   ``<layer>.scale_weight``, plus the ``scaled_fp8`` marker; everything else bf16), rank-64 LoRA,
   the full Wan 2.1 VAE, the full umt5-xxl encoder in bf16, ViTPose-L's layers at their true
-  shapes as ONNX (ViT-L/16 at 256x192 and its deconvolution head, 1.2 GB: its per-frame compute and
-  its session start-up are the real model's), the same CLIP/NLF/YOLO files.
+  shapes as ONNX, written as easy_ViTPose exports it (ViT-L/16 at 256x192 and its deconvolution
+  head, 1.2 GB: its per-frame compute and its session start-up are the real model's), the same
+  CLIP/NLF/YOLO files.
 
 Files are written by a streaming safetensors writer: the header is computed from the shape table
 first, then one tensor at a time is generated (on ``--device``), cast, copied to the host and
@@ -587,8 +588,9 @@ def vitpose_large_parameters(cfg: dict[str, int] = VITPOSE_L) -> int:
 
 
 def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
-    """ViTPose-L as an ONNX graph of standard operators (GELU written with Erf and
-    LayerNormalization, as a PyTorch export writes them), weights drawn like the other models'."""
+    """ViTPose-L as an ONNX graph written as easy_ViTPose's export writes it (opset 11, input
+    ``input_0`` with a dynamic batch axis, layer norm and GELU in elementary operators, which
+    onnxruntime fuses at session start), weights drawn like the other models'."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -621,21 +623,26 @@ def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
 
     def norm(x: str, name: str) -> str:
         g, b = weight(f"{name}.g", (width,), 1.0), weight(f"{name}.b", (width,), 0.0)
-        return node("LayerNormalization", [x, g, b], f"{name}.out", axis=-1, epsilon=1e-6)
+        mean = node("ReduceMean", [x], f"{name}.mean", axes=[-1])
+        d = node("Sub", [x, mean], f"{name}.d")
+        var = node("ReduceMean", [node("Pow", [d, "two"], f"{name}.d2")], f"{name}.var", axes=[-1])
+        std = node("Sqrt", [node("Add", [var, "eps"], f"{name}.var_eps")], f"{name}.std")
+        y = node("Mul", [node("Div", [d, std], f"{name}.n"), g], f"{name}.g_out")
+        return node("Add", [y, b], f"{name}.out")
 
-    const("shape.tokens", [1, width, tokens])
-    const("shape.qkv", [1, tokens, 3, heads, head_dim])
-    const("shape.merge", [1, tokens, width])
-    const("shape.map", [1, width, rows, cols])
-    const("split.qkv", [1, 1, 1])
-    const("axis0", [0])
+    const("shape.tokens", [0, width, tokens])  # 0: the batch, as the input has it
+    const("shape.qkv", [0, tokens, 3, heads, head_dim])
+    const("shape.merge", [0, tokens, width])
+    const("shape.map", [0, width, rows, cols])
     const("scale", [head_dim**-0.5], np.float32)
+    const("two", [2.0], np.float32)
+    const("eps", [1e-6], np.float32)
     const("sqrt2", [2.0**0.5], np.float32)
     const("one", [1.0], np.float32)
     const("half", [0.5], np.float32)
 
     w = weight("patch.w", (width, 3, patch, patch))
-    x = node("Conv", ["input", w, weight("patch.b", (width,), 0.0)], "patch", strides=[patch] * 2)
+    x = node("Conv", ["input_0", w, weight("patch.b", (width,), 0.0)], "patch", strides=[patch] * 2)
     x = node("Reshape", [x, "shape.tokens"], "patch.flat")
     x = node("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
     x = node("Add", [x, weight("pos", (1, tokens, width))], "x0")
@@ -644,8 +651,8 @@ def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
         qkv = node("Reshape", [linear(norm(x, f"{b}.norm1"), f"{b}.qkv", width, 3 * width),
                                "shape.qkv"], f"{b}.qkv5")  # fmt: skip
         qkv = node("Transpose", [qkv], f"{b}.qkvT", perm=[2, 0, 3, 1, 4])
-        nodes.append(helper.make_node("Split", [qkv, "split.qkv"], [f"{b}.{n}3" for n in "qkv"]))
-        q, k, v = (node("Squeeze", [f"{b}.{n}3", "axis0"], f"{b}.{n}") for n in "qkv")
+        nodes.append(helper.make_node("Split", [qkv], [f"{b}.{n}3" for n in "qkv"], axis=0))
+        q, k, v = (node("Squeeze", [f"{b}.{n}3"], f"{b}.{n}", axes=[0]) for n in "qkv")
         scores = node("MatMul", [q, node("Transpose", [k], f"{b}.kT", perm=[0, 1, 3, 2])], f"{b}.s")
         scores = node("Mul", [scores, "scale"], f"{b}.s_scaled")
         attn = node("MatMul", [node("Softmax", [scores], f"{b}.p", axis=-1), v], f"{b}.o")
@@ -669,20 +676,21 @@ def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
         x = node("Relu", [node("BatchNormalization", [x, *bn], f"{d}.bn")], f"{d}.relu")
         channels = deconv
     w = weight("final.w", (VITPOSE_KEYPOINTS, deconv, 1, 1))
-    node("Conv", [x, w, weight("final.b", (VITPOSE_KEYPOINTS,), 0.0)], "heatmaps")
-    out_shape = (1, VITPOSE_KEYPOINTS, VITPOSE_INPUT[2] // 4, VITPOSE_INPUT[3] // 4)
+    node("Conv", [x, w, weight("final.b", (VITPOSE_KEYPOINTS,), 0.0)], "output_0")
+    in_shape = ("batch_size", *VITPOSE_INPUT[1:])
+    out_shape = ("batch_size", VITPOSE_KEYPOINTS, VITPOSE_INPUT[2] // 4, VITPOSE_INPUT[3] // 4)
     graph = helper.make_graph(
         nodes,
         "synthetic_vitpose_l",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, VITPOSE_INPUT)],
-        [helper.make_tensor_value_info("heatmaps", TensorProto.FLOAT, out_shape)],
+        [helper.make_tensor_value_info("input_0", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, out_shape)],
         initializer=inits,
     )
     weights = sum(int(np.prod(t.dims)) for t in inits if t.data_type == TensorProto.FLOAT)
-    weights -= 4  # the float constants
+    weights -= 6  # the float constants
     if weights != vitpose_large_parameters(cfg):
         raise AssertionError(f"ViTPose graph has {weights} weights, its table says otherwise")
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
 
 
 def _save_onnx_large(model: Any, path: Path) -> int:

@@ -117,8 +117,8 @@ def onnx_detectors_have_the_io_the_loaders_read(out: Path) -> None:
 
 def vitpose_large_runs_at_a_reduced_width(out: Path) -> None:
     """``full``'s ViTPose-L graph, built at a small width and depth: onnxruntime loads and runs it
-    with the real model's input and output, its weights are as many as the table says, and the
-    full table is ViTPose-L's size."""
+    with the real model's input and output (a dynamic batch, frames computed apart), its weights
+    are as many as the table says, and the full table is ViTPose-L's size."""
     import numpy as np
     import onnxruntime
 
@@ -126,11 +126,13 @@ def vitpose_large_runs_at_a_reduced_width(out: Path) -> None:
     msm._save_onnx_large(msm._vitpose_large(0, small), out / "vitpose_small.onnx")
     cpu = ["CPUExecutionProvider"]
     pose = onnxruntime.InferenceSession(str(out / "vitpose_small.onnx"), providers=cpu)
-    assert pose.get_inputs()[0].shape == [1, 3, 256, 192], pose.get_inputs()[0].shape
-    frame = np.random.default_rng(0).random((1, 3, 256, 192), dtype=np.float32)
-    (heat,) = pose.run(None, {pose.get_inputs()[0].name: frame})
-    assert heat.shape == (1, 133, 64, 48) and np.isfinite(heat).all(), heat.shape
+    assert pose.get_inputs()[0].shape == ["batch_size", 3, 256, 192], pose.get_inputs()[0].shape
+    frames = np.random.default_rng(0).random((2, 3, 256, 192), dtype=np.float32)
+    (heat,) = pose.run(None, {pose.get_inputs()[0].name: frames})
+    assert heat.shape == (2, 133, 64, 48) and np.isfinite(heat).all(), heat.shape
     assert heat.std() > 0, "the heatmaps must depend on the weights"
+    (one,) = pose.run(None, {pose.get_inputs()[0].name: frames[1:]})  # frames stay apart
+    assert np.allclose(one[0], heat[1], atol=1e-5), float(np.abs(one[0] - heat[1]).max())
     full = msm.vitpose_large_parameters()
     assert 306_000_000 < full < 310_000_000, full  # ViTPose-L: 308 M (its paper)
 
