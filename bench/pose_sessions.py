@@ -6,11 +6,12 @@ Pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose``) runs on the
 YOLO and ViTPose sessions after each run, so each later run starts them again from their files.
 This writes ``scripts/make_synthetic_models.py``'s ``full`` ViTPose-L (ViT-L/16 at 256x192 and its
 deconvolution head, 1.2 GB of random weights: the real model's graph size and compute, not its
-pictures) and the small YOLO stand-in, then runs two jobs' worth of pose detection (the reference
-image's frame, then ``--frames`` clip frames, twice) in the stack's Python, once as upstream runs
-it and once with the extension in place (``keep``), on one ONNX provider. It prints, per way: the
-session starts and the seconds spent in them (ViTPose's alone too), the node's seconds per run,
-ViTPose's median seconds per frame, and whether both ways found the same poses.
+pictures) and its YOLO stand-in (YOLOv10m's size and compute, one fixed box), then runs two jobs'
+worth of pose detection (the reference image's frame, then ``--frames`` clip frames, twice) in the
+stack's Python, once as upstream runs it and once with the extension in place (``keep``), on one
+ONNX provider. It prints, per way: the session starts and the seconds spent in them (ViTPose's
+alone too), the node's seconds per run, ViTPose's median seconds per frame, and whether both ways
+found the same poses.
 
 Usage, with the stack's Python (``XICON_STACK_HOME`` as for the real-stack tests, or
 ``--comfy-dir``)::
@@ -40,10 +41,10 @@ EXT = ROOT / "stack" / "comfy_extension" / "xicon_pose_sessions" / "pose_session
 
 
 def write_models(out: Path, model: Path | None) -> Path:
-    """The ``full`` ViTPose-L (unless ``model`` is given) and the YOLO stand-in under ``out``."""
+    """The ``full`` ViTPose-L (unless ``model`` is given) and YOLO stand-in under ``out``."""
     generator = [sys.executable, str(ROOT / "scripts" / "make_synthetic_models.py")]
     subprocess.run(
-        [*generator, "--size", "tiny", "--out", str(out), "--only", "yolov10m"], check=True
+        [*generator, "--size", "full", "--out", str(out), "--only", "yolov10m"], check=True
     )
     detection = out / "detection"
     target = detection / "vitpose-l-wholebody.onnx"

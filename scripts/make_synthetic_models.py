@@ -22,8 +22,10 @@ Two size classes:
   ``<layer>.scale_weight``, plus the ``scaled_fp8`` marker; everything else bf16), rank-64 LoRA,
   the full Wan 2.1 VAE, the full umt5-xxl encoder in bf16, ViTPose-L's layers at their true
   shapes as ONNX, written as easy_ViTPose exports it (ViT-L/16 at 256x192 and its deconvolution
-  head, 1.2 GB: its per-frame compute and its session start-up are the real model's), the same
-  CLIP/NLF/YOLO files.
+  head, 1.2 GB: its per-frame compute and its session start-up are the real model's), a YOLO
+  stand-in of YOLOv10m's size and compute (a stack of 3x3 convolutions, 15.6 M parameters,
+  60 GFLOPs, whose result is added to the same fixed person box times zero), the same CLIP/NLF
+  files.
 
 Files are written by a streaming safetensors writer: the header is computed from the shape table
 first, then one tensor at a time is generated (on ``--device``), cast, copied to the host and
@@ -523,10 +525,40 @@ VITPOSE_INPUT = (1, 3, 256, 192)
 VITPOSE_KEYPOINTS = 133  # COCO-WholeBody; heatmaps at 1/4 resolution: 64 x 48
 
 
-def write_yolo(path: Path) -> int:
-    """ONNX graph: input ``images`` [1,3,640,640] -> output [1,1,6], one constant person box."""
+# YOLOv10m's size and compute (15.4 M parameters, 59 GFLOPs at 640x640, its published figures)
+# from a plain stack of 3x3 convolutions with SiLU, stage by stage at the model's widths and
+# strides, then 3x3 heads on the 1/8, 1/16 and 1/32 maps: (output channels, stride, repeats).
+YOLO_STAGES = ((48, 2, 1), (96, 2, 2), (192, 2, 4), (384, 2, 3), (576, 2, 2))
+YOLO_HEAD = 96  # a head's width on each of the last three maps
+
+
+def yolo_compute(stages: tuple[tuple[int, int, int], ...] = YOLO_STAGES) -> tuple[int, float]:
+    """Parameters and GFLOPs (2 x multiply-adds) of ``_yolo_large``'s convolutions."""
+    params, flops, c_in, side = 0, 0.0, 3, YOLO_INPUT[2]
+    heads = []
+    for c_out, stride, repeats in stages:
+        side //= stride
+        for c_from in (c_in, *([c_out] * repeats)):
+            params += 9 * c_from * c_out + c_out
+            flops += 2 * 9 * c_from * c_out * side * side
+        heads.append((c_out, side))
+        c_in = c_out
+    for c, side in heads[-3:]:
+        for c_from, c_to in ((c, YOLO_HEAD), (YOLO_HEAD, YOLO_HEAD)):
+            params += 9 * c_from * c_to + c_to
+            flops += 2 * 9 * c_from * c_to * side * side
+    return params, flops / 1e9
+
+
+def write_yolo(path: Path, size: str = "tiny") -> int:
+    """ONNX graph: input ``images`` [1,3,640,640] -> output [1,1,6], one constant person box.
+    ``full``: the box after a convolution stack of YOLOv10m's size and compute (``YOLO_STAGES``),
+    whose result is added to it times zero, so that every frame pays the compute."""
     import onnx
     from onnx import TensorProto, helper
+
+    if size == "full":
+        return _save_onnx(onnx, _yolo_large(0), path)
 
     box = helper.make_tensor("box", TensorProto.FLOAT, (1, 1, 6), list(YOLO_BOX))
     graph = helper.make_graph(
@@ -585,6 +617,52 @@ def vitpose_large_parameters(cfg: dict[str, int] = VITPOSE_L) -> int:
     head += (deconv + 1) * VITPOSE_KEYPOINTS
     stem = (3 * patch * patch + 1) * width + tokens * width
     return stem + cfg["depth"] * block + 2 * width + head
+
+
+def _yolo_large(seed: int, stages: tuple[tuple[int, int, int], ...] = YOLO_STAGES) -> Any:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(_tensor_seed(seed, "yolo_m"))
+    inits: list[Any] = []
+    nodes: list[Any] = []
+
+    def conv(x: str, name: str, c_in: int, c_out: int, stride: int) -> str:
+        w = rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) * np.float32(0.02)
+        inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), f"{name}.b"))
+        y = f"{name}.conv"
+        attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [stride] * 2}
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], **attrs))
+        nodes.append(helper.make_node("Sigmoid", [y], [f"{name}.sig"]))
+        nodes.append(helper.make_node("Mul", [y, f"{name}.sig"], [f"{name}.out"]))  # SiLU
+        return f"{name}.out"
+
+    x, c_in, maps = "images", 3, []
+    for i, (c_out, stride, repeats) in enumerate(stages):
+        x = conv(x, f"stage{i}.down", c_in, c_out, stride)
+        for r in range(repeats):
+            x = conv(x, f"stage{i}.{r}", c_out, c_out, 1)
+        maps.append((x, c_out))
+        c_in = c_out
+    means = []
+    for j, (m, c) in enumerate(maps[-3:]):
+        h = conv(conv(m, f"head{j}.0", c, YOLO_HEAD, 1), f"head{j}.1", YOLO_HEAD, YOLO_HEAD, 1)
+        means.append(f"head{j}.mean")
+        nodes.append(helper.make_node("ReduceMean", [h], [means[-1]], keepdims=0))
+    nodes.append(helper.make_node("Sum", means, ["heads"]))
+    inits.append(numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    inits.append(numpy_helper.from_array(np.asarray(YOLO_BOX, np.float32).reshape(1, 1, 6), "box"))
+    nodes.append(helper.make_node("Mul", ["heads", "zero"], ["nothing"]))
+    nodes.append(helper.make_node("Add", ["box", "nothing"], ["output0"]))
+    graph = helper.make_graph(
+        nodes,
+        "synthetic_yolo_m",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, YOLO_INPUT)],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, (1, 1, 6))],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
 
 
 def _vitpose_large(seed: int, cfg: dict[str, int] = VITPOSE_L) -> Any:
@@ -752,7 +830,7 @@ def write_model(entry: ModelEntry, out: Path, size: str, device: str = "cpu", se
     if entry.name == "nlf":
         return write_nlf(path)
     if entry.name == "yolov10m":
-        return write_yolo(path)
+        return write_yolo(path, size)
     if entry.name == "vitpose_l":
         return write_vitpose(path, seed, size)
     raise ValueError(

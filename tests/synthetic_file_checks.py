@@ -137,6 +137,27 @@ def vitpose_large_runs_at_a_reduced_width(out: Path) -> None:
     assert 306_000_000 < full < 310_000_000, full  # ViTPose-L: 308 M (its paper)
 
 
+def yolo_large_has_yolov10m_size_and_the_box(out: Path) -> None:
+    """``full``'s YOLO stand-in: YOLOv10m's size and compute (15.4 M parameters, 59 GFLOPs), the
+    same person box as the tiny one from whatever frame, through onnxruntime."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    params, gflops = msm.yolo_compute()
+    assert 15.0e6 < params < 16.0e6 and 55 < gflops < 65, (params, gflops)
+    msm.write_yolo(out / "yolo_m.onnx", size="full")
+    model = onnx.load(str(out / "yolo_m.onnx"))
+    weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer) - 1 - 6  # zero, box
+    assert weights == params, (weights, params)
+    yolo = onnxruntime.InferenceSession(
+        str(out / "yolo_m.onnx"), providers=["CPUExecutionProvider"]
+    )
+    frame = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    (boxes,) = yolo.run(None, {yolo.get_inputs()[0].name: frame})
+    assert boxes.shape == (1, 1, 6) and np.allclose(boxes[0, 0], msm.YOLO_BOX), boxes
+
+
 def seeded_text_cache_is_what_the_node_loads(out: Path) -> None:
     import torch
 
@@ -158,6 +179,7 @@ CHECKS: dict[str, Callable[[Path], None]] = {
         nlf_answers_the_calls_the_nodes_make,
         onnx_detectors_have_the_io_the_loaders_read,
         vitpose_large_runs_at_a_reduced_width,
+        yolo_large_has_yolov10m_size_and_the_box,
         seeded_text_cache_is_what_the_node_loads,
     )
 }

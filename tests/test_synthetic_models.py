@@ -209,6 +209,7 @@ CHECK_NAMES = [
     "nlf_answers_the_calls_the_nodes_make",
     "onnx_detectors_have_the_io_the_loaders_read",
     "vitpose_large_runs_at_a_reduced_width",
+    "yolo_large_has_yolov10m_size_and_the_box",
     "seeded_text_cache_is_what_the_node_loads",
 ]
 

@@ -7,7 +7,7 @@ models before its frames and ``cleanup()`` after them (``models/onnx_models.py``
 builds a new one from the model file, so every run of either node pays two session starts: the
 file read and parsed (ViTPose-L is 1.2 GB), the graph optimised, on the CUDA provider its weights
 copied to the GPU and cuDNN set up. With ViTPose-L's layers at their true shapes, one start on the
-CPU provider took 0.9-2.0 s on a 2-core machine (``bench/results/cpu_pose_sessions``); a warm job
+CPU provider took 1.0-1.6 s on a 2-core machine (``bench/results/cpu_pose_sessions``); a warm job
 runs both nodes, so four starts. Upstream deletes the sessions to give their GPU memory back
 before the sampler (ViTPose-L's weights alone are 1.2 GB in float32).
 
