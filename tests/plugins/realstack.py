@@ -193,6 +193,45 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: floa
     pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+PACK_PREAMBLE = r"""
+import asyncio, importlib.util, json, logging, sys, types
+extension, *script_args = sys.argv[1:]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options
+comfy.options.enable_args_parsing()
+import server
+# packs read PromptServer.instance at import (latent previews); no server runs here
+server.PromptServer.instance = types.SimpleNamespace(send_sync=lambda *a, **k: None)
+import nodes
+
+for pack in PACKS:
+    loaded = nodes.load_custom_node(pack)
+    if asyncio.iscoroutine(loaded):
+        asyncio.run(loaded)
+spec = importlib.util.spec_from_file_location("extension_under_test", extension)
+ext = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = ext
+spec.loader.exec_module(ext)
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger(LOGGER).addHandler(Keep())
+logging.getLogger(LOGGER).setLevel(logging.INFO)
+"""
+
+
+def pack_script(packs: list[str], logger: str, body: str) -> str:
+    """A script for ``stack_json`` run in ComfyUI's folder (``cwd=stack.comfy_dir``), with the
+    extension's file as its first argument: ComfyUI's modules imported for the CPU without a
+    server, ``packs`` (``custom_nodes/<pack>``) loaded as ComfyUI loads custom nodes, the
+    extension loaded as ``ext``, the rest of the arguments in ``script_args``, ``logger``'s
+    messages collected in ``lines``; then ``body``."""
+    header = f"PACKS = {packs!r}\nLOGGER = {logger!r}\n"
+    return header + PACK_PREAMBLE + body
+
+
 def stack_json(
     stack: Stack,
     script: str,

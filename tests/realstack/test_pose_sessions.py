@@ -16,40 +16,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.plugins.realstack import ROOT, Stack, stack_json
+from tests.plugins.realstack import ROOT, Stack, pack_script, stack_json
 
 EXT = ROOT / "stack" / "comfy_extension" / "xicon_pose_sessions" / "pose_sessions.py"
 GENERATOR = ROOT / "scripts" / "make_synthetic_models.py"
 
-SCRIPT = r"""
-import asyncio, importlib.util, json, linecache, logging, subprocess, sys, types
+SCRIPT = pack_script(
+    ["custom_nodes/ComfyUI-WanAnimatePreprocess", "custom_nodes/ComfyUI-SCAIL-Pose"],
+    "xicon_pose_sessions",
+    r"""
+import linecache, subprocess
 from pathlib import Path
-extension, generator, out_dir = sys.argv[1:4]
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, ".")
-import comfy.options
-comfy.options.enable_args_parsing()
-import server
-server.PromptServer.instance = types.SimpleNamespace(send_sync=lambda *a, **k: None)
-import nodes
 import numpy as np
 import onnxruntime
 import torch
-
-for pack in ("custom_nodes/ComfyUI-WanAnimatePreprocess", "custom_nodes/ComfyUI-SCAIL-Pose"):
-    loaded = nodes.load_custom_node(pack)
-    if asyncio.iscoroutine(loaded):
-        asyncio.run(loaded)
-spec = importlib.util.spec_from_file_location("ps_under_test", extension)
-ps = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = ps
-spec.loader.exec_module(ps)
-lines = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        lines.append(record.getMessage())
-logging.getLogger("xicon_pose_sessions").addHandler(Keep())
-logging.getLogger("xicon_pose_sessions").setLevel(logging.INFO)
+generator, out_dir = script_args
+ps = ext
 
 subprocess.run([sys.executable, generator, "--size", "tiny", "--out", out_dir,
                 "--only", "vitpose_l", "yolov10m"], check=True, capture_output=True)
@@ -130,7 +112,8 @@ out["first_prompt"] = asyncio.run(Executor().execute_async())
 out["after_prompt"] = getattr(base.cleanup, ps.WRAPPED, False)
 out["prompt_lines"] = list(lines)
 print(json.dumps(out))
-"""
+""",
+)
 
 
 def test_sessions_are_built_once_where_there_is_room(stack: Stack, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from tests.plugins.realstack import (
     Stack,
     cpu_comfy,
     make_base,
+    pack_script,
     place_graph_inputs,
     run_prompt,
     stack_json,
@@ -35,39 +36,19 @@ PACK = "ComfyUI-WanVideoWrapper"
 UPSTREAM_LOAD = "Loading and assigning model weights to device..."  # load_weights' own log line
 SKIPPED = "as the last load left them; not loaded again"
 
-PREAMBLE = r"""
-import asyncio, importlib.util, json, logging, sys, types
-extension, *script_args = sys.argv[1:]
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, ".")
-import comfy.options
-comfy.options.enable_args_parsing()
-import server
-# the pack's latent_preview reads PromptServer.instance at import; no server runs here
-server.PromptServer.instance = types.SimpleNamespace(send_sync=lambda *a, **k: None)
-import nodes
+PREAMBLE = pack_script(
+    ["custom_nodes/ComfyUI-WanVideoWrapper"],
+    "xicon_resident_weights",
+    r"""
 import torch
-
-loaded = nodes.load_custom_node("custom_nodes/ComfyUI-WanVideoWrapper")
-if asyncio.iscoroutine(loaded):
-    asyncio.run(loaded)
-spec = importlib.util.spec_from_file_location("rw_under_test", extension)
-rw = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = rw
-spec.loader.exec_module(rw)
-lines = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        lines.append(record.getMessage())
-logging.getLogger("xicon_resident_weights").addHandler(Keep())
-logging.getLogger("xicon_resident_weights").setLevel(logging.INFO)
-
+rw = ext
 node = nodes.NODE_CLASS_MAPPINGS["WanVideoSamplerv2"]
 base = rw.sampler_base(node)
 module = sys.modules[base.__module__]
 upstream = module.load_weights
 out = {"digest_ok": rw.upstream_digest(upstream, base) == rw.UPSTREAM_SHA256}
-"""
+""",
+)
 
 SCRIPT = (
     PREAMBLE
