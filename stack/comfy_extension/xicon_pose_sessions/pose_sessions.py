@@ -153,7 +153,10 @@ def usable_gpu_gib() -> float | None:
         return None
     import comfy.model_management as mm
 
-    total = torch.cuda.get_device_properties(mm.get_torch_device()).total_memory
+    device = mm.get_torch_device()
+    if getattr(device, "type", None) != "cuda":  # ComfyUI itself on the CPU (--cpu)
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
     return (total - getattr(mm, "EXTRA_RESERVED_VRAM", 0)) / GIB
 
 
