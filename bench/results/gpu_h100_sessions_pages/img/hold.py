@@ -1,2 +1,0 @@
-import signal
-signal.pause()
