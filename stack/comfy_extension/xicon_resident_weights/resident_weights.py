@@ -195,8 +195,8 @@ class PageRelease:
         return (
             f"the weights went to {device}; {len(files)} model file(s) of "
             f"{size(self.mappings.mapped_bytes())} mapped taken out of ComfyUI's resident set "
-            f"(RssFile {size(self.before_kib * 1024)} -> {size(after * 1024)}); the pages stay "
-            "in the page cache"
+            f"as the load read them (RssFile {size(self.before_kib * 1024)} before the load, "
+            f"{size(after * 1024)} after it); the pages stay in the page cache"
         )
 
 
