@@ -579,8 +579,9 @@ VITPOSE_L = {"width": 1024, "depth": 24, "heads": 16, "mlp": 4096, "patch": 16, 
 
 
 def write_vitpose(path: Path, seed: int, size: str = "tiny") -> int:
-    """ONNX graph: input [1,3,256,192] -> heatmaps [1,133,64,48]. ``tiny``: sigmoid(conv 4x4/4);
-    ``full``: ViTPose-L's layers at their true shapes (``VITPOSE_L``), random weights."""
+    """ONNX graph: input [N,3,256,192] -> heatmaps [N,133,64,48], the batch axis dynamic as in
+    easy_ViTPose's export. ``tiny``: sigmoid(conv 4x4/4); ``full``: ViTPose-L's layers at their
+    true shapes (``VITPOSE_L``), random weights."""
     if size == "full":
         return _save_onnx_large(_vitpose_large(seed), path)
     import numpy as np
@@ -589,7 +590,8 @@ def write_vitpose(path: Path, seed: int, size: str = "tiny") -> int:
 
     rng = np.random.default_rng(_tensor_seed(seed, "vitpose"))
     weight = (rng.standard_normal((VITPOSE_KEYPOINTS, 3, 4, 4)) * 0.02).astype(np.float32)
-    out_shape = (1, VITPOSE_KEYPOINTS, VITPOSE_INPUT[2] // 4, VITPOSE_INPUT[3] // 4)
+    in_shape = ("batch_size", *VITPOSE_INPUT[1:])
+    out_shape = ("batch_size", VITPOSE_KEYPOINTS, VITPOSE_INPUT[2] // 4, VITPOSE_INPUT[3] // 4)
     graph = helper.make_graph(
         [
             helper.make_node(
@@ -598,7 +600,7 @@ def write_vitpose(path: Path, seed: int, size: str = "tiny") -> int:
             helper.make_node("Sigmoid", ["logits"], ["heatmaps"]),
         ],
         "synthetic_vitpose",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, VITPOSE_INPUT)],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("heatmaps", TensorProto.FLOAT, out_shape)],
         initializer=[numpy_helper.from_array(weight, "w")],
     )

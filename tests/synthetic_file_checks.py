@@ -110,9 +110,12 @@ def onnx_detectors_have_the_io_the_loaders_read(out: Path) -> None:
     (boxes,) = yolo.run(None, {yolo.get_inputs()[0].name: np.zeros((1, 3, 640, 640), np.float32)})
     assert boxes.shape == (1, 1, 6) and boxes[0, 0, 4] > 0.05 and boxes[0, 0, 5] == 0, boxes
     pose = onnxruntime.InferenceSession(str(out / "vitpose.onnx"), providers=cpu)
-    assert pose.get_inputs()[0].shape[2:] == [256, 192], pose.get_inputs()[0].shape
-    (heat,) = pose.run(None, {pose.get_inputs()[0].name: np.zeros((1, 3, 256, 192), np.float32)})
-    assert heat.shape == (1, 133, 64, 48), heat.shape
+    assert pose.get_inputs()[0].shape == ["batch_size", 3, 256, 192], pose.get_inputs()[0].shape
+    frames = np.random.default_rng(1).random((3, 3, 256, 192), dtype=np.float32)
+    (heat,) = pose.run(None, {pose.get_inputs()[0].name: frames})
+    assert heat.shape == (3, 133, 64, 48), heat.shape
+    (one,) = pose.run(None, {pose.get_inputs()[0].name: frames[2:]})  # frames stay apart
+    assert np.allclose(one[0], heat[2], atol=1e-6), float(np.abs(one[0] - heat[2]).max())
 
 
 def vitpose_large_runs_at_a_reduced_width(out: Path) -> None:

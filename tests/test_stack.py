@@ -139,6 +139,12 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     }
     layout = comfy / "custom_nodes" / "xicon_vae_channels_last"
     assert {p.name for p in layout.iterdir()} == {"__init__.py", "vae_channels_last.py"}
+    batch = comfy / "custom_nodes" / "xicon_pose_batch"
+    assert {p.name for p in batch.iterdir()} == {
+        "__init__.py",
+        "prestartup_script.py",
+        "pose_batch.py",
+    }
     sessions = comfy / "custom_nodes" / "xicon_pose_sessions"
     assert {p.name for p in sessions.iterdir()} == {"__init__.py", "pose_sessions.py"}
     render = comfy / "custom_nodes" / "xicon_pose_render"

@@ -1,0 +1,164 @@
+"""Pose detection with ViTPose run one frame per call (upstream) against several frames per call
+(the project's extension ``xicon_pose_batch``), with ViTPose-L at its true shapes.
+
+Pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose``, node 363 on the clip) runs
+WanAnimatePreprocess's YOLO and then ViTPose on every frame. This writes
+``scripts/make_synthetic_models.py``'s ``full`` ViTPose-L (1.2 GB of random weights, a dynamic
+batch axis as easy_ViTPose exports it) and its YOLO stand-in (YOLOv10m's size, a fixed batch of
+one), and runs the node on ``--frames`` frames in the stack's Python, once per way in
+``--batches`` (1 is upstream's ``process``), the sessions kept between runs in every way (as the
+image does on a GPU with room) so that only the batching differs. Per way, medians of
+``--repeat`` runs after one untimed run: the node's seconds, the seconds inside YOLO's and
+ViTPose's ``session.run``, the rest (the node's own CPU work), and the whole device's memory in
+use with the sessions alive (``torch.cuda.mem_get_info``: onnxruntime's arena included); then the
+largest difference of ViTPose's heatmaps and of the poses against one frame per call.
+
+Usage, with the stack's Python (``XICON_STACK_HOME`` as for the real-stack tests, or
+``--comfy-dir``)::
+
+    $XICON_STACK_HOME/venv/bin/python bench/pose_batch.py [--frames 81] [--batches 1,8,16,32]
+        [--provider CUDAExecutionProvider] [--model PATH] [--comfy-dir DIR]
+
+Say on what machine it ran. With random weights, heatmaps have near-tied maxima, so a pose can
+move by many pixels for a difference in the last bits of a heatmap: the heatmaps' difference is
+the figure that tells whether a batch computes the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+EXTENSIONS = ROOT / "stack" / "comfy_extension"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--size", default="416x672")
+    p.add_argument("--batches", default="1,8,16,32")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--provider", default=None)
+    p.add_argument("--model", type=Path, default=None, help="a ViTPose ONNX file to use instead")
+    p.add_argument("--comfy-dir", type=Path, default=None, help="ComfyUI with the pinned packs")
+    args = p.parse_args(argv)
+    home = os.environ.get("XICON_STACK_HOME")
+    comfy_dir = args.comfy_dir or (Path(home) / "ComfyUI" if home else None)
+    if comfy_dir is None:
+        print("give --comfy-dir or XICON_STACK_HOME (the stack: stack/install.py)")
+        return 2
+    import pose_detection  # the packs imported as ComfyUI imports them
+    import pose_sessions  # the models written as that bench writes them
+
+    width, height = (int(v) for v in args.size.split("x"))
+    batches = [int(v) for v in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        detection = pose_sessions.write_models(Path(tmp), args.model)
+        onnx_models, node = pose_detection.comfy_modules(comfy_dir.resolve())
+        import numpy as np
+        import onnxruntime
+        import torch
+
+        provider = args.provider or (
+            "CUDAExecutionProvider"
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            else "CPUExecutionProvider"
+        )
+        ps = pose_detection.load(
+            "xicon_pose_sessions_bench", EXTENSIONS / "xicon_pose_sessions" / "pose_sessions.py"
+        )
+        pb = pose_detection.load(
+            "xicon_pose_batch_bench", EXTENSIONS / "xicon_pose_batch" / "pose_batch.py"
+        )
+        inside: dict[str, float] = {}
+        heatmaps: list[Any] = []
+        keep_heatmaps = [False]
+        session_run = onnxruntime.InferenceSession.run
+
+        def timed_run(self: Any, *a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            out = session_run(self, *a, **k)
+            name = "vitpose" if self.get_inputs()[0].shape[2:] == [256, 192] else "yolo"
+            inside[name] = inside.get(name, 0.0) + time.perf_counter() - t
+            if name == "vitpose" and keep_heatmaps[0]:
+                heatmaps.append(out[0].copy())
+            return out
+
+        onnxruntime.InferenceSession.run = timed_run
+        on_gpu = torch.cuda.is_available()
+
+        def used_gib() -> float:
+            if not on_gpu:
+                return 0.0
+            free, total = torch.cuda.mem_get_info()
+            return (total - free) / 2**30
+
+        torch.manual_seed(0)
+        clip = torch.rand(args.frames, height, width, 3)
+        base, node_class = onnx_models.SimpleOnnxInference, type(node)
+        original = (base.cleanup, node_class.process)
+        base.cleanup = ps.kept_cleanup(base.cleanup, "keep", None)
+        print(
+            f"ViTPose-L {(detection / 'vitpose-l-wholebody.onnx').stat().st_size / 1e9:.2f} GB, "
+            f"{provider}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores; "
+            f"{args.frames} frames at {width}x{height}; sessions kept in every way; medians of "
+            f"{args.repeat} runs after one"
+        )
+        first_maps: dict[int, Any] = {}
+        first_poses: dict[int, list[Any]] = {}
+        for batch in batches:
+            node_class.process = original[1] if batch == 1 else pb.batched(original[1], batch)
+            before = used_gib()
+            model = {
+                "yolo": onnx_models.Yolo(str(detection / "yolov10m.onnx"), provider),
+                "vitpose": onnx_models.ViTPose(
+                    str(detection / "vitpose-l-wholebody.onnx"), provider
+                ),
+            }
+            rows = []
+            for i in range(args.repeat + 1):
+                inside.clear()
+                heatmaps.clear()
+                keep_heatmaps[0] = i == 0
+                t = time.perf_counter()
+                (out,) = node_class().process(model, clip)
+                total = time.perf_counter() - t
+                if i == 0:
+                    first_maps[batch] = np.concatenate(heatmaps)
+                    first_poses[batch] = [
+                        np.asarray(q["bodies"]["candidate"]).tolist() for q in out["poses"]
+                    ]
+                    continue
+                yolo, vit = inside.get("yolo", 0.0), inside.get("vitpose", 0.0)
+                rows.append((total, yolo, vit, total - yolo - vit))
+            total, yolo, vit, rest = (statistics.median(c) for c in zip(*rows, strict=True))
+            print(
+                f"batch {batch:3d}: node {total:.3f} s ({total / args.frames * 1000:.1f} ms a "
+                f"frame) | YOLO {yolo:.3f} s | ViTPose {vit:.3f} s | rest {rest:.3f} s | "
+                f"device memory in use {used_gib() - before:+.2f} GiB with the sessions"
+            )
+            del model
+        base.cleanup, node_class.process = original
+        one = first_maps[batches[0]].astype(np.float64)
+        for batch in batches[1:]:
+            other = first_maps[batch].astype(np.float64)
+            gap = float(np.abs(other - one).max())
+            cos = float((other * one).sum() / (np.linalg.norm(other) * np.linalg.norm(one)))
+            poses = pose_sessions.compare([first_poses[batches[0]]], [first_poses[batch]])
+            print(
+                f"batch {batch} against batch {batches[0]}: heatmaps max |difference| {gap:.3g}, "
+                f"cosine {cos:.7f}; {poses}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Pose detection's two ONNX models run over several frames per call where the model takes a
+batch, instead of one frame per call.
+
+Why: pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose.process``: node 365 on the
+reference image, node 363 on the driving clip) runs WanAnimatePreprocess's YOLO and then its
+ViTPose once per frame, each call a batch of one. On onnxruntime's CUDA provider a batch-1 call of
+ViT-L (192 tokens) is mostly fixed cost: the kernels' launches, the copies to and from the GPU,
+the session's own work per run. On an H100 held to 32 GB node 363 took 1.04 s for an 81-frame
+clip and 18.8 s for a 60-s one (1441 frames), about 13 ms a frame, with its detectors' sessions
+kept (``bench/results/gpu_h100_sessions_pages``).
+
+What: the node's ``process`` replaced by the same steps, with a model whose input's first axis
+is not a fixed number (ViTPose as easy_ViTPose exports it: ``input_0``'s batch axis is
+symbolic) given ``BATCH`` frames per call: the frames resized for YOLO, or cropped and
+normalised for ViTPose, exactly as upstream does each one, stacked; the results are upstream's
+per frame (``Yolo.forward`` and ``ViTPose.forward`` take batches, and the keypoint decoding is
+per frame). A model with a fixed batch of one (YOLOv10m as WanAnimatePreprocess ships it) runs
+one frame per call, as upstream's does. Everything else is upstream's own functions in
+upstream's order: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``, ``crop``,
+``load_pose_metas_from_kp2ds_seq``, ``aaposemeta_to_dwpose_scail``. On the CPU provider the
+poses are upstream's to the bit; on the GPU a batch may run other kernels than a single frame, so
+heatmaps may differ in their last bits (as two new CUDA sessions' already do).
+
+``XICON_POSE_BATCH``: frames per call, 1 to ``MAX_BATCH`` (default ``DEFAULT_BATCH``); ``1`` or
+``off`` leaves upstream's ``process``. Installed as an import hook on the pack's ``nodes.py``,
+only when the node's ``process`` still has the source this was written against
+(``UPSTREAM_SHA256``); otherwise nothing changes and the reason is logged. The replacement keeps
+upstream's function as ``__wrapped__`` (``inspect.getsource`` reads upstream's source through
+it), so ``xicon_pose_sessions`` checks and wraps it as it would upstream's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import sys
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger("xicon_pose_batch")
+
+ENV = "XICON_POSE_BATCH"
+DEFAULT_BATCH = 16
+MAX_BATCH = 256
+NODE = "PoseDetectionVitPoseToDWPose"
+TARGET = "ComfyUI-SCAIL-Pose.nodes"
+# sha256 of inspect.getsource(PoseDetectionVitPoseToDWPose.process) at ComfyUI-SCAIL-Pose
+# 11402b150d728440a4a89964faa58907f84c35e6's nodes.py.
+UPSTREAM_SHA256 = "ebb9eba0aca5a0ad64ea5e9775ba4804361e7d27a222908be015c307de932d78"
+REPLACED = "_xicon_pose_batch"
+YOLO_SIDE = 640  # upstream resizes every frame to 640x640 for YOLO
+INPUT_RESOLUTION = (256, 192)  # ViTPose's crop, upstream's constants below
+RESCALE = 1.25
+
+
+def batch_setting(env: Mapping[str, str]) -> tuple[int | None, str]:
+    """Frames per call from ``ENV`` (None: leave upstream's ``process``), and why."""
+    raw = env.get(ENV, "").strip().lower()
+    if not raw:
+        return DEFAULT_BATCH, f"{DEFAULT_BATCH} frames per call"
+    if raw in {"off", "1"}:
+        return None, f"{ENV}={raw}: one frame per call as upstream"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH:
+        return None, f"{ENV} must be off or a whole number 1-{MAX_BATCH}; one frame per call"
+    return value, f"{value} frames per call"
+
+
+def takes_batches(model: Any) -> bool:
+    """Whether the model's session takes any number of frames (its input's first axis is not
+    a fixed number)."""
+    session = getattr(model, "session", None)
+    if session is None:
+        return False
+    first = session.get_inputs()[0].shape[0]
+    return not isinstance(first, int)
+
+
+def upstream_digest(process: Callable[..., Any]) -> str:
+    return hashlib.sha256(inspect.getsource(process).encode()).hexdigest()
+
+
+def batched(process: Callable[..., Any], batch: int) -> Callable[..., Any]:
+    """The node's ``process`` with its detectors run ``batch`` frames per call where they can."""
+    g = process.__globals__  # the pack's module: its numpy, cv2, ProgressBar and helpers
+    np, cv2 = g["np"], g["cv2"]
+    bbox_from_detector, crop = g["bbox_from_detector"], g["crop"]
+    load_pose_metas = g["load_pose_metas_from_kp2ds_seq"]
+    to_dwpose = g["aaposemeta_to_dwpose_scail"]
+    progress_bar = g["ProgressBar"]
+
+    @functools.wraps(process)
+    def run(self: Any, vitpose_model: Any, images: Any) -> Any:
+        detector = vitpose_model["yolo"]
+        pose_model = vitpose_model["vitpose"]
+        frames, height, width, _ = images.shape
+        shape = np.array([height, width])[None]
+        images_np = images.numpy()
+        mean = np.array([0.485, 0.456, 0.406])
+        std = np.array([0.229, 0.224, 0.225])
+
+        detector.reinit()
+        pose_model.reinit()
+        bar = progress_bar(frames * 2)
+        done = 0
+
+        bboxes: list[Any] = []
+        step = batch if takes_batches(detector) else 1
+        for start in range(0, frames, step):
+            chunk = images_np[start : start + step]
+            resized = np.stack(
+                [cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1) for img in chunk]
+            )
+            found = detector(resized, np.repeat(shape, len(chunk), axis=0))
+            bboxes.extend(person[0]["bbox"] for person in found)
+            done += len(chunk)
+            bar.update_absolute(done)
+        detector.cleanup()
+
+        kp2ds = []
+        step = batch if takes_batches(pose_model) else 1
+        for start in range(0, frames, step):
+            crops, centers, scales = [], [], []
+            for img, bbox in zip(
+                images_np[start : start + step], bboxes[start : start + step], strict=True
+            ):
+                if (
+                    bbox is None
+                    or bbox[-1] <= 0
+                    or (bbox[2] - bbox[0]) < 10
+                    or (bbox[3] - bbox[1]) < 10
+                ):
+                    bbox = np.array([0, 0, img.shape[1], img.shape[0]])
+                center, scale = bbox_from_detector(bbox, INPUT_RESOLUTION, rescale=RESCALE)
+                cropped = crop(img, center, scale, (INPUT_RESOLUTION[0], INPUT_RESOLUTION[1]))[0]
+                crops.append(((cropped - mean) / std).transpose(2, 0, 1).astype(np.float32))
+                centers.append(np.array(center))
+                scales.append(np.array(scale))
+            kp2ds.append(pose_model(np.stack(crops), np.stack(centers), np.stack(scales)))
+            done += len(crops)
+            bar.update_absolute(done)
+        pose_model.cleanup()
+
+        kp2ds = np.concatenate(kp2ds, 0)
+        pose_metas = load_pose_metas(kp2ds, width=width, height=height)
+        dwposes = [to_dwpose(meta) for meta in pose_metas]
+        return ({"poses": dwposes, "swap_hands": True},)
+
+    setattr(run, REPLACED, batch)
+    return run
+
+
+def patch(module: types.ModuleType, env: Mapping[str, str]) -> str:
+    """Replace the node's ``process`` in the pack's ``nodes`` module; the line to log."""
+    node_class = getattr(module, NODE, None)
+    if node_class is None:
+        return f"{NODE} not found; nothing to do"
+    if getattr(node_class.process, REPLACED, None):
+        return "already in place"
+    batch, why = batch_setting(env)
+    if batch is None:
+        return f"{why}; pose detection left as it is"
+    try:
+        digest = upstream_digest(node_class.process)
+    except (OSError, TypeError):
+        return "the node's source cannot be read; pose detection left as it is"
+    if digest != UPSTREAM_SHA256:
+        return (
+            f"{NODE}.process changed upstream (sha256 {digest[:12]}, expected "
+            f"{UPSTREAM_SHA256[:12]}); pose detection left as it is"
+        )
+    node_class.process = batched(node_class.process, batch)
+    return f"pose detection runs its detectors {why} where their models take a batch"
+
+
+class _Loader(importlib.abc.Loader):
+    """The pack's own loader, with the replacement after its module has run; anything else
+    (``get_source``, ``get_filename``, ...) is the inner loader's."""
+
+    def __init__(self, inner: importlib.abc.Loader, env: Mapping[str, str]) -> None:
+        self.inner = inner
+        self.env = env
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.inner.exec_module(module)
+        try:
+            log.info("xicon_pose_batch: %s", patch(module, self.env))
+        except Exception:  # never break the pack: it then runs as upstream ships it
+            log.exception("xicon_pose_batch: pose detection left as it is")
+
+
+class Finder(importlib.abc.MetaPathFinder):
+    """Wraps the loader of SCAIL-Pose's ``nodes`` module (by module-name suffix: ComfyUI names a
+    pack's modules after its folder)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.endswith(TARGET):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader, self.env)
+        return spec
+
+
+def install(env: Mapping[str, str], meta_path: list[Any] | None = None) -> bool:
+    """Add the import hook once; False when it is already there."""
+    meta_path = sys.meta_path if meta_path is None else meta_path
+    if any(isinstance(f, Finder) for f in meta_path):
+        return False
+    meta_path.insert(0, Finder(env))
+    return True
