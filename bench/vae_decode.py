@@ -17,12 +17,17 @@ Run by the stack's Python on the GPU machine:
         --latent-frames 21,61 --variants plain,benchmark,channels_last,both,compile,encode,\
 encode_channels_last
 
+``streamlined`` and ``encode_streamlined`` add the extension's ``decoder_ops.py`` steps to the
+channels-last layout (``XICON_VAE_OPS``). ``--profile VARIANT,...`` runs those variants once
+more under ``torch.profiler`` and prints their top kernels and GPU time by kind.
+
 ``--vae`` is the model file, loaded as ``WanVideoVAELoader`` loads it (the synthetic one works:
 its figures are time and memory; PyTorch's default initialisation of this VAE decodes to NaN).
 The last line printed is the JSON of every figure.
 """
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -33,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile")
-ENCODE_VARIANTS = ("encode", "encode_channels_last")
+VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile", "streamlined")
+ENCODE_VARIANTS = ("encode", "encode_channels_last", "encode_streamlined")
 # the image's conversion, the one function both use
 LAYOUT = (
     Path(__file__).resolve().parent.parent
@@ -83,7 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after the first")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated variants to profile once more after their timed runs (CUDA: the "
+        "kernels taking the most GPU time, to stderr)",
+    )
     args = parser.parse_args(argv)
+    profiled = set(filter(None, args.profile.split(",")))
 
     sys.path.insert(0, str(args.comfy_dir))
     import comfy.cli_args
@@ -146,10 +158,14 @@ def main(argv: list[str] | None = None) -> None:
             encoding = variant in ENCODE_VARIANTS
             torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
             vae = fresh_vae()
-            if variant in ("channels_last", "both"):
+            if variant in ("channels_last", "both", "streamlined"):
                 layout.convert(vae, layout.DECODER)
-            if variant == "encode_channels_last":
+            if variant in ("encode_channels_last", "encode_streamlined"):
                 layout.convert(vae, layout.ENCODER)
+            if variant == "streamlined":
+                print(layout.streamline(vae, layout.DECODER), file=sys.stderr)
+            if variant == "encode_streamlined":
+                print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []
@@ -167,6 +183,15 @@ def main(argv: list[str] | None = None) -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
+            if variant in profiled and device.type == "cuda":
+                run = functools.partial(
+                    vae.encode if encoding else vae.decode,
+                    [pixels if encoding else latent],
+                    device=device,
+                    tiled=False,
+                    pbar=False,
+                )
+                profile(run, f"{variant}@{t}")
             frames = video.float().cpu()
             row: dict[str, Any] = {
                 "first_s": times[0],
@@ -188,6 +213,40 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{variant:>14} @ {t:3d} latent frames: {row}", file=sys.stderr)
             del vae, video, frames
     print(json.dumps(out))
+
+
+def profile(run: Any, label: str, top: int = 25) -> None:
+    """``run()`` once under ``torch.profiler``: the kernels taking the most GPU time, and the
+    GPU time by kind (convolution, copy and layout, normalisation and activation, the rest), to
+    stderr."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels) or 1.0
+    kinds = {
+        "convolution": ("conv", "xmma", "implicit", "gemm", "cudnn", "winograd", "sm90", "sm80"),
+        "copy and layout": ("copy", "cat", "pad", "nchw", "nhwc", "transpose", "permute"),
+        "norm and activation": ("norm", "silu", "rsqrt", "reduce", "mul", "div", "add", "clamp"),
+        "upsample": ("upsample", "nearest"),
+    }
+    by_kind = dict.fromkeys([*kinds, "other"], 0.0)
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        by_kind[kind] += e.device_time_total
+    print(f"profile {label}: GPU time {total / 1000:.1f} ms", file=sys.stderr)
+    for kind, us in by_kind.items():
+        print(f"  {kind:>20}: {us / 1000:8.1f} ms ({us / total:5.1%})", file=sys.stderr)
+    for e in kernels[:top]:
+        print(
+            f"  {e.device_time_total / 1000:8.1f} ms {e.count:6d}x  {e.key[:110]}", file=sys.stderr
+        )
 
 
 class _Null:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,13 @@ out = {"digest_ok": ext.upstream_digest(Pinned) == ext.UPSTREAM_SHA256}
 out["plain_decoder"] = layouts(plain.model.decoder)
 out["decoder"] = layouts(vae.model.decoder)
 out["encoder"] = layouts(vae.model.encoder)
+# the loader streamlined the decoder's steps (decoder_ops.py) once; a second pass does nothing
+out["ops_done"] = {part: sum(getattr(m, "_xicon_decoder_ops", False)
+                             for m in getattr(vae.model, part).modules())
+                   for part in ("decoder", "encoder")}
+out["ops_again"] = ext.streamline(vae)
+out["ops_not_a_vae"] = ext.streamline(object())
+out["ops_chosen"] = {v: ext.ops_chosen({"XICON_VAE_OPS": v}) for v in ("", "on", "off", " NO ")}
 out["again"] = ext.convert(vae)  # already converted: nothing moves
 out["not_a_vae"] = ext.convert(object())
 # the same weights, only laid out otherwise
@@ -141,6 +149,13 @@ def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: 
     assert decoder["moved"] > 10 and decoder["not_cl"] == 0, out
     assert out["encoder"]["moved"] == 0 and out["encoder"]["five_d"] > 10, out
     assert out["again"] == 0 and out["not_a_vae"] == 0
+    assert out["ops_done"]["decoder"] > 30 and out["ops_done"]["encoder"] == 0, out["ops_done"]
+    assert out["ops_again"] == (
+        "the VAE decoder's steps streamlined: 0 convolutions pad inside, 0 RMS norms in one "
+        "kernel, 0 upsamples in their own type"
+    )
+    assert out["ops_not_a_vae"].startswith("not the Wan VAE this was written for")
+    assert out["ops_chosen"] == {"": True, "on": True, "off": False, " NO ": False}
     assert out["same_values"] is True
     assert out["after_to"] == decoder
     # XICON_VAE_CHANNELS_LAST=all: the encoder too
@@ -186,17 +201,23 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "--repeat",
         "0",
         "--variants",
-        "plain,channels_last,encode,encode_channels_last",
+        "plain,channels_last,streamlined,encode,encode_channels_last,encode_streamlined",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     plain, cl = out["runs"]["plain@2"], out["runs"]["channels_last@2"]
     assert plain["frames"] == cl["frames"] == [3, 5, 48, 64]
     assert plain["finite"] and cl["finite"]
     assert cl["max_abs_diff"] < 1e-4 and cl["cosine"] > 0.99999, cl
+    # the convolutions' padding inside, one-kernel RMS norms: the same sums in float32
+    fast = out["runs"]["streamlined@2"]
+    assert fast["frames"] == plain["frames"] and fast["finite"], fast
+    assert fast["max_abs_diff"] < 1e-4 and fast["cosine"] > 0.99999, fast
     enc, enc_cl = out["runs"]["encode@2"], out["runs"]["encode_channels_last@2"]
     assert enc["frames"] == enc_cl["frames"] == [16, 2, 3, 4]  # 5 frames of 32x24 -> 2 latents
     assert "max_abs_diff" not in enc  # the encode's own reference, not the decode's
     assert enc_cl["finite"] and enc_cl["max_abs_diff"] < 1e-4, enc_cl
+    enc_fast = out["runs"]["encode_streamlined@2"]
+    assert enc_fast["finite"] and enc_fast["max_abs_diff"] < 1e-4, enc_fast
 
 
 def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
@@ -232,7 +253,13 @@ def test_comfyui_loads_the_vae_through_the_extension(
         "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory ("
         in (on["log"])
     )
+    assert re.search(
+        r"xicon_vae_channels_last: the VAE decoder's steps streamlined: [1-9]\d* convolutions "
+        r"pad inside, [1-9]\d* RMS norms in one kernel, [1-9]\d* upsamples in their own type",
+        on["log"],
+    ), on["log"][-3000:]
     assert "xicon_vae_channels_last: off (XICON_VAE_CHANNELS_LAST)" in off["log"]
+    assert "streamlined" not in off["log"]
     assert "channels-last memory (" not in off["log"]
     assert len(on["pngs"]) == len(off["pngs"]) == 5
     # bf16 on the CPU: the same operations in another order round differently, by little

@@ -18,6 +18,10 @@ layout (``Module.to`` preserves a dense tensor's memory format). The encoder, wh
 reference embeds use, keeps upstream's layout unless ``XICON_VAE_CHANNELS_LAST=all`` (alone on an
 H100 its encode took 7-19 % less with it, not yet measured through the worker).
 
+The converted parts also get ``decoder_ops.py``'s steps (the spatial padding inside each
+convolution, the RMS norm in one kernel, the nearest upsample in bf16) unless
+``XICON_VAE_OPS=off``.
+
 Installed once, before ComfyUI runs its first prompt, and only when ``loadmodel`` still has the
 source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason
 is logged. ``XICON_VAE_CHANNELS_LAST=off`` turns it off; ``all`` adds the encoder.
@@ -27,9 +31,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import inspect
 import logging
+import sys
+import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +45,8 @@ import torch
 log = logging.getLogger("xicon_vae_channels_last")
 
 ENV = "XICON_VAE_CHANNELS_LAST"
+OPS_ENV = "XICON_VAE_OPS"
+OFF = {"0", "off", "false", "no"}
 NODE = "WanVideoVAELoader"
 # sha256 of inspect.getsource(WanVideoVAELoader.loadmodel) at ComfyUI-WanVideoWrapper
 # 088128b224242e110d3906c6750e9a3a348a659b's nodes_model_loading.py.
@@ -50,13 +60,61 @@ def chosen_parts(env: Mapping[str, str]) -> tuple[str, ...]:
     """The parts ``ENV`` asks for: none for ``0``/``off``/``false``/``no``, the decoder's and the
     encoder's for ``all``, the decoder's otherwise (the default)."""
     value = env.get(ENV, "").strip().lower()
-    if value in {"0", "off", "false", "no"}:
+    if value in OFF:
         return ()
     return DECODER + ENCODER if value == "all" else DECODER
 
 
 def described(parts: tuple[str, ...]) -> str:
-    return "decoder's and encoder's" if "encoder" in parts else "decoder's"
+    if "encoder" not in parts:
+        return "decoder's"
+    return "decoder's and encoder's" if "decoder" in parts else "encoder's"
+
+
+def ops_chosen(env: Mapping[str, str]) -> bool:
+    """Whether the converted parts also get ``decoder_ops.py``'s steps (unless ``OPS_ENV`` is
+    off)."""
+    return env.get(OPS_ENV, "").strip().lower() not in OFF
+
+
+def decoder_ops() -> types.ModuleType:
+    """``decoder_ops.py`` beside this file, loaded once."""
+    name = "xicon_vae_decoder_ops"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().with_name("decoder_ops.py")
+        )
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def streamline(vae: Any, parts: tuple[str, ...] = DECODER) -> str:
+    """``parts`` of ``vae.model`` given ``decoder_ops.py``'s steps, in place; what was done."""
+    ops = decoder_ops()
+    model = getattr(vae, "model", None)
+    classes = ops.upstream_classes(model) if isinstance(model, torch.nn.Module) else None
+    if classes is None:
+        return "not the Wan VAE this was written for; its steps left as they are"
+    digest = ops.upstream_digest(classes)
+    if digest != ops.UPSTREAM_SHA256:
+        return (
+            f"the VAE's layers changed upstream (sha256 {digest[:12]}, expected "
+            f"{ops.UPSTREAM_SHA256[:12]}); their steps left as they are"
+        )
+    counts = dict.fromkeys(ops.CLASSES, 0)
+    for name in parts:
+        part = getattr(model, name, None)
+        if isinstance(part, torch.nn.Module):
+            for layer, n in ops.streamline(part, classes).items():
+                counts[layer] += n
+    return (
+        f"the VAE {described(parts)} steps streamlined: {counts['CausalConv3d']} convolutions "
+        f"pad inside, {counts['RMS_norm']} RMS norms in one kernel, {counts['Upsample']} "
+        "upsamples in their own type"
+    )
 
 
 def channels_last(module: torch.nn.Module) -> int:
@@ -86,9 +144,10 @@ def convert(vae: Any, parts: tuple[str, ...] = DECODER) -> int:
 
 
 def wrap_loader(
-    original: Callable[..., Any], parts: tuple[str, ...] = DECODER
+    original: Callable[..., Any], parts: tuple[str, ...] = DECODER, ops: bool = True
 ) -> Callable[..., Any]:
-    """``WanVideoVAELoader.loadmodel`` whose VAE comes back with ``parts`` channels-last."""
+    """``WanVideoVAELoader.loadmodel`` whose VAE comes back with ``parts`` channels-last (and
+    streamlined, with ``ops``)."""
 
     @functools.wraps(original)
     def loadmodel(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -100,6 +159,8 @@ def wrap_loader(
                 described(parts),
                 changed,
             )
+            if ops:
+                log.info("xicon_vae_channels_last: %s", streamline(result[0], parts))
         except Exception:  # never break the load: the VAE is then as upstream loaded it
             log.exception("xicon_vae_channels_last: the VAE left as loaded")
         return result
@@ -112,7 +173,7 @@ def upstream_digest(node_class: type) -> str:
     return hashlib.sha256(inspect.getsource(node_class.loadmodel).encode()).hexdigest()
 
 
-def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER) -> str:
+def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER, ops: bool = True) -> str:
     """Wrap ``registry[NODE].loadmodel`` to convert ``parts``; the line to log."""
     node_class = registry.get(NODE)
     if node_class is None:
@@ -129,8 +190,9 @@ def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER) -> str:
             f"{NODE}.loadmodel changed upstream (sha256 {digest[:12]}, expected "
             f"{UPSTREAM_SHA256[:12]}); the VAE left as upstream loads it"
         )
-    node_class.loadmodel = wrap_loader(current, parts)
-    return f"{NODE} gives the VAE {described(parts)} weights in channels-last memory"
+    node_class.loadmodel = wrap_loader(current, parts, ops)
+    steps = ", its steps streamlined" if ops else f" ({OPS_ENV}=off: its steps as upstream's)"
+    return f"{NODE} gives the VAE {described(parts)} weights in channels-last memory{steps}"
 
 
 def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str, str]) -> str:
@@ -139,6 +201,7 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
     parts = chosen_parts(env)
     if not parts:
         return f"off ({ENV})"
+    ops = ops_chosen(env)
     original = executor_class.execute_async
     if getattr(original, WRAPPED, False):
         return "already installed"
@@ -149,7 +212,7 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
         if not done:
             done.append(True)
             try:
-                log.info("xicon_vae_channels_last: %s", patch(registry, parts))
+                log.info("xicon_vae_channels_last: %s", patch(registry, parts, ops))
             except Exception:  # never break a prompt: the VAE then loads as upstream ships it
                 log.exception("xicon_vae_channels_last: the VAE left as upstream loads it")
         return await original(self, *args, **kwargs)
