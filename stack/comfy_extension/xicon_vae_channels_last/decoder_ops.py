@@ -17,8 +17,9 @@ What: per module instance of the converted parts (``vae_channels_last.convert``'
   as upstream does. Zero padding inside the convolution is the same sum.
 - ``RMS_norm`` (channel-first, no bias): on a channels-last input, ``F.rms_norm`` over the
   channels of the channels-last view, weight ``gamma`` (times ``scale / sqrt(C)``, which is 1
-  here): ``x / ||x|| * sqrt(C)`` is ``x / rms(x)``, in one kernel, float32 inside; upstream rounds to bf16 after each of its steps,
-  so values differ in their last bits. Any other input goes to upstream's ``forward``.
+  here): ``x / ||x|| * sqrt(C)`` is ``x / rms(x)``, in one kernel, float32 inside; upstream
+  rounds to bf16 after each of its steps, so values differ in their last bits. Any other input
+  goes to upstream's ``forward``.
 - ``Upsample`` (nearest or nearest-exact): a bf16 or fp16 input resized in its own type; nearest
   copies values, so the result is upstream's bit for bit. Other modes and types: upstream's.
 
