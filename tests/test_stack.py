@@ -138,7 +138,11 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "file_pages.py",
     }
     layout = comfy / "custom_nodes" / "xicon_vae_channels_last"
-    assert {p.name for p in layout.iterdir()} == {"__init__.py", "vae_channels_last.py"}
+    assert {p.name for p in layout.iterdir()} == {
+        "__init__.py",
+        "vae_channels_last.py",
+        "decoder_ops.py",
+    }
     batch = comfy / "custom_nodes" / "xicon_pose_batch"
     assert {p.name for p in batch.iterdir()} == {
         "__init__.py",
