@@ -1,5 +1,6 @@
 """Pose detection with ViTPose run one frame per call (upstream) against several frames per call
-(the project's extension ``xicon_pose_batch``), with ViTPose-L at its true shapes.
+(the project's extension ``xicon_pose_batch``, YOLO in a thread of its own ahead of ViTPose, or
+not: a trailing ``s``), with ViTPose-L at its true shapes.
 
 Pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose``, node 363 on the clip) runs
 WanAnimatePreprocess's YOLO and then ViTPose on every frame. This writes
@@ -9,7 +10,8 @@ one), and runs the node on ``--frames`` frames in the stack's Python, once per w
 ``--batches`` (1 is upstream's ``process``), the sessions kept between runs in every way (as the
 image does on a GPU with room) so that only the batching differs. Per way, medians of
 ``--repeat`` runs after one untimed run: the node's seconds, the seconds inside YOLO's and
-ViTPose's ``session.run``, the rest (the node's own CPU work), and the whole device's memory in
+ViTPose's ``session.run``, the node less both (its own CPU work when nothing overlaps; with YOLO's
+thread the two models' calls overlap, and it can be below zero), and the whole device's memory in
 use with the sessions alive (``torch.cuda.mem_get_info``: onnxruntime's arena included); then the
 largest difference of ViTPose's heatmaps and of the poses against one frame per call.
 
@@ -44,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--size", default="416x672")
-    p.add_argument("--batches", default="1,8,16,32")
+    p.add_argument(
+        "--batches",
+        default="1,8,16,32,16s",
+        help="frames per call; 1 is upstream's process, a trailing s finds the boxes first "
+        "(no YOLO thread)",
+    )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--provider", default=None)
     p.add_argument("--model", type=Path, default=None, help="a ViTPose ONNX file to use instead")
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import pose_sessions  # the models written as that bench writes them
 
     width, height = (int(v) for v in args.size.split("x"))
-    batches = [int(v) for v in args.batches.split(",")]
+    batches = args.batches.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         detection = pose_sessions.write_models(Path(tmp), args.model)
         onnx_models, node = pose_detection.comfy_modules(comfy_dir.resolve())
@@ -112,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.frames} frames at {width}x{height}; sessions kept in every way; medians of "
             f"{args.repeat} runs after one"
         )
-        first_maps: dict[int, Any] = {}
-        first_poses: dict[int, list[Any]] = {}
+        first_maps: dict[str, Any] = {}
+        first_poses: dict[str, list[Any]] = {}
         for batch in batches:
-            node_class.process = original[1] if batch == 1 else pb.batched(original[1], batch)
+            size, serial = int(batch.rstrip("s")), batch.endswith("s")
+            node_class.process = (
+                original[1] if size == 1 else pb.batched(original[1], size, pipelined=not serial)
+            )
             before = used_gib()
             model = {
                 "yolo": onnx_models.Yolo(str(detection / "yolov10m.onnx"), provider),
@@ -141,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((total, yolo, vit, total - yolo - vit))
             total, yolo, vit, rest = (statistics.median(c) for c in zip(*rows, strict=True))
             print(
-                f"batch {batch:3d}: node {total:.3f} s ({total / args.frames * 1000:.1f} ms a "
-                f"frame) | YOLO {yolo:.3f} s | ViTPose {vit:.3f} s | rest {rest:.3f} s | "
+                f"batch {batch:>4}: node {total:.3f} s ({total / args.frames * 1000:.1f} ms a "
+                f"frame) | YOLO {yolo:.3f} s | ViTPose {vit:.3f} s | node less both {rest:.3f} s | "
                 f"device memory in use {used_gib() - before:+.2f} GiB with the sessions"
             )
             del model

@@ -96,7 +96,7 @@ def detect(label, yolo="yolov10m.onnx", env=None, runs=1):
     node = node_class()
     results = [poses(node.process(model, clip)[0]) for _ in range(runs)]
     out[label] = {"patched": patched, "poses": results[0], "same_runs": results[1:] == results[:-1],
-                  "calls": {Path(k).name: v for k, v in calls.items()}, "lines": list(lines),
+                  "calls": {Path(k).name: list(v) for k, v in calls.items()}, "lines": list(lines),
                   "starts": len(starts),
                   "replaced": getattr(node_class.process, pb.REPLACED, None)}
 
@@ -110,6 +110,36 @@ detect("default", env={})
 detect("off", env={"XICON_POSE_BATCH": "off"})
 detect("unknown", env={"XICON_POSE_BATCH": "lots"})
 detect("too_big", env={"XICON_POSE_BATCH": "100000"})
+# one thread: the boxes found before the keypoints, chunk by chunk
+node_class.process = pb.batched(original, 8, pipelined=False)
+calls.clear()
+model = {"yolo": module_onnx.Yolo(str(detection / "yolov10m.onnx"), "CPUExecutionProvider"),
+         "vitpose": module_onnx.ViTPose(str(detection / "vitpose-l-wholebody.onnx"),
+                                        "CPUExecutionProvider")}
+out["serial"] = {"poses": poses(node_class().process(model, clip)[0]),
+                 "calls": {Path(k).name: list(v) for k, v in calls.items()}}
+
+# YOLO failing on the third frame: the node raises its error, and no thread is left behind
+import threading
+node_class.process = pb.batched(original, 4)
+yolo_forward = module_onnx.Yolo.forward
+seen = []
+def failing(self, *a, **k):
+    seen.append(1)
+    if len(seen) == 3:
+        raise RuntimeError("yolo broke")
+    return yolo_forward(self, *a, **k)
+module_onnx.Yolo.forward = failing
+threads = threading.active_count()
+try:
+    node_class().process(model, clip)
+    out["failure"] = "no error"
+except RuntimeError as e:
+    out["failure"] = str(e)
+module_onnx.Yolo.forward = yolo_forward
+out["threads_left"] = threading.active_count() - threads
+out["yolo_calls_after_failure"] = len(seen)
+
 node_class.process = original
 out["again"] = pb.patch(module, {"XICON_POSE_BATCH": "8"})
 out["twice"] = pb.patch(module, {"XICON_POSE_BATCH": "8"})
@@ -186,6 +216,13 @@ def test_batched_detection_finds_upstreams_poses(stack: Stack, tmp_path: Path) -
         "vitpose-l-wholebody.onnx": [8, 8, 3],
     }
     assert out["upstream_batch_yolo"]["poses"] != upstream["poses"]  # its boxes move the crops
+
+    assert out["serial"]["poses"] == upstream["poses"]
+    assert out["serial"]["calls"] == batched["calls"]
+    assert out["failure"] == "yolo broke"
+    assert out["threads_left"] == 0
+    # YOLO is not called again once it failed: the chunks after it are not searched
+    assert out["yolo_calls_after_failure"] == 3
 
     default = out["default"]
     assert default["replaced"] == 16 and default["poses"] == upstream["poses"]

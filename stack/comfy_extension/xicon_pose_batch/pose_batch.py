@@ -15,11 +15,15 @@ symbolic) given ``BATCH`` frames per call: the frames resized for YOLO, or cropp
 normalised for ViTPose, exactly as upstream does each one, stacked; the results are upstream's
 per frame (``Yolo.forward`` and ``ViTPose.forward`` take batches, and the keypoint decoding is
 per frame). A model with a fixed batch of one (YOLOv10m as WanAnimatePreprocess ships it) runs
-one frame per call, as upstream's does. Everything else is upstream's own functions in
-upstream's order: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``, ``crop``,
-``load_pose_metas_from_kp2ds_seq``, ``aaposemeta_to_dwpose_scail``. On the CPU provider the
-poses are upstream's to the bit; on the GPU a batch may run other kernels than a single frame, so
-heatmaps may differ in their last bits (as two new CUDA sessions' already do).
+one frame per call, as upstream's does. The clip goes in chunks of ``BATCH`` frames, and YOLO
+looks for the boxes of the chunks ahead in a thread of its own while ViTPose runs on the chunk
+whose boxes are found (upstream finds every box first): the two sessions' GPU work and the
+node's CPU work overlap. Both sessions are released after the last chunk (upstream releases
+YOLO's before ViTPose runs). Everything else is upstream's own functions: the sessions'
+``reinit`` and ``cleanup``, ``bbox_from_detector``, ``crop``, ``load_pose_metas_from_kp2ds_seq``,
+``aaposemeta_to_dwpose_scail``. On the CPU provider the poses are upstream's to the bit; on the
+GPU a batch may run other kernels than a single frame, so heatmaps may differ in their last bits
+(as two new CUDA sessions' already do).
 
 ``XICON_POSE_BATCH``: frames per call, 1 to ``MAX_BATCH`` (default ``DEFAULT_BATCH``); ``1`` or
 ``off`` leaves upstream's ``process``. Installed as an import hook on the pack's ``nodes.py``,
@@ -38,8 +42,10 @@ import importlib.machinery
 import inspect
 import logging
 import sys
+import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("xicon_pose_batch")
@@ -88,8 +94,10 @@ def upstream_digest(process: Callable[..., Any]) -> str:
     return hashlib.sha256(inspect.getsource(process).encode()).hexdigest()
 
 
-def batched(process: Callable[..., Any], batch: int) -> Callable[..., Any]:
-    """The node's ``process`` with its detectors run ``batch`` frames per call where they can."""
+def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> Callable[..., Any]:
+    """The node's ``process`` with its detectors run ``batch`` frames per call where they can;
+    ``pipelined``: YOLO finds the boxes of the next frames in a thread of its own while ViTPose
+    runs on the frames whose boxes are found (the thread is joined before the node returns)."""
     g = process.__globals__  # the pack's module: its numpy, cv2, ProgressBar and helpers
     np, cv2 = g["np"], g["cv2"]
     bbox_from_detector, crop = g["bbox_from_detector"], g["crop"]
@@ -110,28 +118,36 @@ def batched(process: Callable[..., Any], batch: int) -> Callable[..., Any]:
         detector.reinit()
         pose_model.reinit()
         bar = progress_bar(frames * 2)
-        done = 0
+        yolo_step = batch if takes_batches(detector) else 1
+        pose_step = batch if takes_batches(pose_model) else 1
 
-        bboxes: list[Any] = []
-        step = batch if takes_batches(detector) else 1
-        for start in range(0, frames, step):
-            chunk = images_np[start : start + step]
-            resized = np.stack(
-                [cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1) for img in chunk]
-            )
-            found = detector(resized, np.repeat(shape, len(chunk), axis=0))
-            bboxes.extend(person[0]["bbox"] for person in found)
-            done += len(chunk)
-            bar.update_absolute(done)
-        detector.cleanup()
+        stop = threading.Event()  # a chunk failed: the chunks after it are not searched
 
-        kp2ds = []
-        step = batch if takes_batches(pose_model) else 1
-        for start in range(0, frames, step):
+        def boxes(first: int) -> list[Any]:
+            """YOLO's person box of each frame of the chunk starting at ``first``."""
+            found: list[Any] = []
+            if stop.is_set():
+                return found
+            try:
+                for start in range(first, min(first + batch, frames), yolo_step):
+                    chunk = images_np[start : min(start + yolo_step, first + batch)]
+                    resized = np.stack(
+                        [
+                            cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1)
+                            for img in chunk
+                        ]
+                    )
+                    people = detector(resized, np.repeat(shape, len(chunk), axis=0))
+                    found.extend(person[0]["bbox"] for person in people)
+            except BaseException:
+                stop.set()
+                raise
+            return found
+
+        def keypoints(first: int, found: list[Any]) -> list[Any]:
+            """ViTPose's keypoints of the chunk's frames, cropped around their boxes."""
             crops, centers, scales = [], [], []
-            for img, bbox in zip(
-                images_np[start : start + step], bboxes[start : start + step], strict=True
-            ):
+            for img, bbox in zip(images_np[first : first + batch], found, strict=True):
                 if (
                     bbox is None
                     or bbox[-1] <= 0
@@ -144,9 +160,29 @@ def batched(process: Callable[..., Any], batch: int) -> Callable[..., Any]:
                 crops.append(((cropped - mean) / std).transpose(2, 0, 1).astype(np.float32))
                 centers.append(np.array(center))
                 scales.append(np.array(scale))
-            kp2ds.append(pose_model(np.stack(crops), np.stack(centers), np.stack(scales)))
-            done += len(crops)
-            bar.update_absolute(done)
+            return [
+                pose_model(
+                    np.stack(crops[i : i + pose_step]),
+                    np.stack(centers[i : i + pose_step]),
+                    np.stack(scales[i : i + pose_step]),
+                )
+                for i in range(0, len(crops), pose_step)
+            ]
+
+        firsts = range(0, frames, batch)
+        kp2ds: list[Any] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xicon_pose_yolo") as pool:
+            ahead = [pool.submit(boxes, first) for first in firsts] if pipelined else []
+            try:
+                for i, first in enumerate(firsts):
+                    found = ahead[i].result() if pipelined else boxes(first)
+                    kp2ds.extend(keypoints(first, found))
+                    bar.update_absolute(2 * min(first + batch, frames))
+            finally:  # on a failure, the boxes not found yet are not looked for
+                stop.set()
+                for future in ahead:
+                    future.cancel()
+        detector.cleanup()
         pose_model.cleanup()
 
         kp2ds = np.concatenate(kp2ds, 0)
