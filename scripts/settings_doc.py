@@ -53,7 +53,7 @@ GPU; on unless `keep`),
 `XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; the decoder unless `off`; `all`: the
 encoder too),
 `XICON_VAE_OPS` (its padding inside the convolutions, one-kernel RMS norms and bf16 upsampling
-in the converted parts; on unless `off`),
+in the converted parts; off unless `on`, until measured on a GPU),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),

@@ -82,7 +82,7 @@ def layouts(module):
 
 out = {"digest_ok": ext.upstream_digest(Pinned) == ext.UPSTREAM_SHA256}
 (plain,) = Pinned().loadmodel("vae.safetensors", "fp32")
-(vae,) = ext.wrap_loader(Pinned.loadmodel)(Pinned(), "vae.safetensors", "fp32")
+(vae,) = ext.wrap_loader(Pinned.loadmodel, ops=True)(Pinned(), "vae.safetensors", "fp32")
 out["plain_decoder"] = layouts(plain.model.decoder)
 out["decoder"] = layouts(vae.model.decoder)
 out["encoder"] = layouts(vae.model.encoder)
@@ -92,7 +92,7 @@ out["ops_done"] = {part: sum(getattr(m, "_xicon_decoder_ops", False)
                    for part in ("decoder", "encoder")}
 out["ops_again"] = ext.streamline(vae)
 out["ops_not_a_vae"] = ext.streamline(object())
-out["ops_chosen"] = {v: ext.ops_chosen({"XICON_VAE_OPS": v}) for v in ("", "on", "off", " NO ")}
+out["ops_chosen"] = {v: ext.ops_chosen({"XICON_VAE_OPS": v}) for v in ("", "on", " ON ", "off")}
 out["again"] = ext.convert(vae)  # already converted: nothing moves
 out["not_a_vae"] = ext.convert(object())
 # the same weights, only laid out otherwise
@@ -155,7 +155,7 @@ def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: 
         "kernel, 0 upsamples in their own type"
     )
     assert out["ops_not_a_vae"].startswith("not the Wan VAE this was written for")
-    assert out["ops_chosen"] == {"": True, "on": True, "off": False, " NO ": False}
+    assert out["ops_chosen"] == {"": False, "on": True, " ON ": True, "off": False}
     assert out["same_values"] is True
     assert out["after_to"] == decoder
     # XICON_VAE_CHANNELS_LAST=all: the encoder too
@@ -220,7 +220,13 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     assert enc_fast["finite"] and enc_fast["max_abs_diff"] < 1e-4, enc_fast
 
 
-def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
+def serve(
+    stack: Stack,
+    realstack_base: Path,
+    folder: Path,
+    setting: str | None,
+    name: str = "XICON_VAE_CHANNELS_LAST",
+) -> dict[str, Any]:
     """ComfyUI (CPU, WanVideoWrapper and this extension) encodes and decodes the clip once."""
     return serve_on_gradient(
         stack,
@@ -228,7 +234,7 @@ def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None)
         folder,
         {PACK, EXTENSION},
         vae_round_trip_prompt(5),
-        ("XICON_VAE_CHANNELS_LAST", setting),
+        (name, setting),
     )
 
 
@@ -236,8 +242,9 @@ def test_comfyui_loads_the_vae_through_the_extension(
     stack: Stack, realstack_base: Path, tmp_path: Path
 ) -> None:
     on = serve(stack, realstack_base, tmp_path / "on", None)  # the default, as the image runs it
+    ops = serve(stack, realstack_base, tmp_path / "ops", "on", "XICON_VAE_OPS")
     off = serve(stack, realstack_base, tmp_path / "off", "off")
-    for served in (on, off):
+    for served in (on, ops, off):
         assert served["entry"].get("status", {}).get("status_str") == "success", served["log"][
             -3000:
         ]
@@ -253,17 +260,23 @@ def test_comfyui_loads_the_vae_through_the_extension(
         "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory ("
         in (on["log"])
     )
+    assert "streamlined" not in on["log"]  # XICON_VAE_OPS is off unless on
     assert re.search(
         r"xicon_vae_channels_last: the VAE decoder's steps streamlined: [1-9]\d* convolutions "
         r"pad inside, [1-9]\d* RMS norms in one kernel, [1-9]\d* upsamples in their own type",
-        on["log"],
-    ), on["log"][-3000:]
+        ops["log"],
+    ), ops["log"][-3000:]
+    assert "its steps streamlined (XICON_VAE_OPS=on)" in ops["log"]
     assert "xicon_vae_channels_last: off (XICON_VAE_CHANNELS_LAST)" in off["log"]
     assert "streamlined" not in off["log"]
     assert "channels-last memory (" not in off["log"]
-    assert len(on["pngs"]) == len(off["pngs"]) == 5
+    assert len(on["pngs"]) == len(ops["pngs"]) == len(off["pngs"]) == 5
     # bf16 on the CPU: the same operations in another order round differently, by little
-    for a, b in zip(on["pngs"], off["pngs"], strict=True):
+    pairs = [
+        *zip(on["pngs"], off["pngs"], strict=True),
+        *zip(ops["pngs"], off["pngs"], strict=True),
+    ]
+    for a, b in pairs:
         diff = ImageChops.difference(
             Image.open(io.BytesIO(a)).convert("RGB"), Image.open(io.BytesIO(b)).convert("RGB")
         )
