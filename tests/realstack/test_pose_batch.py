@@ -89,7 +89,7 @@ def poses(result):
 def detect(label, yolo="yolov10m.onnx", env=None, runs=1):
     node_class.process = original
     patched = None if env is None else pb.patch(module, env)
-    calls.clear(); starts.clear(); lines.clear()
+    calls.clear(); starts.clear(); lines.clear(); yolo_threads.clear()
     model = {"yolo": module_onnx.Yolo(str(detection / yolo), "CPUExecutionProvider"),
              "vitpose": module_onnx.ViTPose(str(detection / "vitpose-l-wholebody.onnx"),
                                             "CPUExecutionProvider")}
@@ -97,11 +97,23 @@ def detect(label, yolo="yolov10m.onnx", env=None, runs=1):
     results = [poses(node.process(model, clip)[0]) for _ in range(runs)]
     out[label] = {"patched": patched, "poses": results[0], "same_runs": results[1:] == results[:-1],
                   "calls": {Path(k).name: list(v) for k, v in calls.items()}, "lines": list(lines),
-                  "starts": len(starts),
+                  "starts": len(starts), "yolo_threads": sorted(set(yolo_threads)),
                   "replaced": getattr(node_class.process, pb.REPLACED, None)}
 
 module_onnx = next(m for name, m in sys.modules.items()
                    if name.endswith("ComfyUI-WanAnimatePreprocess.models.onnx_models"))
+import threading
+yolo_threads = []
+yolo_forward = module_onnx.Yolo.forward
+def yolo_in_thread(self, *a, **k):
+    yolo_threads.append(threading.current_thread().name.split("_")[0])
+    return yolo_forward(self, *a, **k)
+module_onnx.Yolo.forward = yolo_in_thread
+# here onnxruntime has the CPU provider only: sessions on it find their boxes in the node's
+# thread; the GPU's way (YOLO's thread ahead of ViTPose) is taken by saying the sessions are on it
+on_gpu = pb.on_gpu
+detect("cpu_provider", env={"XICON_POSE_BATCH": "8"})
+pb.on_gpu = lambda model: True
 detect("upstream")
 detect("upstream_batch_yolo", yolo="yolo_batch.onnx")
 detect("batched", env={"XICON_POSE_BATCH": "8"})
@@ -120,9 +132,7 @@ out["serial"] = {"poses": poses(node_class().process(model, clip)[0]),
                  "calls": {Path(k).name: list(v) for k, v in calls.items()}}
 
 # YOLO failing on the third frame: the node raises its error, and no thread is left behind
-import threading
 node_class.process = pb.batched(original, 4)
-yolo_forward = module_onnx.Yolo.forward
 seen = []
 def failing(self, *a, **k):
     seen.append(1)
@@ -136,7 +146,7 @@ try:
     out["failure"] = "no error"
 except RuntimeError as e:
     out["failure"] = str(e)
-module_onnx.Yolo.forward = yolo_forward
+module_onnx.Yolo.forward = yolo_in_thread
 out["threads_left"] = threading.active_count() - threads
 out["yolo_calls_after_failure"] = len(seen)
 
@@ -199,6 +209,13 @@ def test_batched_detection_finds_upstreams_poses(stack: Stack, tmp_path: Path) -
     assert len(upstream["poses"]) == 19
     # the clip's frames give different poses, so a frame out of place would show
     assert len({str(p) for p in upstream["poses"]}) > 1
+
+    # the CPU provider: batched, no thread; the GPU's way: YOLO in its own thread
+    cpu = out["cpu_provider"]
+    assert cpu["poses"] == upstream["poses"] and cpu["yolo_threads"] == ["MainThread"], cpu
+    assert cpu["calls"] == {"yolov10m.onnx": [1] * 19, "vitpose-l-wholebody.onnx": [8, 8, 3]}
+    assert out["batched"]["yolo_threads"] == ["xicon"], out["batched"]["yolo_threads"]
+    assert upstream["yolo_threads"] == ["MainThread"]
 
     batched = out["batched"]
     assert batched["patched"] == (

@@ -18,8 +18,9 @@ per frame). A model with a fixed batch of one (YOLOv10m as WanAnimatePreprocess 
 one frame per call, as upstream's does. The clip goes in chunks of ``BATCH`` frames, and YOLO
 looks for the boxes of the chunks ahead in a thread of its own while ViTPose runs on the chunk
 whose boxes are found (upstream finds every box first): the two sessions' GPU work and the
-node's CPU work overlap. Both sessions are released after the last chunk (upstream releases
-YOLO's before ViTPose runs). Everything else is upstream's own functions: the sessions'
+node's CPU work overlap. On onnxruntime's CPU provider, where both models already use every
+core, the boxes are found chunk by chunk in the node's own thread. Both sessions are released
+after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else is upstream's own functions: the sessions'
 ``reinit`` and ``cleanup``, ``bbox_from_detector``, ``crop``, ``load_pose_metas_from_kp2ds_seq``,
 ``aaposemeta_to_dwpose_scail``. On the CPU provider the poses are upstream's to the bit; on the
 GPU a batch may run other kernels than a single frame, so heatmaps may differ in their last bits
@@ -90,6 +91,12 @@ def takes_batches(model: Any) -> bool:
     return not isinstance(first, int)
 
 
+def on_gpu(model: Any) -> bool:
+    """Whether the model's session runs on onnxruntime's CUDA provider (not a CPU fallback)."""
+    session = getattr(model, "session", None)
+    return session is not None and "CUDAExecutionProvider" in session.get_providers()
+
+
 def upstream_digest(process: Callable[..., Any]) -> str:
     return hashlib.sha256(inspect.getsource(process).encode()).hexdigest()
 
@@ -97,7 +104,8 @@ def upstream_digest(process: Callable[..., Any]) -> str:
 def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> Callable[..., Any]:
     """The node's ``process`` with its detectors run ``batch`` frames per call where they can;
     ``pipelined``: YOLO finds the boxes of the next frames in a thread of its own while ViTPose
-    runs on the frames whose boxes are found (the thread is joined before the node returns)."""
+    runs on the frames whose boxes are found, when YOLO runs on the GPU (on the CPU provider
+    both models already use every core); the thread is joined before the node returns."""
     g = process.__globals__  # the pack's module: its numpy, cv2, ProgressBar and helpers
     np, cv2 = g["np"], g["cv2"]
     bbox_from_detector, crop = g["bbox_from_detector"], g["crop"]
@@ -170,12 +178,13 @@ def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> 
             ]
 
         firsts = range(0, frames, batch)
+        ahead_of_pose = pipelined and on_gpu(detector)
         kp2ds: list[Any] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xicon_pose_yolo") as pool:
-            ahead = [pool.submit(boxes, first) for first in firsts] if pipelined else []
+            ahead = [pool.submit(boxes, first) for first in firsts] if ahead_of_pose else []
             try:
                 for i, first in enumerate(firsts):
-                    found = ahead[i].result() if pipelined else boxes(first)
+                    found = ahead[i].result() if ahead_of_pose else boxes(first)
                     kp2ds.extend(keypoints(first, found))
                     bar.update_absolute(2 * min(first + batch, frames))
             finally:  # on a failure, the boxes not found yet are not looked for

@@ -20,8 +20,8 @@ H100 its encode took 7-19 % less with it, not yet measured through the worker).
 
 With ``XICON_VAE_OPS=on`` the converted parts also get ``decoder_ops.py``'s steps (the spatial
 padding inside each convolution, the RMS norm in one kernel, the nearest upsample in bf16); off
-by default until their time is measured on a GPU (on a 2-core CPU, bf16: −10 % per decode
-against channels-last alone).
+by default until their time is measured on a GPU (on a 2-core CPU in bf16 a decode took 17 %
+longer with them, ``bench/results/cpu_batch_ops``; the CPU's kernels are not the GPU's).
 
 Installed once, before ComfyUI runs its first prompt, and only when ``loadmodel`` still has the
 source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason
