@@ -20,11 +20,11 @@ looks for the boxes of the chunks ahead in a thread of its own while ViTPose run
 whose boxes are found (upstream finds every box first): the two sessions' GPU work and the
 node's CPU work overlap. On onnxruntime's CPU provider, where both models already use every
 core, the boxes are found chunk by chunk in the node's own thread. Both sessions are released
-after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else is upstream's own functions: the sessions'
-``reinit`` and ``cleanup``, ``bbox_from_detector``, ``crop``, ``load_pose_metas_from_kp2ds_seq``,
-``aaposemeta_to_dwpose_scail``. On the CPU provider the poses are upstream's to the bit; on the
-GPU a batch may run other kernels than a single frame, so heatmaps may differ in their last bits
-(as two new CUDA sessions' already do).
+after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else is
+upstream's own functions: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``,
+``crop``, ``load_pose_metas_from_kp2ds_seq``, ``aaposemeta_to_dwpose_scail``. On the CPU
+provider the poses are upstream's to the bit; on the GPU a batch may run other kernels than a
+single frame, so heatmaps may differ in their last bits (as two new CUDA sessions' already do).
 
 ``XICON_POSE_BATCH``: frames per call, 1 to ``MAX_BATCH`` (default ``DEFAULT_BATCH``); ``1`` or
 ``off`` leaves upstream's ``process``. Installed as an import hook on the pack's ``nodes.py``,
