@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help="a ViTPose ONNX file to use instead")
     p.add_argument("--comfy-dir", type=Path, default=None, help="ComfyUI with the pinned packs")
     args = p.parse_args(argv)
-    home = os.environ.get("XICON_STACK_HOME")
-    comfy_dir = args.comfy_dir or (Path(home) / "ComfyUI" if home else None)
+    import pose_detection  # the packs imported as ComfyUI imports them
+    import pose_sessions  # the models written, the stack and provider found, as that bench does
+
+    comfy_dir = pose_sessions.stack_comfy_dir(args.comfy_dir)
     if comfy_dir is None:
         print("give --comfy-dir or XICON_STACK_HOME (the stack: stack/install.py)")
         return 2
-    import pose_detection  # the packs imported as ComfyUI imports them
-    import pose_sessions  # the models written as that bench writes them
 
     width, height = (int(v) for v in args.size.split("x"))
     batches = args.batches.split(",")
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         import onnxruntime
         import torch
 
-        provider = args.provider or (
-            "CUDAExecutionProvider"
-            if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            else "CPUExecutionProvider"
-        )
+        provider = pose_sessions.chosen_provider(args.provider)
         ps = pose_detection.load(
             "xicon_pose_sessions_bench", EXTENSIONS / "xicon_pose_sessions" / "pose_sessions.py"
         )
@@ -153,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"batch {batch:>4}: node {total:.3f} s ({total / args.frames * 1000:.1f} ms a "
                 f"frame) | YOLO {yolo:.3f} s | ViTPose {vit:.3f} s | node less both {rest:.3f} s | "
-                f"device memory in use {used_gib() - before:+.2f} GiB with the sessions"
+                f"device memory in use {used_gib() - before:+.2f} GiB with the sessions | ViTPose "
+                f"ran on {model['vitpose'].session.get_providers()[0]}"
             )
             del model
         base.cleanup, node_class.process = original

@@ -58,6 +58,24 @@ def write_models(out: Path, model: Path | None) -> Path:
     return detection
 
 
+def stack_comfy_dir(given: Path | None) -> Path | None:
+    """``--comfy-dir``, else ``$XICON_STACK_HOME/ComfyUI``, else None."""
+    home = os.environ.get("XICON_STACK_HOME")
+    return given or (Path(home) / "ComfyUI" if home else None)
+
+
+def chosen_provider(given: str | None) -> str:
+    """``--provider``, else CUDA where this onnxruntime lists it, else the CPU. A listed CUDA
+    provider may still fall back to the CPU when its libraries are missing: the benches print
+    what the sessions run on."""
+    import onnxruntime
+
+    if given:
+        return given
+    listed = onnxruntime.get_available_providers()
+    return "CUDAExecutionProvider" if "CUDAExecutionProvider" in listed else "CPUExecutionProvider"
+
+
 def compare(one: list[Any], other: list[Any]) -> str:
     """Whether two ways found the same poses, and their body keypoints' largest difference."""
     import numpy as np
@@ -84,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help="a ViTPose ONNX file to use instead")
     p.add_argument("--comfy-dir", type=Path, default=None, help="ComfyUI with the pinned packs")
     args = p.parse_args(argv)
-    home = os.environ.get("XICON_STACK_HOME")
-    comfy_dir = args.comfy_dir or (Path(home) / "ComfyUI" if home else None)
+    comfy_dir = stack_comfy_dir(args.comfy_dir)
     if comfy_dir is None:
         print("give --comfy-dir or XICON_STACK_HOME (the stack: stack/install.py)")
         return 2
@@ -99,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         import onnxruntime
         import torch
 
-        provider = args.provider or (
-            "CUDAExecutionProvider"
-            if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            else "CPUExecutionProvider"
-        )
+        provider = chosen_provider(args.provider)
         ps = pose_detection.load("xicon_pose_sessions_bench", EXT)
         starts: list[tuple[str, float]] = []
         session_init = onnxruntime.InferenceSession.__init__
