@@ -50,10 +50,10 @@ FOOTER = """\
 `XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`),
 `XICON_RESIDENT_PAGES` (its release of the model file's pages once a kept transformer is on the
 GPU; on unless `keep`),
-`XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; the decoder unless `off`; `all`: the
-encoder too),
+`XICON_VAE_CHANNELS_LAST` (`xicon_vae_channels_last`; the decoder and the encoder unless `off`;
+`decoder`: the decoder only),
 `XICON_VAE_OPS` (its padding inside the convolutions, one-kernel RMS norms and bf16 upsampling
-in the converted parts; off unless `on`, until measured on a GPU),
+in the converted parts; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),

@@ -1,11 +1,12 @@
 """The project's extension ``xicon_vae_channels_last`` against the pinned WanVideoWrapper, with
 the stack's torch on the CPU and the tiny synthetic VAE: upstream's own
 ``WanVideoVAELoader.loadmodel`` (its pinned source) through the wrapper gives a VAE whose decoder
-weights are channels-last and whose encoder is as loaded; the pinned source is the one the
-extension was written against; ``bench/vae_decode.py`` (the same conversion) decodes and encodes
-through that layout to the plain frames and latents (float32: the same operations in another
-order). In the real ComfyUI: the extension wraps the loader before the first prompt, and a
-decode through it gives the frames of a ComfyUI with it turned off, to within bf16's rounding.
+weights are channels-last (and the encoder's, where asked) with their steps streamlined; the
+pinned source is the one the extension was written against; ``bench/vae_decode.py`` (the same
+conversion) decodes and encodes through that layout to the plain frames and latents (float32:
+the same operations in another order). In the real ComfyUI: the extension wraps the loader
+before the first prompt, and a decode through it gives the frames of a ComfyUI with it turned
+off, to within bf16's rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageStat
 
 from tests.plugins.realstack import (
     ROOT,
@@ -105,7 +106,7 @@ out["after_to"] = layouts(moved.model.decoder)
     Pinned(), "vae.safetensors", "fp32")
 out["all_decoder"], out["all_encoder"] = layouts(both.model.decoder), layouts(both.model.encoder)
 out["parts"] = {v: list(ext.chosen_parts({"XICON_VAE_CHANNELS_LAST": v}))
-                for v in ("", "on", "all", " ALL ", "off", "0")}
+                for v in ("", "on", "all", " ALL ", "decoder", " Decoder ", "off", "0")}
 
 # install: off by the setting, wraps the registry's class before the first prompt, once
 class Executor:
@@ -155,17 +156,20 @@ def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: 
         "kernel, 0 upsamples in their own type"
     )
     assert out["ops_not_a_vae"].startswith("not the Wan VAE this was written for")
-    assert out["ops_chosen"] == {"": False, "on": True, " ON ": True, "off": False}
+    assert out["ops_chosen"] == {"": True, "on": True, " ON ": True, "off": False}
     assert out["same_values"] is True
     assert out["after_to"] == decoder
-    # XICON_VAE_CHANNELS_LAST=all: the encoder too
+    # the encoder too (XICON_VAE_CHANNELS_LAST's default, all)
     assert out["all_decoder"] == decoder
     assert out["all_encoder"]["moved"] > 10 and out["all_encoder"]["not_cl"] == 0, out
+    both = ["decoder", "conv2", "encoder", "conv1"]
     assert out["parts"] == {
-        "": ["decoder", "conv2"],
-        "on": ["decoder", "conv2"],
-        "all": ["decoder", "conv2", "encoder", "conv1"],
-        " ALL ": ["decoder", "conv2", "encoder", "conv1"],
+        "": both,
+        "on": both,
+        "all": both,
+        " ALL ": both,
+        "decoder": ["decoder", "conv2"],
+        " Decoder ": ["decoder", "conv2"],
         "off": [],
         "0": [],
     }
@@ -242,9 +246,9 @@ def test_comfyui_loads_the_vae_through_the_extension(
     stack: Stack, realstack_base: Path, tmp_path: Path
 ) -> None:
     on = serve(stack, realstack_base, tmp_path / "on", None)  # the default, as the image runs it
-    ops = serve(stack, realstack_base, tmp_path / "ops", "on", "XICON_VAE_OPS")
+    plain = serve(stack, realstack_base, tmp_path / "plain", "off", "XICON_VAE_OPS")
     off = serve(stack, realstack_base, tmp_path / "off", "off")
-    for served in (on, ops, off):
+    for served in (on, plain, off):
         assert served["entry"].get("status", {}).get("status_str") == "success", served["log"][
             -3000:
         ]
@@ -253,32 +257,37 @@ def test_comfyui_loads_the_vae_through_the_extension(
         in on["log"]
     )
     assert (
-        "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's weights in "
-        "channels-last memory" in on["log"]
+        "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's and encoder's "
+        "weights in channels-last memory, its steps streamlined" in on["log"]
     ), on["log"][-3000:]
     assert (
-        "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory ("
-        in (on["log"])
+        "xicon_vae_channels_last: the VAE decoder's and encoder's weights in channels-last "
+        "memory (" in on["log"]
     )
-    assert "streamlined" not in on["log"]  # XICON_VAE_OPS is off unless on
     assert re.search(
-        r"xicon_vae_channels_last: the VAE decoder's steps streamlined: [1-9]\d* convolutions "
-        r"pad inside, [1-9]\d* RMS norms in one kernel, [1-9]\d* upsamples in their own type",
-        ops["log"],
-    ), ops["log"][-3000:]
-    assert "its steps streamlined (XICON_VAE_OPS=on)" in ops["log"]
+        r"xicon_vae_channels_last: the VAE decoder's and encoder's steps streamlined: "
+        r"[1-9]\d* convolutions pad inside, [1-9]\d* RMS norms in one kernel, [1-9]\d* "
+        r"upsamples in their own type",
+        on["log"],
+    ), on["log"][-3000:]
+    assert "its steps as upstream's (XICON_VAE_OPS=off)" in plain["log"], plain["log"][-3000:]
+    assert "steps streamlined" not in plain["log"]
     assert "xicon_vae_channels_last: off (XICON_VAE_CHANNELS_LAST)" in off["log"]
     assert "streamlined" not in off["log"]
     assert "channels-last memory (" not in off["log"]
-    assert len(on["pngs"]) == len(ops["pngs"]) == len(off["pngs"]) == 5
-    # bf16 on the CPU: the same operations in another order round differently, by little
+    assert len(on["pngs"]) == len(plain["pngs"]) == len(off["pngs"]) == 5
+    # bf16 on the CPU: the same operations in another order round differently. With the encode
+    # and the decode both converted the tiny random VAE's frames came within 15 levels of the
+    # plain ones, 2.9 on average per channel (the decoder alone: within 8); in float32 the same
+    # paths agree within 1e-4 (the test above), so this bounds rounding, not a changed sum
     pairs = [
         *zip(on["pngs"], off["pngs"], strict=True),
-        *zip(ops["pngs"], off["pngs"], strict=True),
+        *zip(plain["pngs"], off["pngs"], strict=True),
     ]
     for a, b in pairs:
         diff = ImageChops.difference(
             Image.open(io.BytesIO(a)).convert("RGB"), Image.open(io.BytesIO(b)).convert("RGB")
         )
         levels = [lo_hi[1] for lo_hi in diff.getextrema()]
-        assert max(levels) <= 8, levels
+        mean = ImageStat.Stat(diff).mean
+        assert max(levels) <= 20 and max(mean) < 4.0, (levels, mean)

@@ -1,5 +1,6 @@
-"""The Wan VAE that ``WanVideoVAELoader`` loads, with its decoder's weights in channels-last
-memory; the decode is the same operations on another memory layout.
+"""The Wan VAE that ``WanVideoVAELoader`` loads, with its weights in channels-last memory and its
+memory-bound steps streamlined; the decode and the encode are the same operations on another
+memory layout.
 
 Why: the Wan 2.1 VAE decode (node 28, ``WanVideoDecode``) is a chain of 3-D convolutions over the
 whole clip, one latent frame at a time. With the weights in PyTorch's default layout cuDNN runs
@@ -8,24 +9,23 @@ convolution's output follows its weight's layout, so the activations follow), wh
 decoded 10-11 % faster alone and peaked 0.5-0.8 GiB lower (``bench/vae_decode.py``), and took
 node 28 from 1.65 to 1.53 s in a warm 81-frame job, 27.9 to 25.1 s at 60 s. The frames differ
 from the default layout's only by the order of the same bf16 operations: at most 0.063, on
-average 0.001-0.006, on [-1, 1] there; in float32 on the CPU within 1e-4.
+average 0.001-0.006, on [-1, 1] there; in float32 on the CPU within 1e-4. The encode (the pose
+and reference embeds, node 324) gains the same way: 0.727 to 0.629 s alone at 61 latent frames.
 
 What: ``WanVideoVAELoader.loadmodel`` (``nodes_model_loading.py``, pinned commit) is wrapped: the
-VAE it returns has every 5-D weight of its decoder (and of ``conv2``, the latent projection in
-front of it) made ``channels_last_3d`` and every 4-D one ``channels_last``, in place, once per
-load (ComfyUI keeps the loaded VAE for later jobs). Moving the VAE between devices keeps the
-layout (``Module.to`` preserves a dense tensor's memory format). The encoder, which the pose and
-reference embeds use, keeps upstream's layout unless ``XICON_VAE_CHANNELS_LAST=all`` (alone on an
-H100 its encode took 7-19 % less with it, not yet measured through the worker).
-
-With ``XICON_VAE_OPS=on`` the converted parts also get ``decoder_ops.py``'s steps (the spatial
-padding inside each convolution, the RMS norm in one kernel, the nearest upsample in bf16); off
-by default until their time is measured on a GPU (on a 2-core CPU in bf16 a decode took 17 %
-longer with them, ``bench/results/cpu_batch_ops``; the CPU's kernels are not the GPU's).
+VAE it returns has every 5-D weight of its decoder and encoder (and of ``conv2`` and ``conv1``,
+the latent projections beside them) made ``channels_last_3d`` and every 4-D one
+``channels_last``, in place, once per load (ComfyUI keeps the loaded VAE for later jobs). Moving
+the VAE between devices keeps the layout (``Module.to`` preserves a dense tensor's memory
+format). The converted parts also get ``decoder_ops.py``'s steps (the spatial padding inside
+each convolution, the RMS norm in one kernel, the nearest upsample in bf16): on an H100 held to
+32 GB the decode of a 60-s job 24.4 to 19.8 s and its pose embeds 5.3 to 3.9 s, with both
+(``bench/results/gpu_h100_batch_ops``).
 
 Installed once, before ComfyUI runs its first prompt, and only when ``loadmodel`` still has the
 source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason
-is logged. ``XICON_VAE_CHANNELS_LAST=off`` turns it off; ``all`` adds the encoder.
+is logged. ``XICON_VAE_CHANNELS_LAST``: ``off`` leaves the VAE as upstream's, ``decoder`` converts
+the decoder only; ``XICON_VAE_OPS=off`` keeps upstream's steps on the converted parts.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ ENCODER = ("encoder", "conv1")  # the parts the encode runs
 
 
 def chosen_parts(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The parts ``ENV`` asks for: none for ``0``/``off``/``false``/``no``, the decoder's and the
-    encoder's for ``all``, the decoder's otherwise (the default)."""
+    """The parts ``ENV`` asks for: none for ``0``/``off``/``false``/``no``, the decoder's for
+    ``decoder``, the decoder's and the encoder's otherwise (the default, ``all``)."""
     value = env.get(ENV, "").strip().lower()
     if value in OFF:
         return ()
-    return DECODER + ENCODER if value == "all" else DECODER
+    return DECODER if value == "decoder" else DECODER + ENCODER
 
 
 def described(parts: tuple[str, ...]) -> str:
@@ -73,9 +73,9 @@ def described(parts: tuple[str, ...]) -> str:
 
 
 def ops_chosen(env: Mapping[str, str]) -> bool:
-    """Whether the converted parts also get ``decoder_ops.py``'s steps: only when ``OPS_ENV``
-    is on (their time on a GPU is not measured yet)."""
-    return env.get(OPS_ENV, "").strip().lower() in {"1", "on", "true", "yes"}
+    """Whether the converted parts also get ``decoder_ops.py``'s steps: unless ``OPS_ENV`` is
+    ``0``/``off``/``false``/``no``."""
+    return env.get(OPS_ENV, "").strip().lower() not in OFF
 
 
 def decoder_ops() -> types.ModuleType:
@@ -192,7 +192,7 @@ def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER, ops: bo
             f"{UPSTREAM_SHA256[:12]}); the VAE left as upstream loads it"
         )
     node_class.loadmodel = wrap_loader(current, parts, ops)
-    steps = f", its steps streamlined ({OPS_ENV}=on)" if ops else ""
+    steps = ", its steps streamlined" if ops else f", its steps as upstream's ({OPS_ENV}=off)"
     return f"{NODE} gives the VAE {described(parts)} weights in channels-last memory{steps}"
 
 
