@@ -9,6 +9,8 @@ same frames as a ComfyUI with it turned off.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,105 @@ print(json.dumps(out))
 """
 
 
+STREAM_SCRIPT = r"""
+import ast, importlib, importlib.util, json, linecache, logging, sys, types
+ext_file, comfy_dir, vae_file = sys.argv[1:4]
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+from comfy.utils import load_torch_file
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+df = load("decode_frames_under_test", ext_file)
+root = f"{comfy_dir}/custom_nodes/ComfyUI-WanVideoWrapper"
+spec = importlib.util.spec_from_file_location(
+    "wvw", f"{root}/__init__.py", submodule_search_locations=[root])
+sys.modules["wvw"] = importlib.util.module_from_spec(spec)
+vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
+
+# the VAE as upstream's own loader builds it (its class compiled from the pinned file's lines,
+# with the module globals its loadmodel reads): the tiny VAE's sizes are read from its weights
+source = open(f"{root}/nodes_model_loading.py").read()
+lines = source.splitlines(keepends=True)
+cls_node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.ClassDef) and n.name == "WanVideoVAELoader")
+class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
+fname = "<pinned WanVideoWrapper nodes_model_loading.py: WanVideoVAELoader>"
+linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
+folder_paths = types.SimpleNamespace(
+    get_filename_list=lambda kind: [], get_full_path_or_raise=lambda kind, name: vae_file)
+ns = {"torch": torch, "folder_paths": folder_paths, "load_torch_file": load_torch_file,
+      "WanVideoVAE": vae_module.WanVideoVAE, "WanVideoVAE38": None,
+      "log": logging.getLogger("wvw"), "offload_device": torch.device("cpu")}
+exec(compile(class_source, fname, "exec"), ns)
+Loader = ns["WanVideoVAELoader"]
+
+out = {}
+g = torch.Generator().manual_seed(5)
+for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    (vae,) = Loader().loadmodel("vae.safetensors", precision)
+    out.setdefault("digest_ok", df.stream_digest(vae) == df.STREAM_SHA256)
+    z = torch.randn(16, 6, 6, 8, generator=g).to(dtype)  # 6 latent frames: 21 frames of 64x48
+    with torch.no_grad():
+        (upstream,) = vae.decode([z], device="cpu", pbar=False)
+        vae.model.clear_cache()
+        # every chunk flushed on its own, then the default (one flush at the end)
+        each = df.streamed_decode(vae.model, z.unsqueeze(0), pbar=False, flush_bytes=1)
+        vae.model.clear_cache()
+        vae.single_decode = df.streaming_single_decode(vae)
+        (through,) = vae.decode([z], device="cpu", pbar=False)
+        del vae.single_decode
+    name = str(dtype).split(".")[-1]
+    out[name] = {
+        "upstream": [list(upstream.shape), str(upstream.dtype)],
+        "each": [list(each.shape), str(each.dtype)],
+        "through": [list(through.shape), str(through.dtype)],
+        "equal_each": bool(torch.equal(upstream.float(), each[0])),
+        "equal_through": bool(torch.equal(upstream.float(), through)),
+        "frames_contiguous": through.permute(1, 2, 3, 0).is_contiguous(),
+    }
+
+# HostFrames alone: chunks as the Wan 2.1 decoder gives them, and chunks that break its rule
+def chunks(sizes):
+    return [torch.randn(1, 3, t, 4, 5, generator=g).to(torch.bfloat16) for t in sizes]
+def gathered(sizes, flush_bytes):
+    parts = chunks(sizes)
+    frames = df.HostFrames(len(sizes), flush_bytes)
+    for part in parts:
+        frames.add(part)
+    got = frames.finish()
+    want = torch.cat(parts, 2).float()
+    return {"equal": bool(torch.equal(got, want)), "shape": list(got.shape),
+            "contiguous": got[0].permute(1, 2, 3, 0).is_contiguous(),
+            "most_pending": frames.most_pending}
+one_chunk = 4 * 3 * 4 * 5 * 4  # a four-frame chunk's float32 bytes
+out["rule"] = gathered([1, 4, 4, 4, 4], 2 * one_chunk)
+out["rule_one_flush"] = gathered([1, 4, 4], 1 << 30)
+out["odd_middle"] = gathered([1, 4, 3, 4], one_chunk)
+out["odd_first"] = gathered([2, 4, 4], 1)
+out["short"] = gathered([1, 4, 4], 1)  # told of 3 latent frames, given 3: 9 frames
+frames = df.HostFrames(4, 1)  # told of 4 latent frames, given 2: 5 frames, still contiguous
+for part in chunks([1, 4]):
+    frames.add(part)
+got = frames.finish()
+out["fewer"] = {"shape": list(got.shape), "contiguous": got[0].permute(1, 2, 3, 0).is_contiguous()}
+# a VAE of another kind (no single_decode, or another decode source) is not streamed
+out["no_vae"] = df.stream_digest(object())
+class Other(vae_module.WanVideoVAE):
+    def single_decode(self, hidden_state, device, pbar=True):
+        return super().single_decode(hidden_state, device, pbar)
+out["other_digest"] = df.stream_digest(Other.__new__(Other)) == df.STREAM_SHA256
+print(json.dumps(out))
+"""
+
+
 def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: Path) -> None:
     nodes_py = stack.comfy_dir / "custom_nodes" / PACK / "nodes.py"
     out = stack_json(stack, SCRIPT, EXT, nodes_py, cwd=tmp_path)
@@ -163,6 +264,46 @@ def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: P
     assert out["missing"] == "WanVideoDecode not loaded; nothing to do"
 
 
+def test_the_decode_loop_sends_its_frames_to_the_host_as_they_come(
+    stack: Stack, realstack_base: Path, tmp_path: Path
+) -> None:
+    vae = realstack_base / "models" / "vae" / "Wan2_1_VAE_bf16.safetensors"
+    out = stack_json(
+        stack,
+        STREAM_SCRIPT,
+        EXT,
+        stack.comfy_dir,
+        vae,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=tmp_path,
+    )
+    assert out["digest_ok"], "single_decode or VideoVAE_.decode changed at the pinned commit"
+    for name in ("float32", "bfloat16"):
+        case = out[name]
+        # upstream's (C, T, H, W) clip in the VAE's dtype; the streamed one float32, equal
+        assert case["upstream"] == [[3, 21, 48, 64], f"torch.{name}"], case
+        assert case["each"] == [[1, 3, 21, 48, 64], "torch.float32"], case
+        assert case["through"] == [[3, 21, 48, 64], "torch.float32"], case
+        assert case["equal_each"] and case["equal_through"], case
+        assert case["frames_contiguous"], case
+    one_chunk = 4 * 3 * 4 * 5 * 4
+    for name, frames in (
+        ("rule", 17),
+        ("rule_one_flush", 9),
+        ("odd_middle", 12),
+        ("odd_first", 10),
+    ):
+        case = out[name]
+        assert case["equal"] and case["contiguous"], (name, case)
+        assert case["shape"] == [1, 3, frames, 4, 5], (name, case)
+    # the GPU's share is bounded: never more than the flush size and one chunk waiting
+    assert out["rule"]["most_pending"] <= 3 * one_chunk, out["rule"]
+    assert out["short"]["equal"] and out["short"]["shape"] == [1, 3, 9, 4, 5]
+    assert out["fewer"] == {"shape": [1, 3, 5, 4, 5], "contiguous": True}
+    assert out["no_vae"] is None
+    assert out["other_digest"] is False
+
+
 def serve(stack: Stack, realstack_base: Path, folder: Path, setting: str | None) -> dict[str, Any]:
     """ComfyUI (CPU, WanVideoWrapper and this extension) decodes the clip once."""
     return serve_on_gradient(
@@ -191,8 +332,14 @@ def test_comfyui_decodes_through_the_extension(
         "xicon_decode_frames: WanVideoDecode hands its frames to the host as one contiguous "
         "float32 tensor" in on["log"]
     ), on["log"][-3000:]
-    # the decode ran through it: the tiny VAE's 2 latent frames decode to 5 frames of 64x48
+    # the decode ran through it: the tiny VAE's 2 latent frames decode to 5 frames of 64x48,
+    # sent to the host as they were decoded
     assert "xicon_decode_frames: 5 frames of 64x48 to the host as one float32 tensor" in on["log"]
+    assert re.search(
+        r"xicon_decode_frames: 5 frames of 64x48 to the host as one float32 tensor \([\d.]+ "
+        r"MiB\), as they were decoded: at most [\d.]+ MiB of them on the GPU at once",
+        on["log"],
+    ), on["log"][-3000:]
     assert "xicon_decode_frames: off (XICON_DECODE_FRAMES)" in off["log"]
     assert "to the host as one float32 tensor" not in off["log"]
     assert len(on["pngs"]) == 5 and on["pngs"] == off["pngs"]

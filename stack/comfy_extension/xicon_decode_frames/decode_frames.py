@@ -1,5 +1,5 @@
-"""The decoded clip reaches the host as one contiguous float32 frame tensor, without a bf16
-host copy on the way.
+"""The decoded clip reaches the host as one contiguous float32 frame tensor, a few frames at a
+time while the VAE decodes, without the whole clip on the GPU or a bf16 host copy on the way.
 
 Why: WanVideoWrapper's ``WanVideoDecode.decode`` (``nodes.py`` ~L2117-2177, pinned commit) takes
 the VAE's output, the whole clip on the GPU in bf16 laid out (C, T, H, W), and runs
@@ -7,26 +7,38 @@ the VAE's output, the whole clip on the GPU in bf16 laid out (C, T, H, W), and r
 a moment the host holds 1.5 float32 copies of the clip (at 60 s, 416x672: 2.4 GB + 4.8 GB). It
 then normalises in place and returns ``images.permute(1, 2, 3, 0)``, a (T, H, W, C) view of the
 channel-first tensor, so every reader (``VHS_VideoCombine``'s frame conversion) walks frames whose
-channels lie a whole plane apart.
+channels lie a whole plane apart. And the Wan VAE's own decode loop (``VideoVAE_.decode``,
+``wanvideo/wan_video_vae.py`` ~L1131-1167) gathers the clip on the GPU with ``torch.cat([out,
+out_], 2)`` after every latent frame: the GPU holds the whole decoded clip, and for each
+concatenation the clip so far twice (at 60 s the whole-GPU peak came at the end of the decode,
+6-7 GiB above the sampler's, ``bench/results/gpu_h100_batch_ops``), however long the clip.
 
 What: while ``WanVideoDecode.decode`` runs, its VAE's ``decode`` (``WanVideoVAE.decode``, which
 returns one (C, T, H, W) tensor per batch item) is wrapped, for that call only: each tensor it
 returns is copied, a few frames at a time, into a new contiguous float32 (T, H, W, C) host tensor,
 and handed back as that tensor's (C, T, H, W) view. The node's ``.cpu()`` and ``.float()`` then
 return the same tensor (already on the host, already float32), its in-place normalisation
-writes into it, and its final ``permute(1, 2, 3, 0)`` gives back the contiguous frames. The
-values are the node's own bit for bit (bf16 -> float32 is exact; the normalisation is the node's
-code on the same float32 numbers). The host holds one float32 copy instead of 1.5 at the peak,
-and the frames come out contiguous.
+writes into it, and its final ``permute(1, 2, 3, 0)`` gives back the contiguous frames. Where the
+VAE decodes untiled (``WanVideoVAE.single_decode``, the graph's way), its decode loop is run by
+``streamed_decode`` instead, for that call only: the same calls of the decoder on the same latent
+frames, but the decoded frames go into that host tensor as they come, at most ``FLUSH_BYTES`` of
+them (as float32) waiting on the GPU, so the GPU never holds the clip. The values are the node's
+own bit for bit (the decoder's calls are the same; bf16 -> float32 is exact; the normalisation is
+the node's code on the same float32 numbers). The host holds one float32 copy instead of 1.5 at
+the peak, and the frames come out contiguous.
 
 Installed once, before ComfyUI runs its first prompt (custom nodes load in no fixed order, so the
 class is looked up in ComfyUI's node registry then), and only when ``WanVideoDecode.decode`` still
-has the source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the
-reason is logged. ``XICON_DECODE_FRAMES=off`` turns it off.
+has the source this was written against (``UPSTREAM_SHA256``); the decode loop is replaced only
+when ``single_decode`` and ``VideoVAE_.decode`` still have theirs (``STREAM_SHA256``; a VAE of
+another kind, a tiled decode or the end-image path decode as upstream's, copied to the host
+after). Otherwise nothing changes and the reason is logged. ``XICON_DECODE_FRAMES=off`` turns it
+off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -45,6 +57,10 @@ NODE = "WanVideoDecode"
 UPSTREAM_SHA256 = "da438e95e22c5bc705eb8ce108c15a9b60dfeae26ce45d234ed4851ec8dfa76f"
 WRAPPED = "_xicon_decode_frames"
 CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes moved per step: the GPU temporary's size
+# sha256 of inspect.getsource(WanVideoVAE.single_decode) and of VideoVAE_.decode, joined by a
+# newline, at that commit's wanvideo/wan_video_vae.py.
+STREAM_SHA256 = "144c0ba0ee52712183ef1133b28a843bdad00293c49f68ada90165b039d5d9df"
+FLUSH_BYTES = 256 * 1024 * 1024  # decoded frames (as float32) waiting on the GPU at most
 
 
 def enabled(env: Mapping[str, str]) -> bool:
@@ -63,6 +79,138 @@ def to_host_frames(video: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch
         part = video[:, start:stop].permute(1, 2, 3, 0).to(torch.float32)
         frames[start:stop].copy_(part)
     return frames.permute(3, 0, 1, 2)
+
+
+class HostFrames:
+    """Decoded chunks, each (1, C, t, H, W) on any device, gathered in order into one contiguous
+    float32 (T, H, W, C) host tensor: kept on their device until ``flush_bytes`` of them (as
+    float32) wait, then copied over together. The Wan 2.1 decoder gives one frame for the first
+    latent frame and four for each after (``T = 1 + 4 (n - 1)``, allocated at the first flush);
+    chunks of any other size are gathered all the same, joined at the end (one more copy)."""
+
+    def __init__(self, latent_frames: int, flush_bytes: int = FLUSH_BYTES) -> None:
+        self.latent_frames = latent_frames
+        self.flush_bytes = flush_bytes
+        self.pending: list[torch.Tensor] = []
+        self.pending_bytes = 0
+        self.most_pending = 0
+        self.frames: torch.Tensor | None = None
+        self.written = 0
+        self.pieces: list[torch.Tensor] | None = None  # chunks that broke the 1 + 4 (n - 1) rule
+
+    def add(self, chunk: torch.Tensor) -> None:
+        self.pending.append(chunk)
+        self.pending_bytes += chunk[0].numel() * 4
+        self.most_pending = max(self.most_pending, self.pending_bytes)
+        if self.pending_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        for chunk in self.pending:
+            part = chunk[0].permute(1, 2, 3, 0).to(torch.float32)  # (t, H, W, C)
+            t = part.shape[0]
+            if self.frames is None and self.pieces is None:
+                total = 1 + 4 * (self.latent_frames - 1)
+                self.frames = torch.empty((total, *part.shape[1:]), dtype=torch.float32)
+            expected = 1 if self.written == 0 else 4
+            fits = (
+                self.frames is not None
+                and t == expected
+                and part.shape[1:] == self.frames.shape[1:]
+                and self.written + t <= self.frames.shape[0]
+            )
+            if fits:
+                self.frames[self.written : self.written + t].copy_(part)
+                self.written += t
+                continue
+            if self.pieces is None:  # leave the fixed-size tensor: gather pieces from here on
+                self.pieces = [self.frames[: self.written]] if self.frames is not None else []
+                self.frames = None
+            self.pieces.append(part.cpu())
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def finish(self) -> torch.Tensor:
+        """All frames as a (1, C, T, H, W) view of the contiguous (T, H, W, C) host tensor."""
+        self.flush()
+        if self.pieces is not None:
+            frames = torch.cat(self.pieces, 0) if self.pieces else torch.empty(0)
+        else:
+            assert self.frames is not None
+            frames = self.frames[: self.written]
+            if self.written != self.frames.shape[0]:
+                frames = frames.clone()  # fewer frames than the rule: a contiguous tensor still
+        return frames.permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def streamed_decode(
+    model: Any, z: torch.Tensor, pbar: bool = True, flush_bytes: int = FLUSH_BYTES
+) -> torch.Tensor:
+    """``VideoVAE_.decode`` (pinned source, ``STREAM_SHA256``) with the decoded frames handed to
+    ``HostFrames`` as they come instead of concatenated on the GPU: the same calls of ``conv2``
+    and the decoder on the same latent frames, the same progress bar and cache handling; the
+    frames as a (1, C, T, H, W) view of a contiguous float32 (T, H, W, C) host tensor."""
+    g = type(model).decode.__globals__  # the VAE module's tqdm, ProgressBar, device, log
+    z = z / model.inv_std.to(z) + model.mean.to(z)
+    input_shape = z.shape
+    iter_ = z.shape[2]
+    bar = g["ProgressBar"](iter_) if pbar else None
+    with contextlib.suppress(Exception):  # as upstream: no CUDA, no statistics
+        torch.cuda.reset_peak_memory_stats(g["device"])
+    x = model.conv2(z)
+    frames = HostFrames(iter_, flush_bytes)
+    for i in g["tqdm"](range(iter_), desc="WanVAE decoding frames", disable=not pbar):
+        model._conv_idx = [0]
+        frames.add(
+            model.decoder(
+                x[:, :, i : i + 1, :, :], feat_cache=model._feat_map, feat_idx=model._conv_idx
+            )
+        )
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.update_absolute(0)
+    model.clear_cache()
+    out = frames.finish()
+    _, _, t, h, w = out.shape
+    log.info(
+        "xicon_decode_frames: %d frames of %dx%d to the host as one float32 tensor (%.1f MiB), "
+        "as they were decoded: at most %.1f MiB of them on the GPU at once",
+        t,
+        w,
+        h,
+        out.numel() * 4 / 2**20,
+        frames.most_pending / 2**20,
+    )
+    if getattr(model, "verbose", False):
+        try:
+            g["log"].info(f"WanVAE decoded input:{input_shape} to {out.shape}")
+            g["print_memory"](g["device"], process="WanVAE decode")
+            torch.cuda.reset_peak_memory_stats(g["device"])
+        except Exception:
+            pass
+    return out
+
+
+def stream_digest(vae: Any) -> str | None:
+    """sha256 of ``vae``'s ``single_decode`` and its model's ``decode`` sources (None when
+    ``vae`` has no such methods or their source cannot be read)."""
+    try:
+        outer = inspect.getsource(type(vae).single_decode)
+        inner = inspect.getsource(type(vae.model).decode)
+    except (AttributeError, OSError, TypeError):
+        return None
+    return hashlib.sha256(f"{outer}\n{inner}".encode()).hexdigest()
+
+
+def streaming_single_decode(vae: Any) -> Callable[..., Any]:
+    """``WanVideoVAE.single_decode`` for ``vae``, with ``streamed_decode`` as its decode loop."""
+
+    def single_decode(hidden_state: torch.Tensor, device: Any, pbar: bool = True) -> torch.Tensor:
+        hidden_state = hidden_state.to(device)
+        return streamed_decode(vae.model, hidden_state, pbar=pbar)
+
+    return single_decode
 
 
 def host_decoding(decode: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,13 +252,19 @@ def wrap_node_decode(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def decode(self: Any, vae: Any, samples: Any, *args: Any, **kwargs: Any) -> Any:
         inner = getattr(vae, "decode", None)
-        if not callable(inner) or "decode" in getattr(vae, "__dict__", {}):
+        own = getattr(vae, "__dict__", {})
+        if not callable(inner) or "decode" in own:
             return original(self, vae, samples, *args, **kwargs)
         vae.decode = host_decoding(inner)
+        streams = "single_decode" not in own and stream_digest(vae) == STREAM_SHA256
+        if streams:
+            vae.single_decode = streaming_single_decode(vae)
         try:
             return original(self, vae, samples, *args, **kwargs)
         finally:
             del vae.decode
+            if streams:
+                del vae.single_decode
 
     setattr(decode, WRAPPED, True)
     return decode
