@@ -18,8 +18,13 @@ Run by the stack's Python on the GPU machine:
 encode_channels_last
 
 ``streamlined`` and ``encode_streamlined`` add the extension's ``decoder_ops.py`` steps to the
-channels-last layout (``XICON_VAE_OPS``). ``--profile VARIANT,...`` runs those variants once
-more under ``torch.profiler`` and prints their top kernels and GPU time by kind.
+channels-last layout (``XICON_VAE_OPS``). ``streamlined_host`` is ``streamlined`` with the clip
+then copied to the host as ``xicon_decode_frames`` did before 2026-12-06 (the VAE's loop gathers
+it on the GPU, ``to_host_frames`` copies it over), ``streamed`` the same with that extension's
+``streamed_decode`` (the frames sent to the host as they come): their times include the copy to
+the host, and their torch peak tells what the decode holds on the GPU. ``--profile VARIANT,...``
+runs those variants once more under ``torch.profiler`` and prints their top kernels and GPU time
+by kind.
 
 ``--vae`` is the model file, loaded as ``WanVideoVAELoader`` loads it (the synthetic one works:
 its figures are time and memory; PyTorch's default initialisation of this VAE decodes to NaN).
@@ -38,7 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("plain", "benchmark", "channels_last", "both", "compile", "streamlined")
+VARIANTS = (
+    "plain",
+    "benchmark",
+    "channels_last",
+    "both",
+    "compile",
+    "streamlined",
+    "streamlined_host",
+    "streamed",
+)
 ENCODE_VARIANTS = ("encode", "encode_channels_last", "encode_streamlined")
 # the image's conversion, the one function both use
 LAYOUT = (
@@ -48,6 +62,7 @@ LAYOUT = (
     / "xicon_vae_channels_last"
     / "vae_channels_last.py"
 )
+FRAMES = LAYOUT.parent.parent / "xicon_decode_frames" / "decode_frames.py"
 
 
 class GpuPeak:
@@ -108,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     assert spec and spec.loader
     layout = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(layout)
+    spec = importlib.util.spec_from_file_location("xicon_decode_frames_impl", FRAMES)
+    assert spec and spec.loader
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
 
     root = args.comfy_dir / "custom_nodes" / "ComfyUI-WanVideoWrapper"
     spec = importlib.util.spec_from_file_location(
@@ -158,12 +177,15 @@ def main(argv: list[str] | None = None) -> None:
             encoding = variant in ENCODE_VARIANTS
             torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
             vae = fresh_vae()
-            if variant in ("channels_last", "both", "streamlined"):
+            if variant in ("channels_last", "both", "streamlined", "streamlined_host", "streamed"):
                 layout.convert(vae, layout.DECODER)
             if variant in ("encode_channels_last", "encode_streamlined"):
                 layout.convert(vae, layout.ENCODER)
-            if variant == "streamlined":
+            if variant in ("streamlined", "streamlined_host", "streamed"):
                 print(layout.streamline(vae, layout.DECODER), file=sys.stderr)
+            if variant == "streamed":
+                assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
+                vae.single_decode = host.streaming_single_decode(vae)
             if variant == "encode_streamlined":
                 print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
             if variant == "compile":
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                         video = vae.encode([pixels], device=device, tiled=False, pbar=False)[0]
                     else:
                         video = vae.decode([latent], device=device, tiled=False, pbar=False)[0]
+                        if variant == "streamlined_host":
+                            video = host.to_host_frames(video)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)

@@ -205,7 +205,8 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "--repeat",
         "0",
         "--variants",
-        "plain,channels_last,streamlined,encode,encode_channels_last,encode_streamlined",
+        "plain,channels_last,streamlined,streamlined_host,streamed,encode,encode_channels_last,"
+        "encode_streamlined",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     plain, cl = out["runs"]["plain@2"], out["runs"]["channels_last@2"]
@@ -216,6 +217,11 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     fast = out["runs"]["streamlined@2"]
     assert fast["frames"] == plain["frames"] and fast["finite"], fast
     assert fast["max_abs_diff"] < 1e-4 and fast["cosine"] > 0.99999, fast
+    # the same, copied to the host after the loop or sent there as it decodes (decode_frames)
+    for name in ("streamlined_host@2", "streamed@2"):
+        row = out["runs"][name]
+        assert row["frames"] == plain["frames"] and row["finite"], (name, row)
+        assert row["max_abs_diff"] == fast["max_abs_diff"], (name, row, fast)
     enc, enc_cl = out["runs"]["encode@2"], out["runs"]["encode_channels_last@2"]
     assert enc["frames"] == enc_cl["frames"] == [16, 2, 3, 4]  # 5 frames of 32x24 -> 2 latents
     assert "max_abs_diff" not in enc  # the encode's own reference, not the decode's
