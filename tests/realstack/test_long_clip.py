@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -260,12 +261,43 @@ def test_the_pose_render_ran_with_the_extension(
 
 def test_the_vae_decoder_ran_channels_last(long_job: dict[str, Any], real_worker: Server) -> None:
     """The project's extension ``xicon_vae_channels_last`` wrapped the VAE loader in the worker's
-    own ComfyUI and the job's VAE came with its decoder channels-last
-    (``tests/realstack/test_vae_channels_last.py``: its frames against upstream's layout)."""
+    own ComfyUI and the job's VAE came with its decoder and encoder channels-last and their steps
+    streamlined (``tests/realstack/test_vae_channels_last.py``: its frames against upstream's
+    layout)."""
     assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
     text = real_worker.log.read_text(errors="replace")
-    assert "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's weights" in text
-    assert "xicon_vae_channels_last: the VAE decoder's weights in channels-last memory (" in text
+    assert (
+        "xicon_vae_channels_last: WanVideoVAELoader gives the VAE decoder's and encoder's weights "
+        "in channels-last memory, its steps streamlined" in text
+    )
+    assert (
+        "xicon_vae_channels_last: the VAE decoder's and encoder's weights in channels-last "
+        "memory (" in text
+    )
+    assert re.search(
+        r"xicon_vae_channels_last: the VAE decoder's and encoder's steps streamlined: [1-9]\d* "
+        r"convolutions pad inside",
+        text,
+    )
+
+
+def test_the_decode_sent_its_frames_to_the_host_as_they_came(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """The project's extension ``xicon_decode_frames`` ran the long job's decode loop in the
+    worker's own ComfyUI: its frames went to the host as they were decoded, never the clip on the
+    device (``tests/realstack/test_decode_frames.py``: the same frames to the bit)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    decodes = re.findall(
+        r"xicon_decode_frames: (\d+) frames of 256x256 to the host as one float32 tensor "
+        r"\([\d.]+ MiB\), as they were decoded: at most ([\d.]+) MiB of them on the GPU at once",
+        text,
+    )
+    assert str(RENDERED) in [frames for frames, _ in decodes], decodes
+    # at most 256 MiB and one four-frame chunk wait on the device, whatever the clip's length
+    chunk_mib = 4 * 256 * 256 * 3 * 4 / 2**20
+    assert all(float(most) <= 256 + chunk_mib for _, most in decodes), decodes
 
 
 def test_the_pose_detectors_sessions_were_kept(
