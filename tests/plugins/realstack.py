@@ -15,6 +15,9 @@
   Wan VAE through WanVideoWrapper's nodes, the frames saved as PNGs and encoded again as a latent.
 - ``serve_on_gradient(...)``: one prompt through a CPU ComfyUI over a new base, a gradient image
   as its input, one setting set or unset; what it wrote and logged.
+- ``PINNED_VAE_LOADER``: a script fragment for ``stack_json`` that, given ``comfy_dir`` and
+  ``vae_file``, imports the pinned Wan VAE module as ``vae_module`` and compiles upstream's own
+  ``WanVideoVAELoader`` (its pinned source, readable by ``inspect``) as ``Pinned``.
 - ``cpu_job(media, **extra)``: the small CPU job (256×256, 5 frames, 1 step) with both inputs
   as base64; ``wait_for(url, proc, log, timeout_s)`` polls a URL while the process lives.
 """
@@ -219,6 +222,47 @@ class Keep(logging.Handler):
         lines.append(record.getMessage())
 logging.getLogger(LOGGER).addHandler(Keep())
 logging.getLogger(LOGGER).setLevel(logging.INFO)
+"""
+
+
+PINNED_VAE_LOADER = r"""
+import ast, importlib, importlib.util, linecache, logging, sys, types
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+from comfy.utils import load_torch_file
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+root = f"{comfy_dir}/custom_nodes/ComfyUI-WanVideoWrapper"
+spec = importlib.util.spec_from_file_location(
+    "wvw", f"{root}/__init__.py", submodule_search_locations=[root])
+sys.modules["wvw"] = importlib.util.module_from_spec(spec)
+vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
+
+# upstream's own loader class, compiled from the pinned file's lines (linecache lets inspect
+# read them), with the module globals its loadmodel reads (the tiny VAE's sizes come from its
+# weights, as the loader reads them)
+source = open(f"{root}/nodes_model_loading.py").read()
+lines = source.splitlines(keepends=True)
+cls_node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.ClassDef) and n.name == "WanVideoVAELoader")
+class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
+fname = "<pinned WanVideoWrapper nodes_model_loading.py: WanVideoVAELoader>"
+linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
+folder_paths = types.SimpleNamespace(
+    get_filename_list=lambda kind: [], get_full_path_or_raise=lambda kind, name: vae_file)
+ns = {"torch": torch, "folder_paths": folder_paths, "load_torch_file": load_torch_file,
+      "WanVideoVAE": vae_module.WanVideoVAE, "WanVideoVAE38": None,
+      "log": logging.getLogger("wvw"), "offload_device": torch.device("cpu")}
+exec(compile(class_source, fname, "exec"), ns)
+Pinned = ns["WanVideoVAELoader"]
 """
 
 

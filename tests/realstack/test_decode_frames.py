@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.plugins.realstack import (
+    PINNED_VAE_LOADER,
     ROOT,
     Stack,
     serve_on_gradient,
@@ -135,45 +136,15 @@ print(json.dumps(out))
 """
 
 
-STREAM_SCRIPT = r"""
-import ast, importlib, importlib.util, json, linecache, logging, sys, types
+STREAM_SCRIPT = (
+    r"""
+import json, sys
 ext_file, comfy_dir, vae_file = sys.argv[1:4]
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-from comfy.utils import load_torch_file
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+"""
+    + PINNED_VAE_LOADER
+    + r"""
 df = load("decode_frames_under_test", ext_file)
-root = f"{comfy_dir}/custom_nodes/ComfyUI-WanVideoWrapper"
-spec = importlib.util.spec_from_file_location(
-    "wvw", f"{root}/__init__.py", submodule_search_locations=[root])
-sys.modules["wvw"] = importlib.util.module_from_spec(spec)
-vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
-
-# the VAE as upstream's own loader builds it (its class compiled from the pinned file's lines,
-# with the module globals its loadmodel reads): the tiny VAE's sizes are read from its weights
-source = open(f"{root}/nodes_model_loading.py").read()
-lines = source.splitlines(keepends=True)
-cls_node = next(n for n in ast.parse(source).body
-                if isinstance(n, ast.ClassDef) and n.name == "WanVideoVAELoader")
-class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
-fname = "<pinned WanVideoWrapper nodes_model_loading.py: WanVideoVAELoader>"
-linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
-folder_paths = types.SimpleNamespace(
-    get_filename_list=lambda kind: [], get_full_path_or_raise=lambda kind, name: vae_file)
-ns = {"torch": torch, "folder_paths": folder_paths, "load_torch_file": load_torch_file,
-      "WanVideoVAE": vae_module.WanVideoVAE, "WanVideoVAE38": None,
-      "log": logging.getLogger("wvw"), "offload_device": torch.device("cpu")}
-exec(compile(class_source, fname, "exec"), ns)
-Loader = ns["WanVideoVAELoader"]
+Loader = Pinned
 
 out = {}
 g = torch.Generator().manual_seed(5)
@@ -232,6 +203,7 @@ class Other(vae_module.WanVideoVAE):
 out["other_digest"] = df.stream_digest(Other.__new__(Other)) == df.STREAM_SHA256
 print(json.dumps(out))
 """
+)
 
 
 def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, ImageChops, ImageStat
 
 from tests.plugins.realstack import (
+    PINNED_VAE_LOADER,
     ROOT,
     Stack,
     serve_on_gradient,
@@ -32,45 +33,14 @@ EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "vae_channels_last.py"
 BENCH = ROOT / "bench" / "vae_decode.py"
 PACK = "ComfyUI-WanVideoWrapper"
 
-SCRIPT = r"""
-import ast, asyncio, importlib, importlib.util, json, linecache, logging, sys, types
+SCRIPT = (
+    r"""
+import asyncio, json, sys
 comfy_dir, ext_file, vae_file = sys.argv[1:4]
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-from comfy.utils import load_torch_file
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+"""
+    + PINNED_VAE_LOADER
+    + r"""
 ext = load("vae_channels_last_under_test", ext_file)
-root = f"{comfy_dir}/custom_nodes/ComfyUI-WanVideoWrapper"
-spec = importlib.util.spec_from_file_location(
-    "wvw", f"{root}/__init__.py", submodule_search_locations=[root])
-sys.modules["wvw"] = importlib.util.module_from_spec(spec)
-vae_module = importlib.import_module("wvw.wanvideo.wan_video_vae")
-
-# upstream's own loader class, compiled from the pinned file's lines (linecache lets inspect
-# read them), with the module globals its loadmodel reads
-source = open(f"{root}/nodes_model_loading.py").read()
-lines = source.splitlines(keepends=True)
-cls_node = next(n for n in ast.parse(source).body
-                if isinstance(n, ast.ClassDef) and n.name == "WanVideoVAELoader")
-class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
-fname = "<pinned WanVideoWrapper nodes_model_loading.py: WanVideoVAELoader>"
-linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
-folder_paths = types.SimpleNamespace(
-    get_filename_list=lambda kind: [], get_full_path_or_raise=lambda kind, name: vae_file)
-ns = {"torch": torch, "folder_paths": folder_paths, "load_torch_file": load_torch_file,
-      "WanVideoVAE": vae_module.WanVideoVAE, "WanVideoVAE38": None,
-      "log": logging.getLogger("wvw"), "offload_device": torch.device("cpu")}
-exec(compile(class_source, fname, "exec"), ns)
-Pinned = ns["WanVideoVAELoader"]
 
 def layouts(module):
     # 5-D weights laid out otherwise than the default, and those not channels-last
@@ -129,6 +99,7 @@ out["changed"] = ext.patch({"WanVideoVAELoader": ns2["WanVideoVAELoader"]})
 out["missing"] = ext.patch({})
 print(json.dumps(out))
 """
+)
 
 
 def vae_file(realstack_base: Path) -> Path:
