@@ -184,7 +184,7 @@ def gathered(sizes, flush_bytes):
     return {"equal": bool(torch.equal(got, want)), "shape": list(got.shape),
             "contiguous": got[0].permute(1, 2, 3, 0).is_contiguous(),
             "most_pending": frames.most_pending}
-one_chunk = 4 * 3 * 4 * 5 * 4  # a four-frame chunk's float32 bytes
+one_chunk = 4 * 3 * 4 * 5 * 2  # a four-frame bf16 chunk's bytes
 out["rule"] = gathered([1, 4, 4, 4, 4], 2 * one_chunk)
 out["rule_one_flush"] = gathered([1, 4, 4], 1 << 30)
 out["odd_middle"] = gathered([1, 4, 3, 4], one_chunk)
@@ -258,7 +258,7 @@ def test_the_decode_loop_sends_its_frames_to_the_host_as_they_come(
         assert case["through"] == [[3, 21, 48, 64], "torch.float32"], case
         assert case["equal_each"] and case["equal_through"], case
         assert case["frames_contiguous"], case
-    one_chunk = 4 * 3 * 4 * 5 * 4
+    one_chunk = 4 * 3 * 4 * 5 * 2  # a four-frame bf16 chunk's bytes
     for name, frames in (
         ("rule", 17),
         ("rule_one_flush", 9),

@@ -22,10 +22,10 @@ writes into it, and its final ``permute(1, 2, 3, 0)`` gives back the contiguous 
 VAE decodes untiled (``WanVideoVAE.single_decode``, the graph's way), its decode loop is run by
 ``streamed_decode`` instead, for that call only: the same calls of the decoder on the same latent
 frames, but the decoded frames go into that host tensor as they come, at most ``FLUSH_BYTES`` of
-them (as float32) waiting on the GPU, so the GPU never holds the clip. The values are the node's
-own bit for bit (the decoder's calls are the same; bf16 -> float32 is exact; the normalisation is
-the node's code on the same float32 numbers). The host holds one float32 copy instead of 1.5 at
-the peak, and the frames come out contiguous.
+them (in the VAE's dtype) waiting on the GPU, so the GPU never holds the clip. The values are the
+node's own bit for bit (the decoder's calls are the same; bf16 -> float32 is exact; the
+normalisation is the node's code on the same float32 numbers). The host holds one float32 copy
+instead of 1.5 at the peak, and the frames come out contiguous.
 
 Installed once, before ComfyUI runs its first prompt (custom nodes load in no fixed order, so the
 class is looked up in ComfyUI's node registry then), and only when ``WanVideoDecode.decode`` still
@@ -60,7 +60,7 @@ CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes moved per step: the GPU temporar
 # sha256 of inspect.getsource(WanVideoVAE.single_decode) and of VideoVAE_.decode, joined by a
 # newline, at that commit's wanvideo/wan_video_vae.py.
 STREAM_SHA256 = "144c0ba0ee52712183ef1133b28a843bdad00293c49f68ada90165b039d5d9df"
-FLUSH_BYTES = 256 * 1024 * 1024  # decoded frames (as float32) waiting on the GPU at most
+FLUSH_BYTES = 256 * 1024 * 1024  # decoded frames waiting on the GPU, in their own dtype, at most
 
 
 def enabled(env: Mapping[str, str]) -> bool:
@@ -83,8 +83,8 @@ def to_host_frames(video: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch
 
 class HostFrames:
     """Decoded chunks, each (1, C, t, H, W) on any device, gathered in order into one contiguous
-    float32 (T, H, W, C) host tensor: kept on their device until ``flush_bytes`` of them (as
-    float32) wait, then copied over together. The Wan 2.1 decoder gives one frame for the first
+    float32 (T, H, W, C) host tensor: kept on their device until ``flush_bytes`` of them (their
+    own bytes) wait, then copied over together. The Wan 2.1 decoder gives one frame for the first
     latent frame and four for each after (``T = 1 + 4 (n - 1)``, allocated at the first flush);
     chunks of any other size are gathered all the same, joined at the end (one more copy)."""
 
@@ -100,7 +100,7 @@ class HostFrames:
 
     def add(self, chunk: torch.Tensor) -> None:
         self.pending.append(chunk)
-        self.pending_bytes += chunk[0].numel() * 4
+        self.pending_bytes += chunk.numel() * chunk.element_size()
         self.most_pending = max(self.most_pending, self.pending_bytes)
         if self.pending_bytes >= self.flush_bytes:
             self.flush()
