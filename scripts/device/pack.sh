@@ -7,14 +7,14 @@
 #
 # Writes into OUT_DIR (default .device; keep it ignored by git, never commit it):
 #   whl/                 the cp312 manylinux x86_64 wheels the GPU machine lacks (exact pins below)
-#   c1/ c2/ ...          one folder per carried call, each at most PART_MIB (58) MiB, leaving room
+#   c1/ c2/ ...          one folder per carried call, each at most PART_MIB (52) MiB, leaving room
 #                        for the repository copy that travels with every call:
 #     c1: the stack archive + MANIFEST.json, the SageAttention source, site.tar.xz.00
-#     c2, c3, c4: the next parts of site.tar.xz
+#     c2 ... c5: the next parts of site.tar.xz
 # site.tar.xz is the wheels installed for Python 3.12 into one tree (`pip install --target` with
 # --python-version 3.12 --platform manylinux…, 807 MB), compressed with `xz -1`: 258 MB of wheels
 # (deflate inside) become 203 MB (comfy-kitchen's CUDA fatbins shrink from 58 to 28 MB), so the
-# payload with the 26 MB stack travels in four calls instead of five; `xz -6` saves little more
+# payload with the 26 MB stack travels in five calls instead of six; `xz -6` saves little more
 # and took over ten minutes on two busy cores. scripts/device/stage.sh joins the parts there and
 # unpacks the tree as $SITE.
 #
@@ -26,7 +26,7 @@ set -euo pipefail
 STACK_ARCHIVE="${1:?stack archive (comfy-stack-*.tar.gz) required}"
 SAGE_SRC="${2:?SageAttention source tarball required}"
 OUT="${3:-.device}"
-PART_MIB="${PART_MIB:-58}"
+PART_MIB="${PART_MIB:-52}"  # 58 left too little room once the repository copy passed 6 MB
 PY="${PYTHON:-python3}"
 
 # What the GPU image lacks, at the stack's pins. ComfyUI core: av, comfy-kitchen, comfy-aimdo,
