@@ -291,13 +291,11 @@ def test_the_decode_sent_its_frames_to_the_host_as_they_came(
     text = real_worker.log.read_text(errors="replace")
     decodes = re.findall(
         r"xicon_decode_frames: (\d+) frames of 256x256 to the host as one float32 tensor "
-        r"\([\d.]+ MiB\), as they were decoded: at most ([\d.]+) MiB of them on the GPU at once",
+        r"\([\d.]+ MiB\), as they were decoded: at most [\d.]+ MiB of them on the GPU at once",
         text,
     )
-    assert str(RENDERED) in [frames for frames, _ in decodes], decodes
-    # at most 256 MiB and one four-frame chunk wait on the device, whatever the clip's length
-    chunk_mib = 4 * 256 * 256 * 3 * 4 / 2**20
-    assert all(float(most) <= 256 + chunk_mib for _, most in decodes), decodes
+    # (the bound on what waits on the device: test_decode_frames.py; this clip is below it)
+    assert str(RENDERED) in decodes, decodes
 
 
 def test_the_pose_detectors_sessions_were_kept(
