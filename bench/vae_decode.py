@@ -22,7 +22,10 @@ channels-last layout (``XICON_VAE_OPS``). ``streamlined_host`` is ``streamlined`
 then copied to the host as ``xicon_decode_frames`` did before 2026-12-06 (the VAE's loop gathers
 it on the GPU, ``to_host_frames`` copies it over), ``streamed`` the same with that extension's
 ``streamed_decode`` (the frames sent to the host as they come): their times include the copy to
-the host, and their torch peak tells what the decode holds on the GPU. ``--profile VARIANT,...``
+the host, and their torch peak tells what the decode holds on the GPU. ``streamed_autotune`` and
+``encode_autotune`` are ``streamed`` and ``encode_streamlined`` with cuDNN's algorithm search
+while the decoder or the encoder runs (the extension's ``autotune``, ``XICON_VAE_AUTOTUNE``): the
+search is paid in their first run. ``--profile VARIANT,...``
 runs those variants once more under ``torch.profiler`` and prints their top kernels and GPU time
 by kind.
 
@@ -52,8 +55,9 @@ VARIANTS = (
     "streamlined",
     "streamlined_host",
     "streamed",
+    "streamed_autotune",
 )
-ENCODE_VARIANTS = ("encode", "encode_channels_last", "encode_streamlined")
+ENCODE_VARIANTS = ("encode", "encode_channels_last", "encode_streamlined", "encode_autotune")
 # the image's conversion, the one function both use
 LAYOUT = (
     Path(__file__).resolve().parent.parent
@@ -177,17 +181,22 @@ def main(argv: list[str] | None = None) -> None:
             encoding = variant in ENCODE_VARIANTS
             torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
             vae = fresh_vae()
-            if variant in ("channels_last", "both", "streamlined", "streamlined_host", "streamed"):
+            streamed = variant in ("streamed", "streamed_autotune")
+            if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
-            if variant in ("encode_channels_last", "encode_streamlined"):
+            if variant in ("encode_channels_last", "encode_streamlined", "encode_autotune"):
                 layout.convert(vae, layout.ENCODER)
-            if variant in ("streamlined", "streamlined_host", "streamed"):
+            if variant in ("streamlined", "streamlined_host") or streamed:
                 print(layout.streamline(vae, layout.DECODER), file=sys.stderr)
-            if variant == "streamed":
+            if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
                 vae.single_decode = host.streaming_single_decode(vae)
-            if variant == "encode_streamlined":
+            if variant in ("encode_streamlined", "encode_autotune"):
                 print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
+            if variant == "streamed_autotune":
+                layout.autotune(vae, layout.DECODER)
+            if variant == "encode_autotune":
+                layout.autotune(vae, layout.ENCODER)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []
