@@ -182,7 +182,7 @@ def gathered(sizes, flush_bytes):
     want = torch.cat(parts, 2).float()
     return {"equal": bool(torch.equal(got, want)), "shape": list(got.shape),
             "contiguous": got[0].permute(1, 2, 3, 0).is_contiguous(),
-            "most_pending": frames.most_pending}
+            "most_held": frames.most_held, "thread_ended": frames._copier._shutdown}
 one_chunk = 4 * 3 * 4 * 5 * 2  # a four-frame bf16 chunk's bytes
 out["rule"] = gathered([1, 4, 4, 4, 4], 2 * one_chunk)
 out["rule_one_flush"] = gathered([1, 4, 4], 1 << 30)
@@ -194,6 +194,31 @@ for part in chunks([1, 4]):
     frames.add(part)
 got = frames.finish()
 out["fewer"] = {"shape": list(got.shape), "contiguous": got[0].permute(1, 2, 3, 0).is_contiguous()}
+# a copy that fails: its exception reaches the decode at the next flush, and leaving the block
+# ends the thread all the same
+import threading
+failing = df.HostFrames(3, 1)
+def broken(parts, ready):
+    raise RuntimeError("the host copy failed")
+failing._copy = broken
+try:
+    with failing:
+        for part in chunks([1, 4, 4]):
+            failing.add(part)
+    out["failed"] = "no exception"
+except RuntimeError as exc:
+    out["failed"] = str(exc)
+out["failed_thread_ended"] = failing._copier._shutdown
+out["threads_left"] = [t.name for t in threading.enumerate() if "xicon-decode-frames" in t.name]
+# the copies run on the object's own thread, not the caller's
+names = []
+seen = df.HostFrames(3, 1)
+place = seen._place
+seen._place = lambda parts: (names.append(threading.current_thread().name), place(parts))
+for part in chunks([1, 4, 4]):
+    seen.add(part)
+seen.finish()
+out["copy_threads"] = sorted(set(names))
 # a VAE of another kind (no single_decode, or another decode source) is not streamed
 out["no_vae"] = df.stream_digest(object())
 class Other(vae_module.WanVideoVAE):
@@ -268,8 +293,15 @@ def test_the_decode_loop_sends_its_frames_to_the_host_as_they_come(
         case = out[name]
         assert case["equal"] and case["contiguous"], (name, case)
         assert case["shape"] == [1, 3, frames, 4, 5], (name, case)
-    # the GPU's share is bounded: never more than the flush size and one chunk waiting
-    assert out["rule"]["most_pending"] <= 3 * one_chunk, out["rule"]
+    # the device's share is bounded: the frames waiting (at most the flush size and a chunk)
+    # and the batch before, in float32 (twice its bf16 bytes), being copied
+    assert 2 * one_chunk <= out["rule"]["most_held"] <= 3 * (3 * one_chunk), out["rule"]
+    assert all(out[name]["thread_ended"] for name in ("rule", "odd_middle", "each_alone"))
+    assert out["failed"] == "the host copy failed" and out["failed_thread_ended"]
+    assert out["threads_left"] == []
+    assert out["copy_threads"] and all(
+        name.startswith("xicon-decode-frames") for name in out["copy_threads"]
+    ), out["copy_threads"]
     assert out["fewer"] == {"shape": [1, 3, 5, 4, 5], "contiguous": True}
     assert out["no_vae"] is None
     assert out["other_digest"] is False
