@@ -24,10 +24,9 @@ it on the GPU, ``to_host_frames`` copies it over), ``streamed`` the same with th
 ``streamed_decode`` (the frames sent to the host as they come): their times include the copy to
 the host, and their torch peak tells what the decode holds on the GPU. ``streamed_autotune`` and
 ``encode_autotune`` are ``streamed`` and ``encode_streamlined`` with cuDNN's algorithm search
-while the decoder or the encoder runs (the extension's ``autotune``, ``XICON_VAE_AUTOTUNE``): the
-search is paid in their first run. ``--profile VARIANT,...``
-runs those variants once more under ``torch.profiler`` and prints their top kernels and GPU time
-by kind.
+on (as ``benchmark`` is ``plain`` with it): the search is paid in their first run.
+``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
+their top kernels and GPU time by kind.
 
 ``--vae`` is the model file, loaded as ``WanVideoVAELoader`` loads it (the synthetic one works:
 its figures are time and memory; PyTorch's default initialisation of this VAE decodes to NaN).
@@ -179,7 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         references: dict[bool, Any] = {}
         for variant in args.variants.split(","):
             encoding = variant in ENCODE_VARIANTS
-            torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
+            torch.backends.cudnn.benchmark = variant in (
+                "benchmark",
+                "both",
+                "streamed_autotune",
+                "encode_autotune",
+            )
             vae = fresh_vae()
             streamed = variant in ("streamed", "streamed_autotune")
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
@@ -193,10 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 vae.single_decode = host.streaming_single_decode(vae)
             if variant in ("encode_streamlined", "encode_autotune"):
                 print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
-            if variant == "streamed_autotune":
-                layout.autotune(vae, layout.DECODER)
-            if variant == "encode_autotune":
-                layout.autotune(vae, layout.ENCODER)
+
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []

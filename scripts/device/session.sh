@@ -60,6 +60,8 @@ wait_for() {
 start() {
     local name="${1:?run name}"
     shift
+    # shellcheck disable=SC2064 # the name now: a start that fails unqueues its run all the same
+    trap "rm -f '$RUNS/$name.queued'" EXIT
     wait_for "$SAGE/90/done" "SageAttention sm90 build"
     wait_for "$RUNS/models.done" "synthetic models"
     # onnxruntime-gpu, where `stage.sh ort` installed it, before the machine's CPU-only build
@@ -72,17 +74,24 @@ start() {
     setsid nohup "$PY" bench/gpu_run.py --comfy-dir "$COMFY_DIR" --out "$RUNS/$name" \
         --attention sageattn --video "$CLIP" --comfy-args "--front-end-root $TMP/empty-fe" "$@" \
         >"$RUNS/$name.log" 2>&1 </dev/null &
+    sleep 1 # the run's process shows before its queued mark goes (`after` waits on either)
+    rm -f "$RUNS/$name.queued"
     log "run $name started: $*"
 }
 
-running() { pgrep -f "gpu_run.py .*--out $RUNS/$1( |\$)" >/dev/null; }
+# a run is pending while it runs or while `after` keeps it queued behind another
+running() { pgrep -f "gpu_run.py .*--out $RUNS/$1( |\$)" >/dev/null || [ -f "$RUNS/$1.queued" ]; }
 
 after() {
     local prev="${1:?previous run}" name="${2:?run name}"
     shift 2
+    # queued until started: a run queued behind this one waits for it too (two `after`s given
+    # at once used to start the second at once, its PREV not yet running)
+    mkdir -p "$RUNS" && touch "$RUNS/$name.queued"
     # the inner script's $0, $1 and $@ are its own arguments (given after it), not this shell's
     # shellcheck disable=SC2016
-    setsid nohup bash -c 'while pgrep -f "gpu_run.py .*--out $1( |$)" >/dev/null; do sleep 5; done
+    setsid nohup bash -c 'while [ -f "$1.queued" ] || pgrep -f "gpu_run.py .*--out $1( |$)" \
+        >/dev/null; do sleep 5; done
         shift; exec bash "$0" start "$@"' "$0" "$RUNS/$prev" "$name" "$@" \
         >"$RUNS/$name.after.log" 2>&1 </dev/null &
     log "run $name starts when run $prev has ended: $*"

@@ -26,14 +26,6 @@ Installed once, before ComfyUI runs its first prompt, and only when ``loadmodel`
 source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason
 is logged. ``XICON_VAE_CHANNELS_LAST``: ``off`` leaves the VAE as upstream's, ``decoder`` converts
 the decoder only; ``XICON_VAE_OPS=off`` keeps upstream's steps on the converted parts.
-
-``XICON_VAE_AUTOTUNE=on`` (off by default) also lets cuDNN time its algorithms for the converted
-parts' convolutions (``torch.backends.cudnn.benchmark``) while those parts run, and only then:
-the search runs once per convolution shape in a process, the sampler and every other node keep
-cuDNN's heuristics, and the flag is back to its value after each call, an exception included.
-ComfyUI's ``--fast autotune`` turns the search on for the whole process instead, which on an H200
-held to 32 GB, with onnxruntime on CUDA beside it, took the 60-s job's whole-GPU peak from 27.4 to
-32.4 GiB (``bench/results/gpu_h200_resident``).
 """
 
 from __future__ import annotations
@@ -55,15 +47,12 @@ log = logging.getLogger("xicon_vae_channels_last")
 
 ENV = "XICON_VAE_CHANNELS_LAST"
 OPS_ENV = "XICON_VAE_OPS"
-AUTOTUNE_ENV = "XICON_VAE_AUTOTUNE"
 OFF = {"0", "off", "false", "no"}
-ON = {"1", "on", "true", "yes"}
 NODE = "WanVideoVAELoader"
 # sha256 of inspect.getsource(WanVideoVAELoader.loadmodel) at ComfyUI-WanVideoWrapper
 # 088128b224242e110d3906c6750e9a3a348a659b's nodes_model_loading.py.
 UPSTREAM_SHA256 = "cbec2605e9af21cd86072ee9838471a346155be1938fc284eb155ac2d8849f2e"
 WRAPPED = "_xicon_vae_channels_last"
-AUTOTUNED = "_xicon_vae_autotune"  # on a part: the flags it saved, one per call running
 DECODER = ("decoder", "conv2")  # the parts of ``WanVideoVAE.model`` the decode runs
 ENCODER = ("encoder", "conv1")  # the parts the encode runs
 
@@ -87,40 +76,6 @@ def ops_chosen(env: Mapping[str, str]) -> bool:
     """Whether the converted parts also get ``decoder_ops.py``'s steps: unless ``OPS_ENV`` is
     ``0``/``off``/``false``/``no``."""
     return env.get(OPS_ENV, "").strip().lower() not in OFF
-
-
-def autotune_chosen(env: Mapping[str, str]) -> bool:
-    """Whether ``AUTOTUNE_ENV`` asks for cuDNN's algorithm search in the converted parts:
-    ``1``/``on``/``true``/``yes``; off otherwise (the default)."""
-    return env.get(AUTOTUNE_ENV, "").strip().lower() in ON
-
-
-def _search_on(module: torch.nn.Module, args: Any) -> None:
-    getattr(module, AUTOTUNED).append(torch.backends.cudnn.benchmark)
-    torch.backends.cudnn.benchmark = True
-
-
-def _search_restored(module: torch.nn.Module, args: Any, output: Any) -> None:
-    saved = getattr(module, AUTOTUNED)
-    if saved:  # always_call also runs after a pre-hook that did not: nothing saved then
-        torch.backends.cudnn.benchmark = saved.pop()
-
-
-def autotune(vae: Any, parts: tuple[str, ...] = DECODER) -> int:
-    """cuDNN's algorithm search on while each of ``parts`` of ``vae.model`` runs (a forward
-    pre-hook), back to the flag's value after (a forward hook that runs on an exception too);
-    how many parts got the hooks (a part that has them already is left)."""
-    model = getattr(vae, "model", None)
-    hooked = 0
-    for name in parts:
-        part = getattr(model, name, None)
-        if not isinstance(part, torch.nn.Module) or hasattr(part, AUTOTUNED):
-            continue
-        setattr(part, AUTOTUNED, [])
-        part.register_forward_pre_hook(_search_on)
-        part.register_forward_hook(_search_restored, always_call=True)
-        hooked += 1
-    return hooked
 
 
 def decoder_ops() -> types.ModuleType:
@@ -190,13 +145,10 @@ def convert(vae: Any, parts: tuple[str, ...] = DECODER) -> int:
 
 
 def wrap_loader(
-    original: Callable[..., Any],
-    parts: tuple[str, ...] = DECODER,
-    ops: bool = False,
-    search: bool = False,
+    original: Callable[..., Any], parts: tuple[str, ...] = DECODER, ops: bool = False
 ) -> Callable[..., Any]:
     """``WanVideoVAELoader.loadmodel`` whose VAE comes back with ``parts`` channels-last (and
-    streamlined, with ``ops``; with cuDNN's algorithm search while they run, with ``search``)."""
+    streamlined, with ``ops``)."""
 
     @functools.wraps(original)
     def loadmodel(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -210,13 +162,6 @@ def wrap_loader(
             )
             if ops:
                 log.info("xicon_vae_channels_last: %s", streamline(result[0], parts))
-            if search:
-                log.info(
-                    "xicon_vae_channels_last: cuDNN times its algorithms while the VAE %s "
-                    "layers run (%d parts)",
-                    described(parts),
-                    autotune(result[0], parts),
-                )
         except Exception:  # never break the load: the VAE is then as upstream loaded it
             log.exception("xicon_vae_channels_last: the VAE left as loaded")
         return result
@@ -229,12 +174,7 @@ def upstream_digest(node_class: type) -> str:
     return hashlib.sha256(inspect.getsource(node_class.loadmodel).encode()).hexdigest()
 
 
-def patch(
-    registry: Mapping[str, Any],
-    parts: tuple[str, ...] = DECODER,
-    ops: bool = False,
-    search: bool = False,
-) -> str:
+def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER, ops: bool = False) -> str:
     """Wrap ``registry[NODE].loadmodel`` to convert ``parts``; the line to log."""
     node_class = registry.get(NODE)
     if node_class is None:
@@ -251,10 +191,8 @@ def patch(
             f"{NODE}.loadmodel changed upstream (sha256 {digest[:12]}, expected "
             f"{UPSTREAM_SHA256[:12]}); the VAE left as upstream loads it"
         )
-    node_class.loadmodel = wrap_loader(current, parts, ops, search)
+    node_class.loadmodel = wrap_loader(current, parts, ops)
     steps = ", its steps streamlined" if ops else f", its steps as upstream's ({OPS_ENV}=off)"
-    if search:
-        steps += f", cuDNN's algorithm search while they run ({AUTOTUNE_ENV})"
     return f"{NODE} gives the VAE {described(parts)} weights in channels-last memory{steps}"
 
 
@@ -265,7 +203,6 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
     if not parts:
         return f"off ({ENV})"
     ops = ops_chosen(env)
-    search = autotune_chosen(env)
     original = executor_class.execute_async
     if getattr(original, WRAPPED, False):
         return "already installed"
@@ -276,7 +213,7 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
         if not done:
             done.append(True)
             try:
-                log.info("xicon_vae_channels_last: %s", patch(registry, parts, ops, search))
+                log.info("xicon_vae_channels_last: %s", patch(registry, parts, ops))
             except Exception:  # never break a prompt: the VAE then loads as upstream ships it
                 log.exception("xicon_vae_channels_last: the VAE left as upstream loads it")
         return await original(self, *args, **kwargs)
