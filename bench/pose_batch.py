@@ -1,6 +1,7 @@
 """Pose detection with ViTPose run one frame per call (upstream) against several frames per call
-(the project's extension ``xicon_pose_batch``, YOLO in a thread of its own ahead of ViTPose, or
-not: a trailing ``s``), with ViTPose-L at its true shapes.
+(the project's extension ``xicon_pose_batch``: YOLO in a thread of its own ahead of ViTPose and
+the keypoints decoded in another; a trailing ``y``: YOLO's thread only; a trailing ``s``: no
+thread), with ViTPose-L at its true shapes.
 
 Pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose``, node 363 on the clip) runs
 WanAnimatePreprocess's YOLO and then ViTPose on every frame. This writes
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="416x672")
     p.add_argument(
         "--batches",
-        default="1,8,16,32,16s",
-        help="frames per call; 1 is upstream's process, a trailing s finds the boxes first "
-        "(no YOLO thread)",
+        default="1,8,16,32,16y,16s",
+        help="frames per call; 1 is upstream's process, a trailing y decodes the keypoints in "
+        "the node's thread (YOLO's thread only), a trailing s finds the boxes first (no thread)",
     )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--provider", default=None)
@@ -118,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         first_maps: dict[str, Any] = {}
         first_poses: dict[str, list[Any]] = {}
         for batch in batches:
-            size, serial = int(batch.rstrip("s")), batch.endswith("s")
+            size, serial = int(batch.rstrip("sy")), batch.endswith("s")
             node_class.process = (
-                original[1] if size == 1 else pb.batched(original[1], size, pipelined=not serial)
+                original[1]
+                if size == 1
+                else pb.batched(
+                    original[1], size, pipelined=not serial, decoding_thread=batch[-1].isdigit()
+                )
             )
             before = used_gib()
             model = {

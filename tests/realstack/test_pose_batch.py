@@ -89,7 +89,7 @@ def poses(result):
 def detect(label, yolo="yolov10m.onnx", env=None, runs=1):
     node_class.process = original
     patched = None if env is None else pb.patch(module, env)
-    calls.clear(); starts.clear(); lines.clear(); yolo_threads.clear()
+    calls.clear(); starts.clear(); lines.clear(); yolo_threads.clear(); decode_threads.clear()
     model = {"yolo": module_onnx.Yolo(str(detection / yolo), "CPUExecutionProvider"),
              "vitpose": module_onnx.ViTPose(str(detection / "vitpose-l-wholebody.onnx"),
                                             "CPUExecutionProvider")}
@@ -98,6 +98,7 @@ def detect(label, yolo="yolov10m.onnx", env=None, runs=1):
     out[label] = {"patched": patched, "poses": results[0], "same_runs": results[1:] == results[:-1],
                   "calls": {Path(k).name: list(v) for k, v in calls.items()}, "lines": list(lines),
                   "starts": len(starts), "yolo_threads": sorted(set(yolo_threads)),
+                  "decode_threads": sorted(set(decode_threads)),
                   "replaced": getattr(node_class.process, pb.REPLACED, None)}
 
 module_onnx = next(m for name, m in sys.modules.items()
@@ -109,6 +110,13 @@ def yolo_in_thread(self, *a, **k):
     yolo_threads.append(threading.current_thread().name.split("_")[0])
     return yolo_forward(self, *a, **k)
 module_onnx.Yolo.forward = yolo_in_thread
+# the thread that decodes ViTPose's heatmaps (ViTPose.forward reads this global at call time)
+decode_threads = []
+keypoints_from_heatmaps = module_onnx.keypoints_from_heatmaps
+def decode_in_thread(*a, **k):
+    decode_threads.append(threading.current_thread().name.split("_")[0])
+    return keypoints_from_heatmaps(*a, **k)
+module_onnx.keypoints_from_heatmaps = decode_in_thread
 # here onnxruntime has the CPU provider only: sessions on it find their boxes in the node's
 # thread; the GPU's way (YOLO's thread ahead of ViTPose) is taken by saying the sessions are on it
 on_gpu = pb.on_gpu
@@ -149,6 +157,29 @@ except RuntimeError as e:
 module_onnx.Yolo.forward = yolo_in_thread
 out["threads_left"] = threading.active_count() - threads
 out["yolo_calls_after_failure"] = len(seen)
+# the decoding failing on its second chunk: the node raises its error, no thread is left behind
+decoded = []
+def failing_decode(*a, **k):
+    decoded.append(1)
+    if len(decoded) == 2:
+        raise RuntimeError("decoding broke")
+    return keypoints_from_heatmaps(*a, **k)
+module_onnx.keypoints_from_heatmaps = failing_decode
+threads = threading.active_count()
+try:
+    node_class().process(model, clip)
+    out["decode_failure"] = "no error"
+except RuntimeError as e:
+    out["decode_failure"] = str(e)
+module_onnx.keypoints_from_heatmaps = decode_in_thread
+out["decode_threads_left"] = threading.active_count() - threads
+# ViTPose.forward's steps are taken apart only for its pinned source
+out["steps_pinned"] = pb.vitpose_steps(model["vitpose"]) is not None
+class OtherViTPose(module_onnx.ViTPose):
+    def forward(self, img, center, scale, **kwargs):
+        return super().forward(img, center, scale, **kwargs)
+out["steps_other"] = pb.vitpose_steps(OtherViTPose.__new__(OtherViTPose))
+out["steps_none"] = pb.vitpose_steps(object())
 
 node_class.process = original
 out["again"] = pb.patch(module, {"XICON_POSE_BATCH": "8"})
@@ -216,6 +247,13 @@ def test_batched_detection_finds_upstreams_poses(stack: Stack, tmp_path: Path) -
     assert cpu["calls"] == {"yolov10m.onnx": [1] * 19, "vitpose-l-wholebody.onnx": [8, 8, 3]}
     assert out["batched"]["yolo_threads"] == ["xicon"], out["batched"]["yolo_threads"]
     assert upstream["yolo_threads"] == ["MainThread"]
+    # ViTPose's heatmaps decoded in a thread of their own on the GPU's way, in the node's thread
+    # on the CPU provider and upstream
+    assert out["batched"]["decode_threads"] == ["xicon"], out["batched"]["decode_threads"]
+    assert cpu["decode_threads"] == upstream["decode_threads"] == ["MainThread"]
+    assert out["decode_failure"] == "decoding broke" and out["decode_threads_left"] == 0
+    assert out["steps_pinned"] is True
+    assert out["steps_other"] is None and out["steps_none"] is None
 
     batched = out["batched"]
     assert batched["patched"] == (

@@ -17,9 +17,15 @@ per frame (``Yolo.forward`` and ``ViTPose.forward`` take batches, and the keypoi
 per frame). A model with a fixed batch of one (YOLOv10m as WanAnimatePreprocess ships it) runs
 one frame per call, as upstream's does. The clip goes in chunks of ``BATCH`` frames, and YOLO
 looks for the boxes of the chunks ahead in a thread of its own while ViTPose runs on the chunk
-whose boxes are found (upstream finds every box first): the two sessions' GPU work and the
-node's CPU work overlap. On onnxruntime's CPU provider, where both models already use every
-core, the boxes are found chunk by chunk in the node's own thread. Both sessions are released
+whose boxes are found (upstream finds every box first); and ViTPose's keypoints are decoded
+from its heatmaps in another thread while ViTPose runs on the next chunk (``ViTPose.forward``'s
+two steps, its session's run and its ``keypoints_from_heatmaps``, taken apart as its pinned
+source, ``VITPOSE_FORWARD_SHA256``, does them; at most ``DECODES_AHEAD`` chunks wait): the
+two sessions' GPU work and the node's CPU work overlap (the node's own CPU work, decoding
+included, was about 5.7 ms a frame on an H100's host before the decoding had its thread,
+``bench/results/gpu_h100_batch_ops``). On onnxruntime's CPU
+provider, where both models already use every core, each model's steps run in the node's own
+thread, chunk by chunk. Both sessions are released
 after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else is
 upstream's own functions: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``,
 ``crop``, ``load_pose_metas_from_kp2ds_seq``, ``aaposemeta_to_dwpose_scail``. A batch may
@@ -47,8 +53,9 @@ import logging
 import sys
 import threading
 import types
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("xicon_pose_batch")
@@ -62,6 +69,10 @@ TARGET = "ComfyUI-SCAIL-Pose.nodes"
 # 11402b150d728440a4a89964faa58907f84c35e6's nodes.py.
 UPSTREAM_SHA256 = "ebb9eba0aca5a0ad64ea5e9775ba4804361e7d27a222908be015c307de932d78"
 REPLACED = "_xicon_pose_batch"
+# sha256 of inspect.getsource(ViTPose.forward) at ComfyUI-WanAnimatePreprocess
+# 1a35b81a418bbba093356ad19b19bf2a76a24f4e's models/onnx_models.py.
+VITPOSE_FORWARD_SHA256 = "2f8ed48daf5d97becdc260ebd7fb0264823434cdd934a1820c1d55d254f1a6c0"
+DECODES_AHEAD = 2  # chunks whose heatmaps wait for the decoding thread, at most
 YOLO_SIDE = 640  # upstream resizes every frame to 640x640 for YOLO
 INPUT_RESOLUTION = (256, 192)  # ViTPose's crop, upstream's constants below
 RESCALE = 1.25
@@ -103,11 +114,48 @@ def upstream_digest(process: Callable[..., Any]) -> str:
     return hashlib.sha256(inspect.getsource(process).encode()).hexdigest()
 
 
-def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> Callable[..., Any]:
+def vitpose_steps(
+    pose_model: Any,
+) -> tuple[Callable[[Any], Any], Callable[[Any, Any, Any], Any]] | None:
+    """``ViTPose.forward``'s two steps for ``pose_model``: the session's run on a batch of crops
+    (heatmaps), and the keypoint decoding of those heatmaps with the crops' centres and scales,
+    as its pinned source does them (``VITPOSE_FORWARD_SHA256``); None for another source. The
+    decoding is the module's ``keypoints_from_heatmaps`` at call time (``xicon_pose_decode``'s,
+    where it is installed)."""
+    forward = getattr(type(pose_model), "forward", None)
+    if forward is None:
+        return None
+    try:
+        digest = upstream_digest(forward)
+    except (OSError, TypeError):
+        return None
+    if digest != VITPOSE_FORWARD_SHA256:
+        return None
+    g = forward.__globals__
+    np = g["np"]
+
+    def heatmaps(img: Any) -> Any:
+        session = pose_model.session
+        return session.run([], {session.get_inputs()[0].name: img})[0]
+
+    def decode(maps: Any, center: Any, scale: Any) -> Any:
+        points, prob = g["keypoints_from_heatmaps"](
+            heatmaps=maps, center=center, scale=scale * 200, unbiased=True, use_udp=False
+        )
+        return np.concatenate([points, prob], axis=2)
+
+    return heatmaps, decode
+
+
+def batched(
+    process: Callable[..., Any], batch: int, pipelined: bool = True, decoding_thread: bool = True
+) -> Callable[..., Any]:
     """The node's ``process`` with its detectors run ``batch`` frames per call where they can;
     ``pipelined``: YOLO finds the boxes of the next frames in a thread of its own while ViTPose
-    runs on the frames whose boxes are found, when YOLO runs on the GPU (on the CPU provider
-    both models already use every core); the thread is joined before the node returns."""
+    runs on the frames whose boxes are found, when YOLO runs on the GPU, and ViTPose's keypoints
+    are decoded from its heatmaps in another thread while it runs on the next frames, when
+    ViTPose runs on the GPU, unless ``decoding_thread`` is False (on the CPU provider the models
+    already use every core); both threads are joined before the node returns."""
     g = process.__globals__  # the pack's module: its numpy, cv2, ProgressBar and helpers
     np, cv2 = g["np"], g["cv2"]
     bbox_from_detector, crop = g["bbox_from_detector"], g["crop"]
@@ -154,8 +202,9 @@ def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> 
                 raise
             return found
 
-        def keypoints(first: int, found: list[Any]) -> list[Any]:
-            """ViTPose's keypoints of the chunk's frames, cropped around their boxes."""
+        def cropped(first: int, found: list[Any]) -> list[tuple[Any, Any, Any]]:
+            """The chunk's frames cropped around their boxes and normalised, with the crops'
+            centres and scales, in ViTPose's calls (``pose_step`` frames each)."""
             crops, centers, scales = [], [], []
             for img, bbox in zip(images_np[first : first + batch], found, strict=True):
                 if (
@@ -171,7 +220,7 @@ def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> 
                 centers.append(np.array(center))
                 scales.append(np.array(scale))
             return [
-                pose_model(
+                (
                     np.stack(crops[i : i + pose_step]),
                     np.stack(centers[i : i + pose_step]),
                     np.stack(scales[i : i + pose_step]),
@@ -179,19 +228,39 @@ def batched(process: Callable[..., Any], batch: int, pipelined: bool = True) -> 
                 for i in range(0, len(crops), pose_step)
             ]
 
+        threaded = pipelined and decoding_thread and on_gpu(pose_model)
+        steps = vitpose_steps(pose_model) if threaded else None
+
+        def decoded(maps: list[tuple[Any, Any, Any]]) -> list[Any]:
+            assert steps is not None
+            return [steps[1](*m) for m in maps]
+
         firsts = range(0, frames, batch)
         ahead_of_pose = pipelined and on_gpu(detector)
         kp2ds: list[Any] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xicon_pose_yolo") as pool:
+        decoding: deque[Future[list[Any]]] = deque()  # in the chunks' order
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="xicon_pose_yolo") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="xicon_pose_decode") as decoder,
+        ):
             ahead = [pool.submit(boxes, first) for first in firsts] if ahead_of_pose else []
             try:
                 for i, first in enumerate(firsts):
                     found = ahead[i].result() if ahead_of_pose else boxes(first)
-                    kp2ds.extend(keypoints(first, found))
+                    calls = cropped(first, found)
+                    if steps is None:
+                        kp2ds.extend(pose_model(*call) for call in calls)
+                    else:  # the heatmaps here, their keypoints in the decoding thread
+                        while len(decoding) >= DECODES_AHEAD:
+                            kp2ds.extend(decoding.popleft().result())
+                        maps = [(steps[0](img), c, s) for img, c, s in calls]
+                        decoding.append(decoder.submit(decoded, maps))
                     bar.update_absolute(2 * min(first + batch, frames))
+                while decoding:
+                    kp2ds.extend(decoding.popleft().result())
             finally:  # on a failure, the boxes not found yet are not looked for
                 stop.set()
-                for future in ahead:
+                for future in [*ahead, *decoding]:
                     future.cancel()
         detector.cleanup()
         pose_model.cleanup()
