@@ -28,9 +28,10 @@ holds the clip (of its frames, at most three times ``FLUSH_BYTES`` and a chunk: 
 and the batch before in float32 being copied). The values are the node's own bit for bit (the
 decoder's calls are the same; bf16 -> float32 is exact; the normalisation is the node's code on
 the same float32 numbers). The host holds one float32 copy instead of 1.5 at the peak, and the
-frames come out contiguous. The host tensor's pages are touched (``zero_``, on every core) as
-it is made: a copy from the GPU into new pageable memory faults its pages in one by one (808 MB:
-0.46-0.57 s on an H100's host, 0.05 s once touched, the touch 0.035 s).
+frames come out contiguous. For frames from the GPU the host tensor's pages are touched
+(``zero_``, on every core) as it is made: a copy from the GPU into new pageable memory faults its
+pages in one by one (808 MB: 0.46-0.57 s on an H100's host, 0.05 s once touched, the touch 0.035
+s); a copy between host tensors already runs on every core.
 
 Measured on an H100 (``bench/results/gpu_h100_decode_frames``): through the worker held to 32 GB,
 the 60-s job's whole-GPU peak went from 28.8 to 22.7 GiB (node 28 then 1.4 s slower: its copies
@@ -85,6 +86,8 @@ def to_host_frames(video: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch
     contiguous float32 (T, H, W, C) tensor on the host, filled a few frames at a time."""
     c, t, h, w = video.shape
     frames = torch.empty((t, h, w, c), dtype=torch.float32, device="cpu")
+    if video.is_cuda:  # its pages touched by all cores: copies from the GPU go faster then
+        frames.zero_()
     step = max(1, chunk_bytes // max(1, h * w * c * 4))
     for start in range(0, t, step):
         stop = min(t, start + step)
@@ -100,10 +103,10 @@ class HostFrames:
     of this object's own, while the caller goes on decoding (on a CUDA device on a stream of its
     own, after the conversion). One batch is copied at a time: a flush first waits for the batch
     before it. The Wan 2.1 decoder gives one frame for the first latent frame and four for each
-    after (``T = 1 + 4 (n - 1)``, allocated by the first batch, its pages touched then); chunks
-    of any other size are gathered all the same, joined at the end (one more copy). ``finish``
-    returns the frames; ``close`` (also on leaving a ``with`` block) waits for the copy under way
-    and ends the thread, whatever happened before."""
+    after (``T = 1 + 4 (n - 1)``, allocated by the first batch, its pages touched then when the
+    frames come from the GPU); chunks of any other size are gathered all the same, joined at the
+    end (one more copy). ``finish`` returns the frames; ``close`` (also on leaving a ``with``
+    block) waits for the copy under way and ends the thread, whatever happened before."""
 
     def __init__(self, latent_frames: int, flush_bytes: int = FLUSH_BYTES) -> None:
         self.latent_frames = latent_frames
@@ -179,7 +182,8 @@ class HostFrames:
             if self.frames is None and self.pieces is None:
                 total = 1 + 4 * (self.latent_frames - 1)
                 self.frames = torch.empty((total, *part.shape[1:]), dtype=torch.float32)
-                self.frames.zero_()  # its pages touched by all cores: copies into it go faster
+                if part.is_cuda:  # its pages touched by all cores: copies from the GPU go faster
+                    self.frames.zero_()
             expected = 1 if self.written == 0 else 4
             fits = (
                 self.frames is not None
