@@ -147,15 +147,17 @@ def failing(self, *a, **k):
     if len(seen) == 3:
         raise RuntimeError("yolo broke")
     return yolo_forward(self, *a, **k)
+def raised(label):  # the node's error under label; the threads it left behind
+    threads = threading.active_count()
+    try:
+        node_class().process(model, clip)
+        out[label] = "no error"
+    except RuntimeError as e:
+        out[label] = str(e)
+    return threading.active_count() - threads
 module_onnx.Yolo.forward = failing
-threads = threading.active_count()
-try:
-    node_class().process(model, clip)
-    out["failure"] = "no error"
-except RuntimeError as e:
-    out["failure"] = str(e)
+out["threads_left"] = raised("failure")
 module_onnx.Yolo.forward = yolo_in_thread
-out["threads_left"] = threading.active_count() - threads
 out["yolo_calls_after_failure"] = len(seen)
 # the decoding failing on its second chunk: the node raises its error, no thread is left behind
 decoded = []
@@ -165,14 +167,8 @@ def failing_decode(*a, **k):
         raise RuntimeError("decoding broke")
     return keypoints_from_heatmaps(*a, **k)
 module_onnx.keypoints_from_heatmaps = failing_decode
-threads = threading.active_count()
-try:
-    node_class().process(model, clip)
-    out["decode_failure"] = "no error"
-except RuntimeError as e:
-    out["decode_failure"] = str(e)
+out["decode_threads_left"] = raised("decode_failure")
 module_onnx.keypoints_from_heatmaps = decode_in_thread
-out["decode_threads_left"] = threading.active_count() - threads
 # ViTPose.forward's steps are taken apart only for its pinned source
 out["steps_pinned"] = pb.vitpose_steps(model["vitpose"]) is not None
 class OtherViTPose(module_onnx.ViTPose):
