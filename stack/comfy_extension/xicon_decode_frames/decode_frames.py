@@ -160,7 +160,7 @@ class HostFrames:
         ready = None
         if parts[0].is_cuda:  # the copy's stream starts once the conversion is done
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(parts[0].device))
         self.copying_bytes = converted
         self._copying = self._copier.submit(self._copy, parts, ready)
 
