@@ -24,8 +24,8 @@ VAE decodes untiled (``WanVideoVAE.single_decode``, the graph's way), its decode
 frames, but the decoded frames go into that host tensor as they come: once ``FLUSH_BYTES`` of
 them (in the VAE's dtype) wait on the GPU they are made float32 frames there and copied to the
 host by a thread of their own while the decoder goes on, one batch at a time, so the GPU never
-holds the clip (of its frames, at most three times ``FLUSH_BYTES`` plus one chunk's bytes: a
-batch waiting, and the batch before in float32 being copied). The values are the node's own bit for bit (the
+holds the clip (of its frames, at most three times ``FLUSH_BYTES`` and a chunk together: a
+batch waiting, and the batch before in float32, twice its bytes, being copied). The values are the node's own bit for bit (the
 decoder's calls are the same; bf16 -> float32 is exact; the normalisation is the node's code on
 the same float32 numbers). The host holds one float32 copy instead of 1.5 at the peak, and the
 frames come out contiguous. For frames from the GPU the host tensor's pages are touched
