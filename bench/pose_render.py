@@ -164,6 +164,15 @@ def main(argv: list[str] | None = None) -> None:
         out["render_whole_equal"] = len(plain) == len(mine) and all(
             np.array_equal(x, y) for x, y in zip(plain, mine, strict=True)
         )
+        # where not equal: the largest difference (levels of 255) and the share of values apart
+        gaps = [
+            np.abs(x.astype(np.int16) - y.astype(np.int16))
+            for x, y in zip(plain, mine, strict=True)
+        ]
+        out["render_whole_max_diff"] = max(int(g.max()) for g in gaps)
+        out["render_whole_share_apart"] = sum(int((g > 0).sum()) for g in gaps) / sum(
+            g.size for g in gaps
+        )
         out["render_whole_lit"] = int(sum((f[..., 3] > 0).sum() for f in plain))
     out["initialised"] = getattr(ti.init, "initialised", None)
     out["compiled"] = getattr(renderer, "compiled", None)

@@ -25,13 +25,13 @@ frames, but the decoded frames go into that host tensor as they come: once ``FLU
 them (in the VAE's dtype) wait on the GPU they are made float32 frames there and copied to the
 host by a thread of their own while the decoder goes on, one batch at a time, so the GPU never
 holds the clip (of its frames, at most three times ``FLUSH_BYTES`` and a chunk together: a
-batch waiting, and the batch before in float32, twice its bytes, being copied). The values are the node's own bit for bit (the
-decoder's calls are the same; bf16 -> float32 is exact; the normalisation is the node's code on
-the same float32 numbers). The host holds one float32 copy instead of 1.5 at the peak, and the
-frames come out contiguous. For frames from the GPU the host tensor's pages are touched
-(``zero_``, on every core) as it is made: a copy from the GPU into new pageable memory faults its
-pages in one by one (808 MB: 0.46-0.57 s on an H100's host, 0.05 s once touched, the touch 0.035
-s); a copy between host tensors already runs on every core.
+batch waiting, and the batch before in float32, twice its bytes, being copied). The values are
+the node's own bit for bit (the decoder's calls are the same; bf16 -> float32 is exact; the
+normalisation is the node's code on the same float32 numbers). The host holds one float32
+copy instead of 1.5 at the peak, and the frames come out contiguous. For frames from the GPU the
+host tensor's pages are touched (``zero_``, on every core) as it is made: a copy from the GPU
+into new pageable memory faults its pages in one by one (808 MB: 0.46-0.57 s on an H100's host,
+0.05 s once touched, the touch 0.035 s); a copy between host tensors already runs on every core.
 
 Measured on an H100 (``bench/results/gpu_h100_decode_frames``): through the worker held to 32 GB,
 the 60-s job's whole-GPU peak went from 28.8 to 22.7 GiB (node 28 then 1.4 s slower: its copies

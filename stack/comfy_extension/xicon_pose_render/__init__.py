@@ -1,6 +1,7 @@
 """xicon_pose_render: the SCAIL pose render (node 362, ``RenderNLFPoses``) with its taichi
 runtime and kernels kept from job to job, frames rendered in batches, and the 2D skeleton laid
-over them in one pass per frame; the frames are upstream's, bit for bit.
+over them in one pass per frame; the frames are upstream's (bit for bit in the tests' jobs;
+``pose_render.py`` says where the kernel alone rounds otherwise).
 
 The work is in ``pose_render.py``; ``prestartup_script.py`` installs it as an import hook before
 ComfyUI loads the packs, and this package arranges taichi's start once every node is loaded
