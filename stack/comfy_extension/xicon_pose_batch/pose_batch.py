@@ -23,11 +23,10 @@ two steps, its session's run and its ``keypoints_from_heatmaps``, taken apart as
 source, ``VITPOSE_FORWARD_SHA256``, does them; at most ``DECODES_AHEAD`` chunks wait): the
 two sessions' GPU work and the node's CPU work overlap (the node's own CPU work, decoding
 included, was about 5.7 ms a frame on an H100's host before the decoding had its thread,
-``bench/results/gpu_h100_batch_ops``). On onnxruntime's CPU
-provider, where both models already use every core, each model's steps run in the node's own
-thread, chunk by chunk. Both sessions are released
-after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else is
-upstream's own functions: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``,
+``bench/results/gpu_h100_batch_ops``). On onnxruntime's CPU provider, where both models already
+use every core, each model's steps run in the node's own thread, chunk by chunk. Both sessions
+are released after the last chunk (upstream releases YOLO's before ViTPose runs). Everything else
+is upstream's own functions: the sessions' ``reinit`` and ``cleanup``, ``bbox_from_detector``,
 ``crop``, ``load_pose_metas_from_kp2ds_seq``, ``aaposemeta_to_dwpose_scail``. A batch may
 run other kernels than a single frame, so heatmaps may differ in their last bits: on the CPU
 provider the tests' small model gives upstream's poses to the bit, ViTPose-L's heatmaps are
