@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
                 vae.single_decode = host.streaming_single_decode(vae)
             if variant in ("encode_streamlined", "encode_autotune"):
                 print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
-
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []
