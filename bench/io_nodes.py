@@ -12,6 +12,8 @@ transcode's own settings) goes through
   count either: the load time is both nodes'),
 - then ``VHS_VideoCombine`` exactly as node 139 (``video/h264-mp4``, yuv420p, crf 19, no audio),
 
+``--video-frames off`` runs them without the project's extension ``xicon_video_frames`` (VHS's
+load and frame conversion as upstream ships them; ``on``, the default, is the image's way).
 ``--with-resize`` adds the template's node 131 (``ImageResizeKJv2``, bilinear, crop, on the
 CPU) between the two: what the worker's graph no longer runs, in time and in memory.
 
@@ -24,6 +26,7 @@ Usage (needs the stack: ``XICON_STACK_HOME``, as for the real-stack tests)::
 
     python bench/io_nodes.py [--frames 1441] [--size 416x672] [--fps 24] [--repeat 2]
         [--content dance,noise] [--loaders VHS_LoadVideo,VHS_LoadVideoFFmpeg] [--with-resize]
+        [--video-frames on|off]
 
 Prints one line per (content, graph) with the median load, resize and encode seconds and
 ComfyUI's peak RSS over its size before the run (the previous run's outputs dropped first, the
@@ -200,15 +203,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run node 130 -> the template's node 131 (ImageResizeKJv2, CPU) -> node 139",
     )
+    p.add_argument(
+        "--video-frames",
+        choices=("on", "off"),
+        default="on",
+        help="with the project's extension xicon_video_frames (the image's way) or without it",
+    )
     args = p.parse_args(argv)
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
         print("XICON_STACK_HOME is not set: install the stack (stack/install.py) first")
         return 2
     stack = Stack(Path(home))
-    print(f"{args.frames} frames at {args.size}, {args.fps} fps; {os.cpu_count()} cores")
+    print(
+        f"{args.frames} frames at {args.size}, {args.fps} fps; {os.cpu_count()} cores; "
+        f"xicon_video_frames {args.video_frames}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         packs = {"ComfyUI-VideoHelperSuite"} | ({"ComfyUI-KJNodes"} if args.with_resize else set())
+        packs |= {"xicon_video_frames"} if args.video_frames == "on" else set()
         base = make_base(stack, Path(tmp) / "comfy", packs=packs)
         port = free_port()
         log = open(Path(tmp) / "comfy.log", "wb")  # noqa: SIM115 - closed below

@@ -44,7 +44,7 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read ten settings there:
+(secrets removed); the project's extensions read eleven settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`),
@@ -57,9 +57,10 @@ in the converted parts; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),
-`XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`) and
+`XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`),
 `XICON_POSE_RENDER_WARM` (its taichi start once ComfyUI has loaded its nodes, on a CUDA
-device; on unless `off`):
+device; on unless `off`) and
+`XICON_VIDEO_FRAMES` (`xicon_video_frames`; on unless `off`):
 [operations.md](operations.md#the-comfyui-stack).
 """
 

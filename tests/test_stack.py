@@ -158,6 +158,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "pose_render.py",
         "renderer.py",
     }
+    frames = comfy / "custom_nodes" / "xicon_video_frames"
+    assert {p.name for p in frames.iterdir()} == {"__init__.py", "video_frames.py"}
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:

@@ -204,8 +204,12 @@ sys.path.insert(0, ".")
 import comfy.options
 comfy.options.enable_args_parsing()
 import server
-# packs read PromptServer.instance at import (latent previews); no server runs here
-server.PromptServer.instance = types.SimpleNamespace(send_sync=lambda *a, **k: None)
+# packs read PromptServer.instance at import (latent previews; VideoHelperSuite's routes and
+# prompt queue); no server runs here
+from aiohttp import web
+server.PromptServer.instance = types.SimpleNamespace(
+    send_sync=lambda *a, **k: None, routes=web.RouteTableDef(), prompt_queue=None, number=0
+)
 import nodes
 
 for pack in PACKS:
