@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         default="on",
         help="with the project's extension xicon_video_frames (the image's way) or without it",
     )
+    p.add_argument("--comfy-args", default="", help="more arguments for ComfyUI's main.py")
     args = p.parse_args(argv)
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         log = open(Path(tmp) / "comfy.log", "wb")  # noqa: SIM115 - closed below
         cmd = [str(stack.python), "-u", str(stack.comfy_dir / "main.py"), "--cpu"]
         cmd += ["--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
-        cmd += ["--database-url", f"sqlite:///{Path(tmp) / 'comfy.db'}"]
+        cmd += ["--database-url", f"sqlite:///{Path(tmp) / 'comfy.db'}", *args.comfy_args.split()]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=stack.comfy_dir)
         started = time.monotonic()
         try:

@@ -4,8 +4,7 @@ Why: ``VHS_LoadVideo`` (node 130; ``videohelpersuite/load_video_nodes.py`` at th
 ``cv_frame_generator`` ~L77-168, ``load_video`` ~L315-419) decodes each frame with OpenCV, makes
 it float32 with ``np.array`` on one core, divides it by 255, and gathers the clip with
 ``np.fromiter`` into a buffer that grows as frames come: every frame is copied once more, into
-memory whose pages are faulted in one at a time. On a 2-core machine a 60-s clip at 416x672 took
-6.6-8.6 s that way, of which OpenCV's decode and colour conversion were 1.4 s.
+memory whose pages are faulted in one at a time.
 
 What: once ComfyUI runs its first prompt (custom nodes load in no fixed order, so VHS's module
 is found through ComfyUI's node registry then), and only where upstream's source is the one
@@ -18,7 +17,9 @@ every core straight into one float32 clip tensor allocated once (its pages touch
 core first), with upstream's own operations: 8-bit values to float32 (exact), then
 ``div_(255)``. The frame count, audio and ``video_info`` are upstream's, computed the same way;
 the memory limit (RAM available at the start) and its error too. Any other load is upstream's,
-unchanged. Measured (``bench/io_nodes.py``, 2 cores, 60 s at 416x672): 7.4-8.0 → 3.4-3.9 s.
+unchanged. Measured (``bench/io_nodes.py``, the 60-s dance at 416x672 through the real
+ComfyUI): 7.4-11.0 → 3.4-5.4 s on 2 cores, 7.17 → 2.69 s on an H100 host's 16 cores; through the
+worker on that H100 8.91 → 2.79 s (``bench/results/gpu_h100_video_frames``).
 
 Not done: VHS_VideoCombine's frame conversion (``tensor_to_bytes``) with torch on every core
 gave the same bytes but slowed the node on 2 cores, 7.1-7.5 → 10.6-10.8 s: its threads took
