@@ -80,6 +80,24 @@ compare("resized", **args(odd_size))                     # VHS would resize it: 
 compare("rate", **args(clip, force_rate=8))                 # not plain: upstream's path
 compare("nth", **args(clip, select_every_nth=2))            # not plain: upstream's path
 
+import resource
+real_capture = vhs.cv2.VideoCapture
+class Lying:
+    # a header that claims a billion frames: upstream reads what is there; so must the wrapper,
+    # without taking the memory the claim would need
+    def __init__(self, path):
+        self.cap = real_capture(path)
+    def get(self, prop):
+        return 10**9 if prop == vhs.cv2.CAP_PROP_FRAME_COUNT else self.cap.get(prop)
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+vhs.cv2.VideoCapture = Lying
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+compare("lying_count", **args(clip))
+rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["lying_rss_growth_mib"] = (rss_after - rss_before) / 1024
+vhs.cv2.VideoCapture = real_capture
+
 def error(fn, **kw):
     try:
         fn(**kw)
@@ -215,6 +233,9 @@ def test_the_load_and_the_conversion_give_upstreams_values(stack: Stack, tmp_pat
         assert case["shape"] == shape and case["count"] == [shape[0], shape[0]], (name, case)
         assert case["audio"][0] == "LazyAudioMap" and all(case["audio"][1:]), (name, case)
         assert case["upstream_calls"] == 0 and case["contiguous"], (name, case)
+    lying = out["lying_count"]  # the header's count is in the info, the frames are the clip's
+    assert lying["equal"] and lying["info"] and lying["shape"] == [45, 48, 64, 3], lying
+    assert lying["upstream_calls"] == 0 and out["lying_rss_growth_mib"] < 256, out
     for name in ("resized", "rate", "nth"):  # not plain: upstream's own load, once
         assert out[name]["equal"] and out[name]["upstream_calls"] == 1, (name, out[name])
     assert out["resized"]["shape"] == [9, 48, 64, 3]

@@ -13,13 +13,15 @@ plain load (OpenCV's loader, no batch manager, no VAE, no memory limit given, ``
 ``select_every_nth`` 1, no resize: the size VHS would give is the clip's own) reads the same
 frames in the same order (``skip_first_frames`` and ``frame_load_cap`` as upstream) on a thread
 of its own, 16 at a time in 8 bits, while the node's thread converts each batch with torch on
-every core straight into one float32 clip tensor allocated once (its pages touched on every
-core first), with upstream's own operations: 8-bit values to float32 (exact), then
-``div_(255)``. The frame count, audio and ``video_info`` are upstream's, computed the same way;
-the memory limit (RAM available at the start) and its error too. Any other load is upstream's,
-unchanged. Measured (``bench/io_nodes.py``, the 60-s dance at 416x672 through the real
-ComfyUI): 7.4-11.0 → 3.4-5.4 s on 2 cores, 7.17 → 2.69 s on an H100 host's 16 cores; through the
-worker on that H100 8.91 → 2.79 s (``bench/results/gpu_h100_video_frames``).
+every core straight into one float32 clip tensor allocated once (for as many frames as the
+clip's header says, at most what the RAM available holds), with upstream's own operations:
+8-bit values to float32 (exact), then ``div_(255)``. The frame count, audio and
+``video_info`` are upstream's, computed the same way; the memory limit (RAM available at the
+start) and its error too. Any other load is upstream's, unchanged. Measured
+(``bench/io_nodes.py``, the 60-s dance at 416x672 through the real ComfyUI): 7.4-11.0 →
+3.4-5.4 s on 2 cores, 7.17 → 2.69 s on an H100 host's 16 cores; through the worker on that H100
+8.91 → 2.79 s (``bench/results/gpu_h100_video_frames``; those runs touched the whole clip's
+pages before loading it, which a header's count too high would have made costly).
 
 Not done: VHS_VideoCombine's frame conversion (``tensor_to_bytes``) with torch on every core
 gave the same bytes but slowed the node on 2 cores, 7.1-7.5 → 10.6-10.8 s: its threads took
@@ -197,10 +199,14 @@ def load_frames(
 ) -> torch.Tensor:
     """The clip as one float32 (T, H, W, 3) tensor of upstream's values (8-bit values to
     float32, then ``div_(255)``), at most ``limit`` frames after ``skip``. ``expected`` frames
-    are allocated at once (pages touched on every core); more are gathered after (one more
-    copy), fewer are copied out. ``progress`` gets the frames loaded so far after each batch."""
-    frames = torch.empty((max(expected, 0), height, width, 3), dtype=torch.float32)
-    frames.zero_()
+    are allocated at once (address space only: each batch's pages are faulted in by torch's
+    copy, on every core, as it is written, so a count that was too high costs no memory); more
+    are gathered after (one more copy), fewer are copied out. Where the allocation fails, every
+    frame is gathered so. ``progress`` gets the frames loaded so far after each batch."""
+    try:
+        frames = torch.empty((max(expected, 0), height, width, 3), dtype=torch.float32)
+    except RuntimeError:  # no such room: gather as they come
+        frames = torch.empty((0, height, width, 3), dtype=torch.float32)
     written = 0
     extra: list[torch.Tensor] = []
     with Reader(cv2, cap, skip, limit) as reader:
@@ -281,10 +287,12 @@ def fast_load_video(original: Callable[..., Any], vhs: Any) -> Callable[..., Any
                 memory = vhs.psutil.virtual_memory().available + vhs.psutil.swap_memory().free
                 max_loadable = int((memory - 2**27) // (width * height * 3 * 0.1))
             except Exception:  # as upstream: no figure, no limit
-                max_loadable = vhs.BIGMAX
+                memory, max_loadable = None, vhs.BIGMAX
             limit = max_loadable if cap_frames == 0 else min(cap_frames, max_loadable)
             bar = vhs.ProgressBar(yieldable)
-            expected = min(max(total_frames - skip, 0), limit) if total_frames > 0 else 0
+            # the clip's count from its header, never more than the RAM available holds
+            fits = 0 if memory is None else int(memory // (width * height * 3 * 4))
+            expected = min(max(total_frames - skip, 0), limit, fits) if total_frames > 0 else 0
             images = load_frames(
                 cv2,
                 cap,
