@@ -60,6 +60,11 @@ Levers:
   clip's host copies and the decode do not depend on the steps, and the sampler's time per
   window-step is still measured. ``long16`` is ``overlap16`` with it, ``torch_compile16`` that
   with ``TORCH_COMPILE`` (the compile lever on a 60-s clip against ``long16`` in one run).
+- ``pose_cpu``: the pose detectors on onnxruntime's CPU provider (node 364 ``onnx_device``)
+  instead of its CUDA provider, as the H100 sittings before 2026-12-05's eighth ran them:
+  the pose render (node 362) of a warm job took 0.26-0.42 s then and 0.83-1.5 s since, in jobs
+  whose detectors ran on CUDA (``resident_clip_posecpu`` against ``resident_clip`` in one
+  ComfyUI tells whether the CUDA provider's session slows the render after it).
 - ``vae_fp32``: the VAE in fp32, only for a smoke test of the benchmark on a CPU (bf16
   convolutions there take minutes per chunk; ``tests/realstack/cpu_profile.py`` does the same):
   variants ``cpu_smoke`` and ``cpu_smoke16``.
@@ -104,6 +109,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "rms_default": {"graph": {"22": {"rms_norm_function": "default"}}},
     "sdpa": {"settings": {"SAGEATTENTION_ENABLED": "0"}},
     "vae_fp32": {"graph": {"38": {"precision": "fp32"}}},
+    "pose_cpu": {"graph": {"364": {"onnx_device": "CPUExecutionProvider"}}},
     "torch_compile": {"settings": {"TORCH_COMPILE": "1"}},
     "compile": {
         "nodes": {
@@ -131,6 +137,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "clip_resident": ("clip_resident",),
     "resident_clip": ("resident", "clip_resident"),
     "resident_clip16": ("resident", "clip_resident", "overlap16", "steps2"),
+    "resident_clip_posecpu": ("resident", "clip_resident", "pose_cpu"),
     "overlap16": ("overlap16",),
     "fps16": ("fps16",),
     "rms_fused": ("rms_fused",),
