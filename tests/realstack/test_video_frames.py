@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ out["again"] = ext.install(Executor, registry, {})
 out["before"] = getattr(vhs.load_video, ext.WRAPPED, False)
 out["first_prompt"] = asyncio.run(Executor().execute_async())
 out["after"] = getattr(vhs.load_video, ext.WRAPPED, False)
-out["lines"] = [line for line in lines if line.startswith("xicon_video_frames")]
+out["lines"] = [line for line in lines if "VHS_LoadVideo" in line]
+out["load_lines"] = [line for line in lines if "loaded as one float32 tensor" in line]
 out["repatch"] = ext.patch_load(registry)
 out["missing_nodes"] = ext.patch_load({})
 vhs.load_video = upstream
@@ -258,6 +260,12 @@ def test_the_load_and_the_conversion_give_upstreams_values(stack: Stack, tmp_pat
     assert out["first_prompt"] == "ran"
     assert out["after"] is True
     assert out["lines"] == ["xicon_video_frames: VHS_LoadVideo loads a plain clip on every core"]
+    # one line for each load the wrapper made itself (the plain ones, the lying header's, the
+    # memory cap's), none for those it handed to upstream
+    assert len(out["load_lines"]) == 7, out["load_lines"]
+    assert out["load_lines"][0] == (
+        "xicon_video_frames: 45 frames of 64x48 loaded as one float32 tensor (1.6 MiB)"
+    )
     assert out["repatch"] == "VHS_LoadVideo's load already wrapped"
     assert out["missing_nodes"] == "VHS_LoadVideo not loaded; loading left as it is"
     assert "changed upstream" in out["changed"] and out["changed_left"]
@@ -328,7 +336,12 @@ def test_comfyui_loads_and_encodes_through_the_extension(stack: Stack, tmp_path:
     assert "xicon_video_frames: VHS_LoadVideo loads a plain clip on every core" in on["log"], on[
         "log"
     ][-3000:]
+    assert re.search(  # the load went the wrapper's way: 33 frames, the Wan format keeps 33
+        r"xicon_video_frames: 33 frames of 64x48 loaded as one float32 tensor \([\d.]+ MiB\)",
+        on["log"],
+    ), on["log"][-3000:]
     assert "xicon_video_frames: off (XICON_VIDEO_FRAMES)" in off["log"]
+    assert "loaded as one float32 tensor" not in off["log"]
     names = sorted(on["files"])
     assert names == ["vf_00001-audio.mp4", "vf_00001.mp4", "vf_00001.png"], names
     for name in ("vf_00001.mp4", "vf_00001-audio.mp4"):

@@ -337,6 +337,13 @@ def fast_load_video(original: Callable[..., Any], vhs: Any) -> Callable[..., Any
             "loaded_width": new_width,
             "loaded_height": new_height,
         }
+        log.info(
+            "xicon_video_frames: %d frames of %dx%d loaded as one float32 tensor (%.1f MiB)",
+            len(images),
+            width,
+            height,
+            images.numel() * 4 / 2**20,
+        )
         return (images, len(images), audio, video_info)
 
     setattr(load_video, WRAPPED, True)
