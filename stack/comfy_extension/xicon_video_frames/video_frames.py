@@ -84,9 +84,6 @@ def load_digest(module: Any) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-# --- the loader's side -----------------------------------------------------------------------
-
-
 class Reader:
     """OpenCV's frames of ``cap`` (already opened and its first frame grabbed, as upstream's
     generator leaves it) in RGB, 8 bits, ``BATCH`` at a time, read by a thread of this object's
@@ -244,7 +241,7 @@ def fast_load_video(original: Callable[..., Any], vhs: Any) -> Callable[..., Any
         format: str = "None",  # upstream's keyword
         **kwargs: Any,
     ) -> Any:
-        if not plain(kwargs, meta_batch, memory_limit_mb, vae):
+        def upstream() -> Any:
             return original(
                 meta_batch=meta_batch,
                 unique_id=unique_id,
@@ -253,6 +250,9 @@ def fast_load_video(original: Callable[..., Any], vhs: Any) -> Callable[..., Any
                 format=format,
                 **kwargs,
             )
+
+        if not plain(kwargs, meta_batch, memory_limit_mb, vae):
+            return upstream()
         fmt = vhs.get_format(format)
         video = vhs.strip_path(kwargs["video"])
         downscale_ratio = fmt.get("dim", (1,))[0]
@@ -267,16 +267,9 @@ def fast_load_video(original: Callable[..., Any], vhs: Any) -> Callable[..., Any
             _, first = cap.retrieve()
             height, width, _ = first.shape
             new_width, new_height = vhs.target_size(width, height, 0, 0, downscale_ratio)
-            if (new_width, new_height) != (width, height):
+            if (new_width, new_height) != (width, height):  # VHS would resize it
                 cap.release()
-                return original(
-                    meta_batch=meta_batch,
-                    unique_id=unique_id,
-                    memory_limit_mb=memory_limit_mb,
-                    vae=vae,
-                    format=format,
-                    **kwargs,
-                )
+                return upstream()
             target_frame_time = 1 / fps
             cap_frames = kwargs.get("frame_load_cap", 0)
             skip = kwargs.get("skip_first_frames", 0)
