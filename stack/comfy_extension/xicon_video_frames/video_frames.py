@@ -205,9 +205,11 @@ def load_frames(
     except RuntimeError:  # no such room: gather as they come
         frames = torch.empty((0, height, width, 3), dtype=torch.float32)
     written = 0
+    loaded = 0
     extra: list[torch.Tensor] = []
     with Reader(cv2, cap, skip, limit) as reader:
         for count, batch in reader:
+            loaded += count
             source = torch.from_numpy(batch[:count])
             room = frames.shape[0] - written
             if room:
@@ -219,7 +221,7 @@ def load_frames(
                 more = source[room:].to(torch.float32)
                 more.div_(255)
                 extra.append(more)
-            progress(written + sum(piece.shape[0] for piece in extra))
+            progress(loaded)
     if extra:
         return torch.cat([frames[:written], *extra])
     if written < frames.shape[0]:
