@@ -130,7 +130,11 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     release = comfy / "custom_nodes" / "xicon_release_outputs"
     assert {p.name for p in release.iterdir()} == {"__init__.py", "release_outputs.py"}
     decode = comfy / "custom_nodes" / "xicon_decode_frames"
-    assert {p.name for p in decode.iterdir()} == {"__init__.py", "decode_frames.py"}
+    assert {p.name for p in decode.iterdir()} == {
+        "__init__.py",
+        "decode_frames.py",
+        "decode_video.py",
+    }
     resident = comfy / "custom_nodes" / "xicon_resident_weights"
     assert {p.name for p in resident.iterdir()} == {
         "__init__.py",

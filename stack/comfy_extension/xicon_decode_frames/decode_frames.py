@@ -55,9 +55,10 @@ import functools
 import hashlib
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -74,6 +75,39 @@ CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes moved per step: the GPU temporar
 # newline, at that commit's wanvideo/wan_video_vae.py.
 STREAM_SHA256 = "144c0ba0ee52712183ef1133b28a843bdad00293c49f68ada90165b039d5d9df"
 FLUSH_BYTES = 128 * 1024 * 1024  # decoded frames waiting on the GPU, in their own dtype, at most
+
+
+class Sink(Protocol):
+    """Who else wants the decoded frames as they reach the host (``decode_video.FrameFeed``).
+    ``ready(frames, count)``: the first ``count`` frames of the (T, H, W, C) host tensor
+    ``frames`` are final (called on the copying thread; an exception it raises stops the
+    decode); ``fallback()``: the frames will not come that way, only as the node's result;
+    ``decoded(videos)``: the VAE's decode has returned ``videos`` (on the decoding thread); what
+    it returns goes on to the node in their place."""
+
+    def ready(self, frames: torch.Tensor, count: int) -> None: ...
+
+    def fallback(self) -> None: ...
+
+    def decoded(self, videos: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+_sinks = threading.local()
+
+
+@contextlib.contextmanager
+def feeding(sink: Sink) -> Iterator[None]:
+    """Decodes run on this thread inside the block hand their frames to ``sink`` too."""
+    before = getattr(_sinks, "sink", None)
+    _sinks.sink = sink
+    try:
+        yield
+    finally:
+        _sinks.sink = before
+
+
+def current_sink() -> Sink | None:
+    return getattr(_sinks, "sink", None)
 
 
 def enabled(env: Mapping[str, str]) -> bool:
@@ -106,11 +140,14 @@ class HostFrames:
     after (``T = 1 + 4 (n - 1)``, allocated by the first batch, its pages touched then when the
     frames come from the GPU); chunks of any other size are gathered all the same, joined at the
     end (one more copy). ``finish`` returns the frames; ``close`` (also on leaving a ``with``
-    block) waits for the copy under way and ends the thread, whatever happened before."""
+    block) waits for the copy under way and ends the thread, whatever happened before. The
+    ``Sink`` of this thread's ``feeding`` block, if any, hears of each batch once it is on the
+    host (``Sink.ready``), or that the frames are gathered in pieces (``Sink.fallback``)."""
 
     def __init__(self, latent_frames: int, flush_bytes: int = FLUSH_BYTES) -> None:
         self.latent_frames = latent_frames
         self.flush_bytes = flush_bytes
+        self.sink = current_sink()
         self.pending: list[torch.Tensor] = []
         self.pending_bytes = 0
         self.copying_bytes = 0  # the float32 frames of the batch being copied, on their device
@@ -198,7 +235,11 @@ class HostFrames:
             if self.pieces is None:  # leave the fixed-size tensor: gather pieces from here on
                 self.pieces = [self.frames[: self.written]] if self.frames is not None else []
                 self.frames = None
+                if self.sink is not None:
+                    self.sink.fallback()
             self.pieces.append(part.cpu())
+        if self.sink is not None and self.frames is not None and self.pieces is None:
+            self.sink.ready(self.frames, self.written)
 
     def finish(self) -> torch.Tensor:
         """All frames as a (1, C, T, H, W) view of the contiguous (T, H, W, C) host tensor."""
@@ -316,7 +357,8 @@ def host_decoding(decode: Callable[..., Any]) -> Callable[..., Any]:
                 h,
                 videos[i].numel() * 4 / 2**20,
             )
-        return videos
+        sink = current_sink()
+        return videos if sink is None else sink.decoded(videos)
 
     return wrapped
 
