@@ -240,6 +240,13 @@ out["apart"] = {
     "other_source": dv.rewrite(other_source()),
     "second_output": dv.rewrite(pair(c__images=["d", 1])),
 }
+# with the encoder waiting, the decode's frames go over in the feed's smaller batches
+with df.feeding(dv.FrameFeed(5)):
+    fed = df.HostFrames(2)
+alone = df.HostFrames(2)
+out["flush"] = [fed.flush_bytes, alone.flush_bytes, df.FLUSH_BYTES, dv.SINK_FLUSH_BYTES]
+fed.close()
+alone.close()
 out["threads_left"] = threads()
 print(json.dumps(out))
 """
@@ -400,6 +407,8 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     apart = out["apart"]
     assert apart.pop("plain") == [["d", "c"]]
     assert all(merged == [] for merged in apart.values()), apart
+    fed, alone, default, sink = out["flush"]
+    assert fed == sink < alone == default, out["flush"]
     assert out["threads_left"] == []
 
 

@@ -297,7 +297,8 @@ def test_output_folder_full_fails_at_the_writer_then_recovers(
 ) -> None:
     """Real: ComfyUI's output folder is a full tmpfs (a 256 KiB mount filled up; chmod cannot
     stop root). VideoHelperSuite's writer fails; the job answers ``comfyui_execution`` naming
-    node 139, and the worker keeps serving."""
+    node 139 (the decode and the encode merged into it by ``xicon_decode_frames``), and the
+    worker keeps serving."""
     output = fault_worker.base / "output"
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(output)],
@@ -318,7 +319,8 @@ def test_output_folder_full_fails_at_the_writer_then_recovers(
     finally:
         subprocess.run(["umount", "-l", str(output)], check=False)
     assert failed["output"]["code"] == "comfyui_execution", failed
-    assert "node 139 (VHS_VideoCombine)" in failed["error"], failed
+    assert "node 139 (XiconWanDecodeVideoCombine)" in failed["error"], failed
+    assert "An error occurred in the ffmpeg subprocess" in failed["error"], failed
     assert "stopPod" not in failed
     assert left == [], left
     report("output folder full", "FAILED comfyui_execution", elapsed, "see next", left)

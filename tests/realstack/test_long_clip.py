@@ -237,13 +237,15 @@ def test_the_clips_copies_leave_comfyuis_cache(
     long_job: dict[str, Any], real_worker: Server
 ) -> None:
     """The project's extension ``xicon_release_outputs`` in the worker's own ComfyUI: the loaded
-    frames (node 130) and the decoded frames (node 28), 120 MB each here, left ComfyUI's output
-    cache once their node had run, instead of staying until the next job's first node."""
+    frames (node 130), 120 MB here, left ComfyUI's output cache once their node had run, instead
+    of staying until the next job's first node. The decoded frames never reach the cache: node 28
+    runs inside node 139 (``xicon_decode_frames``' merged decode and encode), whose result is the
+    file names."""
     assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
     text = real_worker.log.read_text(errors="replace")
     assert "xicon_release_outputs: cached results of 64 MiB or more are released" in text
     released = released_nodes(text)
-    assert {"130", "28"} <= released, released
+    assert "130" in released and "28" not in released, released
 
 
 def test_the_pose_render_ran_with_the_extension(
@@ -317,3 +319,19 @@ def test_the_pose_detectors_sessions_were_kept(
         )
         assert text.count(line) == 1, name  # logged once per model and reason
     assert "session released" not in text
+
+
+def test_the_clip_was_encoded_as_it_was_decoded(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """``xicon_decode_frames``' on-prompt handler merged the shipped graph's decode (node 28) and
+    video encode (node 139) in the worker's own ComfyUI, and the long job's frames went to the
+    encoder as they were decoded (``tests/realstack/test_decode_video.py``: the same MP4 byte for
+    byte as the two nodes one after the other)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert (
+        "xicon_decode_video: nodes 28 (WanVideoDecode) and 139 (VHS_VideoCombine) run as one "
+        "XiconWanDecodeVideoCombine" in text
+    )
+    assert f"xicon_decode_video: {RENDERED} frames encoded as they were decoded (streamed)" in text

@@ -83,7 +83,10 @@ class Sink(Protocol):
     ``frames`` are final (called on the copying thread; an exception it raises stops the
     decode); ``fallback()``: the frames will not come that way, only as the node's result;
     ``decoded(videos)``: the VAE's decode has returned ``videos`` (on the decoding thread); what
-    it returns goes on to the node in their place."""
+    it returns goes on to the node in their place. ``flush_bytes``: the batch size it wants, when
+    smaller than the decode's own (frames waiting on the GPU are of no use to it)."""
+
+    flush_bytes: int
 
     def ready(self, frames: torch.Tensor, count: int) -> None: ...
 
@@ -146,8 +149,9 @@ class HostFrames:
 
     def __init__(self, latent_frames: int, flush_bytes: int = FLUSH_BYTES) -> None:
         self.latent_frames = latent_frames
-        self.flush_bytes = flush_bytes
         self.sink = current_sink()
+        # a sink waits for the frames: they go over in its smaller batches when it has any
+        self.flush_bytes = min(flush_bytes, getattr(self.sink, "flush_bytes", flush_bytes))
         self.pending: list[torch.Tensor] = []
         self.pending_bytes = 0
         self.copying_bytes = 0  # the float32 frames of the batch being copied, on their device

@@ -26,6 +26,8 @@ What:
   count (one, then four per latent frame), ``[0]`` and iteration wait for each frame to be on the
   host and return it normalised as the node normalises it (clamp to [-1, 1], +1, /2, clamp to
   [0, 1]: element by element, so the same float32 values to the bit), in a copy of its own.
+  While the encoder waits, the decode sends its frames to the host in batches of
+  ``SINK_FLUSH_BYTES`` (16 MiB, about 10 frames at 416x672) instead of its own 128 MiB.
   Once every frame was encoded the decode's node gets back an empty clip instead of the whole
   one (its result is not used: nothing normalises or keeps the 4.8 GB of a 60-s clip again), and
   the VAE goes back to its offload device as upstream's code says. Any other case runs the
@@ -77,6 +79,10 @@ DECODE_INPUTS = {
     "tile_stride_y": "tile_stride_y",
     "normalization": "normalization",
 }
+# decoded frames waiting on the GPU before they go to the host, with the encoder waiting for
+# them (the decode's own 128 MiB is 77 frames at 416x672: an 81-frame job's frames all came at
+# its end, and the encode overlapped nothing there)
+SINK_FLUSH_BYTES = 16 * 1024 * 1024
 FRAMES_MODULE = "xicon_decode_frames_impl"  # the name this package's __init__ loads it under
 NOT_MERGED = ("latents", "vae", "meta_batch")  # combine inputs that keep the pair apart
 
@@ -150,6 +156,8 @@ class FrameFeed:
     and gives the node an empty clip (the frames all came: ``streamed``), or lets the node go on
     with its clip (``fallback``: the frames did not all come that way), whose normalised frames
     the encoder then reads from ``finish``'s result. ``fail`` passes the decode's exception on."""
+
+    flush_bytes = SINK_FLUSH_BYTES
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
