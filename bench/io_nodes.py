@@ -14,8 +14,10 @@ transcode's own settings) goes through
 
 ``--video-frames off`` runs them without the project's extension ``xicon_video_frames`` (VHS's
 load and frame conversion as upstream ships them; ``on``, the default, is the image's way).
-``--with-resize`` adds the template's node 131 (``ImageResizeKJv2``, bilinear, crop, on the
-CPU) between the two: what the worker's graph no longer runs, in time and in memory.
+``--x264 KEY=VALUE,...`` writes the clip with those x264 options over the transcode's own
+(another preset of the worker's transcode: how fast node 130 decodes it). ``--with-resize``
+adds the template's node 131 (``ImageResizeKJv2``, bilinear, crop, on the CPU) between the
+two: what the worker's graph no longer runs, in time and in memory.
 
 ComfyUI's per-node times are read from its websocket (``xicon_dance.comfy.ComfyClient``).
 Each run loads a fresh copy of the clip (ComfyUI would reuse a cached load otherwise). Two kinds
@@ -26,7 +28,7 @@ Usage (needs the stack: ``XICON_STACK_HOME``, as for the real-stack tests)::
 
     python bench/io_nodes.py [--frames 1441] [--size 416x672] [--fps 24] [--repeat 2]
         [--content dance,noise] [--loaders VHS_LoadVideo,VHS_LoadVideoFFmpeg] [--with-resize]
-        [--video-frames on|off]
+        [--video-frames on|off] [--x264 preset=ultrafast]
 
 Prints one line per (content, graph) with the median load, resize and encode seconds and
 ComfyUI's peak RSS over its size before the run (the previous run's outputs dropped first, the
@@ -64,14 +66,17 @@ from xicon_dance.comfy import ComfyClient  # noqa: E402
 from xicon_dance.transcode import VIDEO_OPTIONS  # noqa: E402
 
 
-def write_clip(path: Path, frames: np.ndarray, fps: int) -> None:
-    """H.264 at the worker's transcode settings (``transcode.VIDEO_OPTIONS``)."""
+def write_clip(
+    path: Path, frames: np.ndarray, fps: int, options: dict[str, str] | None = None
+) -> None:
+    """H.264 at the worker's transcode settings (``transcode.VIDEO_OPTIONS``, ``options`` over
+    them)."""
     _, height, width, _ = frames.shape
     with av.open(str(path), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.time_base = Fraction(1, fps)
-        stream.options = dict(VIDEO_OPTIONS)
+        stream.options = {**VIDEO_OPTIONS, **(options or {})}
         for k, picture in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts, frame.time_base = k, Fraction(1, fps)
@@ -135,6 +140,13 @@ def graph(
     }
 
 
+def x264_options(args: argparse.Namespace) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in args.x264.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--x264: KEY=VALUE,... expected, got {args.x264!r}")
+    return dict(pairs)
+
+
 def rss_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -149,7 +161,8 @@ async def run_all(args: argparse.Namespace, base: Path, url: str, pid: int) -> N
         for content in args.content.split(","):
             maker = dance_frames if content == "dance" else noise_frames
             source = base / "input" / f"{content}.mp4"
-            write_clip(source, maker(args.frames, width, height), args.fps)
+            write_clip(source, maker(args.frames, width, height), args.fps, x264_options(args))
+            print(f"{content}: {source.stat().st_size / 1e6:.1f} MB", flush=True)
             for loader, resize in runs(args, width, height):
                 loads, encodes, resizes, growth = [], [], [], []
                 for k in range(args.repeat):
@@ -210,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with the project's extension xicon_video_frames (the image's way) or without it",
     )
     p.add_argument("--comfy-args", default="", help="more arguments for ComfyUI's main.py")
+    p.add_argument("--x264", default="", help="KEY=VALUE,... over the transcode's x264 options")
     args = p.parse_args(argv)
     home = os.environ.get("XICON_STACK_HOME")
     if not home:
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(Path(home))
     print(
         f"{args.frames} frames at {args.size}, {args.fps} fps; {os.cpu_count()} cores; "
-        f"xicon_video_frames {args.video_frames}"
+        f"xicon_video_frames {args.video_frames}; x264 {VIDEO_OPTIONS} + {args.x264 or 'nothing'}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         packs = {"ComfyUI-VideoHelperSuite"} | ({"ComfyUI-KJNodes"} if args.with_resize else set())

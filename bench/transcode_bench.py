@@ -7,13 +7,14 @@ bundled dance made ``--seconds`` long by ``scripts/make_default_video.py`` (writ
 temporary folder); ``--video`` takes any clip instead. ``--clip-module`` times the ``transcode``
 of another module file instead, e.g. the one-thread version that ``clip.py`` held before
 2026-12-05 (``git show REV:xicon_dance/clip.py > /tmp/old_clip.py``), for before/after figures
-on one machine.
+on one machine. ``--x264`` sets options of the video encoder over the transcode's own
+(``transcode.VIDEO_OPTIONS``), to time another preset.
 
 Usage::
 
     python bench/transcode_bench.py [--video CLIP] [--seconds 61] [--frames 1441]
         [--size 416x672] [--fps 24] [--repeat 3] [--no-audio] [--profile]
-        [--clip-module OLD_CLIP_PY]
+        [--clip-module OLD_CLIP_PY] [--x264 preset=ultrafast,tune=fastdecode]
 
 Figures depend on the machine's cores (the transcode runs decode, video encode and audio encode
 side by side): say where they ran.
@@ -71,6 +72,14 @@ def make_clip(folder: Path, seconds: int) -> Path:
     return path
 
 
+def x264_options(text: str) -> dict[str, str]:
+    """``KEY=VALUE,...`` as a dict of x264 options."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--x264: KEY=VALUE,... expected, got {text!r}")
+    return dict(pairs)
+
+
 def profile_run(run: Callable[[], float]) -> None:
     """One more run under cProfile, in the calling thread and in every thread the run starts
     (``threading.setprofile``); prints the merged top 12 by own time (tottime)."""
@@ -113,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clip-module", type=Path, default=None, help="another module file whose transcode to time"
     )
+    parser.add_argument(
+        "--x264", default="", help="KEY=VALUE,... over the transcode's x264 options"
+    )
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     module = load_clip_module(args.clip_module)
+    if args.x264:
+        module.VIDEO_OPTIONS = {**module.VIDEO_OPTIONS, **x264_options(args.x264)}
 
     with tempfile.TemporaryDirectory(prefix="transcode_bench_") as tmp:
         folder = Path(tmp)
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         dest = folder / "out.mp4"
         print(
             f"{src.name}: {args.frames} frames at {width}x{height}, {args.fps} fps, audio "
-            f"{'off' if args.no_audio else 'on'}; {module.__file__}; {os.cpu_count()} CPUs",
+            f"{'off' if args.no_audio else 'on'}; {module.__file__}; {os.cpu_count()} CPUs; "
+            f"x264 {module.VIDEO_OPTIONS}",
             flush=True,
         )
 
