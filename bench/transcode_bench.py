@@ -1,6 +1,6 @@
 """How long the worker's transcode of the driving clip takes (``xicon_dance.transcode``).
 
-Transcodes a clip to the job's size, fps and length as a job does (H.264 crf 12 superfast, AAC),
+Transcodes a clip to the job's size, fps and length as a job does (H.264 crf 12 ultrafast, AAC),
 ``--repeat`` times, and prints the median seconds and frames per second; ``--profile`` adds a
 cProfile top 12 of one more run (own time, summed over its threads). The default clip is the
 bundled dance made ``--seconds`` long by ``scripts/make_default_video.py`` (written to a
