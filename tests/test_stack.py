@@ -134,6 +134,7 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "__init__.py",
         "decode_frames.py",
         "decode_video.py",
+        "frame_feed.py",
     }
     resident = comfy / "custom_nodes" / "xicon_resident_weights"
     assert {p.name for p in resident.iterdir()} == {

@@ -11,6 +11,8 @@
 - ``start_worker(stack, base, **env) -> EntrypointWorker`` starts ``entrypoint.sh`` (PID 1 of
   the container) and waits for ComfyUI and the handler's job loop; ``stop_worker`` stops it and
   every process under it. ``fault_base`` is a base of its own on a shared base's models.
+- ``wan_vae_loader()``, ``wan_encode(image)``, ``wan_decode(samples)``, ``gradient_clip(frames)``:
+  prompt nodes for the tiny Wan VAE as the graph sets them, and a gradient image as a clip.
 - ``vae_round_trip_prompt(frames)``: the gradient image as a clip, encoded and decoded by the tiny
   Wan VAE through WanVideoWrapper's nodes, the frames saved as PNGs and encoded again as a latent.
 - ``serve_on_gradient(...)``: one prompt through a CPU ComfyUI over a new base, a gradient image
@@ -18,6 +20,9 @@
 - ``PINNED_VAE_LOADER``: a script fragment for ``stack_json`` that, given ``comfy_dir`` and
   ``vae_file``, imports the pinned Wan VAE module as ``vae_module`` and compiles upstream's own
   ``WanVideoVAELoader`` (its pinned source, readable by ``inspect``) as ``Pinned``.
+- ``PINNED_DECODE``: a script fragment that, given ``nodes_py`` and ``torch``, compiles
+  upstream's own ``WanVideoDecode`` (its pinned source, readable by ``inspect``) as
+  ``PinnedDecode``.
 - ``cpu_job(media, **extra)``: the small CPU job (256×256, 5 frames, 1 step) with both inputs
   as base64; ``wait_for(url, proc, log, timeout_s)`` polls a URL while the process lives.
 """
@@ -270,6 +275,28 @@ Pinned = ns["WanVideoVAELoader"]
 """
 
 
+# upstream's own WanVideoDecode, compiled from the pinned file's lines (linecache lets inspect
+# read them), with the module globals its decode reads: given ``nodes_py`` (the pack's nodes.py)
+# and ``torch``, it defines ``decode_source`` (the class's source), ``decode_globals`` and
+# ``PinnedDecode``
+PINNED_DECODE = r"""
+import ast, linecache, types
+_source = open(nodes_py).read()
+_lines = _source.splitlines(keepends=True)
+_cls = next(n for n in ast.parse(_source).body
+            if isinstance(n, ast.ClassDef) and n.name == "WanVideoDecode")
+decode_source = "".join(_lines[_cls.lineno - 1:_cls.end_lineno])
+_fname = "<pinned WanVideoWrapper nodes.py: WanVideoDecode>"
+linecache.cache[_fname] = (len(decode_source), None, decode_source.splitlines(keepends=True),
+                           _fname)
+_cpu = torch.device("cpu")
+decode_globals = {"torch": torch, "mm": types.SimpleNamespace(soft_empty_cache=lambda: None),
+                  "device": _cpu, "offload_device": _cpu}
+exec(compile(decode_source, _fname, "exec"), decode_globals)
+PinnedDecode = decode_globals["WanVideoDecode"]
+"""
+
+
 def pack_script(packs: list[str], logger: str, body: str) -> str:
     """A script for ``stack_json`` run in ComfyUI's folder (``cwd=stack.comfy_dir``), with the
     extension's file as its first argument: ComfyUI's modules imported for the CPU without a
@@ -344,47 +371,53 @@ def cpu_comfy(
         stop_process(proc)
 
 
-def vae_round_trip_prompt(frames: int) -> dict[str, Any]:
-    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
-    as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
-    shows)."""
-    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
+VAE_TILES = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
 
-    def encode(image: list[Any]) -> dict[str, Any]:
-        inputs = {"vae": ["vae", 0], "image": image, "enable_vae_tiling": False, **tiles}
-        return {"class_type": "WanVideoEncode", "inputs": inputs}
 
+def wan_vae_loader() -> dict[str, Any]:
+    """The graph's VAE loader (node 38's inputs), for the tiny VAE under the same file name."""
+    inputs = {"precision": "bf16", "use_cpu_cache": False, "verbose": False}
+    inputs["model_name"] = "Wan2_1_VAE_bf16.safetensors"
+    return {"class_type": "WanVideoVAELoader", "inputs": inputs}
+
+
+def wan_encode(image: list[Any], vae: str = "vae") -> dict[str, Any]:
+    """WanVideoEncode of ``image`` (a link) by the VAE node ``vae``, untiled."""
+    inputs = {"vae": [vae, 0], "image": image, "enable_vae_tiling": False, **VAE_TILES}
+    return {"class_type": "WanVideoEncode", "inputs": inputs}
+
+
+def wan_decode(samples: list[Any], vae: str = "vae") -> dict[str, Any]:
+    """WanVideoDecode of ``samples`` (a link) by the VAE node ``vae``, as node 28 decodes."""
+    inputs = {"vae": [vae, 0], "samples": samples, "enable_vae_tiling": False, **VAE_TILES}
+    return {"class_type": "WanVideoDecode", "inputs": {**inputs, "normalization": "default"}}
+
+
+def gradient_clip(frames: int) -> dict[str, Any]:
+    """``img`` (``input/gradient.png``) and ``clip``, that image repeated ``frames`` times."""
     return {
-        "vae": {
-            "class_type": "WanVideoVAELoader",
-            "inputs": {
-                "model_name": "Wan2_1_VAE_bf16.safetensors",
-                "precision": "bf16",
-                "use_cpu_cache": False,
-                "verbose": False,
-            },
-        },
         "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
         "clip": {
             "class_type": "RepeatImageBatch",
             "inputs": {"image": ["img", 0], "amount": frames},
         },
-        "enc": encode(["clip", 0]),
-        "dec": {
-            "class_type": "WanVideoDecode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "samples": ["enc", 0],
-                "enable_vae_tiling": False,
-                "normalization": "default",
-                **tiles,
-            },
-        },
+    }
+
+
+def vae_round_trip_prompt(frames: int) -> dict[str, Any]:
+    """A gradient image repeated into a clip, encoded by the tiny VAE and decoded again, saved
+    as PNGs and, encoded once more, as a latent file (float, so any change in the decoded frames
+    shows)."""
+    return {
+        "vae": wan_vae_loader(),
+        **gradient_clip(frames),
+        "enc": wan_encode(["clip", 0]),
+        "dec": wan_decode(["enc", 0]),
         "save": {
             "class_type": "SaveImage",
             "inputs": {"images": ["dec", 0], "filename_prefix": "dec"},
         },
-        "enc2": encode(["dec", 0]),
+        "enc2": wan_encode(["dec", 0]),
         "lat": {
             "class_type": "SaveLatent",
             "inputs": {"samples": ["enc2", 0], "filename_prefix": "latents/dec"},

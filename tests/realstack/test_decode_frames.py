@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.plugins.realstack import (
+    PINNED_DECODE,
     PINNED_VAE_LOADER,
     ROOT,
     Stack,
@@ -27,7 +28,8 @@ EXTENSION = "xicon_decode_frames"
 EXT = ROOT / "stack" / "comfy_extension" / EXTENSION / "decode_frames.py"
 PACK = "ComfyUI-WanVideoWrapper"
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import ast, importlib.util, inspect, json, linecache, sys, types
 import torch
 
@@ -40,20 +42,10 @@ def load(name, path):
 
 df = load("decode_frames_under_test", sys.argv[1])
 nodes_py = sys.argv[2]
-source = open(nodes_py).read()
-lines = source.splitlines(keepends=True)
-cls_node = next(n for n in ast.parse(source).body
-                if isinstance(n, ast.ClassDef) and n.name == "WanVideoDecode")
-class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
-# upstream's own class, compiled from the pinned file's lines (linecache lets inspect read them),
-# with the module globals its decode reads
-fname = "<pinned WanVideoWrapper nodes.py: WanVideoDecode>"
-linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
-mm = types.SimpleNamespace(soft_empty_cache=lambda: None)
-cpu = torch.device("cpu")
-ns = {"torch": torch, "mm": mm, "device": cpu, "offload_device": cpu}
-exec(compile(class_source, fname, "exec"), ns)
-Pinned = ns["WanVideoDecode"]
+"""
+    + PINNED_DECODE
+    + r"""
+Pinned, ns, class_source = PinnedDecode, decode_globals, decode_source
 digest = df.upstream_digest(Pinned)
 ns["decode"] = Pinned.decode
 Upstream = type("WanVideoDecode", (), {"decode": ns["decode"]})
@@ -134,6 +126,7 @@ out["unreadable"] = df.patch({"WanVideoDecode": unreadable})
 out["missing"] = df.patch({})
 print(json.dumps(out))
 """
+)
 
 
 STREAM_SCRIPT = (

@@ -23,14 +23,19 @@ from PIL import Image
 
 from tests.plugins.realstack import (
     GRAPH,
+    PINNED_DECODE,
     PINNED_VAE_LOADER,
     ROOT,
     Stack,
     cpu_comfy,
+    gradient_clip,
     make_base,
     pack_script,
     run_prompt,
     stack_json,
+    wan_decode,
+    wan_encode,
+    wan_vae_loader,
 )
 
 FOLDER = ROOT / "stack" / "comfy_extension" / "xicon_decode_frames"
@@ -39,23 +44,6 @@ FRAMES = FOLDER / "decode_frames.py"
 WVW = "ComfyUI-WanVideoWrapper"
 VHS = "ComfyUI-VideoHelperSuite"
 
-# upstream's own WanVideoDecode, compiled from the pinned file's lines (linecache lets inspect
-# read them), with the module globals its decode reads; ``nodes_py`` names the file
-PINNED_DECODE = r"""
-import ast, linecache, types
-source = open(nodes_py).read()
-lines = source.splitlines(keepends=True)
-cls_node = next(n for n in ast.parse(source).body
-                if isinstance(n, ast.ClassDef) and n.name == "WanVideoDecode")
-class_source = "".join(lines[cls_node.lineno - 1:cls_node.end_lineno])
-fname = "<pinned WanVideoWrapper nodes.py: WanVideoDecode>"
-linecache.cache[fname] = (len(class_source), None, class_source.splitlines(keepends=True), fname)
-cpu = torch.device("cpu")
-dns = {"torch": torch, "mm": types.SimpleNamespace(soft_empty_cache=lambda: None),
-       "device": cpu, "offload_device": cpu}
-exec(compile(class_source, fname, "exec"), dns)
-Decode = dns["WanVideoDecode"]
-"""
 
 FLOW_SCRIPT = (
     r"""
@@ -68,6 +56,7 @@ import torch
 """
     + PINNED_DECODE
     + r"""
+Decode = PinnedDecode
 df = load("xicon_decode_frames_impl", frames_file)  # the name decode_video looks it up by
 dv = load("decode_video_under_test", ext_file)
 lines = []
@@ -265,6 +254,7 @@ spec.loader.exec_module(df)
 """
     + PINNED_DECODE
     + r"""
+Decode = PinnedDecode
 Combine = nodes.NODE_CLASS_MAPPINGS["VHS_VideoCombine"]
 digest = ext.combine_digest(Combine)
 out = {"digest": digest, "digest_ok": digest == ext.COMBINE_SHA256}
@@ -457,41 +447,11 @@ def test_the_node_takes_both_nodes_inputs_from_the_pinned_classes(
 
 def decode_and_encode(frames: int) -> dict[str, Any]:
     """A gradient clip encoded by the tiny VAE, decoded, and encoded to H.264 as node 139 does."""
-    tiles = {"tile_x": 272, "tile_y": 272, "tile_stride_x": 144, "tile_stride_y": 128}
     return {
-        "vae": {
-            "class_type": "WanVideoVAELoader",
-            "inputs": {
-                "model_name": "Wan2_1_VAE_bf16.safetensors",
-                "precision": "bf16",
-                "use_cpu_cache": False,
-                "verbose": False,
-            },
-        },
-        "img": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
-        "clip": {
-            "class_type": "RepeatImageBatch",
-            "inputs": {"image": ["img", 0], "amount": frames},
-        },
-        "enc": {
-            "class_type": "WanVideoEncode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "image": ["clip", 0],
-                "enable_vae_tiling": False,
-                **tiles,
-            },
-        },
-        "28": {
-            "class_type": "WanVideoDecode",
-            "inputs": {
-                "vae": ["vae", 0],
-                "samples": ["enc", 0],
-                "enable_vae_tiling": False,
-                "normalization": "default",
-                **tiles,
-            },
-        },
+        "vae": wan_vae_loader(),
+        **gradient_clip(frames),
+        "enc": wan_encode(["clip", 0]),
+        "28": wan_decode(["enc", 0]),
         "139": {
             "class_type": "VHS_VideoCombine",
             "inputs": {

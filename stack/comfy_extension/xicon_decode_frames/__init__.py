@@ -2,9 +2,10 @@
 float32 tensor, without its bf16 host copy; and a decode followed by VHS_VideoCombine runs as one
 node that encodes each frame as soon as it is on the host.
 
-The work is in ``decode_frames.py`` and ``decode_video.py``; both are installed when ComfyUI
-loads this package and take effect with the first prompt. The merged node is registered then
-(``decode_video.NODE``), once VideoHelperSuite and WanVideoWrapper are loaded.
+The work is in ``decode_frames.py`` and ``decode_video.py`` (its frame hand-over in
+``frame_feed.py``); both are installed when ComfyUI loads this package and take effect with the
+first prompt. The merged node is registered then (``decode_video.NODE``), once VideoHelperSuite
+and WanVideoWrapper are loaded.
 """
 
 import importlib.util

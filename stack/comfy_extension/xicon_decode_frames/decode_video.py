@@ -32,6 +32,8 @@ What:
   one (its result is not used: nothing normalises or keeps the 4.8 GB of a 60-s clip again), and
   the VAE goes back to its offload device as upstream's code says. Any other case runs the
   decode, then the combine, one after the other, as ComfyUI would have.
+- The hand-over between the two threads (``FrameFeed``, ``FrameSequence``, ``overlapped``) is
+  ``frame_feed.py``'s.
 - Faults: the decode's exception (an interrupt included: ComfyUI's progress hook raises it on
   the decoding thread) reaches the encoder's next frame and is raised by the node as it came; an
   encoder's exception stops the decode at its next batch (``FrameFeed.ready`` raises) and is
@@ -50,14 +52,14 @@ against (``COMBINE_SHA256``: ``len(images)``, ``images[0]``, then one pass over 
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import hashlib
+import importlib.util
 import inspect
 import logging
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,12 +85,28 @@ DECODE_INPUTS = {
     "tile_stride_y": "tile_stride_y",
     "normalization": "normalization",
 }
-# decoded frames waiting on the GPU before they go to the host, with the encoder waiting for
-# them (the decode's own 128 MiB is 77 frames at 416x672: an 81-frame job's frames all came at
-# its end, and the encode overlapped nothing there)
-SINK_FLUSH_BYTES = 16 * 1024 * 1024
 FRAMES_MODULE = "xicon_decode_frames_impl"  # the name this package's __init__ loads it under
 NOT_MERGED = ("latents", "vae", "meta_batch")  # combine inputs that keep the pair apart
+
+
+def _sibling(name: str) -> Any:
+    """This package's ``name``.py, loaded by path once (ComfyUI loads the package by path)."""
+    module_name = f"xicon_decode_frames_{name}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        path = Path(__file__).resolve().with_name(f"{name}.py")
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+_feed = _sibling("frame_feed")
+FrameFeed = _feed.FrameFeed
+FrameSequence = _feed.FrameSequence
+SINK_FLUSH_BYTES = _feed.SINK_FLUSH_BYTES
 
 
 def enabled(env: Mapping[str, str]) -> bool:
@@ -142,141 +160,6 @@ def rewrite(prompt: MutableMapping[str, Any]) -> list[tuple[str, str]]:
         del prompt[decode_id]
         merged.append((decode_id, str(combine_id)))
     return merged
-
-
-class DecodeFailed(Exception):
-    """Raised into the encoder when the decode failed; the node raises the decode's own."""
-
-
-class Abandoned(Exception):
-    """Raised into the decode when the encoder has stopped: nobody wants its frames."""
-
-
-class FrameFeed:
-    """The decoded frames between the decoding thread and the encoder (``decode_frames.Sink``).
-
-    Raw frames (the VAE's float32 values) are read while they arrive; once the VAE's decode has
-    returned, ``decoded`` either holds the decoding thread until the encoder is done (``release``)
-    and gives the node an empty clip (the frames all came: ``streamed``), or lets the node go on
-    with its clip (``fallback``: the frames did not all come that way), whose normalised frames
-    the encoder then reads from ``finish``'s result. ``fail`` passes the decode's exception on."""
-
-    flush_bytes = SINK_FLUSH_BYTES
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.cond = threading.Condition()
-        self.frames: torch.Tensor | None = None
-        self.count = 0
-        self.streamed = False
-        self.fell_back = False
-        self.result: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.released = False
-        self.abandoned = False
-
-    # --- the decoding side (decode_frames.Sink) -------------------------------------------------
-    def ready(self, frames: torch.Tensor, count: int) -> None:
-        with self.cond:
-            if self.abandoned:
-                raise Abandoned("the video encode has stopped")
-            self.frames, self.count = frames, count
-            self.cond.notify_all()
-
-    def fallback(self) -> None:
-        with self.cond:
-            self.fell_back = True
-            self.cond.notify_all()
-
-    def decoded(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
-        with self.cond:
-            frames = self.frames
-            whole = (
-                not self.fell_back
-                and frames is not None
-                and len(videos) == 1
-                and self.count == frames.shape[0]
-                and videos[0].dim() == 4
-                and videos[0].shape[1] == self.count
-                and videos[0].data_ptr() == frames.data_ptr()
-            )
-            if not whole:
-                self.fell_back = True
-                self.cond.notify_all()
-                return videos
-            self.streamed = True
-            self.cond.notify_all()
-            while not self.released:
-                self.cond.wait()
-            return [videos[0][:, :0]]
-
-    def finish(self, result: torch.Tensor) -> None:
-        with self.cond:
-            self.result = result
-            self.cond.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        with self.cond:
-            self.error = error
-            self.cond.notify_all()
-
-    # --- the encoder's side ---------------------------------------------------------------------
-    def frame(self, index: int) -> torch.Tensor:
-        """Frame ``index`` (H, W, C) normalised as the node does, once decoded; IndexError past
-        the last; ``DecodeFailed`` once the decode has failed."""
-        with self.cond:
-            while True:
-                if self.error is not None:
-                    raise DecodeFailed(repr(self.error))
-                if index < self.count and self.frames is not None:
-                    raw = self.frames[index]
-                    break
-                if self.streamed:
-                    raise IndexError(index)
-                if self.result is not None:
-                    if index < self.result.shape[0]:
-                        return self.result[index]
-                    raise IndexError(index)
-                self.cond.wait()
-        # the node's normalisation, element by element: the same float32 values
-        image = raw.clone()
-        image.clamp_(-1.0, 1.0)
-        image.add_(1.0).div_(2.0)
-        image.clamp_(0.0, 1.0)
-        return image
-
-    def release(self, abandon: bool) -> None:
-        """The encoder is done (``abandon``: it failed): the decoding thread may go on."""
-        with self.cond:
-            self.released = True
-            self.abandoned = abandon
-            self.cond.notify_all()
-
-
-class FrameSequence:
-    """What ``combine_video`` reads as ``images``: the clip's length, its frames by index, and
-    its frames in order, each waited for."""
-
-    def __init__(self, feed: FrameFeed) -> None:
-        self.feed = feed
-
-    def __len__(self) -> int:
-        return self.feed.expected
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not isinstance(index, int) or index < 0:
-            raise TypeError("frames are read by a non-negative index")
-        return self.feed.frame(index)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        index = 0
-        while True:
-            try:
-                image = self.feed.frame(index)
-            except IndexError:
-                return
-            yield image
-            index += 1
 
 
 def expected_frames(samples: Mapping[str, Any]) -> int:
@@ -372,51 +255,10 @@ def make_node(decode_class: type, combine_class: type, streams: Callable[[], boo
 
 
 def overlapped(
-    decode: Callable[[], torch.Tensor],
-    combine: Callable[[FrameSequence], Any],
-    expected: int,
-    feeding: Callable[[Any], Any] | None = None,
+    decode: Callable[[], torch.Tensor], combine: Callable[[Any], Any], expected: int
 ) -> Any:
-    """``combine`` over the frames ``decode`` (run on a thread of its own, inside
-    ``feeding(feed)``) hands over as they come; ``combine``'s result. Raises the decode's
-    exception if it failed, else ``combine``'s; returns or raises once the thread has ended."""
-    if feeding is None:
-        feeding = _frames_module().feeding
-    feed = FrameFeed(expected)
-    context = contextvars.copy_context()  # ComfyUI's executing node: the progress bars' node id
-    inference = torch.is_inference_mode_enabled()
-    grad = torch.is_grad_enabled()
-
-    def run() -> None:
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), feeding(feed):
-                result = decode()
-        except BaseException as error:  # handed to the encoder, raised by the node
-            feed.fail(error)
-        else:
-            feed.finish(result)
-
-    thread = threading.Thread(target=context.run, args=(run,), name="xicon-decode-video")
-    thread.start()
-    combine_error: BaseException | None = None
-    try:
-        out = combine(FrameSequence(feed))
-    except BaseException as error:
-        combine_error = error
-    finally:
-        feed.release(abandon=combine_error is not None)
-        thread.join()
-    if feed.error is not None and not isinstance(feed.error, Abandoned):
-        raise feed.error
-    if combine_error is not None:
-        raise combine_error
-    frames = feed.count if feed.streamed else expected
-    log.info(
-        "xicon_decode_video: %d frames encoded as they were decoded (%s)",
-        frames,
-        "streamed" if feed.streamed else "from the decode's result",
-    )
-    return out
+    """``frame_feed.overlapped`` with ``decode_frames.feeding`` (this package's)."""
+    return _feed.overlapped(decode, combine, expected, _frames_module().feeding)
 
 
 def _frames_module() -> Any:
