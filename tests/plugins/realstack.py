@@ -11,8 +11,9 @@
 - ``start_worker(stack, base, **env) -> EntrypointWorker`` starts ``entrypoint.sh`` (PID 1 of
   the container) and waits for ComfyUI and the handler's job loop; ``stop_worker`` stops it and
   every process under it. ``fault_base`` is a base of its own on a shared base's models.
-- ``wan_vae_loader()``, ``wan_encode(image)``, ``wan_decode(samples)``, ``gradient_clip(frames)``:
-  prompt nodes for the tiny Wan VAE as the graph sets them, and a gradient image as a clip.
+- ``wan_vae_loader()``, ``wan_encode(image)``, ``wan_decode(samples)``, ``gradient_clip(frames)``,
+  ``h264_combine(images, prefix)``: prompt nodes for the tiny Wan VAE as the graph sets them, a
+  gradient image as a clip, and node 139's encode.
 - ``vae_round_trip_prompt(frames)``: the gradient image as a clip, encoded and decoded by the tiny
   Wan VAE through WanVideoWrapper's nodes, the frames saved as PNGs and encoded again as a latent.
 - ``serve_on_gradient(...)``: one prompt through a CPU ComfyUI over a new base, a gradient image
@@ -391,6 +392,26 @@ def wan_decode(samples: list[Any], vae: str = "vae") -> dict[str, Any]:
     """WanVideoDecode of ``samples`` (a link) by the VAE node ``vae``, as node 28 decodes."""
     inputs = {"vae": [vae, 0], "samples": samples, "enable_vae_tiling": False, **VAE_TILES}
     return {"class_type": "WanVideoDecode", "inputs": {**inputs, "normalization": "default"}}
+
+
+def h264_combine(images: list[Any], prefix: str, **extra: Any) -> dict[str, Any]:
+    """VHS_VideoCombine of ``images`` (a link) as node 139 encodes (H.264, yuv420p, crf 19, 24
+    fps), files named ``prefix``; ``extra`` adds inputs (an ``audio`` link)."""
+    inputs = {
+        "images": images,
+        **extra,
+        "frame_rate": 24,
+        "loop_count": 0,
+        "filename_prefix": prefix,
+        "format": "video/h264-mp4",
+        "pix_fmt": "yuv420p",
+        "crf": 19,
+        "save_metadata": False,
+        "trim_to_audio": False,
+        "pingpong": False,
+        "save_output": True,
+    }
+    return {"class_type": "VHS_VideoCombine", "inputs": inputs}
 
 
 def gradient_clip(frames: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from tests.plugins.realstack import (
     Stack,
     cpu_comfy,
     gradient_clip,
+    h264_combine,
     make_base,
     pack_script,
     run_prompt,
@@ -452,22 +453,7 @@ def decode_and_encode(frames: int) -> dict[str, Any]:
         **gradient_clip(frames),
         "enc": wan_encode(["clip", 0]),
         "28": wan_decode(["enc", 0]),
-        "139": {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["28", 0],
-                "frame_rate": 24,
-                "loop_count": 0,
-                "filename_prefix": "dv",
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "save_metadata": False,
-                "trim_to_audio": False,
-                "pingpong": False,
-                "save_output": True,
-            },
-        },
+        "139": h264_combine(["28", 0], "dv"),
     }
 
 

@@ -25,6 +25,7 @@ from tests.plugins.realstack import (
     ROOT,
     Stack,
     cpu_comfy,
+    h264_combine,
     make_base,
     pack_script,
     run_prompt,
@@ -288,23 +289,7 @@ def load_and_encode(clip: str) -> dict[str, Any]:
                 "format": "Wan",
             },
         },
-        "139": {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["130", 0],
-                "audio": ["130", 2],
-                "frame_rate": 24,
-                "loop_count": 0,
-                "filename_prefix": "vf",
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "save_metadata": False,
-                "trim_to_audio": False,
-                "pingpong": False,
-                "save_output": True,
-            },
-        },
+        "139": h264_combine(["130", 0], "vf", audio=["130", 2]),
     }
 
 
