@@ -61,7 +61,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from encode_bench import dance_frames, noise_frames  # noqa: E402
 
 from tests.plugins.comfy import free_port  # noqa: E402
-from tests.plugins.realstack import Stack, forget_cached_outputs, make_base  # noqa: E402
+from tests.plugins.realstack import (  # noqa: E402
+    Stack,
+    forget_cached_outputs,
+    h264_combine,
+    make_base,
+)
 from xicon_dance.comfy import ComfyClient  # noqa: E402
 from xicon_dance.transcode import VIDEO_OPTIONS  # noqa: E402
 
@@ -120,24 +125,8 @@ def graph(
                 "device": "cpu",
             },
         }
-    return nodes | {
-        "2": {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["3" if resize is not None else "1", 0],
-                "frame_rate": fps,
-                "loop_count": 0,
-                "filename_prefix": f"io_{uuid.uuid4().hex[:8]}",
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "save_metadata": False,
-                "trim_to_audio": False,
-                "pingpong": False,
-                "save_output": True,
-            },
-        },
-    }
+    images = ["3" if resize is not None else "1", 0]
+    return nodes | {"2": h264_combine(images, f"io_{uuid.uuid4().hex[:8]}", frame_rate=fps)}
 
 
 def x264_options(args: argparse.Namespace) -> dict[str, str]:

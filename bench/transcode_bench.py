@@ -72,6 +72,16 @@ def make_clip(folder: Path, seconds: int) -> Path:
     return path
 
 
+def shown(path: str | None) -> str:
+    """``path`` relative to the repository when it lies inside it (no machine paths in output)."""
+    if path is None:
+        return "?"
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def x264_options(text: str) -> dict[str, str]:
     """``KEY=VALUE,...`` as a dict of x264 options."""
     pairs = [item.split("=", 1) for item in text.split(",") if item]
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = folder / "out.mp4"
         print(
             f"{src.name}: {args.frames} frames at {width}x{height}, {args.fps} fps, audio "
-            f"{'off' if args.no_audio else 'on'}; {module.__file__}; {os.cpu_count()} CPUs; "
+            f"{'off' if args.no_audio else 'on'}; {shown(module.__file__)}; {os.cpu_count()} CPUs; "
             f"x264 {module.VIDEO_OPTIONS}",
             flush=True,
         )

@@ -396,10 +396,10 @@ def wan_decode(samples: list[Any], vae: str = "vae") -> dict[str, Any]:
 
 def h264_combine(images: list[Any], prefix: str, **extra: Any) -> dict[str, Any]:
     """VHS_VideoCombine of ``images`` (a link) as node 139 encodes (H.264, yuv420p, crf 19, 24
-    fps), files named ``prefix``; ``extra`` adds inputs (an ``audio`` link)."""
+    fps), files named ``prefix``; ``extra`` adds or replaces inputs (an ``audio`` link, the
+    ``frame_rate``)."""
     inputs = {
         "images": images,
-        **extra,
         "frame_rate": 24,
         "loop_count": 0,
         "filename_prefix": prefix,
@@ -411,7 +411,7 @@ def h264_combine(images: list[Any], prefix: str, **extra: Any) -> dict[str, Any]
         "pingpong": False,
         "save_output": True,
     }
-    return {"class_type": "VHS_VideoCombine", "inputs": inputs}
+    return {"class_type": "VHS_VideoCombine", "inputs": {**inputs, **extra}}
 
 
 def gradient_clip(frames: int) -> dict[str, Any]:
