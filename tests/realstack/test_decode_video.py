@@ -184,6 +184,7 @@ out["reasons"] = {
     "end_image": reason(s={**lat(6), "end_image": torch.zeros(1)}),
     "looped": reason(s={**lat(6), "looped": True}),
     "no_frames": reason(s={**lat(1), "has_ref": True}),
+    "batch": reason(s={"samples": torch.zeros(2, 16, 6, 2, 2)}),
     "taehv": reason(v=TAEHV()),
     "minmax": reason(norm="minmax"),
     "gif": reason(opts={**video, "format": "image/gif"}),
@@ -230,6 +231,12 @@ out["apart"] = {
     "other_source": dv.rewrite(other_source()),
     "second_output": dv.rewrite(pair(c__images=["d", 1])),
 }
+# a second clip of a batch (its own host tensor) does not replace the first clip's frames
+feed = dv.FrameFeed(5)
+first, second = torch.zeros(5, 2, 2, 3), torch.ones(5, 2, 2, 3)
+feed.ready(first, 5)
+feed.ready(second, 1)
+out["second_clip"] = [feed.frames is first, feed.count]
 # with the encoder waiting, the decode's frames go over in the feed's smaller batches
 with df.feeding(dv.FrameFeed(5)):
     fed = df.HostFrames(2)
@@ -375,6 +382,7 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     assert reasons["video"] == "the samples carry decoded video"
     assert reasons["end_image"] == reasons["looped"] == "an end image or a looped clip"
     assert reasons["no_frames"] == "not a clip of latent frames"
+    assert reasons["batch"] == "more than one clip in the batch"
     assert reasons["taehv"] == "a TAEHV decoder"
     assert reasons["minmax"] == "normalization minmax"
     assert reasons["gif"] == "not a video format"
@@ -398,6 +406,7 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     apart = out["apart"]
     assert apart.pop("plain") == [["d", "c"]]
     assert all(merged == [] for merged in apart.values()), apart
+    assert out["second_clip"] == [True, 5]
     fed, alone, default, sink = out["flush"]
     assert fed == sink < alone == default, out["flush"]
     assert out["threads_left"] == []

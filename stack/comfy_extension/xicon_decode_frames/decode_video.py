@@ -183,6 +183,8 @@ def sequential_reason(
         return "an end image or a looped clip"
     if samples["samples"].dim() != 5 or expected_frames(samples) < 1:
         return "not a clip of latent frames"
+    if samples["samples"].shape[0] != 1:
+        return "more than one clip in the batch"
     if type(vae).__name__ == "TAEHV":
         return "a TAEHV decoder"
     if normalization != "default":

@@ -67,6 +67,8 @@ class FrameFeed:
         with self.cond:
             if self.abandoned:
                 raise Abandoned("the video encode has stopped")
+            if self.frames is not None and frames is not self.frames:
+                return  # another clip of the batch: the node encodes the first one only
             self.frames, self.count = frames, count
             self.cond.notify_all()
 
