@@ -78,7 +78,7 @@ FLUSH_BYTES = 128 * 1024 * 1024  # decoded frames waiting on the GPU, in their o
 
 
 class Sink(Protocol):
-    """Who else wants the decoded frames as they reach the host (``decode_video.FrameFeed``).
+    """Who else wants the decoded frames as they reach the host (``frame_feed.FrameFeed``).
     ``ready(frames, count)``: the first ``count`` frames of the (T, H, W, C) host tensor
     ``frames`` are final (called on the copying thread; an exception it raises stops the
     decode); ``fallback()``: the frames will not come that way, only as the node's result;
