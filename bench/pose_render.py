@@ -1,7 +1,10 @@
 """The SCAIL pose render (node 362, ``RenderNLFPoses``) as upstream ships it and with the project's
 extension ``xicon_pose_render``, in one process, on the same synthetic poses: seconds per run
 (each clip twice: the first run of a process builds taichi's runtime and kernels) and whether the
-images and masks are equal.
+images and masks are equal: upstream, the extension with upstream's tail (the node's output made
+from the whole clip, ``XICON_POSE_RENDER_STREAM=off``) and the extension as the image runs it
+(the output made batch by batch), each with the growth of the process's resident set during the
+node (sampled every 5 ms).
 
 Run by the stack's Python (taichi, torch, the pinned SCAIL-Pose):
 
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,40 @@ def clip(rng: np.random.Generator, n: int, people: int = 1) -> tuple[dict, dict]
             }
         )
     return {"joints3d_nonparam": [smpl]}, {"poses": dws}
+
+
+def rss_mib() -> float:
+    """This process's resident set (``VmRSS``), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssPeak:
+    """The resident set's largest growth over its value at the start, sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = rss_mib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, rss_mib())
+
+    def __enter__(self) -> "RssPeak":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+    @property
+    def growth_mib(self) -> float:
+        return round(self.peak - self.start, 1)
 
 
 def digest(tensor: Any) -> str:
@@ -110,20 +148,24 @@ def main(argv: list[str] | None = None) -> None:
     def run(job: str) -> dict[str, Any]:
         (poses, dw), (w, h), with_reference = jobs[job]
         random.seed(11)  # the 2D pass draws random numbers (upstream's drop_aug)
-        t0 = time.perf_counter()
-        image, mask = node.predict(
-            poses,
-            w,
-            h,
-            dw_poses=dw,
-            ref_dw_pose=reference if with_reference else None,
-            render_device=args.device,
-        )
-        seconds = time.perf_counter() - t0
+        with RssPeak() as rss:
+            t0 = time.perf_counter()
+            image, mask = node.predict(
+                poses,
+                w,
+                h,
+                dw_poses=dw,
+                ref_dw_pose=reference if with_reference else None,
+                render_device=args.device,
+            )
+            seconds = time.perf_counter() - t0
         return {
             "s": seconds,
             "image": digest(image),
             "mask": digest(mask),
+            "rss_growth_mib": rss.growth_mib,  # the node's peak over the resident set before it
+            "contiguous": image.is_contiguous(),  # upstream's is a view of RGBA frames
+            "dtypes": [str(image.dtype), str(mask.dtype)],
             "lit": float(mask.mean()),
             "drawn": float((image > 0).float().mean()),
             "shape": list(image.shape),
@@ -145,16 +187,26 @@ def main(argv: list[str] | None = None) -> None:
             "cy": height / 2,
         }
         plain = cylinders.render_whole(specs, **camera)
-    out["patch"] = pr.patch(nlf_render, env={}, taichi_module=ti)
+    # the extension with upstream's tail (XICON_POSE_RENDER_STREAM off), then as the image runs it
+    out["patch"] = pr.patch(nlf_render, env={pr.STREAM_ENV: "off"}, taichi_module=ti)
     renderer = nlf_render.render_whole_taichi
+    batched = {job: [run(job), run(job)] for job in jobs}
+    node_class = type(node)
+    node_class.predict = pr.streamed(node_class.predict)
     ours = {job: [run(job), run(job)] for job in jobs}
     out["jobs"] = {}
     for job in jobs:
-        a, b = upstream[job], ours[job]
+        a, b, c = upstream[job], batched[job], ours[job]
         out["jobs"][job] = {
             "upstream_s": [r["s"] for r in a],
-            "ours_s": [r["s"] for r in b],
-            "equal": all(r["image"] == a[0]["image"] and r["mask"] == a[0]["mask"] for r in a + b),
+            "batched_s": [r["s"] for r in b],
+            "ours_s": [r["s"] for r in c],
+            "equal": all(
+                r["image"] == a[0]["image"] and r["mask"] == a[0]["mask"] for r in a + b + c
+            ),
+            "contiguous": [a[0]["contiguous"], b[0]["contiguous"], c[0]["contiguous"]],
+            "rss_growth_mib": [[r["rss_growth_mib"] for r in x] for x in (a, b, c)],
+            "dtypes": sorted({str(r["dtypes"]) for r in a + b + c}),
             "lit": a[0]["lit"],
             "drawn": a[0]["drawn"],
             "shape": a[0]["shape"],
@@ -178,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     out["compiled"] = getattr(renderer, "compiled", None)
     out["torch"] = torch.__version__
     for job, figures in out["jobs"].items():
-        up, ours_s = figures["upstream_s"], figures["ours_s"]
+        up, kept, ours_s = figures["upstream_s"], figures["batched_s"], figures["ours_s"]
         print(
-            f"{job:>16}: upstream {up[0]:7.2f} / {up[1]:7.2f} s, extension {ours_s[0]:7.2f} / "
+            f"{job:>16}: upstream {up[0]:7.2f} / {up[1]:7.2f} s, upstream's tail "
+            f"{kept[0]:7.2f} / {kept[1]:7.2f} s, extension {ours_s[0]:7.2f} / "
             f"{ours_s[1]:7.2f} s, equal {figures['equal']}",
             file=sys.stderr,
         )

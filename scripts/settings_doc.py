@@ -61,7 +61,9 @@ in the converted parts; on unless `off`),
 as upstream),
 `XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`),
 `XICON_POSE_RENDER_WARM` (its taichi start once ComfyUI has loaded its nodes, on a CUDA
-device; on unless `off`) and
+device; on unless `off`),
+`XICON_POSE_RENDER_STREAM` (its node output made batch by batch as the frames are rendered;
+on unless `off`) and
 `XICON_VIDEO_FRAMES` (`xicon_video_frames`; on unless `off`):
 [operations.md](operations.md#the-comfyui-stack).
 """

@@ -8,6 +8,7 @@ as last time on a live runtime. The frames against the pinned pack and real taic
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import threading
 import types
@@ -129,6 +130,10 @@ def test_the_pinned_source_gets_the_replacements(
         assert isinstance(nlf_render.render_whole_taichi, pr.Renderer)
         assert getattr(draw_utils.hsv_to_rgb, pr.REPLACED) is True
         assert isinstance(ti.init, pr.KeptInit)
+        # the node returns the output its render made batch by batch (upstream's as __wrapped__)
+        predict = sys.modules[name + ".nodes"].RenderNLFPoses.predict
+        assert getattr(predict, pr.REPLACED) is True
+        assert "ti.init(arch='gpu')" in inspect.getsource(predict)
         assert pr.patch(nlf_render, env={}) == "already in place"  # not twice
         # the 3D pass is upstream's without its 2D pass; the 2D pass is drawn as upstream draws
         # it and laid over every frame
@@ -183,6 +188,24 @@ def test_the_setting_turns_it_off(
     finally:
         forget(name)
     assert pr.enabled({}) and pr.enabled({pr.ENV: "on"})
+
+
+def test_the_stream_setting_leaves_the_nodes_tail_as_upstreams(
+    tmp_path: Path, hooked: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pr, "UPSTREAM_SHA256", digest_of_stand_in(tmp_path))
+    monkeypatch.setenv(pr.STREAM_ENV, "off")
+    name = stand_in_pack(tmp_path)
+    try:
+        nlf_render = importlib.import_module(name + ".NLFPoseExtract.nlf_render")
+        assert getattr(nlf_render.render_nlf_as_images, pr.REPLACED) is True  # the rest is on
+        predict = sys.modules[name + ".nodes"].RenderNLFPoses.predict
+        assert not hasattr(predict, pr.REPLACED)
+        # without the node's request the render lists its frames, whatever the setting
+        assert pr.current_sink() is None
+        assert len(nlf_render.render_nlf_as_images(None, [{}, {}], 4, 3, 2)) == 2
+    finally:
+        forget(name)
     assert not any(pr.enabled({pr.ENV: v}) for v in ("0", "off", "False", " no "))
 
 

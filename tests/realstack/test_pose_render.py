@@ -2,12 +2,15 @@
 stack's Python (taichi on the CPU here): ``RenderNLFPoses`` gives upstream's images and masks bit
 for bit with and without it (one person, a solved camera, two people, another size, and the
 renderer alone), the taichi runtime is built once and a job like an earlier one compiles no
-kernel again. Run through ``bench/pose_render.py``, which prints the same figures on a GPU.
+kernel again. Run through ``bench/pose_render.py``, which prints the same figures on a GPU. The
+node's output made batch by batch: its pieces against upstream's tail
+(``pose_render_stream.py``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tests.plugins.realstack import ROOT, Stack, stack_json
 
@@ -32,12 +35,18 @@ def test_the_render_is_upstreams_bit_for_bit(stack: Stack) -> None:
     # The pinned functions are the ones the replacement reproduces; a new pin fails here first.
     assert out["digest_ok"] is True
     assert out["patch"].startswith("SCAIL pose render: taichi runtime and kernels kept"), out
+    assert out["patch"].endswith("(XICON_POSE_RENDER_STREAM off)"), out  # the bench's middle runs
     assert out["taichi_arch"] == "Arch.x64"
     jobs = out["jobs"]
     assert set(jobs) == {"6 frames", "reference pose", "two people", "another size"}
     for name, job in jobs.items():
-        # every run of upstream and of the extension, twice each, gave the same bytes ...
+        # every run of upstream and of the extension (with upstream's tail, then with the node's
+        # output made batch by batch), twice each, gave the same bytes ...
         assert job["equal"] is True, (name, job)
+        assert job["dtypes"] == ["['torch.float32', 'torch.float32']"], (name, job)
+        # ... the last one streamed (a contiguous image), but not for two people (upstream's
+        # other render function) ...
+        assert job["contiguous"] == [False, False, name != "two people"], (name, job)
         # ... of frames with something in them: cylinders (the mask) and the 2D skeleton
         assert job["lit"] > 0.002 and job["drawn"] > 0.05, (name, job)
     assert jobs["another size"]["shape"] == [3, 56, 64, 3]
@@ -151,3 +160,42 @@ def test_taichi_started_early_on_the_prompt_thread_renders_upstreams_frames(
     other = run("another")
     assert other["warm"].startswith("taichi started for the first render in "), other
     assert "render" not in other and "error" in other, other
+
+
+def test_the_output_made_batch_by_batch_is_upstreams_tail(stack: Stack) -> None:
+    """``NodeOutput``, the renderer's sink and the wrapped ``predict`` in the stack's torch
+    (``pose_render_stream.py``: a stand-in kernel and 2D pass; the real ones above)."""
+    script = Path(__file__).with_name("pose_render_stream.py")
+    ext = ROOT / "stack" / "comfy_extension" / "xicon_pose_render" / "pose_render.py"
+    out = stack_json(stack, script.read_text(), ext)
+    # the conversion in torch is upstream's numpy one, edges of every level included
+    assert out["conversion"] == {"dtype": "uint8", "equal": True}
+    # batches in order make upstream's tail on the whole overlaid clip; others are refused
+    batches = out["batches"]
+    assert batches["complete_before"] == [False, False, False] and batches["complete"]
+    assert batches["image_equal"] and batches["mask_equal"] and batches["contiguous"]
+    assert 0 < batches["mask_mean"] < 1
+    assert batches["refused"] == ["frames 2-4 after 0 of 4", "frames 3-5 after 3 of 4"]
+    assert batches["other_complete"] is False
+    # the renderer lists the clip without a sink, streams it to the clip's sink (nothing
+    # listed), lists it for another clip's sink, and stops at a failed sink, keeping the error
+    renderer = out["renderer"]
+    assert renderer["listed"] == [9, True] and renderer["streamed_list"] == 0
+    assert renderer["launches"] == [[0, 4], [4, 4], [8, 1]] and renderer["complete"]
+    assert renderer["image_equal"] and renderer["others"] == [[9, 0], [9, 0]]
+    assert renderer["failed_list"] == 0 and renderer["failed_launches"] == [[0, 4], [4, 4]]
+    assert renderer["failed"] == "ValueError('pose 5 cannot be drawn')"
+    assert renderer["failed_complete"] is False
+    # predict: the streamed output, or upstream's own after a fallback, the same values and
+    # the same random numbers drawn; nothing left on the thread; a failed 2D pass raised
+    predict = out["predict"]
+    for path, contiguous in (("streaming", True), ("fallback", False)):
+        assert predict[path] == {
+            "image_equal": True,
+            "mask_equal": True,
+            "contiguous": contiguous,
+            "random_as_upstream": True,
+            "left_clean": True,
+        }, path
+    assert predict["outside_predict"] == "listed"
+    assert predict["failed_2d"] == "list index out of range" and predict["failed_left_clean"]

@@ -52,7 +52,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import random
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -65,6 +67,7 @@ log = logging.getLogger("xicon_pose_render")
 
 ENV = "XICON_POSE_RENDER"
 WARM_ENV = "XICON_POSE_RENDER_WARM"
+STREAM_ENV = "XICON_POSE_RENDER_STREAM"
 PACK = "ComfyUI-SCAIL-Pose"
 TARGET = f"{PACK}.NLFPoseExtract.nlf_render"
 WARM_ARCH = "gpu"  # node 362's render_device in the shipped graph (upstream: ti.init(arch=ti.gpu))
@@ -130,6 +133,86 @@ def _sibling(name: str) -> types.ModuleType:
 Renderer = _sibling("renderer").Renderer
 
 
+# --- the node's output made batch by batch ------------------------------------------------------
+
+_local = threading.local()  # the prompt thread's request (predict) and sink (the 3D pass)
+
+
+class Request:
+    """One run of ``RenderNLFPoses.predict``: the image and mask made by a ``NodeOutput``."""
+
+    def __init__(self) -> None:
+        self.result: tuple[Any, Any] | None = None
+
+
+class NodeOutput:
+    """Node 362's image and mask for one clip, made from the renderer's batches as they come:
+    each frame's 2D skeleton drawn (upstream's ``draw_pose_to_canvas_np``, frame by frame in
+    upstream's order) and laid over it, then upstream's tail on the batch,
+    ``torch.from_numpy(frames) / 255.0``, its first three channels the image and its last
+    ``> 0.5`` the mask, both ``.float()``. The image is a contiguous float32 ``[N, H, W, 3]``
+    (upstream's is the same values as a view of an ``[N, H, W, 4]`` one)."""
+
+    def __init__(
+        self,
+        poses: Sequence[Any],
+        draw: Callable[[list], list],
+        count: int,
+        height: int,
+        width: int,
+    ) -> None:
+        import torch
+
+        self.poses = poses
+        self.draw = draw  # draw_pose_to_canvas_np with upstream's arguments, for a list of poses
+        self.count = count
+        self.size = (height, width)
+        self.failed: BaseException | None = None
+        self.done = 0
+        self.image = torch.empty((count, height, width, 3), dtype=torch.float32)
+        self.mask = torch.empty((count, height, width), dtype=torch.float32)
+
+    def take(self, first: int, frames: np.ndarray) -> None:
+        import torch
+
+        n = len(frames)
+        if first != self.done or first + n > self.count:
+            raise RuntimeError(f"frames {first}-{first + n} after {self.done} of {self.count}")
+        for k in range(n):
+            lay_over(frames[k], self.draw([self.poses[first + k]])[0])
+        batch = torch.from_numpy(frames) / 255.0
+        self.image[first : first + n] = batch[..., :3]
+        self.mask[first : first + n] = batch[..., -1] > 0.5
+        self.done += n
+
+    @property
+    def complete(self) -> bool:
+        return self.failed is None and self.done == self.count
+
+
+def current_sink() -> NodeOutput | None:
+    return getattr(_local, "sink", None)
+
+
+def streamed(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``RenderNLFPoses.predict``: upstream's, returning the image and mask a ``NodeOutput``
+    made when the render streamed its frames (upstream's tail then ran on a one-frame stand-in);
+    upstream's own result otherwise."""
+
+    @functools.wraps(original)
+    def predict(self: Any, *args: Any, **kwargs: Any) -> Any:
+        previous = getattr(_local, "request", None)
+        request = _local.request = Request()
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            _local.request = previous
+        return result if request.result is None else request.result
+
+    setattr(predict, REPLACED, True)
+    return predict
+
+
 # --- the other replacements ----------------------------------------------------------------------
 
 
@@ -168,6 +251,30 @@ def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
         rgb[mask] = canvas[mask]
 
 
+def draw_2d_pass(
+    draw_pose_to_canvas_np: Callable[..., list],
+    height: int,
+    width: int,
+    draw_face: bool,
+    draw_hands: bool,
+    poses: list,
+) -> list[np.ndarray]:
+    """Upstream's 2D pass of ``render_nlf_as_images``: its call, with its arguments."""
+    return draw_pose_to_canvas_np(
+        poses,
+        pool=None,
+        H=height,
+        W=width,
+        reshape_scale=0,
+        show_feet_flag=False,
+        show_body_flag=False,
+        show_cheek_flag=True,
+        dw_hand=True,
+        show_face_flag=draw_face,
+        show_hand_flag=draw_hands,
+    )
+
+
 def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable[..., Any]):
     """``render_nlf_as_images``: upstream's 3D pass, then its 2D pass laid over in one pass."""
 
@@ -184,6 +291,42 @@ def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable
         draw_hands: bool = True,
         render_backend: str = "taichi",
     ) -> list[np.ndarray]:
+        request = getattr(_local, "request", None)
+        if request is not None and request.result is None and dw_poses is not None and draw_2d:
+            output = NodeOutput(
+                copy.deepcopy(dw_poses),
+                functools.partial(
+                    draw_2d_pass, draw_pose_to_canvas_np, height, width, draw_face, draw_hands
+                ),
+                video_length,
+                height,
+                width,
+            )
+            state = random.getstate()  # the 2D pass draws random numbers (upstream's drop_aug)
+            _local.sink = output
+            try:
+                frames = original(
+                    smpl_poses,
+                    dw_poses,
+                    height,
+                    width,
+                    video_length,
+                    intrinsic_matrix=intrinsic_matrix,
+                    draw_2d=False,
+                    draw_face=draw_face,
+                    draw_hands=draw_hands,
+                    render_backend=render_backend,
+                )
+            finally:
+                _local.sink = None
+            if output.failed is not None:
+                raise output.failed
+            if output.complete:
+                request.result = (output.image, output.mask)
+                return [np.zeros((height, width, 4), np.uint8)]  # for predict's own tail
+            # not streamed (upstream's torch renderer): its frames, the 2D pass laid over below
+            random.setstate(state)
+            return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
         frames = original(
             smpl_poses,
             dw_poses,
@@ -197,21 +340,22 @@ def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable
             render_backend=render_backend,
         )
         if dw_poses is not None and draw_2d:
-            canvas_2d = draw_pose_to_canvas_np(
-                copy.deepcopy(dw_poses),
-                pool=None,
-                H=height,
-                W=width,
-                reshape_scale=0,
-                show_feet_flag=False,
-                show_body_flag=False,
-                show_cheek_flag=True,
-                dw_hand=True,
-                show_face_flag=draw_face,
-                show_hand_flag=draw_hands,
-            )
-            for i in range(len(frames)):
-                lay_over(frames[i], canvas_2d[i])
+            return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
+        return frames
+
+    def overlaid(
+        frames: list[np.ndarray],
+        dw_poses: Any,
+        height: int,
+        width: int,
+        draw_face: bool,
+        draw_hands: bool,
+    ) -> list[np.ndarray]:
+        canvas_2d = draw_2d_pass(
+            draw_pose_to_canvas_np, height, width, draw_face, draw_hands, copy.deepcopy(dw_poses)
+        )
+        for i in range(len(frames)):
+            lay_over(frames[i], canvas_2d[i])
         return frames
 
     setattr(render_nlf_as_images, REPLACED, True)
@@ -263,16 +407,21 @@ def patch(
         )
     if taichi_module is None:
         import taichi as taichi_module
-    renderer = Renderer(modules["taichi_cylinder"].flatten_specs)
+    renderer = Renderer(modules["taichi_cylinder"].flatten_specs, current_sink)
     draw_utils = modules["draw_utils"]
     draw_utils.hsv_to_rgb = remembered(draw_utils.hsv_to_rgb)
     nlf_render.render_nlf_as_images = overlay_after(
         nlf_render.render_nlf_as_images, nlf_render.draw_pose_to_canvas_np
     )
     nlf_render.render_whole_taichi = renderer
+    node_class = modules["nodes"].RenderNLFPoses
+    stream = enabled(os.environ if env is None else env, STREAM_ENV)
+    if stream and not getattr(node_class.predict, REPLACED, False):
+        node_class.predict = streamed(node_class.predict)
     if not getattr(taichi_module.init, REPLACED, False):
         taichi_module.init = KeptInit(taichi_module.init, taichi_module)
-    return "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
+    line = "SCAIL pose render: taichi runtime and kernels kept, frames in batches, one-pass overlay"
+    return line + (", the node's output made batch by batch" if stream else f" ({STREAM_ENV} off)")
 
 
 # --- taichi started before the first render ---------------------------------------------------

@@ -2,13 +2,15 @@
 ``render_whole``, pinned commit) with its kernels kept: the same taichi functions and
 compile-time constants (the camera, the radius and the far plane of the call), run over a batch
 of frames per launch into one ndarray, copied to the host once per batch and converted there as
-upstream converts a frame (clip to [0, 1], times 255, to uint8). Kernels are kept per set of
-constants while the taichi runtime lives, and dropped with it. ``pose_render.py`` puts it in
-place of upstream's; taichi is imported when it first renders.
+upstream converts a frame (clip to [0, 1], times 255, to uint8; in torch, on every core). Kernels
+are kept per set of constants while the taichi runtime lives, and dropped with it. The frames
+are returned as a list, as upstream's, or handed batch by batch to a ``Sink`` that
+``pose_render.py`` sets for the clip. ``pose_render.py`` puts it in place of upstream's; taichi
+is imported when it first renders.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,11 +21,38 @@ BATCH_BYTES = 32 << 20
 KEPT_KERNELS = 8
 
 
-class Renderer:
-    """Upstream's ray-marched cylinders (``taichi_cylinder.render_whole``), kernels kept."""
+class Sink(Protocol):
+    """Takes a clip's frames batch by batch, in order, instead of the renderer's list."""
 
-    def __init__(self, flatten_specs: Callable[..., tuple[np.ndarray, ...]]) -> None:
+    count: int
+    size: tuple[int, int]  # (H, W)
+    failed: BaseException | None
+
+    def take(self, first: int, frames: np.ndarray) -> None: ...
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Upstream's conversion of a rendered frame, ``(np.clip(f, 0, 1) * 255).astype(np.uint8)``,
+    on a batch in place and on every core (the same float32 operations: clip, times 255, then
+    truncated to an integer)."""
+    import torch
+
+    batch = torch.from_numpy(frames)
+    batch.clamp_(0, 1).mul_(255)
+    return batch.to(torch.uint8).numpy()
+
+
+class Renderer:
+    """Upstream's ray-marched cylinders (``taichi_cylinder.render_whole``), kernels kept. While
+    ``sink_of()`` gives a sink for this clip, each batch goes to it and the list stays empty."""
+
+    def __init__(
+        self,
+        flatten_specs: Callable[..., tuple[np.ndarray, ...]],
+        sink_of: Callable[[], Sink | None] = lambda: None,
+    ) -> None:
         self.flatten_specs = flatten_specs
+        self.sink_of = sink_of
         self.kernels: dict[tuple[Any, ...], Any] = {}
         self.program: Any = None  # the taichi program the kernels were built in
         self.compiled = 0
@@ -79,14 +108,22 @@ class Renderer:
         batch = max(1, min(n_frames, BATCH_BYTES // (H * W * 16)))
         img = ti.ndarray(ti.math.vec4, (batch, H, W))
 
+        sink = self.sink_of()
+        if sink is not None and (sink.count != n_frames or sink.size != (H, W)):
+            sink = None
         frames: list[np.ndarray] = []
         for first in range(0, n_frames, batch):
             n = min(batch, n_frames - first)
             render(img, first, n, c_start, c_end, c_rgba, f_offset, f_count, z_min, z_max)
-            arr = img.to_numpy()[:n]
-            np.clip(arr, 0, 1, out=arr)  # upstream, per frame: np.clip(img.to_numpy(), 0, 1)
-            np.multiply(arr, 255, out=arr)  # then (arr * 255).astype(np.uint8)
-            frames.extend(arr.astype(np.uint8))
+            converted = to_uint8(img.to_numpy()[:n])
+            if sink is None:
+                frames.extend(converted)
+                continue
+            try:
+                sink.take(first, converted)
+            except BaseException as exc:  # the sink's own failure: raised by its owner
+                sink.failed = exc
+                return []
         return frames
 
 
