@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
             "equal": all(
                 r["image"] == a[0]["image"] and r["mask"] == a[0]["mask"] for r in a + b + c
             ),
+            # the output made batch by batch against the extension's with upstream's tail
+            "equal_to_tail": all(
+                r["image"] == b[0]["image"] and r["mask"] == b[0]["mask"] for r in b + c
+            ),
             "contiguous": [a[0]["contiguous"], b[0]["contiguous"], c[0]["contiguous"]],
             "rss_growth_mib": [[r["rss_growth_mib"] for r in x] for x in (a, b, c)],
             "dtypes": sorted({str(r["dtypes"]) for r in a + b + c}),
