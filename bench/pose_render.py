@@ -10,7 +10,8 @@ Run by the stack's Python (taichi, torch, the pinned SCAIL-Pose):
 
     python bench/pose_render.py --comfy-dir ComfyUI --frames 81,1441 --size 416x672 --device gpu
 
-``--checks`` adds the cases the real-stack test asserts (a reference pose, so the camera is
+``--host-only`` times the extension's work on the host alone (its kernel replaced by a copy of
+fixed frames; upstream not run). ``--checks`` adds the cases the real-stack test asserts (a reference pose, so the camera is
 solved; two people; another size; the renderer alone on upstream's random cylinders). The last
 line printed is the JSON of every figure. Synthetic poses: a person 3 m away moving a little,
 hands and face drawn; the pose detectors are not run.
@@ -107,6 +108,25 @@ def digest(tensor: Any) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
+def stand_in_kernel(pr: Any, ti: Any, height: int, width: int) -> None:
+    """The extension's kernel replaced by one that copies fixed frames into its batch (a person's
+    worth of lit pixels, alpha on and off), so that a run times the host's work alone."""
+    rng = np.random.default_rng(7)
+    frame = np.zeros((height, width, 4), np.float32)
+    frame[height // 4 : height // 2, width // 3 : width // 2] = rng.uniform(0, 1.1, 4)
+    frame[height // 4 : height // 2, width // 3 : width // 2, 3] = 0.8  # the mask's part
+    renderer_module = sys.modules[pr.Renderer.__module__]
+
+    def build_kernel(*constants: Any) -> Any:
+        def render(img: Any, first: int, n: int, *rest: Any) -> None:
+            batch = np.broadcast_to(frame, img.shape + (4,)).copy()
+            img.from_numpy(batch)
+
+        return render
+
+    renderer_module.build_kernel = build_kernel
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="RenderNLFPoses, upstream and xicon_pose_render")
     parser.add_argument("--comfy-dir", type=Path, required=True)
@@ -115,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="416x672", help="WIDTHxHEIGHT")
     parser.add_argument("--device", default="gpu", help="the node's render_device")
     parser.add_argument("--checks", action="store_true", help="also the test's cases")
+    parser.add_argument(
+        "--host-only",
+        action="store_true",
+        help="the extension's host work alone: its kernel replaced by a copy of fixed frames, "
+        "upstream not run",
+    )
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     frames = [int(v) for v in args.frames.split(",")]
@@ -173,7 +199,11 @@ def main(argv: list[str] | None = None) -> None:
 
     out: dict[str, Any] = {"size": [width, height], "device": args.device}
     out["digest_ok"] = pr.upstream_digest(pr.upstream_modules(nlf_render)) == pr.UPSTREAM_SHA256
-    upstream = {job: [run(job), run(job)] for job in jobs}
+    if args.host_only:
+        out["host_only"] = True
+        ti.init(arch=getattr(ti, args.device))
+        stand_in_kernel(pr, ti, height, width)
+    upstream = {job: [] if args.host_only else [run(job), run(job)] for job in jobs}
     out["taichi_arch"] = str(ti.lang.impl.current_cfg().arch)
     if args.checks:
         random.seed(5)
@@ -196,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     ours = {job: [run(job), run(job)] for job in jobs}
     out["jobs"] = {}
     for job in jobs:
-        a, b, c = upstream[job], batched[job], ours[job]
+        a, b, c = upstream[job] or batched[job][:1], batched[job], ours[job]
         out["jobs"][job] = {
-            "upstream_s": [r["s"] for r in a],
+            "upstream_s": [r["s"] for r in upstream[job]],
             "batched_s": [r["s"] for r in b],
             "ours_s": [r["s"] for r in c],
             "equal": all(
@@ -235,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     out["torch"] = torch.__version__
     for job, figures in out["jobs"].items():
         up, kept, ours_s = figures["upstream_s"], figures["batched_s"], figures["ours_s"]
+        up = up or [float("nan")] * 2
         print(
             f"{job:>16}: upstream {up[0]:7.2f} / {up[1]:7.2f} s, upstream's tail "
             f"{kept[0]:7.2f} / {kept[1]:7.2f} s, extension {ours_s[0]:7.2f} / "
