@@ -11,8 +11,9 @@ Run by the stack's Python (taichi, torch, the pinned SCAIL-Pose):
     python bench/pose_render.py --comfy-dir ComfyUI --frames 81,1441 --size 416x672 --device gpu
 
 ``--host-only`` times the extension's work on the host alone (its kernel replaced by a copy of
-fixed frames; upstream not run). ``--checks`` adds the cases the real-stack test asserts (a reference pose, so the camera is
-solved; two people; another size; the renderer alone on upstream's random cylinders). The last
+fixed frames; upstream not run). ``--checks`` adds the cases the real-stack test asserts (a
+reference pose, so the camera is solved; two people; another size; the renderer alone on
+upstream's random cylinders). The last
 line printed is the JSON of every figure. Synthetic poses: a person 3 m away moving a little,
 hands and face drawn; the pose detectors are not run.
 """
@@ -119,7 +120,7 @@ def stand_in_kernel(pr: Any, ti: Any, height: int, width: int) -> None:
 
     def build_kernel(*constants: Any) -> Any:
         def render(img: Any, first: int, n: int, *rest: Any) -> None:
-            batch = np.broadcast_to(frame, img.shape + (4,)).copy()
+            batch = np.broadcast_to(frame, (*img.shape, 4)).copy()
             img.from_numpy(batch)
 
         return render
