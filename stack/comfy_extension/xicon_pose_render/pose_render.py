@@ -291,57 +291,49 @@ def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable
         draw_hands: bool = True,
         render_backend: str = "taichi",
     ) -> list[np.ndarray]:
-        request = getattr(_local, "request", None)
-        if request is not None and request.result is None and dw_poses is not None and draw_2d:
-            output = NodeOutput(
-                copy.deepcopy(dw_poses),
-                functools.partial(
-                    draw_2d_pass, draw_pose_to_canvas_np, height, width, draw_face, draw_hands
-                ),
-                video_length,
+        def three_d() -> list[np.ndarray]:  # upstream's own, without its 2D pass
+            return original(
+                smpl_poses,
+                dw_poses,
                 height,
                 width,
+                video_length,
+                intrinsic_matrix=intrinsic_matrix,
+                draw_2d=False,
+                draw_face=draw_face,
+                draw_hands=draw_hands,
+                render_backend=render_backend,
             )
-            state = random.getstate()  # the 2D pass draws random numbers (upstream's drop_aug)
-            _local.sink = output
-            try:
-                frames = original(
-                    smpl_poses,
-                    dw_poses,
-                    height,
-                    width,
-                    video_length,
-                    intrinsic_matrix=intrinsic_matrix,
-                    draw_2d=False,
-                    draw_face=draw_face,
-                    draw_hands=draw_hands,
-                    render_backend=render_backend,
-                )
-            finally:
-                _local.sink = None
-            if output.failed is not None:
-                raise output.failed
-            if output.complete:
-                request.result = (output.image, output.mask)
-                return [np.zeros((height, width, 4), np.uint8)]  # for predict's own tail
-            # not streamed (upstream's torch renderer): its frames, the 2D pass laid over below
-            random.setstate(state)
-            return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
-        frames = original(
-            smpl_poses,
-            dw_poses,
+
+        request = getattr(_local, "request", None)
+        if request is None or request.result is not None or dw_poses is None or not draw_2d:
+            frames = three_d()
+            if dw_poses is not None and draw_2d:
+                return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
+            return frames
+        output = NodeOutput(
+            copy.deepcopy(dw_poses),
+            functools.partial(
+                draw_2d_pass, draw_pose_to_canvas_np, height, width, draw_face, draw_hands
+            ),
+            video_length,
             height,
             width,
-            video_length,
-            intrinsic_matrix=intrinsic_matrix,
-            draw_2d=False,
-            draw_face=draw_face,
-            draw_hands=draw_hands,
-            render_backend=render_backend,
         )
-        if dw_poses is not None and draw_2d:
-            return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
-        return frames
+        state = random.getstate()  # the 2D pass draws random numbers (upstream's drop_aug)
+        _local.sink = output
+        try:
+            frames = three_d()
+        finally:
+            _local.sink = None
+        if output.failed is not None:
+            raise output.failed
+        if output.complete:
+            request.result = (output.image, output.mask)
+            return [np.zeros((height, width, 4), np.uint8)]  # for predict's own tail
+        # not streamed (upstream's torch renderer): its frames, the 2D pass laid over them
+        random.setstate(state)
+        return overlaid(frames, dw_poses, height, width, draw_face, draw_hands)
 
     def overlaid(
         frames: list[np.ndarray],
