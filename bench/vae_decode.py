@@ -25,6 +25,9 @@ it on the GPU, ``to_host_frames`` copies it over), ``streamed`` the same with th
 the host, and their torch peak tells what the decode holds on the GPU. ``streamed_autotune`` and
 ``encode_autotune`` are ``streamed`` and ``encode_streamlined`` with cuDNN's algorithm search
 on (as ``benchmark`` is ``plain`` with it): the search is paid in their first run.
+``kernels`` and ``encode_kernels`` are ``streamed`` and ``encode_streamlined`` with the
+extension's CUDA kernels too (``XICON_VAE_KERNELS``: the RMS norm and its SiLU in one Triton
+kernel, the 96-channel convolutions stacked as one 2-D convolution).
 ``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
 their top kernels and GPU time by kind.
 
@@ -55,8 +58,15 @@ VARIANTS = (
     "streamlined_host",
     "streamed",
     "streamed_autotune",
+    "kernels",
 )
-ENCODE_VARIANTS = ("encode", "encode_channels_last", "encode_streamlined", "encode_autotune")
+ENCODE_VARIANTS = (
+    "encode",
+    "encode_channels_last",
+    "encode_streamlined",
+    "encode_autotune",
+    "encode_kernels",
+)
 # the image's conversion, the one function both use
 LAYOUT = (
     Path(__file__).resolve().parent.parent
@@ -185,18 +195,25 @@ def main(argv: list[str] | None = None) -> None:
                 "encode_autotune",
             )
             vae = fresh_vae()
-            streamed = variant in ("streamed", "streamed_autotune")
+            streamed = variant in ("streamed", "streamed_autotune", "kernels")
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
-            if variant in ("encode_channels_last", "encode_streamlined", "encode_autotune"):
+            if variant in (
+                "encode_channels_last",
+                "encode_streamlined",
+                "encode_autotune",
+                "encode_kernels",
+            ):
                 layout.convert(vae, layout.ENCODER)
             if variant in ("streamlined", "streamlined_host") or streamed:
-                print(layout.streamline(vae, layout.DECODER), file=sys.stderr)
+                kernels = variant == "kernels"
+                print(layout.streamline(vae, layout.DECODER, kernels), file=sys.stderr)
             if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
                 vae.single_decode = host.streaming_single_decode(vae)
-            if variant in ("encode_streamlined", "encode_autotune"):
-                print(layout.streamline(vae, layout.ENCODER), file=sys.stderr)
+            if variant in ("encode_streamlined", "encode_autotune", "encode_kernels"):
+                kernels = variant == "encode_kernels"
+                print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []

@@ -44,7 +44,7 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read twelve settings there:
+(secrets removed); the project's extensions read fourteen settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_DECODE_VIDEO` (its decode and video encode run as one node, each frame encoded once it
@@ -56,6 +56,8 @@ GPU; on unless `keep`),
 `decoder`: the decoder only),
 `XICON_VAE_OPS` (its padding inside the convolutions, one-kernel RMS norms and bf16 upsampling
 in the converted parts; on unless `off`),
+`XICON_VAE_KERNELS` (with those, on CUDA: each RMS norm and the SiLU after it in one Triton
+kernel, the 96-channel convolutions as one 2-D convolution; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),

@@ -147,6 +147,7 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "__init__.py",
         "vae_channels_last.py",
         "decoder_ops.py",
+        "norm_silu.py",
     }
     batch = comfy / "custom_nodes" / "xicon_pose_batch"
     assert {p.name for p in batch.iterdir()} == {

@@ -176,8 +176,8 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "--repeat",
         "0",
         "--variants",
-        "plain,channels_last,streamlined,streamlined_host,streamed,streamed_autotune,encode,"
-        "encode_channels_last,encode_streamlined,encode_autotune",
+        "plain,channels_last,streamlined,streamlined_host,streamed,streamed_autotune,kernels,"
+        "encode,encode_channels_last,encode_streamlined,encode_autotune,encode_kernels",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     plain, cl = out["runs"]["plain@2"], out["runs"]["channels_last@2"]
@@ -189,7 +189,9 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     assert fast["frames"] == plain["frames"] and fast["finite"], fast
     assert fast["max_abs_diff"] < 1e-4 and fast["cosine"] > 0.99999, fast
     # the same, copied to the host after the loop or sent there as it decodes (decode_frames)
-    for name in ("streamlined_host@2", "streamed@2", "streamed_autotune@2"):
+    # with the CUDA kernels chosen too: on the CPU only the SiLUs move into the norms, the
+    # same operations
+    for name in ("streamlined_host@2", "streamed@2", "streamed_autotune@2", "kernels@2"):
         row = out["runs"][name]
         assert row["frames"] == plain["frames"] and row["finite"], (name, row)
         assert row["max_abs_diff"] == fast["max_abs_diff"], (name, row, fast)
@@ -199,8 +201,58 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     assert enc_cl["finite"] and enc_cl["max_abs_diff"] < 1e-4, enc_cl
     enc_fast = out["runs"]["encode_streamlined@2"]
     assert enc_fast["finite"] and enc_fast["max_abs_diff"] < 1e-4, enc_fast
-    # cuDNN's search changes no value on the CPU (no cuDNN there): the same latents
-    assert out["runs"]["encode_autotune@2"]["max_abs_diff"] == enc_fast["max_abs_diff"]
+    # cuDNN's search changes no value on the CPU (no cuDNN there), nor do the CUDA kernels
+    for name in ("encode_autotune@2", "encode_kernels@2"):
+        assert out["runs"][name]["max_abs_diff"] == enc_fast["max_abs_diff"], name
+
+
+def test_the_cuda_kernels_give_pytorchs_values(stack: Stack, realstack_base: Path) -> None:
+    """``norm_silu.py``'s Triton kernel (in Triton's CPU interpreter) and ``decoder_ops.py``'s
+    stacked convolution against PyTorch's own operations, and the pinned VAE's decode and encode
+    through both with their CUDA-only gates opened (``vae_kernels.py``)."""
+    script = (
+        "import sys\ncomfy_dir, ext_dir, vae_file = sys.argv[1:4]\n"
+        + PINNED_VAE_LOADER
+        + Path(__file__).with_name("vae_kernels.py").read_text()
+    )
+    out = stack_json(
+        stack,
+        script,
+        stack.comfy_dir,
+        EXT.parent,
+        vae_file(realstack_base),
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"},
+    )
+    assert out["triton"] is True
+    # the norm and SiLU: bf16 exactly PyTorch's; fp16 and float32 within a few last places
+    # (the mean of squares summed in another order), every shape and layout kept
+    for name, row in out["norm"].items():
+        assert row["shape_ok"] and row["channels_last"], (name, row)
+        limit = {"bfloat16": 0, "float16": 1, "float32": 8}[name.split("/")[0]]
+        assert row["ulps"] <= limit, (name, row)
+    assert out["refused"] == "a channels-last bf16, fp16 or float32 (N, C, T, H, W) clip"
+    assert out["fusable_cpu"] is False  # on the CPU the extension keeps PyTorch's kernels
+    # a kernel that fails is tried once; PyTorch's kernels give the values from then on
+    assert out["failed"] == {
+        "tries": 1,
+        "reason": ["RuntimeError('no kernel image for this GPU')"],
+        "values": True,
+    }
+    # the stacked convolution: F.conv3d's sums in float32, channels-last, bias and padding kept
+    for name, row in out["conv"].items():
+        assert row["shape_ok"] and row["channels_last"], (name, row)
+        assert row["max_abs_diff"] < 1e-4, (name, row)
+    # every norm's SiLU moved into it; the VAE through both paths gives the same values
+    assert out["silus_before"] > 20 and out["silus_left"] == 0, out
+    assert out["streamline_again"].endswith(
+        "; on CUDA 0 norms with their SiLU in one kernel, 0 convolutions stacked as one 2-D "
+        "convolution"
+    )
+    assert out["calls"]["fused"] > 40 and out["calls"]["stacked"] > 20, out["calls"]
+    assert out["decode"]["shape"] == [3, 5, 48, 64] and out["decode"]["finite"], out["decode"]
+    assert out["decode"]["max_abs_diff"] < 1e-4, out["decode"]
+    assert out["encode"]["shape"] == [16, 2, 3, 4] and out["encode"]["finite"], out["encode"]
+    assert out["encode"]["max_abs_diff"] < 1e-4, out["encode"]
 
 
 def serve(

@@ -23,6 +23,21 @@ What: per module instance of the converted parts (``vae_channels_last.convert``'
 - ``Upsample`` (nearest or nearest-exact): a bf16 or fp16 input resized in its own type; nearest
   copies values, so the result is upstream's bit for bit. Other modes and types: upstream's.
 
+With ``kernels`` (``XICON_VAE_KERNELS``, on by default), two more, on CUDA only (the CPU keeps the
+steps above, the same values as before):
+- an ``RMS_norm`` followed by an ``nn.SiLU`` in the same ``nn.Sequential`` (the residual blocks'
+  and the head's): the norm's ``forward`` does both, one Triton kernel for a clip of at least
+  ``FUSE_MIN_ELEMENTS`` (``norm_silu.py``: the same roundings as the two PyTorch kernels), and the
+  ``SiLU`` is replaced by ``nn.Identity``. On an H100 at 416x672 the pair 0.86 -> 0.20 ms at the
+  decoder's 96 channels, 0.29 -> 0.12 ms at 192 (``bench/vae_layers.py``,
+  ``bench/results/gpu_h100_vae_layers``); smaller clips kept PyTorch's kernels, as fast there;
+- a 3x3x3 ``CausalConv3d`` of ``STACKED_CHANNELS`` input and output channels (the decoder's
+  full-size level, the encoder's first): its input's three frames of each time tap stacked on
+  the channels (one copy) and one 2-D convolution with the weight's taps as input channels
+  (``stacked_conv``): the same products summed in one float32 accumulation, in another order.
+  cuDNN's 3-D kernels are weakest at 96 channels: 2.60 -> 1.89 ms a convolution there (the same
+  bench); at 192 and 384 channels its 3-D kernels were as fast or faster, so those keep them.
+
 ``install``ed only when the three upstream ``forward``s still have the source this was written
 against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason is given.
 """
@@ -30,8 +45,12 @@ against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason is given
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
+import itertools
+import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +62,24 @@ UPSTREAM_SHA256 = "1576c590d96b824494d65755165c95c80152be9205f974bab4baab11f9285
 CLASSES = ("CausalConv3d", "RMS_norm", "Upsample")
 DONE = "_xicon_decoder_ops"
 EPS = 1e-24  # F.normalize clamps the norm at 1e-12: the same floor on the mean square
+FUSED = "_xicon_norm_silu"
+STACKED = "_xicon_stacked"
+FUSE_MIN_ELEMENTS = 1 << 23  # below, PyTorch's two kernels were as fast (bench/vae_layers.py)
+STACKED_CHANNELS = (96,)  # where cuDNN's 3-D kernels lost to one stacked 2-D convolution
+
+
+def norm_silu_module() -> types.ModuleType:
+    """``norm_silu.py`` beside this file, loaded once."""
+    name = "xicon_vae_norm_silu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().with_name("norm_silu.py")
+        )
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def upstream_classes(module: torch.nn.Module) -> dict[str, type] | None:
@@ -64,6 +101,9 @@ def upstream_digest(classes: dict[str, type]) -> str:
 def conv_forward(conv_class: type) -> Any:
     """``CausalConv3d.forward`` with the spatial padding inside the convolution."""
     parent = conv_class.__mro__[1]  # the convolution class CausalConv3d derives from
+    # ComfyUI's ops run this before every convolution (an interrupted prompt stops there): the
+    # stacked path runs it too
+    every_op = getattr(parent.forward, "__globals__", {}).get("run_every_op")
 
     def forward(self: Any, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         front = self._padding[4]
@@ -72,9 +112,49 @@ def conv_forward(conv_class: type) -> Any:
             front -= cache_x.shape[2]
         if front != 0:
             x = F.pad(x, (0, 0, 0, 0, front, 0))
+        if getattr(self, STACKED, False) and stackable(self, x):
+            if callable(every_op):
+                every_op()
+            return stacked_conv(x, self.weight, self.bias, self.padding[1:])
         return parent.forward(self, x)
 
     return forward
+
+
+def stackable(conv: Any, x: torch.Tensor) -> bool:
+    """Whether ``conv`` (given ``stacked_conv`` by ``streamline``) runs ``x`` stacked: on CUDA,
+    a channels-last clip of at least three frames, the weights used as they are (not cast per
+    call by ComfyUI's ops)."""
+    return (
+        x.is_cuda
+        and x.dim() == 5
+        and x.shape[2] >= 3
+        and x.dtype == conv.weight.dtype
+        and x.permute(0, 2, 3, 4, 1).is_contiguous()
+        and not getattr(conv, "comfy_cast_weights", False)
+        and not getattr(conv, "weight_function", None)
+        and not getattr(conv, "bias_function", None)
+    )
+
+
+def stacked_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Any
+) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=(0, *padding))`` for a 3x3x3 ``weight`` and a
+    channels-last ``x`` (N, C, T, H, W), as one 2-D convolution: output frame ``t``'s input is
+    frames ``t``, ``t+1`` and ``t+2`` side by side on the channels, the weight's time taps the
+    matching input channels; the result channels-last (N, C', T-2, H', W')."""
+    n, c, frames, h, w = x.shape
+    t = frames - 2
+    last = x.permute(0, 2, 3, 4, 1)  # (N, T, H, W, C)
+    stacked = torch.cat([last[:, k : k + t] for k in range(3)], dim=-1)  # (N, t, H, W, 3C)
+    stacked = stacked.reshape(n * t, h, w, 3 * c).permute(0, 3, 1, 2)
+    out_c = weight.shape[0]
+    taps = weight.permute(0, 2, 1, 3, 4).reshape(out_c, 3 * c, *weight.shape[3:])
+    taps = taps.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(stacked, taps, bias, padding=tuple(padding))  # (N t, C', H', W') channels-last
+    y = y.permute(0, 2, 3, 1).reshape(n, t, *y.shape[2:], out_c)
+    return y.permute(0, 4, 1, 2, 3)
 
 
 def norm_forward(norm_class: type) -> Any:
@@ -95,6 +175,24 @@ def norm_forward(norm_class: type) -> Any:
     return forward
 
 
+def norm_silu_forward(norm_class: type) -> Any:
+    """``RMS_norm.forward`` and the ``nn.SiLU`` after it: one kernel on a CUDA clip of at least
+    ``FUSE_MIN_ELEMENTS`` (``norm_silu.py``), else the norm (as ``norm_forward``) then
+    ``F.silu``."""
+    single = norm_forward(norm_class)
+    kernels = norm_silu_module()
+
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        plain = self.channel_first and not torch.is_tensor(self.bias) and self.bias == 0
+        if plain and x.numel() >= FUSE_MIN_ELEMENTS and kernels.fusable(x):
+            channels = x.shape[1]
+            weight = self.gamma.reshape(channels) * (self.scale / channels**0.5)
+            return kernels.norm_silu(x, weight, EPS)
+        return F.silu(single(self, x))
+
+    return forward
+
+
 def upsample_forward(upsample_class: type) -> Any:
     """The decoder's ``Upsample.forward`` without the float32 round trip for nearest modes."""
 
@@ -106,9 +204,13 @@ def upsample_forward(upsample_class: type) -> Any:
     return forward
 
 
-def streamline(part: torch.nn.Module, classes: dict[str, type]) -> dict[str, int]:
-    """Each layer of ``part`` of the three classes given its new ``forward``, in place; how many
-    of each (layers already done are not counted again)."""
+def streamline(
+    part: torch.nn.Module, classes: dict[str, type], kernels: bool = False
+) -> dict[str, int]:
+    """Each layer of ``part`` of the three classes given its new ``forward``, in place, and with
+    ``kernels`` the norms followed by a SiLU and the convolutions of ``STACKED_CHANNELS`` given
+    theirs (``fuse``); how many of each (``"SiLU"`` and ``"stacked"`` for the latter; layers
+    already done are not counted again)."""
     makers = {
         "CausalConv3d": conv_forward(classes["CausalConv3d"]),
         "RMS_norm": norm_forward(classes["RMS_norm"]),
@@ -127,4 +229,47 @@ def streamline(part: torch.nn.Module, classes: dict[str, type]) -> dict[str, int
         m.forward = types.MethodType(makers[name], m)
         setattr(m, DONE, True)
         counts[name] += 1
+    counts["SiLU"] = counts["stacked"] = 0
+    if kernels:
+        counts["SiLU"], counts["stacked"] = fuse(part, classes)
     return counts
+
+
+def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
+    """In ``part`` (streamlined): each ``RMS_norm`` directly followed by an ``nn.SiLU`` in an
+    ``nn.Sequential`` does the SiLU too (``norm_silu_forward``) and the SiLU becomes an
+    ``nn.Identity``; each 3x3x3 ``CausalConv3d`` of ``STACKED_CHANNELS`` in and out may run
+    stacked (``stacked_conv``). How many norms and convolutions."""
+    norm_class, conv_class = classes["RMS_norm"], classes["CausalConv3d"]
+    fused = stacked = 0
+    for seq in part.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for here, after in itertools.pairwise(names):
+            norm, silu = seq._modules[here], seq._modules[after]
+            if (
+                type(norm) is norm_class
+                and getattr(norm, DONE, False)
+                and not getattr(norm, FUSED, False)
+                and type(silu) is torch.nn.SiLU
+            ):
+                norm.forward = types.MethodType(norm_silu_forward(norm_class), norm)
+                setattr(norm, FUSED, True)
+                seq._modules[after] = torch.nn.Identity()
+                fused += 1
+    for m in part.modules():
+        if (
+            type(m) is conv_class
+            and getattr(m, DONE, False)
+            and not getattr(m, STACKED, False)
+            and tuple(m.kernel_size) == (3, 3, 3)
+            and tuple(m.stride) == (1, 1, 1)
+            and tuple(m.dilation) == (1, 1, 1)
+            and m.groups == 1
+            and m.in_channels in STACKED_CHANNELS
+            and m.out_channels == m.in_channels
+        ):
+            setattr(m, STACKED, True)
+            stacked += 1
+    return fused, stacked

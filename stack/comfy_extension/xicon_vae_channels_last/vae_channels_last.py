@@ -25,7 +25,9 @@ each convolution, the RMS norm in one kernel, the nearest upsample in bf16): on 
 Installed once, before ComfyUI runs its first prompt, and only when ``loadmodel`` still has the
 source this was written against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason
 is logged. ``XICON_VAE_CHANNELS_LAST``: ``off`` leaves the VAE as upstream's, ``decoder`` converts
-the decoder only; ``XICON_VAE_OPS=off`` keeps upstream's steps on the converted parts.
+the decoder only; ``XICON_VAE_OPS=off`` keeps upstream's steps on the converted parts;
+``XICON_VAE_KERNELS=off`` keeps the streamlined steps without ``decoder_ops.py``'s CUDA kernels
+(the RMS norm and its SiLU in one Triton kernel, the 96-channel convolutions stacked).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ log = logging.getLogger("xicon_vae_channels_last")
 
 ENV = "XICON_VAE_CHANNELS_LAST"
 OPS_ENV = "XICON_VAE_OPS"
+KERNELS_ENV = "XICON_VAE_KERNELS"
 OFF = {"0", "off", "false", "no"}
 NODE = "WanVideoVAELoader"
 # sha256 of inspect.getsource(WanVideoVAELoader.loadmodel) at ComfyUI-WanVideoWrapper
@@ -78,6 +81,13 @@ def ops_chosen(env: Mapping[str, str]) -> bool:
     return env.get(OPS_ENV, "").strip().lower() not in OFF
 
 
+def kernels_chosen(env: Mapping[str, str]) -> bool:
+    """Whether the streamlined parts also get ``decoder_ops.py``'s CUDA kernels (the norm and
+    its SiLU in one, the 96-channel convolutions stacked): unless ``KERNELS_ENV`` is
+    ``0``/``off``/``false``/``no``."""
+    return env.get(KERNELS_ENV, "").strip().lower() not in OFF
+
+
 def decoder_ops() -> types.ModuleType:
     """``decoder_ops.py`` beside this file, loaded once."""
     name = "xicon_vae_decoder_ops"
@@ -92,8 +102,9 @@ def decoder_ops() -> types.ModuleType:
     return sys.modules[name]
 
 
-def streamline(vae: Any, parts: tuple[str, ...] = DECODER) -> str:
-    """``parts`` of ``vae.model`` given ``decoder_ops.py``'s steps, in place; what was done."""
+def streamline(vae: Any, parts: tuple[str, ...] = DECODER, kernels: bool = False) -> str:
+    """``parts`` of ``vae.model`` given ``decoder_ops.py``'s steps (and its CUDA kernels, with
+    ``kernels``), in place; what was done."""
     ops = decoder_ops()
     model = getattr(vae, "model", None)
     classes = ops.upstream_classes(model) if isinstance(model, torch.nn.Module) else None
@@ -105,17 +116,23 @@ def streamline(vae: Any, parts: tuple[str, ...] = DECODER) -> str:
             f"the VAE's layers changed upstream (sha256 {digest[:12]}, expected "
             f"{ops.UPSTREAM_SHA256[:12]}); their steps left as they are"
         )
-    counts = dict.fromkeys(ops.CLASSES, 0)
+    counts = dict.fromkeys((*ops.CLASSES, "SiLU", "stacked"), 0)
     for name in parts:
         part = getattr(model, name, None)
         if isinstance(part, torch.nn.Module):
-            for layer, n in ops.streamline(part, classes).items():
+            for layer, n in ops.streamline(part, classes, kernels).items():
                 counts[layer] += n
-    return (
+    line = (
         f"the VAE {described(parts)} steps streamlined: {counts['CausalConv3d']} convolutions "
         f"pad inside, {counts['RMS_norm']} RMS norms in one kernel, {counts['Upsample']} "
         "upsamples in their own type"
     )
+    if kernels:
+        line += (
+            f"; on CUDA {counts['SiLU']} norms with their SiLU in one kernel, "
+            f"{counts['stacked']} convolutions stacked as one 2-D convolution"
+        )
+    return line
 
 
 def channels_last(module: torch.nn.Module) -> int:
@@ -145,10 +162,13 @@ def convert(vae: Any, parts: tuple[str, ...] = DECODER) -> int:
 
 
 def wrap_loader(
-    original: Callable[..., Any], parts: tuple[str, ...] = DECODER, ops: bool = False
+    original: Callable[..., Any],
+    parts: tuple[str, ...] = DECODER,
+    ops: bool = False,
+    kernels: bool = False,
 ) -> Callable[..., Any]:
     """``WanVideoVAELoader.loadmodel`` whose VAE comes back with ``parts`` channels-last (and
-    streamlined, with ``ops``)."""
+    streamlined, with ``ops``; with the CUDA kernels too, with ``kernels``)."""
 
     @functools.wraps(original)
     def loadmodel(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -161,7 +181,7 @@ def wrap_loader(
                 changed,
             )
             if ops:
-                log.info("xicon_vae_channels_last: %s", streamline(result[0], parts))
+                log.info("xicon_vae_channels_last: %s", streamline(result[0], parts, kernels))
         except Exception:  # never break the load: the VAE is then as upstream loaded it
             log.exception("xicon_vae_channels_last: the VAE left as loaded")
         return result
@@ -174,7 +194,12 @@ def upstream_digest(node_class: type) -> str:
     return hashlib.sha256(inspect.getsource(node_class.loadmodel).encode()).hexdigest()
 
 
-def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER, ops: bool = False) -> str:
+def patch(
+    registry: Mapping[str, Any],
+    parts: tuple[str, ...] = DECODER,
+    ops: bool = False,
+    kernels: bool = False,
+) -> str:
     """Wrap ``registry[NODE].loadmodel`` to convert ``parts``; the line to log."""
     node_class = registry.get(NODE)
     if node_class is None:
@@ -191,8 +216,10 @@ def patch(registry: Mapping[str, Any], parts: tuple[str, ...] = DECODER, ops: bo
             f"{NODE}.loadmodel changed upstream (sha256 {digest[:12]}, expected "
             f"{UPSTREAM_SHA256[:12]}); the VAE left as upstream loads it"
         )
-    node_class.loadmodel = wrap_loader(current, parts, ops)
+    node_class.loadmodel = wrap_loader(current, parts, ops, kernels)
     steps = ", its steps streamlined" if ops else f", its steps as upstream's ({OPS_ENV}=off)"
+    if ops and not kernels:
+        steps += f" without the CUDA kernels ({KERNELS_ENV}=off)"
     return f"{NODE} gives the VAE {described(parts)} weights in channels-last memory{steps}"
 
 
@@ -203,6 +230,7 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
     if not parts:
         return f"off ({ENV})"
     ops = ops_chosen(env)
+    kernels = ops and kernels_chosen(env)
     original = executor_class.execute_async
     if getattr(original, WRAPPED, False):
         return "already installed"
@@ -213,7 +241,7 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
         if not done:
             done.append(True)
             try:
-                log.info("xicon_vae_channels_last: %s", patch(registry, parts, ops))
+                log.info("xicon_vae_channels_last: %s", patch(registry, parts, ops, kernels))
             except Exception:  # never break a prompt: the VAE then loads as upstream ships it
                 log.exception("xicon_vae_channels_last: the VAE left as upstream loads it")
         return await original(self, *args, **kwargs)
