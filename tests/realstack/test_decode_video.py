@@ -44,6 +44,12 @@ EXT = FOLDER / "decode_video.py"
 FRAMES = FOLDER / "decode_frames.py"
 WVW = "ComfyUI-WanVideoWrapper"
 VHS = "ComfyUI-VideoHelperSuite"
+# the node's closing log line (frame_feed.overlapped)
+TIMED = re.compile(
+    r"xicon_decode_video: 21 frames encoded as they were decoded \((?P<how>[^)]*)\): the "
+    r"decode took (?P<decoded>\d+\.\d\d) s, the encode ended (?P<encoded>\d+\.\d\d) s "
+    r"after the decode began"
+)
 
 
 FLOW_SCRIPT = (
@@ -351,9 +357,10 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     assert streamed["len"] == 21 and streamed["shape"] == [21, 48, 64, 3], streamed
     # every frame went to the encoder: the node itself got an empty clip back
     assert streamed["node_shape"] == [0, 48, 64, 3], streamed
-    assert (
-        "xicon_decode_video: 21 frames encoded as they were decoded (streamed)" in (streamed["log"])
-    ), streamed["log"]
+    # the line tells the decode's own time and when the encode ended, the latter after it
+    timed = [m for line in streamed["log"] if (m := TIMED.fullmatch(line))]
+    assert len(timed) == 1 and timed[0]["how"] == "streamed", streamed["log"]
+    assert float(timed[0]["encoded"]) >= float(timed[0]["decoded"]) > 0, streamed["log"]
     tiled = out["tiled"]  # a tiled decode is not streamed: the frames come from its result
     assert tiled["equal"] and tiled["first_equal"] and tiled["len"] == 21, tiled
     assert tiled["node_shape"] == [21, 48, 64, 3], tiled
@@ -371,9 +378,9 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     bare = out["bare"]
     assert bare["equal"], bare
     assert bare["seen"] == {"node": "139", "inference": True, "thread": "xicon-decode-video"}
-    assert bare["log"] == (
-        "xicon_decode_video: 21 frames encoded as they were decoded (from the decode's result)"
-    )
+    bare_line = TIMED.fullmatch(bare["log"])
+    assert bare_line and bare_line["how"] == "from the decode's result", bare["log"]
+    assert float(bare_line["encoded"]) >= float(bare_line["decoded"]) >= 0, bare["log"]
 
     assert out["counts"] == [21, 17, 13, 1, 0]
     reasons = out["reasons"]
