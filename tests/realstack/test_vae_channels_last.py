@@ -64,6 +64,8 @@ out["ops_done"] = {part: sum(getattr(m, "_xicon_decoder_ops", False)
 out["ops_again"] = ext.streamline(vae)
 out["ops_not_a_vae"] = ext.streamline(object())
 out["ops_chosen"] = {v: ext.ops_chosen({"XICON_VAE_OPS": v}) for v in ("", "on", " ON ", "off")}
+out["kernels_chosen"] = {
+    v: ext.kernels_chosen({"XICON_VAE_KERNELS": v}) for v in ("", "on", " Off ", "0")}
 out["again"] = ext.convert(vae)  # already converted: nothing moves
 out["not_a_vae"] = ext.convert(object())
 # the same weights, only laid out otherwise
@@ -96,6 +98,11 @@ linecache.cache[fname2] = (len(edited), None, edited.splitlines(keepends=True), 
 ns2 = dict(ns)
 exec(compile(edited, fname2, "exec"), ns2)
 out["changed"] = ext.patch({"WanVideoVAELoader": ns2["WanVideoVAELoader"]})
+# the line ComfyUI logs when the loader is wrapped, with the kernels chosen and without
+out["patched"] = {
+    str(kernels): ext.patch(
+        {"WanVideoVAELoader": type("WanVideoVAELoader", (Pinned,), {})}, ops=True, kernels=kernels)
+    for kernels in (True, False)}
 out["missing"] = ext.patch({})
 print(json.dumps(out))
 """
@@ -128,6 +135,13 @@ def test_the_loader_gives_a_channels_last_decoder(stack: Stack, realstack_base: 
     )
     assert out["ops_not_a_vae"].startswith("not the Wan VAE this was written for")
     assert out["ops_chosen"] == {"": True, "on": True, " ON ": True, "off": False}
+    assert out["kernels_chosen"] == {"": True, "on": True, " Off ": False, "0": False}
+    assert out["patched"] == {
+        "True": "WanVideoVAELoader gives the VAE decoder's weights in channels-last memory, its "
+        "steps streamlined",
+        "False": "WanVideoVAELoader gives the VAE decoder's weights in channels-last memory, its "
+        "steps streamlined without the CUDA kernels (XICON_VAE_KERNELS=off)",
+    }
     assert out["same_values"] is True
     assert out["after_to"] == decoder
     # the encoder too (XICON_VAE_CHANNELS_LAST's default, all)
