@@ -357,10 +357,11 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     assert streamed["len"] == 21 and streamed["shape"] == [21, 48, 64, 3], streamed
     # every frame went to the encoder: the node itself got an empty clip back
     assert streamed["node_shape"] == [0, 48, 64, 3], streamed
-    # the line tells the decode's own time and when the encode ended, the latter after it
+    # the line tells the decode's own time and when the encode ended (either may end first:
+    # the decode's thread still clears its cache after handing over the last frame)
     timed = [m for line in streamed["log"] if (m := TIMED.fullmatch(line))]
     assert len(timed) == 1 and timed[0]["how"] == "streamed", streamed["log"]
-    assert float(timed[0]["encoded"]) >= float(timed[0]["decoded"]) > 0, streamed["log"]
+    assert float(timed[0]["decoded"]) > 0 and float(timed[0]["encoded"]) > 0, streamed["log"]
     tiled = out["tiled"]  # a tiled decode is not streamed: the frames come from its result
     assert tiled["equal"] and tiled["first_equal"] and tiled["len"] == 21, tiled
     assert tiled["node_shape"] == [21, 48, 64, 3], tiled
@@ -380,7 +381,7 @@ def test_the_encoder_reads_upstreams_frames_as_they_are_decoded(
     assert bare["seen"] == {"node": "139", "inference": True, "thread": "xicon-decode-video"}
     bare_line = TIMED.fullmatch(bare["log"])
     assert bare_line and bare_line["how"] == "from the decode's result", bare["log"]
-    assert float(bare_line["encoded"]) >= float(bare_line["decoded"]) >= 0, bare["log"]
+    assert float(bare_line["encoded"]) >= 0 and float(bare_line["decoded"]) >= 0, bare["log"]
 
     assert out["counts"] == [21, 17, 13, 1, 0]
     reasons = out["reasons"]
