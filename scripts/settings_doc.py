@@ -44,7 +44,7 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read fourteen settings there:
+(secrets removed); the project's extensions read fifteen settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_DECODE_VIDEO` (its decode and video encode run as one node, each frame encoded once it
@@ -61,6 +61,8 @@ kernel, the 96-channel convolutions as one 2-D convolution; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),
+`XICON_POSE_EMBEDS` (`xicon_pose_embeds`; the pose embeds' frames scaled and converted on
+ComfyUI's device a chunk at a time; on unless `off`),
 `XICON_POSE_RENDER` (`xicon_pose_render`; on unless `off`),
 `XICON_POSE_RENDER_WARM` (its taichi start once ComfyUI has loaded its nodes, on a CUDA
 device; on unless `off`),

@@ -166,6 +166,8 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     }
     frames = comfy / "custom_nodes" / "xicon_video_frames"
     assert {p.name for p in frames.iterdir()} == {"__init__.py", "video_frames.py"}
+    embeds = comfy / "custom_nodes" / "xicon_pose_embeds"
+    assert {p.name for p in embeds.iterdir()} == {"__init__.py", "pose_embeds.py"}
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:

@@ -278,8 +278,23 @@ def test_the_vae_decoder_ran_channels_last(long_job: dict[str, Any], real_worker
     )
     assert re.search(
         r"xicon_vae_channels_last: the VAE decoder's and encoder's steps streamlined: [1-9]\d* "
-        r"convolutions pad inside",
+        r"convolutions pad inside.*; on CUDA [1-9]\d* norms with their SiLU in one kernel, "
+        r"[1-9]\d* convolutions stacked as one 2-D convolution",
         text,
+    )
+
+
+def test_the_pose_embeds_ran_with_the_extension(
+    long_job: dict[str, Any], real_worker: Server
+) -> None:
+    """The project's extension ``xicon_pose_embeds`` replaced node 324's ``add`` in the worker's
+    own ComfyUI before the job (``tests/realstack/test_pose_embeds.py``: the same embeds to the
+    bit)."""
+    assert long_job["done"]["status"] == "COMPLETED", long_job["done"]
+    text = real_worker.log.read_text(errors="replace")
+    assert (
+        "xicon_pose_embeds: WanVideoAddSCAILPoseEmbeds scales and converts the pose frames on "
+        "ComfyUI's device, a chunk at a time" in text
     )
 
 
