@@ -48,6 +48,7 @@ LEVELS = {
     1: (384, 2, 104, 168),
     2: (192, 4, 208, 336),
     3: (96, 4, 416, 672),
+    4: (96, 4, 336, 208),  # the encoder's first level on the pose frames (node 324)
     9: (96, 4, 8, 12),  # a smoke test's size (``--device cpu`` with ``TRITON_INTERPRET=1``)
 }
 
