@@ -2,8 +2,9 @@
 frames scaled to [-1, 1] and converted to the VAE's type on ``--device``, as upstream does it
 (the arithmetic and the conversion on the host, then the copy) and as ``xicon_pose_embeds`` does
 it (``frames_on_device``: copied a chunk at a time, the arithmetic on the device). Prints one
-JSON object: each way's seconds per run (median of ``--repeat``), the first run apart, and
-whether the results are equal, values and strides.
+JSON object: each way's seconds per run (median of ``--repeat``), the first run apart, the
+host memory its first run added to a fresh process's peak (``ru_maxrss``, each way in a process
+of its own), and whether the results are equal, values and strides.
 
 Run by any Python with torch (the stack's; on the GPU machine ``PYTHONPATH=$SITE python3``):
 
@@ -18,7 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--peak-of", choices=("upstream", "chunked"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peak_of is None:
+        # each way's host peak in a fresh process of its own (ru_maxrss only grows)
+        peaks = {}
+        for way in ("upstream", "chunked"):
+            done = subprocess.run(
+                [sys.executable, __file__, *(argv or sys.argv[1:]), "--peak-of", way],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peaks[way] = json.loads(done.stdout.strip().splitlines()[-1])["peak_growth_mib"]
 
     import torch
 
@@ -63,6 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     def ours() -> Any:
         return ext.frames_on_device(frames, device, dtype)
 
+    if args.peak_of is not None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result = (upstream if args.peak_of == "upstream" else ours)()
+        sync()
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps({"peak_growth_mib": grown // 1024, "shape": list(result.shape)}))
+        return
+
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -83,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         out["ways"][name] = {
             "first_s": round(times[0], 3),
             "median_s": round(statistics.median(times[1:] or times), 3),
+            "host_peak_growth_mib": peaks[name],
         }
     a, b = results["upstream"], results["chunked"]
     out["equal"] = bool(torch.equal(a, b))

@@ -6,18 +6,19 @@ starts with ``(pose_images[..., :3].permute(3, 0, 1, 2) * 2 - 1).to(device, vae.
 rendered pose clip (float32 on the host, 1.2 GB for 60 s at 208x336) is multiplied and shifted
 on the CPU, two new float32 copies, and PyTorch's copy to another device and type converts it to
 bf16 on the CPU first (``copy_`` between devices casts on the source's side), a third copy: on
-a GPU machine these host passes are part of node 324's 3.9-6.5 s at 60 s, the VAE's encode the
-rest; on a 2-core machine (the CPU for both) the step took 5.0-9.1 s for a 60-s clip
-(``bench/pose_embeds.py``).
+a 2-core machine the step added 2,308 MiB to the process's peak for a 60-s clip and took 0.76 s
+(``bench/pose_embeds.py``, ``bench/results/cpu_pose_embeds``); on a GPU machine these host passes
+are part of node 324's 3.9-6.5 s at 60 s, the VAE's encode the rest.
 
 What: ``add`` is replaced by the same steps in the same order, with that first step done by
 ``frames_on_device``: each chunk of ``CHUNK_BYTES`` of frames is copied to the device as it is
 and scaled and converted there, into one tensor of the VAE's type laid out as upstream's (the
 channels last in memory, viewed as ``(3, N, H, W)``). The values are upstream's bit for bit:
 ``x * 2`` is exact, and the subtraction and the rounding to bf16 (to nearest, ties to even) are
-IEEE's on either side. On the CPU the same chunks make fewer passes over the clip than
-upstream's (1.3-1.6 s against 5.0-9.1 s, same bench). Only for frames that are a 4-D tensor of
-at least three channels on the host; otherwise upstream's ``add`` runs. The node's other steps
+IEEE's on either side. On the CPU the chunks take the same time and add 675 MiB instead of
+2,308 MiB (the result and one chunk, same bench); on a GPU nothing of the clip is added on the
+host. Only for frames that are a 4-D tensor of at least three channels on the host; otherwise
+upstream's ``add`` runs. The node's other steps
 (the VAE moved to the device and back, the encode, the mask, the log line, the embeds) are
 upstream's lines, with the globals of upstream's module.
 
