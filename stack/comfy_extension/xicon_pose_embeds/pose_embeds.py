@@ -58,7 +58,8 @@ def frames_on_device(
 ) -> torch.Tensor:
     """``(frames[..., :3].permute(3, 0, 1, 2) * 2 - 1).to(device, dtype)`` for (N, H, W, C)
     ``frames``, the arithmetic done on ``device`` one chunk of frames at a time: the same values
-    and strides, and at most one chunk of the frames' own type on the device beside the result."""
+    and strides; beside the result, only one chunk's copy and its two intermediate products
+    (``* 2``, ``- 1``) exist at a time."""
     n, h, w = frames.shape[:3]
     out = torch.empty((n, h, w, 3), dtype=dtype, device=device)
     per = max(1, chunk_bytes // max(1, h * w * 3 * frames.element_size()))
