@@ -1,7 +1,9 @@
 """Pose detection with ViTPose run one frame per call (upstream) against several frames per call
 (the project's extension ``xicon_pose_batch``: YOLO in a thread of its own ahead of ViTPose and
 the keypoints decoded in another; a trailing ``y``: YOLO's thread only; a trailing ``s``: no
-thread), with ViTPose-L at its true shapes.
+thread; a trailing ``u``: YOLO's input made as upstream makes it, new arrays each frame), with
+ViTPose-L at its true shapes. First a ``prep`` line: YOLO's input alone, upstream's expression
+against the extension's kept arrays, per frame.
 
 Pose detection (ComfyUI-SCAIL-Pose ``PoseDetectionVitPoseToDWPose``, node 363 on the clip) runs
 WanAnimatePreprocess's YOLO and then ViTPose on every frame. This writes
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="416x672")
     p.add_argument(
         "--batches",
-        default="1,8,16,32,16y,16s",
+        default="1,8,16,32,16y,16s,16u",
         help="frames per call; 1 is upstream's process, a trailing y decodes the keypoints in "
-        "the node's thread (YOLO's thread only), a trailing s finds the boxes first (no thread)",
+        "the node's thread (YOLO's thread only), a trailing s finds the boxes first (no thread), "
+        "a trailing u makes YOLO's input with upstream's expression (new arrays each frame)",
     )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--provider", default=None)
@@ -116,15 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.frames} frames at {width}x{height}; sessions kept in every way; medians of "
             f"{args.repeat} runs after one"
         )
+        prep(pb, clip.numpy(), args.repeat)
         first_maps: dict[str, Any] = {}
         first_poses: dict[str, list[Any]] = {}
         for batch in batches:
-            size, serial = int(batch.rstrip("sy")), batch.endswith("s")
+            size, serial = int(batch.rstrip("syu")), batch.endswith("s")
             node_class.process = (
                 original[1]
                 if size == 1
                 else pb.batched(
-                    original[1], size, pipelined=not serial, decoding_thread=batch[-1].isdigit()
+                    original[1],
+                    size,
+                    pipelined=not serial,
+                    decoding_thread=not batch.endswith(("y", "s")),
+                    kept_arrays=not batch.endswith("u"),
                 )
             )
             before = used_gib()
@@ -170,6 +178,39 @@ def main(argv: list[str] | None = None) -> int:
                 f"cosine {cos:.7f}; {poses}"
             )
     return 0
+
+
+def prep(pb: Any, frames: Any, repeat: int) -> None:
+    """YOLO's input alone, frame by frame over the clip: upstream's expression against
+    ``yolo_input``'s kept arrays (medians of ``repeat`` passes after one), and whether every
+    frame's values are the same."""
+    import cv2
+    import numpy as np
+
+    side = pb.YOLO_SIDE
+    planes = pb.yolo_input(frames, 1, cv2, np)
+    same = all(
+        np.array_equal(
+            planes(frames[i : i + 1]), cv2.resize(f, (side, side)).transpose(2, 0, 1)[None]
+        )
+        for i, f in enumerate(frames)
+    )
+    ways = {
+        "upstream's expression": lambda f: np.stack(
+            [cv2.resize(f, (side, side)).transpose(2, 0, 1)]
+        ),
+        "kept arrays": lambda f: planes(f[None]),
+    }
+    line = []
+    for name, way in ways.items():
+        passes = []
+        for _ in range(repeat + 1):
+            t = time.perf_counter()
+            for f in frames:
+                way(f)
+            passes.append((time.perf_counter() - t) / len(frames) * 1000)
+        line.append(f"{name} {statistics.median(passes[1:] or passes):.2f} ms")
+    print(f"prep, YOLO's input a frame: {' | '.join(line)}; the same values: {same}")
 
 
 if __name__ == "__main__":

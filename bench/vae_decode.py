@@ -28,6 +28,10 @@ on (as ``benchmark`` is ``plain`` with it): the search is paid in their first ru
 ``kernels`` and ``encode_kernels`` are ``streamed`` and ``encode_streamlined`` with the
 extension's CUDA kernels too (``XICON_VAE_KERNELS``: the RMS norm and its SiLU in one Triton
 kernel, the 96-channel convolutions stacked as one 2-D convolution).
+``kernels_copying`` and ``encode_kernels_copying`` are those kernels as of 2026-12-06's
+fifteenth sitting: each convolution copies its cached frames and its input into a new tensor,
+and adds its bias in a pass of its own (without the fused norm's room and the bias it takes
+over, ``decoder_ops.ROOM`` and ``DEFER``).
 ``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
 their top kernels and GPU time by kind.
 
@@ -59,6 +63,7 @@ VARIANTS = (
     "streamed",
     "streamed_autotune",
     "kernels",
+    "kernels_copying",
 )
 ENCODE_VARIANTS = (
     "encode",
@@ -66,6 +71,7 @@ ENCODE_VARIANTS = (
     "encode_streamlined",
     "encode_autotune",
     "encode_kernels",
+    "encode_kernels_copying",
 )
 # the image's conversion, the one function both use
 LAYOUT = (
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 "encode_autotune",
             )
             vae = fresh_vae()
-            streamed = variant in ("streamed", "streamed_autotune", "kernels")
+            streamed = variant in ("streamed", "streamed_autotune", "kernels", "kernels_copying")
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
             if variant in (
@@ -203,17 +209,28 @@ def main(argv: list[str] | None = None) -> None:
                 "encode_streamlined",
                 "encode_autotune",
                 "encode_kernels",
+                "encode_kernels_copying",
             ):
                 layout.convert(vae, layout.ENCODER)
             if variant in ("streamlined", "streamlined_host") or streamed:
-                kernels = variant == "kernels"
+                kernels = variant in ("kernels", "kernels_copying")
                 print(layout.streamline(vae, layout.DECODER, kernels), file=sys.stderr)
             if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
                 vae.single_decode = host.streaming_single_decode(vae)
-            if variant in ("encode_streamlined", "encode_autotune", "encode_kernels"):
-                kernels = variant == "encode_kernels"
+            if variant in (
+                "encode_streamlined",
+                "encode_autotune",
+                "encode_kernels",
+                "encode_kernels_copying",
+            ):
+                kernels = variant in ("encode_kernels", "encode_kernels_copying")
                 print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
+            if variant.endswith("_copying"):  # the kernels without the room and the moved bias
+                ops = layout.decoder_ops()
+                for m in vae.modules():
+                    m.__dict__.pop(ops.ROOM, None)
+                    m.__dict__.pop(ops.DEFER, None)
             if variant == "compile":
                 vae.model.decoder = torch.compile(vae.model.decoder)
             times = []

@@ -313,3 +313,56 @@ def test_the_workers_comfyui_batches_pose_detection(real_worker: Server) -> None
         "xicon_pose_batch: pose detection runs its detectors 16 frames per call where their "
         "models take a batch"
     ) in log
+
+
+YOLO_INPUT = r"""
+import importlib.util, json, sys
+import cv2
+import numpy as np
+spec = importlib.util.spec_from_file_location("pb", sys.argv[1])
+pb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pb)
+side = pb.YOLO_SIDE
+rng = np.random.default_rng(5)
+out = {}
+shapes = {"rgb": (5, 37, 23, 3), "rgba": (3, 640, 641, 4), "square": (2, 640, 640, 3)}
+for name, shape in shapes.items():
+    frames = rng.random(shape, dtype=np.float32)
+    planes = pb.yolo_input(frames, 2, cv2, np)
+    rows = []
+    for start in range(0, len(frames), 2):  # the last call shorter, as a clip's last chunk
+        chunk = frames[start : start + 2]
+        want = np.stack([cv2.resize(img, (side, side)).transpose(2, 0, 1) for img in chunk])
+        got = planes(chunk)
+        same = bool(np.array_equal(got, want))
+        rows.append([got.shape == want.shape, got.dtype == want.dtype, same])
+    again = planes(frames[:1])
+    out[name] = {"rows": rows, "kept": bool(np.shares_memory(again, got))}
+
+
+class Copying:  # an OpenCV whose split returns new planes: the values still land in place
+    resize = staticmethod(cv2.resize)
+
+    @staticmethod
+    def split(m, mv=None):
+        return [np.ascontiguousarray(m[:, :, k]).copy() for k in range(m.shape[2])]
+
+
+frames = rng.random((2, 50, 30, 3), dtype=np.float32)
+got = pb.yolo_input(frames, 2, Copying, np)(frames)
+want = np.stack([cv2.resize(img, (side, side)).transpose(2, 0, 1) for img in frames])
+out["copying_split"] = bool(np.array_equal(got, want))
+print(json.dumps(out))
+"""
+
+
+def test_yolos_input_is_upstreams_expression_in_kept_arrays(stack: Stack) -> None:
+    """``yolo_input`` gives the values of upstream's ``np.stack([cv2.resize(...).transpose(2, 0,
+    1)])`` for 3 and 4 channels and a short last call, in the same arrays every call, also with
+    an OpenCV whose ``split`` does not write into the planes given."""
+    out = stack_json(stack, YOLO_INPUT, EXT)
+    for name in ("rgb", "rgba", "square"):
+        assert all(row == [True, True, True] for row in out[name]["rows"]), (name, out[name])
+        assert out[name]["kept"] is True, name
+    assert len(out["rgb"]["rows"]) == 3
+    assert out["copying_split"] is True

@@ -191,7 +191,8 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "0",
         "--variants",
         "plain,channels_last,streamlined,streamlined_host,streamed,streamed_autotune,kernels,"
-        "encode,encode_channels_last,encode_streamlined,encode_autotune,encode_kernels",
+        "kernels_copying,encode,encode_channels_last,encode_streamlined,encode_autotune,"
+        "encode_kernels,encode_kernels_copying",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     plain, cl = out["runs"]["plain@2"], out["runs"]["channels_last@2"]
@@ -205,7 +206,13 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     # the same, copied to the host after the loop or sent there as it decodes (decode_frames)
     # with the CUDA kernels chosen too: on the CPU only the SiLUs move into the norms, the
     # same operations
-    for name in ("streamlined_host@2", "streamed@2", "streamed_autotune@2", "kernels@2"):
+    for name in (
+        "streamlined_host@2",
+        "streamed@2",
+        "streamed_autotune@2",
+        "kernels@2",
+        "kernels_copying@2",
+    ):
         row = out["runs"][name]
         assert row["frames"] == plain["frames"] and row["finite"], (name, row)
         assert row["max_abs_diff"] == fast["max_abs_diff"], (name, row, fast)
@@ -216,7 +223,7 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
     enc_fast = out["runs"]["encode_streamlined@2"]
     assert enc_fast["finite"] and enc_fast["max_abs_diff"] < 1e-4, enc_fast
     # cuDNN's search changes no value on the CPU (no cuDNN there), nor do the CUDA kernels
-    for name in ("encode_autotune@2", "encode_kernels@2"):
+    for name in ("encode_autotune@2", "encode_kernels@2", "encode_kernels_copying@2"):
         assert out["runs"][name]["max_abs_diff"] == enc_fast["max_abs_diff"], name
 
 
@@ -263,6 +270,22 @@ def test_the_cuda_kernels_give_pytorchs_values(stack: Stack, realstack_base: Pat
         "convolution"
     )
     assert out["calls"]["fused"] > 40 and out["calls"]["stacked"] > 20, out["calls"]
+    # the convolution's bias left to the fused norm after it: PyTorch's add, then its norm (bf16
+    # to the bit); the result with room for two frames before it in its storage (one clip only)
+    for name, row in out["biased"].items():
+        assert row["reference_is_add"] and row["channels_last"], (name, row)
+        limit = {"bfloat16": 0, "float16": 1, "float32": 8}[name.split("/")[0]]
+        assert row["ulps"] <= limit, (name, row)
+        assert (row["room"], row["offset_frames"]) == (2, 2), (name, row)
+        assert row["storage_frames"] == int(name.split("x")[1]) + 2, (name, row)
+    assert out["room_batch2"] == 0
+    # the room filled as upstream concatenates and pads (zeros, 1 or 2 cached frames), in place
+    filled = {"same_frames": True, "no_copy": True, "mark_left": 0}
+    assert out["room"] == {"None": filled, "1": filled, "2": filled}, out["room"]
+    # the pinned VAE's layers marked: each fused norm leaves room for the next convolution,
+    # the first convolution of each residual block leaves its bias to the norm after it
+    assert out["marks"]["room"] > 40 and out["marks"]["defer"] > 10, out["marks"]
+    assert out["calls"]["deferred"] > 20 and out["calls"]["widened"] > 40, out["calls"]
     assert out["decode"]["shape"] == [3, 5, 48, 64] and out["decode"]["finite"], out["decode"]
     assert out["decode"]["max_abs_diff"] < 1e-4, out["decode"]
     assert out["encode"]["shape"] == [16, 2, 3, 4] and out["encode"]["finite"], out["encode"]

@@ -45,6 +45,51 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             "channels_last": got.is_contiguous(memory_format=torch.channels_last_3d),
         }
 out["norm"] = norm
+
+# the convolution's bias added first (as PyTorch's add_ after the sum), and room left before the
+# result for the next convolution's cached frames
+biased = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for c, t, h, w in ((96, 2, 5, 7), (7, 3, 2, 5)):
+        x = (torch.randn(1, c, t, h, w, generator=gen) * 3).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        weight = torch.rand(c, generator=gen) + 0.5
+        bias = (torch.randn(c, generator=gen) * 2).to(dtype)
+        got = kern.fused(x, weight, 1e-24, bias=bias, room=2)
+        want = kern.reference(x, weight, 1e-24, bias)
+        separate = kern.reference(
+            x + bias.reshape(1, c, 1, 1, 1), weight, 1e-24
+        )  # PyTorch's own add
+        biased[f"{str(dtype)[6:]}/{c}x{t}x{h}x{w}"] = {
+            "ulps": ulps(got, want),
+            "reference_is_add": bool(torch.equal(want, separate)),
+            "room": kern.room_before(got),
+            "offset_frames": got.storage_offset() // got.stride(2),
+            "storage_frames": got.untyped_storage().nbytes()
+            // (got.stride(2) * got.element_size()),
+            "channels_last": got.is_contiguous(memory_format=torch.channels_last_3d),
+        }
+out["biased"] = biased
+two = torch.randn(2, 8, 2, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+out["room_batch2"] = kern.room_before(kern.fused(two, torch.ones(8), 1e-24, room=2))
+
+# the room filled by the convolution: the cached frames and zeros where upstream concatenates and
+# pads, the same convolution; the room used once
+room = {}
+for cached in (None, 1, 2):
+    x = torch.randn(1, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    cache = None if cached is None else torch.randn(1, 6, cached, 4, 5)
+    with_room = kern.fused(x, torch.ones(6), 1e-24, room=2)
+    plain = with_room.clone()
+    wide = ops.widened(with_room, 2, cache)
+    front = plain if cache is None else torch.cat([cache, plain], 2)
+    front = F.pad(front, (0, 0, 0, 0, 2 - (0 if cache is None else cached), 0))
+    room[str(cached)] = {
+        "same_frames": bool(torch.equal(wide, front)),
+        "no_copy": wide.untyped_storage().data_ptr() == with_room.untyped_storage().data_ptr(),
+        "mark_left": kern.room_before(with_room),
+    }
+out["room"] = room
 plain = torch.randn(1, 8, 2, 3, 3)  # a default-layout clip is refused by the kernel
 try:
     kern.fused(plain, torch.ones(8), 1e-24)
@@ -58,7 +103,7 @@ x = torch.randn(1, 8, 2, 3, 3).contiguous(memory_format=torch.channels_last_3d)
 tries = []
 
 
-def failing(*args: object) -> torch.Tensor:
+def failing(*args: object, **kwargs: object) -> torch.Tensor:
     tries.append(1)
     raise RuntimeError("no kernel image for this GPU")
 
@@ -97,8 +142,9 @@ out["conv"] = conv
 ops.FUSE_MIN_ELEMENTS = 0
 sys.modules["xicon_vae_decoder_ops"] = ops
 sys.modules["xicon_vae_norm_silu"] = kern
-calls = {"fused": 0, "stacked": 0}
+calls = {"fused": 0, "stacked": 0, "deferred": 0, "widened": 0}
 real_fusable, real_stackable, real_fused = kern.fusable, ops.stackable, kern.fused
+real_deferrable, real_widened = ops.deferrable, ops.widened
 
 
 def fusable(x: torch.Tensor) -> bool:  # any layout: the CPU's convolutions return their own
@@ -106,8 +152,8 @@ def fusable(x: torch.Tensor) -> bool:  # any layout: the CPU's convolutions retu
     return x.dim() == 5 and x.dtype in kern.ROUNDING
 
 
-def fused(x: torch.Tensor, *args: object) -> torch.Tensor:
-    return real_fused(x.contiguous(memory_format=torch.channels_last_3d), *args)
+def fused(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return real_fused(x.contiguous(memory_format=torch.channels_last_3d), *args, **kwargs)
 
 
 def stackable(conv: object, x: torch.Tensor) -> bool:
@@ -115,7 +161,18 @@ def stackable(conv: object, x: torch.Tensor) -> bool:
     return x.dim() == 5 and x.shape[2] >= 3
 
 
+def deferrable(conv: object, x: torch.Tensor) -> bool:
+    calls["deferred"] += 1
+    return True
+
+
+def widened(*args: object) -> torch.Tensor:
+    calls["widened"] += 1
+    return real_widened(*args)
+
+
 kern.fusable, ops.stackable, kern.fused = fusable, stackable, fused
+ops.deferrable, ops.widened = deferrable, widened
 parts = ext.DECODER + ext.ENCODER
 (base,) = ext.wrap_loader(Pinned.loadmodel, parts, ops=True)(Pinned(), vae_file, "fp32")
 (fast,) = ext.wrap_loader(Pinned.loadmodel, parts, ops=True, kernels=True)(
@@ -146,4 +203,9 @@ out["encode"] = {
 }
 out["calls"] = calls
 kern.fusable, ops.stackable, kern.fused = real_fusable, real_stackable, real_fused
+ops.deferrable, ops.widened = real_deferrable, real_widened
+out["marks"] = {
+    "room": sum(getattr(m, ops.ROOM, 0) for m in fast.model.modules()),
+    "defer": sum(bool(getattr(m, ops.DEFER, False)) for m in fast.model.modules()),
+}
 print(json.dumps(out))

@@ -146,10 +146,44 @@ def vitpose_steps(
     return heatmaps, decode
 
 
+def yolo_input(images: Any, most: int, cv2: Any, np: Any) -> Callable[[Any], Any]:
+    """A function of up to ``most`` frames of ``images`` (N, H, W, C) giving upstream's YOLO
+    input for them, ``np.stack([cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1) for
+    img in frames])``, the same values, made in two arrays kept between calls: each frame resized
+    into one, its channels split into the other's planes (``cv2.split``) instead of a strided
+    copy into new memory. Each call overwrites the last call's result (one caller at a time).
+
+    Why: the frames are float32 at the job's size; each resized frame is 4.7 MiB, and upstream's
+    expression writes it twice into newly mapped memory, the second time channel by channel: on
+    a 2-core machine 2.5-3.7 ms a frame against 0.9-1.0 ms this way (``bench/pose_batch.py``'s
+    ``prep`` line), in YOLO's thread, which is busiest with YOLO's batch-one calls.
+    """
+    channels = images.shape[3] if images.ndim == 4 else 1
+    resized = np.empty((YOLO_SIDE, YOLO_SIDE, channels), images.dtype)
+    stacked = np.empty((most, channels, YOLO_SIDE, YOLO_SIDE), images.dtype)
+
+    def planes(frames: Any) -> Any:
+        for i, img in enumerate(frames):
+            cv2.resize(img, (YOLO_SIDE, YOLO_SIDE), dst=resized)
+            split = cv2.split(resized, list(stacked[i]))
+            for plane, got in zip(stacked[i], split, strict=True):
+                if not np.shares_memory(plane, got):  # an OpenCV that returns new planes
+                    plane[...] = got
+        return stacked[: len(frames)]
+
+    return planes
+
+
 def batched(
-    process: Callable[..., Any], batch: int, pipelined: bool = True, decoding_thread: bool = True
+    process: Callable[..., Any],
+    batch: int,
+    pipelined: bool = True,
+    decoding_thread: bool = True,
+    kept_arrays: bool = True,
 ) -> Callable[..., Any]:
-    """The node's ``process`` with its detectors run ``batch`` frames per call where they can;
+    """The node's ``process`` with its detectors run ``batch`` frames per call where they can,
+    YOLO's input made in arrays kept between calls (``yolo_input``) unless ``kept_arrays`` is
+    False;
     ``pipelined``: YOLO finds the boxes of the next frames in a thread of its own while ViTPose
     runs on the frames whose boxes are found, when YOLO runs on the GPU, and ViTPose's keypoints
     are decoded from its heatmaps in another thread while it runs on the next frames, when
@@ -180,6 +214,9 @@ def batched(
 
         stop = threading.Event()  # a chunk failed: the chunks after it are not searched
 
+        # YOLO's input, made in the same two arrays for every call (one thread at a time)
+        planes = yolo_input(images_np, yolo_step, cv2, np) if kept_arrays else None
+
         def boxes(first: int) -> list[Any]:
             """YOLO's person box of each frame of the chunk starting at ``first``."""
             found: list[Any] = []
@@ -188,12 +225,15 @@ def batched(
             try:
                 for start in range(first, min(first + batch, frames), yolo_step):
                     chunk = images_np[start : min(start + yolo_step, first + batch)]
-                    resized = np.stack(
-                        [
-                            cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1)
-                            for img in chunk
-                        ]
-                    )
+                    if planes is not None:
+                        resized = planes(chunk)
+                    else:  # upstream's expression
+                        resized = np.stack(
+                            [
+                                cv2.resize(img, (YOLO_SIDE, YOLO_SIDE)).transpose(2, 0, 1)
+                                for img in chunk
+                            ]
+                        )
                     people = detector(resized, np.repeat(shape, len(chunk), axis=0))
                     found.extend(person[0]["bbox"] for person in people)
             except BaseException:

@@ -64,6 +64,10 @@ DONE = "_xicon_decoder_ops"
 EPS = 1e-24  # F.normalize clamps the norm at 1e-12: the same floor on the mean square
 FUSED = "_xicon_norm_silu"
 STACKED = "_xicon_stacked"
+PASSING = (torch.nn.Identity, torch.nn.Dropout)  # a tensor passes these as it is (eval)
+ROOM = "_xicon_room"  # on a fused norm: frames to leave free before its result
+DEFER = "_xicon_defer_bias"  # on a convolution: its bias added by the fused norm after it
+PENDING_BIAS = "_xicon_pending_bias"  # on a tensor: a bias still to add (DEFER's)
 FUSE_MIN_ELEMENTS = 1 << 23  # below, PyTorch's two kernels were as fast (bench/vae_layers.py)
 STACKED_CHANNELS = (96,)  # where cuDNN's 3-D kernels lost to one stacked 2-D convolution
 
@@ -99,42 +103,88 @@ def upstream_digest(classes: dict[str, type]) -> str:
 
 
 def conv_forward(conv_class: type) -> Any:
-    """``CausalConv3d.forward`` with the spatial padding inside the convolution."""
+    """``CausalConv3d.forward`` with the spatial padding inside the convolution; with
+    ``kernels`` (``fuse``), the cached frames written into the room a fused norm left before
+    ``x`` instead of a new concatenation, the convolution stacked (``STACKED``) and its bias left
+    to the norm after it (``DEFER``)."""
     parent = conv_class.__mro__[1]  # the convolution class CausalConv3d derives from
     # ComfyUI's ops run this before every convolution (an interrupted prompt stops there): the
-    # stacked path runs it too
+    # paths that call the convolution themselves run it too
     every_op = getattr(parent.forward, "__globals__", {}).get("run_every_op")
+    room_before = norm_silu_module().room_before
 
     def forward(self: Any, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         front = self._padding[4]
+        if 0 < front <= room_before(x):
+            x = widened(x, front, cache_x)
+            front = 0
         if cache_x is not None and front > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             front -= cache_x.shape[2]
         if front != 0:
             x = F.pad(x, (0, 0, 0, 0, front, 0))
-        if getattr(self, STACKED, False) and stackable(self, x):
-            if callable(every_op):
-                every_op()
-            return stacked_conv(x, self.weight, self.bias, self.padding[1:])
-        return parent.forward(self, x)
+        stacked = getattr(self, STACKED, False) and stackable(self, x)
+        defer = getattr(self, DEFER, False) and self.bias is not None and deferrable(self, x)
+        if not (stacked or defer):
+            return parent.forward(self, x)
+        if callable(every_op):
+            every_op()
+        bias = None if defer else self.bias
+        if stacked:
+            y = stacked_conv(x, self.weight, bias, self.padding[1:])
+        else:
+            y = F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation)
+        if defer:  # the norm after this convolution adds it (``norm_silu_forward``)
+            setattr(y, PENDING_BIAS, self.bias)
+        return y
 
     return forward
 
 
-def stackable(conv: Any, x: torch.Tensor) -> bool:
-    """Whether ``conv`` (given ``stacked_conv`` by ``streamline``) runs ``x`` stacked: on CUDA,
-    a channels-last clip of at least three frames, the weights used as they are (not cast per
-    call by ComfyUI's ops)."""
+def widened(x: torch.Tensor, front: int, cache_x: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (N = 1, channels-last) with the ``front`` frames before it in its storage filled:
+    the cached frames last, zeros before them (upstream's concatenation and padding, without
+    copying ``x``). The room is used once: ``x`` loses its mark."""
+    n, c, t, h, w = x.shape
+    delattr(x, norm_silu_module().ROOM_FRAMES)
+    start = x.storage_offset() - front * x.stride(2)
+    wide = x.as_strided((n, c, t + front, h, w), x.stride(), start)
+    cached = 0 if cache_x is None else min(cache_x.shape[2], front)
+    if front > cached:
+        wide[:, :, : front - cached].zero_()
+    if cached:
+        wide[:, :, front - cached : front].copy_(cache_x[:, :, -cached:])
+    return wide
+
+
+def plain_weights(conv: Any, x: torch.Tensor) -> bool:
+    """Whether ``conv``'s weights are used as they are for ``x`` (not cast per call by
+    ComfyUI's ops, no weight or bias functions, ``x`` of the weight's type)."""
     return (
-        x.is_cuda
-        and x.dim() == 5
-        and x.shape[2] >= 3
-        and x.dtype == conv.weight.dtype
-        and x.permute(0, 2, 3, 4, 1).is_contiguous()
+        x.dtype == conv.weight.dtype
         and not getattr(conv, "comfy_cast_weights", False)
         and not getattr(conv, "weight_function", None)
         and not getattr(conv, "bias_function", None)
     )
+
+
+def stackable(conv: Any, x: torch.Tensor) -> bool:
+    """Whether ``conv`` (given ``stacked_conv`` by ``streamline``) runs ``x`` stacked: on CUDA,
+    a channels-last clip of at least three frames, the weights used as they are."""
+    return (
+        x.is_cuda
+        and x.dim() == 5
+        and x.shape[2] >= 3
+        and x.permute(0, 2, 3, 4, 1).is_contiguous()
+        and plain_weights(conv, x)
+    )
+
+
+def deferrable(conv: Any, x: torch.Tensor) -> bool:
+    """Whether ``conv`` (followed by a fused norm, ``DEFER``) leaves its bias to that norm for
+    ``x``: on CUDA (where PyTorch adds a convolution's bias in a pass of its own after the sum,
+    rounding the sum first), one group, the weights used as they are."""
+    return x.is_cuda and conv.groups == 1 and plain_weights(conv, x)
 
 
 def stacked_conv(
@@ -177,18 +227,20 @@ def norm_forward(norm_class: type) -> Any:
 
 def norm_silu_forward(norm_class: type) -> Any:
     """``RMS_norm.forward`` and the ``nn.SiLU`` after it: one kernel on a CUDA clip of at least
-    ``FUSE_MIN_ELEMENTS`` (``norm_silu.py``), else the norm (as ``norm_forward``) then
-    ``F.silu``."""
+    ``FUSE_MIN_ELEMENTS`` (``norm_silu.py``), its result with the room ``ROOM`` asks for, else the
+    norm (as ``norm_forward``) then ``F.silu``; either adds first a bias the convolution before
+    left to it (``PENDING_BIAS``)."""
     single = norm_forward(norm_class)
     kernels = norm_silu_module()
 
     def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(x, PENDING_BIAS, None)
         plain = self.channel_first and not torch.is_tensor(self.bias) and self.bias == 0
         if plain and x.numel() >= FUSE_MIN_ELEMENTS and kernels.fusable(x):
             channels = x.shape[1]
             weight = self.gamma.reshape(channels) * (self.scale / channels**0.5)
-            return kernels.norm_silu(x, weight, EPS)
-        return F.silu(single(self, x))
+            return kernels.norm_silu(x, weight, EPS, bias, getattr(self, ROOM, 0))
+        return F.silu(single(self, kernels.biased(x, bias)))
 
     return forward
 
@@ -238,8 +290,11 @@ def streamline(
 def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
     """In ``part`` (streamlined): each ``RMS_norm`` directly followed by an ``nn.SiLU`` in an
     ``nn.Sequential`` does the SiLU too (``norm_silu_forward``) and the SiLU becomes an
-    ``nn.Identity``; each 3x3x3 ``CausalConv3d`` of ``STACKED_CHANNELS`` in and out may run
-    stacked (``stacked_conv``). How many norms and convolutions."""
+    ``nn.Identity``; such a norm leaves room before its result for the cached frames of the
+    ``CausalConv3d`` after it (``ROOM``, past identities and dropouts), and a ``CausalConv3d``
+    directly before it leaves it its bias (``DEFER``); each 3x3x3 ``CausalConv3d`` of
+    ``STACKED_CHANNELS`` in and out may run stacked (``stacked_conv``). How many norms and
+    convolutions."""
     norm_class, conv_class = classes["RMS_norm"], classes["CausalConv3d"]
     fused = stacked = 0
     for seq in part.modules():
@@ -258,6 +313,17 @@ def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
                 setattr(norm, FUSED, True)
                 seq._modules[after] = torch.nn.Identity()
                 fused += 1
+        layers = list(seq._modules.values())
+        for i, layer in enumerate(layers):
+            if type(layer) is not norm_class or not getattr(layer, FUSED, False):
+                continue
+            before = layers[i - 1] if i else None
+            if type(before) is conv_class and getattr(before, DONE, False):
+                setattr(before, DEFER, True)
+            following = (m for m in layers[i + 1 :] if type(m) not in PASSING)
+            conv = next(following, None)
+            if type(conv) is conv_class and getattr(conv, DONE, False):
+                setattr(layer, ROOM, conv._padding[4])
     for m in part.modules():
         if (
             type(m) is conv_class

@@ -37,6 +37,7 @@ log = logging.getLogger("xicon_vae_channels_last")
 MAX_CHANNELS = 1024  # a row of the clip in one program's registers
 ROW_ELEMENTS = 2048  # elements per program: BLOCK_R = ROW_ELEMENTS // BLOCK_C rows
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ROOM_FRAMES = "_xicon_room_frames"  # on a result of ``fused``: free frames before it
 
 if triton is not None:
 
@@ -56,6 +57,7 @@ if triton is not None:
     def _norm_silu_kernel(
         x_ptr,
         weight_ptr,
+        bias_ptr,
         y_ptr,
         rows,
         eps,
@@ -63,12 +65,16 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
         ROUND: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_C)
         inside = (r[:, None] < rows) & (c[None, :] < C)
         offsets = r[:, None].to(tl.int64) * C + c[None, :]
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the convolution's bias, added and rounded as PyTorch's ``add_`` does
+            b = tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+            x = tl.where(inside, _rounded(x + b[None, :], ROUND), 0.0)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)
         w = tl.load(weight_ptr + c, mask=c < C, other=0.0).to(tl.float32)
         y = _rounded(x * rstd[:, None] * w[None, :], ROUND)
@@ -97,34 +103,73 @@ def fusable(x: torch.Tensor) -> bool:
     )
 
 
+def with_room(shape: tuple[int, ...], room: int, like: torch.Tensor) -> torch.Tensor:
+    """A new (N, T, H, W, C) tensor of ``shape``, for ``N`` = 1 with ``room`` free frames before
+    it in its storage."""
+    n, t, h, w, c = shape
+    if not room or n != 1:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty((1, t + room, h, w, c), dtype=like.dtype, device=like.device)[:, room:]
+
+
 def fused(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, row_elements: int = ROW_ELEMENTS
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    row_elements: int = ROW_ELEMENTS,
+    bias: torch.Tensor | None = None,
+    room: int = 0,
 ) -> torch.Tensor:
     """The kernel on ``x`` (channels-last (N, C, T, H, W); on any device Triton runs on, the CPU
-    under ``TRITON_INTERPRET=1`` included); a new channels-last tensor."""
+    under ``TRITON_INTERPRET=1`` included), ``bias`` (one per channel, in ``x``'s type) added to
+    ``x`` first; a new channels-last tensor, which for ``N`` = 1 has ``room`` free frames
+    before it in its storage, marked on it as ``ROOM_FRAMES`` (``room_before``)."""
     assert triton is not None
     last = channels_last_rows(x)
     if last is None or x.dtype not in ROUNDING:
         raise ValueError("a channels-last bf16, fp16 or float32 (N, C, T, H, W) clip")
     channels = x.shape[1]
     rows = last.numel() // channels if channels else 0
-    out = torch.empty_like(last)
+    out = with_room(tuple(last.shape), room, last)
     if rows:
         block_c = triton.next_power_of_2(channels)
         block_r = max(1, row_elements // block_c)
         grid = (triton.cdiv(rows, block_r),)
         weight = weight.reshape(channels).to(device=x.device, dtype=x.dtype).contiguous()
+        if bias is not None:
+            bias = bias.reshape(channels).to(device=x.device, dtype=x.dtype).contiguous()
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _norm_silu_kernel[grid](
-                last, weight, out, rows, float(eps),
+                last, weight, weight if bias is None else bias, out, rows, float(eps),
                 C=channels, BLOCK_C=block_c, BLOCK_R=block_r, ROUND=ROUNDING[x.dtype],
+                HAS_BIAS=bias is not None,
             )  # fmt: skip
-    return out.permute(0, 4, 1, 2, 3)
+    result = out.permute(0, 4, 1, 2, 3)
+    if room and x.shape[0] == 1:
+        setattr(result, ROOM_FRAMES, room)
+    return result
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """PyTorch's two kernels: ``F.rms_norm`` over the channels of the channels-last view, then
-    ``F.silu``."""
+def room_before(x: torch.Tensor) -> int:
+    """Free frames before ``x`` in its storage that ``fused`` left for the next convolution's
+    cached frames (0 for any other tensor)."""
+    return getattr(x, ROOM_FRAMES, 0)
+
+
+def biased(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` plus ``bias`` per channel, as a convolution adds its bias after its sum (one
+    rounding to ``x``'s type)."""
+    if bias is None:
+        return x
+    return x + bias.reshape(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PyTorch's kernels: ``bias`` added, ``F.rms_norm`` over the channels of the channels-last
+    view, then ``F.silu``."""
+    x = biased(x, bias)
     channels = x.shape[1]
     last = x.permute(0, 2, 3, 4, 1)
     weight = weight.reshape(channels).to(x.dtype)
@@ -134,13 +179,20 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 FAILED: list[str] = []  # the kernel's failure (its compile, its launch), once: then PyTorch's
 
 
-def norm_silu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``F.silu(F.rms_norm(...))`` over the channels of channels-last ``x``: one kernel where
-    ``fusable``, PyTorch's two otherwise; if the kernel fails (Triton cannot compile it for this
-    GPU, say) the reason is logged once and PyTorch's two run from then on."""
+def norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    bias: torch.Tensor | None = None,
+    room: int = 0,
+) -> torch.Tensor:
+    """``F.silu(F.rms_norm(x + bias, ...))`` over the channels of channels-last ``x``: one kernel
+    where ``fusable`` (its result with ``room``, see ``fused``), PyTorch's kernels otherwise; if
+    the kernel fails (Triton cannot compile it for this GPU, say) the reason is logged once and
+    PyTorch's run from then on."""
     if not FAILED and fusable(x):
         try:
-            return fused(x, weight, eps)
+            return fused(x, weight, eps, bias=bias, room=room)
         except Exception as error:  # a kernel that cannot run must not fail the job
             FAILED.append(repr(error))
             log.warning(
@@ -148,4 +200,4 @@ def norm_silu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
                 "kernels from now on",
                 error,
             )
-    return reference(x, weight, eps)
+    return reference(x, weight, eps, bias)
