@@ -60,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--provider", default=None)
     p.add_argument("--model", type=Path, default=None, help="a ViTPose ONNX file to use instead")
     p.add_argument("--comfy-dir", type=Path, default=None, help="ComfyUI with the pinned packs")
+    p.add_argument(
+        "--decoder",
+        choices=("image", "upstream"),
+        default="image",
+        help="ViTPose's keypoint decoding: the image's (xicon_pose_decode) or upstream's",
+    )
+    p.add_argument(
+        "--steps",
+        action="store_true",
+        help="also print the seconds each thread spent in the node's steps (per run)",
+    )
     args = p.parse_args(argv)
     import pose_detection  # the packs imported as ComfyUI imports them
     import pose_sessions  # the models written, the stack and provider found, as that bench does
@@ -74,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         detection = pose_sessions.write_models(Path(tmp), args.model)
         onnx_models, node = pose_detection.comfy_modules(comfy_dir.resolve())
+        if args.decoder == "image":  # as the image runs it: xicon_pose_decode in place
+            decode = pose_detection.load("xicon_pose_decode_bench", pose_detection.EXT)
+            print(f"keypoint decoding: {decode.patch(onnx_models)}")
+        steps: dict[str, float] = {}
+        if args.steps:
+            timed_steps(onnx_models, node, steps)
         import numpy as np
         import onnxruntime
         import torch
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows = []
             for i in range(args.repeat + 1):
+                steps.clear()
                 inside.clear()
                 heatmaps.clear()
                 keep_heatmaps[0] = i == 0
@@ -165,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"device memory in use {used_gib() - before:+.2f} GiB with the sessions | ViTPose "
                 f"ran on {model['vitpose'].session.get_providers()[0]}"
             )
+            if args.steps:  # the last run's
+                print(
+                    "  steps by thread: "
+                    + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(steps.items()))
+                )
             del model
         base.cleanup, node_class.process = original
         one = first_maps[batches[0]].astype(np.float64)
@@ -178,6 +201,41 @@ def main(argv: list[str] | None = None) -> int:
                 f"cosine {cos:.7f}; {poses}"
             )
     return 0
+
+
+def timed_steps(onnx_models: Any, node: Any, steps: dict[str, float]) -> None:
+    """Wrap the node's steps (the pack's crop and box, its pose conversions, ViTPose's keypoint
+    decoding as the module calls it, YOLO's ``forward`` and post-processing) so that each call
+    adds its seconds to ``steps`` under ``step@thread``."""
+    import functools
+    import threading
+
+    def timed(name: str, f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                key = f"{name}@{threading.current_thread().name[:16]}"
+                steps[key] = steps.get(key, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    g = type(node).process.__globals__
+    for n in (
+        "crop",
+        "bbox_from_detector",
+        "load_pose_metas_from_kp2ds_seq",
+        "aaposemeta_to_dwpose_scail",
+    ):
+        g[n] = timed(n, g[n])
+    fg = onnx_models.ViTPose.forward.__globals__
+    fg["keypoints_from_heatmaps"] = timed("keypoints", fg["keypoints_from_heatmaps"])
+    onnx_models.Yolo.postprocess_threading = timed(
+        "yolo_post", onnx_models.Yolo.postprocess_threading
+    )
+    onnx_models.Yolo.forward = timed("yolo_forward", onnx_models.Yolo.forward)
 
 
 def prep(pb: Any, frames: Any, repeat: int) -> None:

@@ -266,10 +266,22 @@ def test_the_cuda_kernels_give_pytorchs_values(stack: Stack, realstack_base: Pat
     # every norm's SiLU moved into it; the VAE through both paths gives the same values
     assert out["silus_before"] > 20 and out["silus_left"] == 0, out
     assert out["streamline_again"].endswith(
-        "; on CUDA 0 norms with their SiLU in one kernel, 0 convolutions stacked as one 2-D "
-        "convolution"
+        "; on CUDA 0 norms with their SiLU in one kernel (0 leaving room for the next "
+        "convolution's cached frames, 0 adding the bias of the convolution before), 0 "
+        "convolutions stacked as one 2-D convolution"
     )
     assert out["calls"]["fused"] > 40 and out["calls"]["stacked"] > 20, out["calls"]
+    # the first time: as many norms with room and convolutions leaving their bias as marked
+    first = re.search(
+        r"; on CUDA (\d+) norms with their SiLU in one kernel \((\d+) leaving room for the next "
+        r"convolution's cached frames, (\d+) adding the bias of the convolution before\), (\d+) "
+        r"convolutions stacked",
+        out["streamline_first"],
+    )
+    assert first, out["streamline_first"]
+    fused, roomy, deferring, _ = (int(v) for v in first.groups())
+    assert (roomy, deferring) == (out["marks"]["room_norms"], out["marks"]["defer"]), out
+    assert fused == roomy > deferring > 0, out["streamline_first"]
     # the convolution's bias left to the fused norm after it: PyTorch's add, then its norm (bf16
     # to the bit); the result with room for two frames before it in its storage (one clip only)
     for name, row in out["biased"].items():

@@ -184,6 +184,8 @@ out["identities"] = sum(isinstance(m, torch.nn.Identity) for m in fast.model.mod
 out["silus_left"] = sum(isinstance(m, torch.nn.SiLU) for m in fast.model.modules())
 out["silus_before"] = sum(isinstance(m, torch.nn.SiLU) for m in base.model.modules())
 out["streamline_again"] = ext.streamline(fast, parts, kernels=True)
+(fresh,) = Pinned().loadmodel(vae_file, "fp32")
+out["streamline_first"] = ext.streamline(fresh, parts, kernels=True)
 latent = torch.randn(16, 2, 6, 8, generator=gen)
 pixels = torch.rand(3, 5, 24, 32, generator=gen) * 2 - 1
 with torch.no_grad():
@@ -206,6 +208,7 @@ kern.fusable, ops.stackable, kern.fused = real_fusable, real_stackable, real_fus
 ops.deferrable, ops.widened = real_deferrable, real_widened
 out["marks"] = {
     "room": sum(getattr(m, ops.ROOM, 0) for m in fast.model.modules()),
+    "room_norms": sum(bool(getattr(m, ops.ROOM, 0)) for m in fast.model.modules()),
     "defer": sum(bool(getattr(m, ops.DEFER, False)) for m in fast.model.modules()),
 }
 print(json.dumps(out))

@@ -261,8 +261,8 @@ def streamline(
 ) -> dict[str, int]:
     """Each layer of ``part`` of the three classes given its new ``forward``, in place, and with
     ``kernels`` the norms followed by a SiLU and the convolutions of ``STACKED_CHANNELS`` given
-    theirs (``fuse``); how many of each (``"SiLU"`` and ``"stacked"`` for the latter; layers
-    already done are not counted again)."""
+    theirs (``fuse``); how many of each (``"SiLU"``, ``"stacked"``, ``"room"`` and ``"bias"``
+    for the latter; layers already done are not counted again)."""
     makers = {
         "CausalConv3d": conv_forward(classes["CausalConv3d"]),
         "RMS_norm": norm_forward(classes["RMS_norm"]),
@@ -281,22 +281,22 @@ def streamline(
         m.forward = types.MethodType(makers[name], m)
         setattr(m, DONE, True)
         counts[name] += 1
-    counts["SiLU"] = counts["stacked"] = 0
+    counts["SiLU"] = counts["stacked"] = counts["room"] = counts["bias"] = 0
     if kernels:
-        counts["SiLU"], counts["stacked"] = fuse(part, classes)
+        counts["SiLU"], counts["stacked"], counts["room"], counts["bias"] = fuse(part, classes)
     return counts
 
 
-def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
+def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int, int, int]:
     """In ``part`` (streamlined): each ``RMS_norm`` directly followed by an ``nn.SiLU`` in an
     ``nn.Sequential`` does the SiLU too (``norm_silu_forward``) and the SiLU becomes an
     ``nn.Identity``; such a norm leaves room before its result for the cached frames of the
     ``CausalConv3d`` after it (``ROOM``, past identities and dropouts), and a ``CausalConv3d``
     directly before it leaves it its bias (``DEFER``); each 3x3x3 ``CausalConv3d`` of
-    ``STACKED_CHANNELS`` in and out may run stacked (``stacked_conv``). How many norms and
-    convolutions."""
+    ``STACKED_CHANNELS`` in and out may run stacked (``stacked_conv``). How many norms fused,
+    convolutions stacked, norms given room and convolutions leaving their bias (newly)."""
     norm_class, conv_class = classes["RMS_norm"], classes["CausalConv3d"]
-    fused = stacked = 0
+    fused = stacked = roomy = deferring = 0
     for seq in part.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
@@ -318,12 +318,23 @@ def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
             if type(layer) is not norm_class or not getattr(layer, FUSED, False):
                 continue
             before = layers[i - 1] if i else None
-            if type(before) is conv_class and getattr(before, DONE, False):
+            if (
+                type(before) is conv_class
+                and getattr(before, DONE, False)
+                and not getattr(before, DEFER, False)
+            ):
                 setattr(before, DEFER, True)
+                deferring += 1
             following = (m for m in layers[i + 1 :] if type(m) not in PASSING)
             conv = next(following, None)
-            if type(conv) is conv_class and getattr(conv, DONE, False):
+            if (
+                type(conv) is conv_class
+                and getattr(conv, DONE, False)
+                and conv._padding[4] > 0
+                and not getattr(layer, ROOM, 0)
+            ):
                 setattr(layer, ROOM, conv._padding[4])
+                roomy += 1
     for m in part.modules():
         if (
             type(m) is conv_class
@@ -338,4 +349,4 @@ def fuse(part: torch.nn.Module, classes: dict[str, type]) -> tuple[int, int]:
         ):
             setattr(m, STACKED, True)
             stacked += 1
-    return fused, stacked
+    return fused, stacked, roomy, deferring
