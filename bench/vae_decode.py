@@ -31,7 +31,9 @@ kernel, the 96-channel convolutions stacked as one 2-D convolution).
 ``kernels_copying`` and ``encode_kernels_copying`` are those kernels as of 2026-12-06's
 fifteenth sitting: each convolution copies its cached frames and its input into a new tensor,
 and adds its bias in a pass of its own (without the fused norm's room and the bias it takes
-over, ``decoder_ops.ROOM`` and ``DEFER``).
+over, ``decoder_ops.ROOM`` and ``DEFER``). ``kernels_5d`` is ``kernels`` with the stacked
+convolutions' input cut in 5-D pieces as before 2026-12-06's sixteenth sitting
+(``decoder_ops.FLAT_PIECES`` off).
 ``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
 their top kernels and GPU time by kind.
 
@@ -64,6 +66,7 @@ VARIANTS = (
     "streamed_autotune",
     "kernels",
     "kernels_copying",
+    "kernels_5d",
 )
 ENCODE_VARIANTS = (
     "encode",
@@ -201,7 +204,13 @@ def main(argv: list[str] | None = None) -> None:
                 "encode_autotune",
             )
             vae = fresh_vae()
-            streamed = variant in ("streamed", "streamed_autotune", "kernels", "kernels_copying")
+            streamed = variant in (
+                "streamed",
+                "streamed_autotune",
+                "kernels",
+                "kernels_copying",
+                "kernels_5d",
+            )
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
             if variant in (
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 layout.convert(vae, layout.ENCODER)
             if variant in ("streamlined", "streamlined_host") or streamed:
-                kernels = variant in ("kernels", "kernels_copying")
+                kernels = variant in ("kernels", "kernels_copying", "kernels_5d")
                 print(layout.streamline(vae, layout.DECODER, kernels), file=sys.stderr)
             if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 kernels = variant in ("encode_kernels", "encode_kernels_copying")
                 print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
+            layout.decoder_ops().FLAT_PIECES = variant != "kernels_5d"
             if variant.endswith("_copying"):  # the kernels without the room and the moved bias
                 ops = layout.decoder_ops()
                 for m in vae.modules():

@@ -55,6 +55,31 @@ for name, hm in cases.items():
     diff = float(np.nanmax(np.abs(a_pts - b_pts))) if not np.isnan(a_pts).all() else 0.0
     out[name] = {"max_px": diff, "scores_equal": bool(np.array_equal(a_prob, b_prob)),
                  "same_nan": same_nan, "input_untouched": bool(np.array_equal(hm, before))}
+# the arrays decode_all keeps between calls give what new arrays give (a new thread's): after
+# the cases above, for as many maps, fewer, and another map size
+import threading
+reuse = {}
+smaller = gaussians(2)[:, :, :40, :30].copy()
+for name, hm in {"again": gaussians(4), "fewer": gaussians(2), "smaller": smaller}.items():
+    n = hm.shape[0]
+    center = rng.uniform(100, 400, size=(n, 2)); scale = rng.uniform(0.5, 2, size=(n, 2)) * 200
+    here = fast(heatmaps=hm, center=center, scale=scale, unbiased=True, use_udp=False)
+    there = []
+    args = {"heatmaps": hm, "center": center, "scale": scale, "unbiased": True}
+    thread = threading.Thread(target=lambda: there.append(fast(**args)))
+    thread.start(); thread.join()
+    reuse[name] = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(here, there[0]))
+out["reuse"] = reuse
+# the same memory for a chunk of as many maps or fewer, the framed maps' frames still zero
+first = pd.kept_arrays(4 * K, 74, 58)
+second = pd.kept_arrays(2 * K, 74, 58)
+framed = first[0]
+out["kept"] = {
+    "reused": bool(np.shares_memory(first[0], second[0]) and np.shares_memory(first[1], second[1])),
+    "frames_zero": bool((framed[:, :5] == 0).all() and (framed[:, -5:] == 0).all()
+                        and (framed[:, :, :5] == 0).all() and (framed[:, :, -5:] == 0).all()),
+    "bigger_new": not np.shares_memory(pd.kept_arrays(5 * K, 74, 58)[0], first[0]),
+}
 # another mode goes to upstream's own function
 hm = gaussians(1); c = np.array([[200.0, 300.0]]); s = np.array([[1.0, 1.5]]) * 200
 a = p2d.keypoints_from_heatmaps(hm, c, s, post_process="default")
@@ -82,6 +107,8 @@ def test_decoding_matches_the_pinned_upstream(stack: Stack) -> None:
         assert figures["input_untouched"], case
         assert figures["max_px"] < 1e-3, (case, figures)  # float32 rounding of the 2x2 inverse
     assert out["default_mode_equal"] is True
+    assert out["kept"] == {"reused": True, "frames_zero": True, "bigger_new": True}, out["kept"]
+    assert out["reuse"] == {"again": True, "fewer": True, "smaller": True}, out["reuse"]
     print("keypoint decoding per frame (ms):", out["ms_per_frame"])
 
 

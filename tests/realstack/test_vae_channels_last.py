@@ -191,7 +191,7 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "0",
         "--variants",
         "plain,channels_last,streamlined,streamlined_host,streamed,streamed_autotune,kernels,"
-        "kernels_copying,encode,encode_channels_last,encode_streamlined,encode_autotune,"
+        "kernels_copying,kernels_5d,encode,encode_channels_last,encode_streamlined,encode_autotune,"
         "encode_kernels,encode_kernels_copying",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
@@ -212,6 +212,7 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "streamed_autotune@2",
         "kernels@2",
         "kernels_copying@2",
+        "kernels_5d@2",
     ):
         row = out["runs"][name]
         assert row["frames"] == plain["frames"] and row["finite"], (name, row)

@@ -122,15 +122,21 @@ kern.FAILED.clear()
 
 # 2. the stacked convolution against F.conv3d (float32: one accumulation, another order)
 conv = {}
-for c_in, c_out, t, h, w, pad in ((96, 96, 3, 6, 5, 1), (8, 5, 6, 4, 7, 1), (4, 4, 4, 5, 5, 0)):
-    x = torch.randn(2, c_in, t, h, w, generator=gen).contiguous(
+for n, c_in, c_out, t, h, w, pad in (
+    (2, 96, 96, 3, 6, 5, 1),
+    (2, 8, 5, 6, 4, 7, 1),
+    (2, 4, 4, 4, 5, 5, 0),
+    (1, 96, 96, 6, 6, 5, 1),  # one clip, as the VAE's: 4-D pieces
+    (1, 8, 5, 3, 4, 7, 0),
+):
+    x = torch.randn(n, c_in, t, h, w, generator=gen).contiguous(
         memory_format=torch.channels_last_3d
     )
     weight = torch.randn(c_out, c_in, 3, 3, 3, generator=gen) / (27 * c_in) ** 0.5
     bias = torch.randn(c_out, generator=gen)
     got = ops.stacked_conv(x, weight, bias, (pad, pad))
     want = F.conv3d(x, weight, bias, padding=(0, pad, pad))
-    conv[f"{c_in}-{c_out}x{t}x{h}x{w}p{pad}"] = {
+    conv[f"{n}x{c_in}-{c_out}x{t}x{h}x{w}p{pad}"] = {
         "max_abs_diff": float((got - want).abs().max()),
         "shape_ok": got.shape == want.shape,
         "channels_last": got.is_contiguous(memory_format=torch.channels_last_3d),

@@ -23,7 +23,7 @@ What: per module instance of the converted parts (``vae_channels_last.convert``'
 - ``Upsample`` (nearest or nearest-exact): a bf16 or fp16 input resized in its own type; nearest
   copies values, so the result is upstream's bit for bit. Other modes and types: upstream's.
 
-With ``kernels`` (``XICON_VAE_KERNELS``, on by default), two more, on CUDA only (the CPU keeps the
+With ``kernels`` (``XICON_VAE_KERNELS``, on by default), more, on CUDA only (the CPU keeps the
 steps above, the same values as before):
 - an ``RMS_norm`` followed by an ``nn.SiLU`` in the same ``nn.Sequential`` (the residual blocks'
   and the head's): the norm's ``forward`` does both, one Triton kernel for a clip of at least
@@ -37,6 +37,16 @@ steps above, the same values as before):
   (``stacked_conv``): the same products summed in one float32 accumulation, in another order.
   cuDNN's 3-D kernels are weakest at 96 channels: 2.60 -> 1.89 ms a convolution there (the same
   bench); at 192 and 384 channels its 3-D kernels were as fast or faster, so those keep them.
+  For one clip the three frames are stacked as 4-D pieces, which CUDA's ``torch.cat`` copies in
+  one kernel (5-D ones it copies piece by piece into strided slices);
+- a fused norm whose ``nn.Sequential``'s next layer (past identities and dropouts) is a
+  ``CausalConv3d`` padded in time writes its result ``ROOM`` frames into a new tensor, and that
+  convolution writes its cached frames (or zeros) into them (``widened``) instead of
+  concatenating them with its input into another new tensor;
+- a ``CausalConv3d`` directly before a fused norm runs without its bias and the norm's kernel
+  adds it first, rounded as PyTorch's ``add_`` rounds it (``DEFER``; PyTorch adds a cuDNN
+  convolution's bias in a broadcast pass of its own). With the room: the decode alone 0.806 ->
+  0.745 s at 81 frames on an H100, the same bits (``bench/results/gpu_h100_vae_room``).
 
 ``install``ed only when the three upstream ``forward``s still have the source this was written
 against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason is given.
@@ -70,6 +80,7 @@ DEFER = "_xicon_defer_bias"  # on a convolution: its bias added by the fused nor
 PENDING_BIAS = "_xicon_pending_bias"  # on a tensor: a bias still to add (DEFER's)
 FUSE_MIN_ELEMENTS = 1 << 23  # below, PyTorch's two kernels were as fast (bench/vae_layers.py)
 STACKED_CHANNELS = (96,)  # where cuDNN's 3-D kernels lost to one stacked 2-D convolution
+FLAT_PIECES = True  # one clip's stacked frames cut as 4-D pieces (False: 5-D, for the bench)
 
 
 def norm_silu_module() -> types.ModuleType:
@@ -197,7 +208,11 @@ def stacked_conv(
     n, c, frames, h, w = x.shape
     t = frames - 2
     last = x.permute(0, 2, 3, 4, 1)  # (N, T, H, W, C)
-    stacked = torch.cat([last[:, k : k + t] for k in range(3)], dim=-1)  # (N, t, H, W, 3C)
+    if n == 1 and FLAT_PIECES:  # 4-D: CUDA's cat copies those in one kernel, 5-D piece by piece
+        pieces = [last[0, k : k + t] for k in range(3)]  # (t, H, W, C) each, contiguous
+        stacked = torch.cat(pieces, dim=-1)  # (t, H, W, 3C)
+    else:
+        stacked = torch.cat([last[:, k : k + t] for k in range(3)], dim=-1)  # (N, t, H, W, 3C)
     stacked = stacked.reshape(n * t, h, w, 3 * c).permute(0, 3, 1, 2)
     out_c = weight.shape[0]
     taps = weight.permute(0, 2, 1, 3, 4).reshape(out_c, 3 * c, *weight.shape[3:])
