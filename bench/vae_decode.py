@@ -33,7 +33,9 @@ fifteenth sitting: each convolution copies its cached frames and its input into 
 and adds its bias in a pass of its own (without the fused norm's room and the bias it takes
 over, ``decoder_ops.ROOM`` and ``DEFER``). ``kernels_5d`` is ``kernels`` with the stacked
 convolutions' input cut in 5-D pieces as before 2026-12-06's sixteenth sitting
-(``decoder_ops.FLAT_PIECES`` off).
+(``decoder_ops.FLAT_PIECES`` off); ``kernels_resample`` is ``kernels`` with upstream's
+``Resample.forward`` (its time upsample's frames stacked in PyTorch's default layout, not
+interleaved channels-last: ``decoder_ops.INTERLEAVED``).
 ``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
 their top kernels and GPU time by kind.
 
@@ -67,6 +69,7 @@ VARIANTS = (
     "kernels",
     "kernels_copying",
     "kernels_5d",
+    "kernels_resample",
 )
 ENCODE_VARIANTS = (
     "encode",
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                 "kernels",
                 "kernels_copying",
                 "kernels_5d",
+                "kernels_resample",
             )
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
@@ -222,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 layout.convert(vae, layout.ENCODER)
             if variant in ("streamlined", "streamlined_host") or streamed:
-                kernels = variant in ("kernels", "kernels_copying", "kernels_5d")
+                kernels = variant in (
+                    "kernels",
+                    "kernels_copying",
+                    "kernels_5d",
+                    "kernels_resample",
+                )
                 print(layout.streamline(vae, layout.DECODER, kernels), file=sys.stderr)
             if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
@@ -236,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
                 kernels = variant in ("encode_kernels", "encode_kernels_copying")
                 print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
             layout.decoder_ops().FLAT_PIECES = variant != "kernels_5d"
+            if variant == "kernels_resample":  # upstream's Resample.forward back
+                ops = layout.decoder_ops()
+                for m in vae.modules():
+                    if m.__dict__.pop(ops.INTERLEAVED, None):
+                        m.__dict__.pop("forward", None)
             if variant.endswith("_copying"):  # the kernels without the room and the moved bias
                 ops = layout.decoder_ops()
                 for m in vae.modules():

@@ -58,7 +58,8 @@ GPU; on unless `keep`),
 in the converted parts; on unless `off`),
 `XICON_VAE_KERNELS` (with those, on CUDA: each RMS norm and the SiLU after it in one Triton
 kernel, which also adds the bias of the convolution before it and leaves room for the next
-one's cached frames, the 96-channel convolutions as one 2-D convolution; on unless `off`),
+one's cached frames, the 96-channel convolutions as one 2-D convolution, the time upsamples'
+frames interleaved channels-last; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),

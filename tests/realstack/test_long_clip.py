@@ -280,7 +280,8 @@ def test_the_vae_decoder_ran_channels_last(long_job: dict[str, Any], real_worker
         r"xicon_vae_channels_last: the VAE decoder's and encoder's steps streamlined: [1-9]\d* "
         r"convolutions pad inside.*; on CUDA [1-9]\d* norms with their SiLU in one kernel "
         r"\([1-9]\d* leaving room for the next convolution's cached frames, [1-9]\d* adding the "
-        r"bias of the convolution before\), [1-9]\d* convolutions stacked as one 2-D convolution",
+        r"bias of the convolution before\), [1-9]\d* convolutions stacked as one 2-D convolution, "
+        r"[1-9]\d* time upsamples interleaving their frames channels-last",
         text,
     )
 

@@ -191,7 +191,8 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "0",
         "--variants",
         "plain,channels_last,streamlined,streamlined_host,streamed,streamed_autotune,kernels,"
-        "kernels_copying,kernels_5d,encode,encode_channels_last,encode_streamlined,encode_autotune,"
+        "kernels_copying,kernels_5d,kernels_resample,encode,encode_channels_last,"
+        "encode_streamlined,encode_autotune,"
         "encode_kernels,encode_kernels_copying",
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
@@ -213,6 +214,7 @@ def test_channels_last_decodes_and_encodes_to_the_plain_values(
         "kernels@2",
         "kernels_copying@2",
         "kernels_5d@2",
+        "kernels_resample@2",
     ):
         row = out["runs"][name]
         assert row["frames"] == plain["frames"] and row["finite"], (name, row)
@@ -269,18 +271,20 @@ def test_the_cuda_kernels_give_pytorchs_values(stack: Stack, realstack_base: Pat
     assert out["streamline_again"].endswith(
         "; on CUDA 0 norms with their SiLU in one kernel (0 leaving room for the next "
         "convolution's cached frames, 0 adding the bias of the convolution before), 0 "
-        "convolutions stacked as one 2-D convolution"
+        "convolutions stacked as one 2-D convolution, 0 time upsamples interleaving their frames "
+        "channels-last"
     )
     assert out["calls"]["fused"] > 40 and out["calls"]["stacked"] > 20, out["calls"]
     # the first time: as many norms with room and convolutions leaving their bias as marked
     first = re.search(
         r"; on CUDA (\d+) norms with their SiLU in one kernel \((\d+) leaving room for the next "
         r"convolution's cached frames, (\d+) adding the bias of the convolution before\), (\d+) "
-        r"convolutions stacked",
+        r"convolutions stacked as one 2-D convolution, (\d+) time upsamples interleaving",
         out["streamline_first"],
     )
     assert first, out["streamline_first"]
-    fused, roomy, deferring, _ = (int(v) for v in first.groups())
+    assert int(first.group(5)) == 2, out["streamline_first"]  # the decoder's two
+    fused, roomy, deferring, _, _ = (int(v) for v in first.groups())
     assert (roomy, deferring) == (out["marks"]["room_norms"], out["marks"]["defer"]), out
     assert fused == roomy > deferring > 0, out["streamline_first"]
     # the convolution's bias left to the fused norm after it: PyTorch's add, then its norm (bf16
@@ -299,6 +303,12 @@ def test_the_cuda_kernels_give_pytorchs_values(stack: Stack, realstack_base: Pat
     # the first convolution of each residual block leaves its bias to the norm after it
     assert out["marks"]["room"] > 40 and out["marks"]["defer"] > 10, out["marks"]
     assert out["calls"]["deferred"] > 20 and out["calls"]["widened"] > 40, out["calls"]
+    # the time upsamples' frames interleaved as upstream's stack, channels-last, in the decode
+    assert out["interleaved"] == {
+        "channels_last": {"equal": True, "channels_last": True},
+        "default": {"equal": True, "channels_last": True},
+    }, out["interleaved"]
+    assert out["calls"]["interleaved"] >= 2, out["calls"]
     assert out["decode"]["shape"] == [3, 5, 48, 64] and out["decode"]["finite"], out["decode"]
     assert out["decode"]["max_abs_diff"] < 1e-4, out["decode"]
     assert out["encode"]["shape"] == [16, 2, 3, 4] and out["encode"]["finite"], out["encode"]

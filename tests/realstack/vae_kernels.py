@@ -90,6 +90,22 @@ for cached in (None, 1, 2):
         "mark_left": kern.room_before(with_room),
     }
 out["room"] = room
+
+# a time upsample's frames interleaved as upstream's reshape and stack do, channels-last or not
+inter = {}
+for layout in ("channels_last", "default"):
+    b, c, t, h, w = 1, 6, 3, 4, 5
+    y = torch.randn(b, 2 * c, t, h, w, generator=gen)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    halves = y.reshape(b, 2, c, t, h, w)
+    want = torch.stack((halves[:, 0], halves[:, 1]), 3).reshape(b, c, t * 2, h, w)
+    got = ops.interleaved(y)
+    inter[layout] = {
+        "equal": bool(torch.equal(got, want)),
+        "channels_last": got.is_contiguous(memory_format=torch.channels_last_3d),
+    }
+out["interleaved"] = inter
 plain = torch.randn(1, 8, 2, 3, 3)  # a default-layout clip is refused by the kernel
 try:
     kern.fused(plain, torch.ones(8), 1e-24)
@@ -148,9 +164,10 @@ out["conv"] = conv
 ops.FUSE_MIN_ELEMENTS = 0
 sys.modules["xicon_vae_decoder_ops"] = ops
 sys.modules["xicon_vae_norm_silu"] = kern
-calls = {"fused": 0, "stacked": 0, "deferred": 0, "widened": 0}
+calls = {"fused": 0, "stacked": 0, "deferred": 0, "widened": 0, "interleaved": 0}
 real_fusable, real_stackable, real_fused = kern.fusable, ops.stackable, kern.fused
 real_deferrable, real_widened = ops.deferrable, ops.widened
+real_interleavable = ops.interleavable
 
 
 def fusable(x: torch.Tensor) -> bool:  # any layout: the CPU's convolutions return their own
@@ -177,8 +194,13 @@ def widened(*args: object) -> torch.Tensor:
     return real_widened(*args)
 
 
+def interleavable(y: torch.Tensor) -> bool:  # any layout: interleaved's reshape copies then
+    calls["interleaved"] += 1
+    return y.dim() == 5
+
+
 kern.fusable, ops.stackable, kern.fused = fusable, stackable, fused
-ops.deferrable, ops.widened = deferrable, widened
+ops.deferrable, ops.widened, ops.interleavable = deferrable, widened, interleavable
 parts = ext.DECODER + ext.ENCODER
 (base,) = ext.wrap_loader(Pinned.loadmodel, parts, ops=True)(Pinned(), vae_file, "fp32")
 (fast,) = ext.wrap_loader(Pinned.loadmodel, parts, ops=True, kernels=True)(
@@ -212,6 +234,7 @@ out["encode"] = {
 out["calls"] = calls
 kern.fusable, ops.stackable, kern.fused = real_fusable, real_stackable, real_fused
 ops.deferrable, ops.widened = real_deferrable, real_widened
+ops.interleavable = real_interleavable
 out["marks"] = {
     "room": sum(getattr(m, ops.ROOM, 0) for m in fast.model.modules()),
     "room_norms": sum(bool(getattr(m, ops.ROOM, 0)) for m in fast.model.modules()),

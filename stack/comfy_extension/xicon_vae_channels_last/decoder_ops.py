@@ -46,7 +46,13 @@ steps above, the same values as before):
 - a ``CausalConv3d`` directly before a fused norm runs without its bias and the norm's kernel
   adds it first, rounded as PyTorch's ``add_`` rounds it (``DEFER``; PyTorch adds a cuDNN
   convolution's bias in a broadcast pass of its own). With the room: the decode alone 0.806 ->
-  0.745 s at 81 frames on an H100, the same bits (``bench/results/gpu_h100_vae_room``).
+  0.745 s at 81 frames on an H100, the same bits (``bench/results/gpu_h100_vae_room``);
+- each time upsample (``Resample`` in ``upsample3d`` mode, its ``forward`` the pinned source,
+  ``RESAMPLE_SHA256``) interleaves its time convolution's two halves into frames channels-last
+  (``interleaved``, one copy) where upstream's ``torch.stack`` made a 6-D tensor in PyTorch's
+  default layout, which the resize then ran on and the 2-D convolution after it copied back to
+  channels-last at four times the size. Not timed on a GPU yet (``bench/vae_decode.py``
+  ``kernels_resample``).
 
 ``install``ed only when the three upstream ``forward``s still have the source this was written
 against (``UPSTREAM_SHA256``); otherwise nothing changes and the reason is given.
@@ -70,11 +76,15 @@ import torch.nn.functional as F
 # at ComfyUI-WanVideoWrapper 088128b224242e110d3906c6750e9a3a348a659b's wanvideo/wan_video_vae.py.
 UPSTREAM_SHA256 = "1576c590d96b824494d65755165c95c80152be9205f974bab4baab11f928581f"
 CLASSES = ("CausalConv3d", "RMS_norm", "Upsample")
+# sha256 of inspect.getsource(Resample.forward) at the same commit and file.
+RESAMPLE_SHA256 = "1878dc9372e860b1409b238f002439b26fe494493ae2f32de4284663c652a8a0"
+CACHE_T = 2  # the frames upstream's layers cache (``wan_video_vae.CACHE_T``)
 DONE = "_xicon_decoder_ops"
 EPS = 1e-24  # F.normalize clamps the norm at 1e-12: the same floor on the mean square
 FUSED = "_xicon_norm_silu"
 STACKED = "_xicon_stacked"
 PASSING = (torch.nn.Identity, torch.nn.Dropout)  # a tensor passes these as it is (eval)
+INTERLEAVED = "_xicon_interleaved"  # on a Resample: its time upsample's frames channels-last
 ROOM = "_xicon_room"  # on a fused norm: frames to leave free before its result
 DEFER = "_xicon_defer_bias"  # on a convolution: its bias added by the fused norm after it
 PENDING_BIAS = "_xicon_pending_bias"  # on a tensor: a bias still to add (DEFER's)
@@ -271,6 +281,84 @@ def upsample_forward(upsample_class: type) -> Any:
     return forward
 
 
+def interleavable(y: torch.Tensor) -> bool:
+    """Whether a time upsample's convolution result ``y`` (N, 2C, T, H, W) has its frames
+    interleaved channels-last (``resample_forward``): on CUDA, channels-last."""
+    return y.is_cuda and y.dim() == 5 and y.permute(0, 2, 3, 4, 1).is_contiguous()
+
+
+def interleaved(y: torch.Tensor) -> torch.Tensor:
+    """Upstream's ``y.reshape(b, 2, c, t, h, w)``, ``torch.stack((y[:, 0], y[:, 1]), 3)`` and
+    ``reshape(b, c, 2t, h, w)`` (output frame ``2i + s`` is channel half ``s`` of frame ``i``)
+    for a channels-last ``y``, as one copy into a channels-last result: upstream's stack makes
+    a 6-D tensor in PyTorch's default layout, which the convolution after the resize then copies
+    back to channels-last at four times the size."""
+    b, c2, t, h, w = y.shape
+    c = c2 // 2
+    halves = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
+    frames = halves.contiguous().reshape(b, 2 * t, h, w, c)  # (b, t, 2, h, w, c) in memory
+    return frames.permute(0, 4, 1, 2, 3)
+
+
+def resample_forward(resample_class: type) -> Any:
+    """``Resample.forward`` with its time upsample's frames interleaved channels-last
+    (``interleaved``) where ``interleavable``; every other case is upstream's own ``forward``.
+    The rest is upstream's steps as its pinned source (``RESAMPLE_SHA256``) does them."""
+    upstream = resample_class.forward
+
+    def forward(self: Any, x: torch.Tensor, feat_cache: Any = None, feat_idx: Any = None) -> Any:
+        feat_idx = [0] if feat_idx is None else feat_idx
+        if self.mode != "upsample3d" or feat_cache is None or feat_cache[feat_idx[0]] is None:
+            return upstream(self, x, feat_cache, feat_idx)
+        b, c, t, h, w = x.size()
+        idx = feat_idx[0]
+        cache_x = x[:, :, -CACHE_T:, :, :].clone()
+        cached = feat_cache[idx]
+        rep = isinstance(cached, str) and cached == "Rep"
+        if cache_x.shape[2] < 2 and not rep:
+            last = cached[:, :, -1, :, :].unsqueeze(2).to(cache_x.device)
+            cache_x = torch.cat([last, cache_x], dim=2)
+        if cache_x.shape[2] < 2 and rep:
+            cache_x = torch.cat([torch.zeros_like(cache_x).to(cache_x.device), cache_x], dim=2)
+        y = self.time_conv(x) if rep else self.time_conv(x, cached)
+        feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+        if interleavable(y):
+            x = interleaved(y)
+        else:
+            y = y.reshape(b, 2, c, t, h, w)
+            x = torch.stack((y[:, 0, :, :, :, :], y[:, 1, :, :, :, :]), 3)
+            x = x.reshape(b, c, t * 2, h, w)
+        t = x.shape[2]
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+        x = self.resample(x)  # rearrange's '(b t) c h w' and back, as permute and reshape
+        return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    return forward
+
+
+def interleave(part: torch.nn.Module) -> int:
+    """Each upsampling ``Resample`` of ``part`` (its class's ``forward`` the pinned source) given
+    ``resample_forward``; how many (newly)."""
+    done = 0
+    for m in part.modules():
+        cls = type(m)
+        if cls.__name__ != "Resample" or getattr(m, INTERLEAVED, False):
+            continue
+        if getattr(m, "mode", None) != "upsample3d":
+            continue
+        try:
+            digest = hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()
+        except (OSError, TypeError):
+            continue
+        if digest != RESAMPLE_SHA256:
+            continue
+        m.forward = types.MethodType(resample_forward(cls), m)
+        setattr(m, INTERLEAVED, True)
+        done += 1
+    return done
+
+
 def streamline(
     part: torch.nn.Module, classes: dict[str, type], kernels: bool = False
 ) -> dict[str, int]:
@@ -297,8 +385,10 @@ def streamline(
         setattr(m, DONE, True)
         counts[name] += 1
     counts["SiLU"] = counts["stacked"] = counts["room"] = counts["bias"] = 0
+    counts["interleaved"] = 0
     if kernels:
         counts["SiLU"], counts["stacked"], counts["room"], counts["bias"] = fuse(part, classes)
+        counts["interleaved"] = interleave(part)
     return counts
 
 

@@ -116,7 +116,7 @@ def streamline(vae: Any, parts: tuple[str, ...] = DECODER, kernels: bool = False
             f"the VAE's layers changed upstream (sha256 {digest[:12]}, expected "
             f"{ops.UPSTREAM_SHA256[:12]}); their steps left as they are"
         )
-    counts = dict.fromkeys((*ops.CLASSES, "SiLU", "stacked", "room", "bias"), 0)
+    counts = dict.fromkeys((*ops.CLASSES, "SiLU", "stacked", "room", "bias", "interleaved"), 0)
     for name in parts:
         part = getattr(model, name, None)
         if isinstance(part, torch.nn.Module):
@@ -132,7 +132,8 @@ def streamline(vae: Any, parts: tuple[str, ...] = DECODER, kernels: bool = False
             f"; on CUDA {counts['SiLU']} norms with their SiLU in one kernel ({counts['room']} "
             f"leaving room for the next convolution's cached frames, {counts['bias']} adding "
             f"the bias of the convolution before), {counts['stacked']} convolutions stacked as "
-            "one 2-D convolution"
+            f"one 2-D convolution, {counts['interleaved']} time upsamples interleaving their "
+            "frames channels-last"
         )
     return line
 
