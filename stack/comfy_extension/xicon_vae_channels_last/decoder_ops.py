@@ -136,7 +136,7 @@ def conv_forward(conv_class: type) -> Any:
 
     def forward(self: Any, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         front = self._padding[4]
-        if 0 < front <= room_before(x):
+        if 0 < front <= room_before(x) and (cache_x is None or cache_x.shape[2] <= front):
             x = widened(x, front, cache_x)
             front = 0
         if cache_x is not None and front > 0:
@@ -164,17 +164,17 @@ def conv_forward(conv_class: type) -> Any:
 
 def widened(x: torch.Tensor, front: int, cache_x: torch.Tensor | None) -> torch.Tensor:
     """``x`` (N = 1, channels-last) with the ``front`` frames before it in its storage filled:
-    the cached frames last, zeros before them (upstream's concatenation and padding, without
-    copying ``x``). The room is used once: ``x`` loses its mark."""
+    the cached frames (at most ``front``) last, zeros before them (upstream's concatenation and
+    padding, without copying ``x``). The room is used once: ``x`` loses its mark."""
     n, c, t, h, w = x.shape
     delattr(x, norm_silu_module().ROOM_FRAMES)
     start = x.storage_offset() - front * x.stride(2)
     wide = x.as_strided((n, c, t + front, h, w), x.stride(), start)
-    cached = 0 if cache_x is None else min(cache_x.shape[2], front)
+    cached = 0 if cache_x is None else cache_x.shape[2]
     if front > cached:
         wide[:, :, : front - cached].zero_()
     if cached:
-        wide[:, :, front - cached : front].copy_(cache_x[:, :, -cached:])
+        wide[:, :, front - cached : front].copy_(cache_x)
     return wide
 
 
