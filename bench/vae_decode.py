@@ -207,42 +207,21 @@ def main(argv: list[str] | None = None) -> None:
                 "encode_autotune",
             )
             vae = fresh_vae()
-            streamed = variant in (
-                "streamed",
-                "streamed_autotune",
-                "kernels",
-                "kernels_copying",
-                "kernels_5d",
-                "kernels_resample",
-            )
+            kernels = variant.startswith(("kernels", "encode_kernels"))  # every kernels_* way
+            streamed = variant in ("streamed", "streamed_autotune") or variant.startswith("kernels")
             if variant in ("channels_last", "both", "streamlined", "streamlined_host") or streamed:
                 layout.convert(vae, layout.DECODER)
-            if variant in (
-                "encode_channels_last",
-                "encode_streamlined",
-                "encode_autotune",
-                "encode_kernels",
-                "encode_kernels_copying",
-            ):
+            streamlined_encode = variant in ("encode_streamlined", "encode_autotune") or (
+                encoding and kernels
+            )
+            if variant == "encode_channels_last" or streamlined_encode:
                 layout.convert(vae, layout.ENCODER)
             if variant in ("streamlined", "streamlined_host") or streamed:
-                kernels = variant in (
-                    "kernels",
-                    "kernels_copying",
-                    "kernels_5d",
-                    "kernels_resample",
-                )
                 print(layout.streamline(vae, layout.DECODER, kernels), file=sys.stderr)
             if streamed:
                 assert host.stream_digest(vae) == host.STREAM_SHA256, "the VAE's loop changed"
                 vae.single_decode = host.streaming_single_decode(vae)
-            if variant in (
-                "encode_streamlined",
-                "encode_autotune",
-                "encode_kernels",
-                "encode_kernels_copying",
-            ):
-                kernels = variant in ("encode_kernels", "encode_kernels_copying")
+            if streamlined_encode:
                 print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
             layout.decoder_ops().FLAT_PIECES = variant != "kernels_5d"
             if variant == "kernels_resample":  # upstream's Resample.forward back
