@@ -155,8 +155,9 @@ def yolo_input(images: Any, most: int, cv2: Any, np: Any) -> Callable[[Any], Any
 
     Why: the frames are float32 at the job's size; each resized frame is 4.7 MiB, and upstream's
     expression writes it twice into newly mapped memory, the second time channel by channel: on
-    a 2-core machine 2.5-3.7 ms a frame against 0.9-1.0 ms this way (``bench/pose_batch.py``'s
-    ``prep`` line), in YOLO's thread, which is busiest with YOLO's batch-one calls.
+    an H100's host 2.17-2.91 ms a frame against 0.99-1.10 ms this way (``bench/pose_batch.py``'s
+    ``prep`` line, ``bench/results/gpu_h100_vae_room``), CPU time taken from YOLO's thread. The
+    node was no faster there: its decoding thread, not YOLO's, was the longest.
     """
     channels = images.shape[3] if images.ndim == 4 else 1
     resized = np.empty((YOLO_SIDE, YOLO_SIDE, channels), images.dtype)
