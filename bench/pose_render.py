@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             "s": seconds,
             "image": digest(image),
             "mask": digest(mask),
+            # the 2D pass draws random numbers: the state after the node
+            "random": hashlib.sha256(repr(random.getstate()).encode()).hexdigest(),
             "rss_growth_mib": rss.growth_mib,  # the node's peak over the resident set before it
             "contiguous": image.is_contiguous(),  # upstream's is a view of RGBA frames
             "dtypes": [str(image.dtype), str(mask.dtype)],
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             "equal": all(
                 r["image"] == a[0]["image"] and r["mask"] == a[0]["mask"] for r in a + b + c
             ),
+            "random_equal": all(r["random"] == a[0]["random"] for r in a + b + c),
             # the output made batch by batch against the extension's with upstream's tail
             "equal_to_tail": all(
                 r["image"] == b[0]["image"] and r["mask"] == b[0]["mask"] for r in b + c

@@ -136,11 +136,12 @@ def test_the_pinned_source_gets_the_replacements(
         assert "ti.init(arch='gpu')" in inspect.getsource(predict)
         assert pr.patch(nlf_render, env={}) == "already in place"  # not twice
         # the 3D pass is upstream's without its 2D pass; the 2D pass is drawn as upstream draws
-        # it and laid over every frame
+        # it (these poses are not one person's: upstream's own pass, pose by pose) and laid over
+        # every frame
         frames = nlf_render.render_nlf_as_images(None, [{}, {}], 4, 3, 2)
         assert nlf_render.CALLS == [False]
         drawn = sys.modules[name + ".pose_draw.draw_pose_utils"].DRAWN
-        assert drawn == [
+        assert drawn == 2 * [
             {
                 "pool": None,
                 "reshape_scale": 0,
@@ -158,7 +159,7 @@ def test_the_pinned_source_gets_the_replacements(
         # without a 2D pass nothing is drawn
         nlf_render.render_nlf_as_images(None, [{}], 4, 3, 1, draw_2d=False)
         nlf_render.render_nlf_as_images(None, None, 4, 3, 1)
-        assert len(drawn) == 1
+        assert len(drawn) == 2
     finally:
         forget(name)
 

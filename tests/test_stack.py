@@ -163,6 +163,7 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "prestartup_script.py",
         "pose_render.py",
         "renderer.py",
+        "skeleton.py",
     }
     frames = comfy / "custom_nodes" / "xicon_video_frames"
     assert {p.name for p in frames.iterdir()} == {"__init__.py", "video_frames.py"}

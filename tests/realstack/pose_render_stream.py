@@ -52,6 +52,11 @@ def drawn(poses: list, size: tuple[int, int] = (4, 3)) -> list[np.ndarray]:
     return canvases
 
 
+def overlay_with(draw: Any) -> Any:
+    """A ``NodeOutput``'s overlay: the pose drawn by ``draw``, laid over its frame."""
+    return lambda frame, pose: pr.lay_over(frame, draw([pose])[0])
+
+
 def rgba(count: int, seed: int = 0) -> list[np.ndarray]:
     return list(np.random.default_rng(seed).integers(0, 256, (count, 4, 3, 4), dtype=np.uint8))
 
@@ -82,16 +87,31 @@ def conversion() -> dict[str, Any]:
     return {"dtype": str(got.dtype), "equal": bool(np.array_equal(got, expected))}
 
 
+def levels() -> dict[str, Any]:
+    """Every level in every channel: the batch's image and mask against upstream's tail."""
+    level = np.arange(256, dtype=np.uint8)
+    frames = [np.stack([np.roll(level, 7 * c) for c in range(4)], axis=-1).reshape(16, 16, 4)]
+    frames.append(255 - frames[0])
+    image, mask = upstream_tail(frames)
+    output = pr.NodeOutput([0, 1], lambda frame, pose: None, 2, 16, 16)
+    output.take(0, np.stack(frames))
+    return {
+        "mask_from": pr.mask_from(),
+        "image_equal": same(output.image, image),
+        "mask_equal": same(output.mask, mask),
+    }
+
+
 def batches() -> dict[str, Any]:
     frames = rgba(7)
     image, mask = upstream_tail(overlaid(frames))
-    output = pr.NodeOutput(list(range(7)), drawn, 7, 4, 3)
+    output = pr.NodeOutput(list(range(7)), overlay_with(drawn), 7, 4, 3)
     complete_before = []
     for first in (0, 3, 6):
         complete_before.append(output.complete)
         output.take(first, np.stack(frames[first : first + 3]))
     refused = []
-    other = pr.NodeOutput(list(range(4)), drawn, 4, 4, 3)
+    other = pr.NodeOutput(list(range(4)), overlay_with(drawn), 4, 4, 3)
     for first, count in ((2, 2), (0, 3), (3, 2)):
         try:
             other.take(first, np.stack(rgba(count)))
@@ -156,12 +176,15 @@ def renderer_sink() -> dict[str, Any]:
     sinks: list[Any] = [None]
     renderer = pr.Renderer(flatten_specs, lambda: sinks[0])
     listed = renderer([0] * 9, H=4, W=3)
-    output = sinks[0] = pr.NodeOutput(list(range(9)), drawn, 9, 4, 3)
+    output = sinks[0] = pr.NodeOutput(list(range(9)), overlay_with(drawn), 9, 4, 3)
     LAUNCHES.clear()
     streamed = renderer([0] * 9, H=4, W=3)
     launches = list(LAUNCHES)
     others = []
-    for other in (pr.NodeOutput([], drawn, 8, 4, 3), pr.NodeOutput([], drawn, 9, 3, 4)):
+    for other in (
+        pr.NodeOutput([], overlay_with(drawn), 8, 4, 3),
+        pr.NodeOutput([], overlay_with(drawn), 9, 3, 4),
+    ):
         sinks[0] = other
         others.append([len(renderer([0] * 9, H=4, W=3)), other.done])
 
@@ -170,7 +193,7 @@ def renderer_sink() -> dict[str, Any]:
             raise ValueError("pose 5 cannot be drawn")
         return drawn(poses)
 
-    failed = sinks[0] = pr.NodeOutput(list(range(9)), failing, 9, 4, 3)
+    failed = sinks[0] = pr.NodeOutput(list(range(9)), overlay_with(failing), 9, 4, 3)
     LAUNCHES.clear()
     after_failure = renderer([0] * 9, H=4, W=3)
     return {
@@ -190,7 +213,9 @@ def renderer_sink() -> dict[str, Any]:
 def node(original: Any, draw: Any = drawn) -> tuple[Any, Any]:
     """``render_nlf_as_images`` replaced, and a ``predict`` that renders then runs upstream's
     tail, wrapped as the extension wraps the node's."""
-    render = pr.overlay_after(original, lambda poses, **kwargs: draw(poses))
+    render = pr.overlay_after(
+        original, lambda poses, **kwargs: draw(poses), types.ModuleType("draw_utils")
+    )
 
     def predict(self: Any, count: int) -> Any:
         return upstream_tail(render(None, list(range(count)), 4, 3, count))
@@ -266,6 +291,7 @@ print(
     json.dumps(
         {
             "conversion": conversion(),
+            "levels": levels(),
             "batches": batches(),
             "renderer": renderer_sink(),
             "predict": predict_paths(),

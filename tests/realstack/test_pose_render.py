@@ -43,6 +43,7 @@ def test_the_render_is_upstreams_bit_for_bit(stack: Stack) -> None:
         # every run of upstream and of the extension (with upstream's tail, then with the node's
         # output made batch by batch), twice each, gave the same bytes ...
         assert job["equal"] is True, (name, job)
+        assert job["random_equal"] is True, (name, job)  # the same random numbers drawn
         assert job["dtypes"] == ["['torch.float32', 'torch.float32']"], (name, job)
         # ... the last one streamed (a contiguous image), but not for two people (upstream's
         # other render function) ...
@@ -170,6 +171,9 @@ def test_the_output_made_batch_by_batch_is_upstreams_tail(stack: Stack) -> None:
     out = stack_json(stack, script.read_text(), ext)
     # the conversion in torch is upstream's numpy one, edges of every level included
     assert out["conversion"] == {"dtype": "uint8", "equal": True}
+    # the tail's division written into the clip's image and the mask from the alpha levels at
+    # or above 128 are upstream's ``/ 255.0`` and ``> 0.5`` on every level
+    assert out["levels"] == {"mask_from": 128, "image_equal": True, "mask_equal": True}
     # batches in order make upstream's tail on the whole overlaid clip; others are refused
     batches = out["batches"]
     assert batches["complete_before"] == [False, False, False] and batches["complete"]
@@ -199,3 +203,34 @@ def test_the_output_made_batch_by_batch_is_upstreams_tail(stack: Stack) -> None:
         }, path
     assert predict["outside_predict"] == "listed"
     assert predict["failed_2d"] == "list index out of range" and predict["failed_left_clean"]
+
+
+def test_the_kept_canvas_draws_upstreams_skeleton(stack: Stack) -> None:
+    """``Skeleton`` (one canvas kept for the clip) against the pinned pack's 2D pass and its
+    scatter (``pose_skeleton.py``): the same frames and the same random numbers drawn."""
+    script = Path(__file__).with_name("pose_skeleton.py")
+    ext = ROOT / "stack" / "comfy_extension" / "xicon_pose_render" / "pose_render.py"
+    pack = stack.comfy_dir / "custom_nodes" / "ComfyUI-SCAIL-Pose"
+    out = stack_json(stack, script.read_text(), ext, pack)
+    cases = {
+        "one_person": (150, 0),
+        "job_size": (12, 0),
+        "no_face": (20, 0),
+        "no_hands": (20, 0),
+        "people": (2, 3),  # two, none and three people: upstream's own pass for those
+    }
+    for name, (kept, by_upstream) in cases.items():
+        case = out[name]
+        assert case["equal"] and case["random_as_upstream"], (name, case)
+        assert (case["kept"], case["upstream"]) == (kept, by_upstream), (name, case)
+        assert case["canvas_clean"], (name, case)  # nothing left for the next frame
+        # most frames had something drawn inside them (keypoints spread past the edges)
+        assert case["changed"] >= 0.8 * (kept + by_upstream) - 1, (name, case)
+    # a bad keypoint index fails as upstream's does and leaves the canvas clean
+    assert out["bad_index"] == {
+        "errors": ["IndexError", "IndexError"],
+        "canvas_clean": True,
+        "after": True,
+    }
+    # the cheeks' colours as upstream's canvas * 0.6 leaves them
+    assert out["scaled"] == [[51, 0, 153], [102, 0, 153], [153, 0, 153], [153, 0, 102]]

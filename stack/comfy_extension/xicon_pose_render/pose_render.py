@@ -22,16 +22,19 @@ What, each the same arithmetic as upstream's:
   up, returns at once (upstream's renderer is replaced, so nothing it allocated per call is left
   to free). Any other call initialises as upstream does; kernels kept for the old runtime are
   not used in the new one (the renderer keeps them per taichi program).
-- ``render_nlf_as_images``: upstream's own, without its 2D pass, then that pass as upstream draws
-  it (``draw_pose_to_canvas_np`` with upstream's arguments, from a deep copy of the poses), laid
-  over each frame with ``np.copyto(where=)`` on the rows it reaches, in place of the
-  boolean-mask scatter.
+- ``render_nlf_as_images``: upstream's own, without its 2D pass, then that pass laid over each
+  frame by a ``Skeleton`` (``skeleton.py``, from a deep copy of the poses): for one person,
+  upstream's drawing into one canvas kept for the clip, without the whole-frame arrays upstream
+  makes per frame; otherwise upstream's ``draw_pose_to_canvas_np`` with its arguments; either
+  way laid over with ``np.copyto(where=)`` on the rows it reaches, in place of the boolean-mask
+  scatter.
 - ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
 - ``RenderNLFPoses.predict`` (``XICON_POSE_RENDER_STREAM``, on unless ``off``): upstream's own,
   but for one person the renderer hands each batch to a ``NodeOutput``, which lays the 2D
   skeleton over each frame (drawn frame by frame in upstream's order, so Python's random numbers
   are drawn as upstream's pass draws them) and runs upstream's tail on the batch (``/ 255.0``,
-  the first three channels the image, the last ``> 0.5`` the mask) into the clip's output; the
+  the first three channels the image, the last ``> 0.5`` the mask) into the clip's output (the
+  division written straight into it, the mask from the alpha levels it keeps); the
   rendered frames are not kept, and predict's own tail runs on a one-frame stand-in. Upstream
   gathered every frame, stacked them and divided the whole stack: at 60 s 1.6 GB of frames,
   1.6 GB of stack and 6.5 GB of float32 at once. The image is a contiguous float32
@@ -84,10 +87,11 @@ TARGET = f"{PACK}.NLFPoseExtract.nlf_render"
 WARM_ARCH = "gpu"  # node 362's render_device in the shipped graph (upstream: ti.init(arch=ti.gpu))
 # sha256 of the sources of taichi_cylinder.render_whole and flatten_specs, nlf_render's
 # render_nlf_as_images and render_multi_nlf_as_images (both call the renderer),
-# draw_pose_utils.draw_pose_to_canvas_np, draw_utils.hsv_to_rgb and nodes.RenderNLFPoses.predict,
-# joined, at ComfyUI-SCAIL-Pose
+# draw_pose_utils.draw_pose_to_canvas_np, draw_utils.hsv_to_rgb, nodes.RenderNLFPoses.predict,
+# draw_pose_utils.draw_pose and draw_utils.draw_bodypose_augmentation, draw_handpose and
+# draw_facepose (``skeleton.py``), joined, at ComfyUI-SCAIL-Pose
 # 11402b150d728440a4a89964faa58907f84c35e6.
-UPSTREAM_SHA256 = "2edf8a59266d1114edf27a9381db489653c326720299f6807d1795c1feceb12f"
+UPSTREAM_SHA256 = "9fb838307bba5be97b402b620e486413522709a8e6641201d1ef80cfd9ff8b28"
 REPLACED = "_xicon_pose_render"
 
 
@@ -111,16 +115,30 @@ def upstream_modules(nlf_render: types.ModuleType) -> dict[str, types.ModuleType
     return {k: v for k, v in modules.items() if v is not None}
 
 
+# the functions whose source is pinned (UPSTREAM_SHA256), in order: (module, name)
+PINNED = [
+    ("taichi_cylinder", "render_whole"),
+    ("taichi_cylinder", "flatten_specs"),
+    ("nlf_render", "render_nlf_as_images"),
+    ("nlf_render", "render_multi_nlf_as_images"),
+    ("draw_pose_utils", "draw_pose_to_canvas_np"),
+    ("draw_utils", "hsv_to_rgb"),
+    ("draw_pose_utils", "draw_pose"),
+    ("draw_utils", "draw_bodypose_augmentation"),
+    ("draw_utils", "draw_handpose"),
+    ("draw_utils", "draw_facepose"),
+    ("nodes", "RenderNLFPoses.predict"),
+]
+
+
 def upstream_digest(modules: Mapping[str, types.ModuleType]) -> str:
-    sources = [
-        inspect.getsource(modules["taichi_cylinder"].render_whole),
-        inspect.getsource(modules["taichi_cylinder"].flatten_specs),
-        inspect.getsource(modules["nlf_render"].render_nlf_as_images),
-        inspect.getsource(modules["nlf_render"].render_multi_nlf_as_images),
-        inspect.getsource(modules["draw_pose_utils"].draw_pose_to_canvas_np),
-        inspect.getsource(modules["draw_utils"].hsv_to_rgb),
-        inspect.getsource(modules["nodes"].RenderNLFPoses.predict),
-    ]
+    """sha256 of the ``PINNED`` functions' sources joined (a missing one is named instead)."""
+    sources = []
+    for module_name, name in PINNED:
+        obj: Any = modules.get(module_name)
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        sources.append(f"<{module_name}.{name} missing>" if obj is None else inspect.getsource(obj))
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
 
@@ -142,6 +160,8 @@ def _sibling(name: str) -> types.ModuleType:
 
 
 Renderer = _sibling("renderer").Renderer
+Skeleton = _sibling("skeleton").Skeleton
+lay_over = _sibling("skeleton").lay_over
 
 
 # --- the node's output made batch by batch ------------------------------------------------------
@@ -158,16 +178,18 @@ class Request:
 
 class NodeOutput:
     """Node 362's image and mask for one clip, made from the renderer's batches as they come:
-    each frame's 2D skeleton drawn (upstream's ``draw_pose_to_canvas_np``, frame by frame in
-    upstream's order) and laid over it, then upstream's tail on the batch,
-    ``torch.from_numpy(frames) / 255.0``, its first three channels the image and its last
-    ``> 0.5`` the mask, both ``.float()``. The image is a contiguous float32 ``[N, H, W, 3]``
-    (upstream's is the same values as a view of an ``[N, H, W, 4]`` one)."""
+    each frame's 2D skeleton laid over it (``overlay``, frame by frame in upstream's order),
+    then upstream's tail on the batch, ``torch.from_numpy(frames) / 255.0``, its first three
+    channels the image and its last ``> 0.5`` the mask, both ``.float()``: here the division
+    written straight into the clip's image (the same float32 division) and the mask as the
+    alpha at or above ``mask_from()`` (the levels whose quotient is above 0.5). The image is a
+    contiguous float32 ``[N, H, W, 3]`` (upstream's is the same values as a view of an
+    ``[N, H, W, 4]`` one)."""
 
     def __init__(
         self,
         poses: Sequence[Any],
-        draw: Callable[[list], list],
+        overlay: Callable[[np.ndarray, Any], None],
         count: int,
         height: int,
         width: int,
@@ -175,7 +197,7 @@ class NodeOutput:
         import torch
 
         self.poses = poses
-        self.draw = draw  # draw_pose_to_canvas_np with upstream's arguments, for a list of poses
+        self.overlay = overlay  # lays a pose's 2D skeleton over its frame (a ``Skeleton``)
         self.count = count
         self.size = (height, width)
         self.failed: BaseException | None = None
@@ -190,15 +212,28 @@ class NodeOutput:
         if first != self.done or first + n > self.count:
             raise RuntimeError(f"frames {first}-{first + n} after {self.done} of {self.count}")
         for k in range(n):
-            lay_over(frames[k], self.draw([self.poses[first + k]])[0])
-        batch = torch.from_numpy(frames) / 255.0
-        self.image[first : first + n] = batch[..., :3]
-        self.mask[first : first + n] = batch[..., -1] > 0.5
+            self.overlay(frames[k], self.poses[first + k])
+        batch = torch.from_numpy(frames)
+        torch.div(batch[..., :3], 255.0, out=self.image[first : first + n])
+        self.mask[first : first + n].copy_(batch[..., -1] >= mask_from())
         self.done += n
 
     @property
     def complete(self) -> bool:
         return self.failed is None and self.done == self.count
+
+
+@functools.cache
+def mask_from() -> int:
+    """The least alpha level ``a`` with ``a / 255.0 > 0.5`` in torch's float32 (upstream's mask);
+    every level above it is masked too."""
+    import torch
+
+    masked = (torch.arange(256, dtype=torch.uint8) / 255.0 > 0.5).tolist()
+    first = masked.index(True)
+    if not all(masked[first:]) or any(masked[:first]):
+        raise RuntimeError("the mask's levels are not one run")
+    return first
 
 
 def current_sink() -> NodeOutput | None:
@@ -247,21 +282,6 @@ class KeptInit:
         return result
 
 
-def lay_over(frame: np.ndarray, canvas: np.ndarray) -> None:
-    """``frame[:, :, :3][canvas != 0] = canvas[canvas != 0]`` (upstream's overlay) in one pass
-    over the rows the skeleton reaches (elsewhere the canvas is zero and nothing is copied)."""
-    rgb = frame[:, :, :3]
-    if rgb.shape == canvas.shape and rgb.dtype == canvas.dtype and canvas.ndim == 3:
-        rows = np.flatnonzero(canvas.reshape(canvas.shape[0], -1).any(axis=1))
-        if rows.size:
-            top, bottom = int(rows[0]), int(rows[-1]) + 1
-            part = canvas[top:bottom]
-            np.copyto(rgb[top:bottom], part, where=part != 0)
-    else:
-        mask = canvas != 0
-        rgb[mask] = canvas[mask]
-
-
 def draw_2d_pass(
     draw_pose_to_canvas_np: Callable[..., list],
     height: int,
@@ -286,8 +306,19 @@ def draw_2d_pass(
     )
 
 
-def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable[..., Any]):
-    """``render_nlf_as_images``: upstream's 3D pass, then its 2D pass laid over in one pass."""
+def overlay_after(
+    original: Callable[..., Any],
+    draw_pose_to_canvas_np: Callable[..., Any],
+    draw_utils: types.ModuleType,
+):
+    """``render_nlf_as_images``: upstream's 3D pass, then its 2D pass laid over each frame by a
+    ``Skeleton``."""
+
+    def skeleton(height: int, width: int, draw_face: bool, draw_hands: bool) -> Any:
+        draw_pass = functools.partial(
+            draw_2d_pass, draw_pose_to_canvas_np, height, width, draw_face, draw_hands
+        )
+        return Skeleton(draw_utils, draw_pass, height, width, draw_face, draw_hands)
 
     @functools.wraps(original)
     def render_nlf_as_images(
@@ -324,9 +355,7 @@ def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable
             return frames
         output = NodeOutput(
             copy.deepcopy(dw_poses),
-            functools.partial(
-                draw_2d_pass, draw_pose_to_canvas_np, height, width, draw_face, draw_hands
-            ),
+            skeleton(height, width, draw_face, draw_hands),
             video_length,
             height,
             width,
@@ -354,11 +383,17 @@ def overlay_after(original: Callable[..., Any], draw_pose_to_canvas_np: Callable
         draw_face: bool,
         draw_hands: bool,
     ) -> list[np.ndarray]:
-        canvas_2d = draw_2d_pass(
-            draw_pose_to_canvas_np, height, width, draw_face, draw_hands, copy.deepcopy(dw_poses)
-        )
-        for i in range(len(frames)):
-            lay_over(frames[i], canvas_2d[i])
+        poses = copy.deepcopy(dw_poses)
+        if len(poses) != len(frames):  # upstream's own: it draws every pose, then indexes
+            canvas_2d = draw_2d_pass(
+                draw_pose_to_canvas_np, height, width, draw_face, draw_hands, poses
+            )
+            for i in range(len(frames)):
+                lay_over(frames[i], canvas_2d[i])
+            return frames
+        overlay = skeleton(height, width, draw_face, draw_hands)
+        for frame, pose in zip(frames, poses, strict=True):
+            overlay(frame, pose)
         return frames
 
     setattr(render_nlf_as_images, REPLACED, True)
@@ -414,7 +449,7 @@ def patch(
     draw_utils = modules["draw_utils"]
     draw_utils.hsv_to_rgb = remembered(draw_utils.hsv_to_rgb)
     nlf_render.render_nlf_as_images = overlay_after(
-        nlf_render.render_nlf_as_images, nlf_render.draw_pose_to_canvas_np
+        nlf_render.render_nlf_as_images, nlf_render.draw_pose_to_canvas_np, draw_utils
     )
     nlf_render.render_whole_taichi = renderer
     node_class = modules["nodes"].RenderNLFPoses
