@@ -8,13 +8,15 @@ temporary folder); ``--video`` takes any clip instead. ``--clip-module`` times t
 of another module file instead, e.g. the one-thread version that ``clip.py`` held before
 2026-12-05 (``git show REV:xicon_dance/clip.py > /tmp/old_clip.py``), for before/after figures
 on one machine. ``--x264`` sets options of the video encoder over the transcode's own
-(``transcode.VIDEO_OPTIONS``), to time another preset.
+(``transcode.VIDEO_OPTIONS``), to time another preset. ``--source-size`` re-encodes the clip at
+another size first (a phone's 1080x1920, say), then times the transcode of that.
 
 Usage::
 
     python bench/transcode_bench.py [--video CLIP] [--seconds 61] [--frames 1441]
         [--size 416x672] [--fps 24] [--repeat 3] [--no-audio] [--profile]
         [--clip-module OLD_CLIP_PY] [--x264 preset=ultrafast,tune=fastdecode]
+        [--source-size 1080x1920]
 
 Figures depend on the machine's cores (the transcode runs decode, video encode and audio encode
 side by side): say where they ran.
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 
@@ -70,6 +73,37 @@ def make_clip(folder: Path, seconds: int) -> Path:
     print(f"writing a {seconds}-s clip to {path} ...", flush=True)
     make_default_video.write(path, seconds)
     return path
+
+
+def enlarge(src: Path, dest: Path, size: str) -> Path:
+    """``src`` re-encoded at ``size`` (WIDTHxHEIGHT; bicubic, x264 ultrafast crf 20, its audio
+    re-encoded), as a phone's larger clip would come."""
+    import av
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    with av.open(str(src)) as inp, av.open(str(dest), "w", format="mp4") as out:
+        rate = inp.streams.video[0].average_rate
+        video = out.add_stream("libx264", rate=rate)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.time_base = 1 / rate
+        video.options = {"crf": "20", "preset": "ultrafast"}
+        hz = inp.streams.audio[0].rate if inp.streams.audio else 0
+        audio = out.add_stream("aac", rate=hz, layout="stereo") if hz else None
+        for i, frame in enumerate(inp.decode(video=0)):
+            big = frame.reformat(width, height, "yuv420p", interpolation="BICUBIC")
+            big.pts, big.time_base = i, 1 / rate
+            out.mux(video.encode(big))
+        out.mux(video.encode(None))
+        if audio is not None:
+            resampler, samples = av.AudioResampler(format="fltp", layout="stereo", rate=hz), 0
+            inp.seek(0)
+            for frame in inp.decode(audio=0):
+                for part in resampler.resample(frame):
+                    part.pts, part.time_base = samples, Fraction(1, hz)
+                    samples += part.samples
+                    out.mux(audio.encode(part))
+            out.mux(audio.encode(None))
+    return dest
 
 
 def shown(path: str | None) -> str:
@@ -135,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--x264", default="", help="KEY=VALUE,... over the transcode's x264 options"
     )
+    parser.add_argument(
+        "--source-size", default="", help="WIDTHxHEIGHT: the clip re-encoded at it first"
+    )
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     module = load_clip_module(args.clip_module)
@@ -144,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="transcode_bench_") as tmp:
         folder = Path(tmp)
         src = args.video if args.video is not None else make_clip(folder, args.seconds)
+        if args.source_size:
+            src = enlarge(src, folder / f"source_{args.source_size}.mp4", args.source_size)
         plan = clip.ClipPlan(
             args.fps, args.frames / args.fps, args.frames, args.frames, False, None
         )

@@ -275,31 +275,6 @@ def test_the_picture_is_scaled_to_cover_and_cropped_centrally(
         assert np.abs(got[..., :2] - off_centre[..., :2]).mean() > 4
 
 
-def test_swscales_threads_give_one_threads_pixels(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The scale-and-crop and the conversion to yuv420p run on swscale's slice threads: the same
-    clip, byte for byte, as with one thread."""
-    path, _ = gradient_video(tmp_path / "src.mp4", 320, 576)
-    threads: list[int] = []
-    crop = pipeline.cover_crop
-
-    def counted(*args: Any) -> np.ndarray:
-        threads.append(args[4])
-        return crop(*args)
-
-    monkeypatch.setattr(pipeline, "cover_crop", counted)
-    monkeypatch.setattr(pipeline, "SCALE_THREADS", 4)
-    four = pipeline.transcode(path, tmp_path / "four.mp4", make_plan(8, 5), 192, 320, audio=False)
-    monkeypatch.setattr(pipeline, "SCALE_THREADS", 1)
-    one = pipeline.transcode(path, tmp_path / "one.mp4", make_plan(8, 5), 192, 320, audio=False)
-    assert threads == [4] * 5 + [1] * 5
-    assert four.path.read_bytes() == one.path.read_bytes()
-    with av.open(str(path)) as container:
-        frame = next(iter(container.decode(video=0)))
-        assert np.array_equal(crop(frame, 192, 320, None, 4), crop(frame, 192, 320, None, 1))
-
-
 def test_display_rotation_is_applied(tmp_path: Path) -> None:
     """A phone's portrait clip is stored landscape with a display matrix: ComfyUI's loader (cv2)
     shows it upright, so the transcode must too (checked against cv2 on the real stack)."""

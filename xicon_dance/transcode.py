@@ -18,8 +18,8 @@ host (PyAV releases the GIL in decode, swscale, encode and mux):
 - the calling thread demuxes and decodes the video, picks for each output time i/fps the source
   frame shown at that time, scales and crops it (``cover_crop``) and converts it to the
   encoder's yuv420p exactly as PyAV's encode would (one swscale context each for the whole
-  clip, each on ``SCALE_THREADS`` slice threads: the same pixels), and hands the frames in order
-  to the encoder thread through a queue of ``QUEUE_FRAMES``;
+  clip), and hands the frames in order to the encoder thread through a queue of
+  ``QUEUE_FRAMES``;
 - the video encoder thread encodes them (libx264, same frames in the same order as one thread
   would: the same bitstream);
 - the audio thread opens the source a second time, demuxes only the audio, resamples it, shifts
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -67,10 +66,6 @@ VIDEO_CODEC = "libx264"
 VIDEO_OPTIONS = {"crf": "12", "preset": "ultrafast"}
 AUDIO_RATES = (48000, 44100, 32000, 24000, 22050, 16000)
 QUEUE_FRAMES = 8  # frames between the decoder and the video encoder (416x672: 0.4 MB each)
-# swscale's slice threads for the frames' scale-and-crop and their conversion to yuv420p (the
-# same pixels as one thread's); without them both ran on the decoding thread alone, the
-# transcode's longest
-SCALE_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -247,16 +242,15 @@ class _Transcode:
     def _emit(self) -> None:
         self._check()
         if self.prev_yuv is None:
-            rgb = cover_crop(self.prev, self.width, self.height, self.crop, SCALE_THREADS)
+            rgb = cover_crop(self.prev, self.width, self.height, self.crop)
             ctx = self.vout.codec_context
-            # what PyAV's encode does to an rgb24 frame (same arguments but swscale's threads:
-            # the same pixels), done here beside the encoder
+            # what PyAV's encode does to an rgb24 frame (same arguments), done here in parallel
             self.prev_yuv = self.to_yuv.reformat(
                 av.VideoFrame.from_ndarray(rgb, format="rgb24"),
                 ctx.width,
                 ctx.height,
                 ctx.format,
-                threads=SCALE_THREADS,
+                threads=ctx.thread_count,
             )
         self.frames.put(self.prev_yuv)  # a held frame goes again: the encoder copies, never writes
         self.frames_picked += 1
@@ -338,16 +332,12 @@ class _Transcode:
 
 
 def cover_crop(
-    frame: Any,
-    width: int,
-    height: int,
-    reformatter: VideoReformatter | None = None,
-    threads: int = 1,
+    frame: Any, width: int, height: int, reformatter: VideoReformatter | None = None
 ) -> np.ndarray:
     """The frame as displayed (rotation applied), scaled to cover width x height, centre-cropped:
     the picture node 131 (ImageResizeKJv2, keep_proportion crop, crop_position center) makes.
     ``reformatter``: one swscale context kept for a whole clip (same pixels, no per-frame set-up;
-    the default makes one for this frame); ``threads``: swscale's slice threads (same pixels)."""
+    the default makes one for this frame)."""
     turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # counter-clockwise quarter turns
     shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
     scale = max(width / shown_w, height / shown_h)
@@ -357,12 +347,7 @@ def cover_crop(
     # area averaging when shrinking (anti-aliased, 3x quicker than lanczos at 1080p), else lanczos
     interpolation = "AREA" if scale < 1 else "LANCZOS"
     rgb = (reformatter or VideoReformatter()).reformat(
-        frame,
-        width=coded_w,
-        height=coded_h,
-        format="rgb24",
-        interpolation=interpolation,
-        threads=threads,
+        frame, width=coded_w, height=coded_h, format="rgb24", interpolation=interpolation
     )
     rgb = rgb.to_ndarray()
     if turns:
