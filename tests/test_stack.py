@@ -164,6 +164,7 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
         "pose_render.py",
         "renderer.py",
         "skeleton.py",
+        "node_output.py",
     }
     frames = comfy / "custom_nodes" / "xicon_video_frames"
     assert {p.name for p in frames.iterdir()} == {"__init__.py", "video_frames.py"}
