@@ -32,13 +32,12 @@ What, each the same arithmetic as upstream's:
 - ``RenderNLFPoses.predict`` (``XICON_POSE_RENDER_STREAM``, on unless ``off``): upstream's own,
   but for one person the renderer hands each batch to a ``NodeOutput`` (``node_output.py``),
   which lays the 2D skeleton over each frame (drawn frame by frame in upstream's order, so
-  Python's random numbers
-  are drawn as upstream's pass draws them) and runs upstream's tail on the batch (``/ 255.0``,
-  the first three channels the image, the last ``> 0.5`` the mask) into the clip's output (the
-  division written straight into it, the mask from the alpha levels it keeps); the
-  rendered frames are not kept, and predict's own tail runs on a one-frame stand-in. Upstream
-  gathered every frame, stacked them and divided the whole stack: at 60 s 1.6 GB of frames,
-  1.6 GB of stack and 6.5 GB of float32 at once. The image is a contiguous float32
+  Python's random numbers are drawn as upstream's pass draws them) and runs upstream's tail on
+  the batch (``/ 255.0``, the first three channels the image, the last ``> 0.5`` the mask) into
+  the clip's output (the division written straight into it, the mask from the alpha levels it
+  keeps); the rendered frames are not kept, and predict's own tail runs on a one-frame
+  stand-in. Upstream gathered every frame, stacked them and divided the whole stack: at 60 s 1.6
+  GB of frames, 1.6 GB of stack and 6.5 GB of float32 at once. The image is a contiguous float32
   ``[N, H, W, 3]`` (upstream's: the same values as a view of ``[N, H, W, 4]``). Two people,
   upstream's torch renderer (taichi failed; the random state is restored) and calls outside the
   node keep upstream's path; a failed 2D pass fails the node with its own error.
