@@ -43,6 +43,8 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import av  # noqa: E402
+
 from xicon_dance import clip, transcode  # noqa: E402
 
 
@@ -78,8 +80,6 @@ def make_clip(folder: Path, seconds: int) -> Path:
 def enlarge(src: Path, dest: Path, size: str) -> Path:
     """``src`` re-encoded at ``size`` (WIDTHxHEIGHT; bicubic, x264 ultrafast crf 20, its audio
     re-encoded), as a phone's larger clip would come."""
-    import av
-
     width, height = (int(v) for v in size.lower().split("x"))
     with av.open(str(src)) as inp, av.open(str(dest), "w", format="mp4") as out:
         rate = inp.streams.video[0].average_rate

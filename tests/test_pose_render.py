@@ -229,6 +229,11 @@ def test_the_overlay_is_upstreams_scatter() -> None:
         top = int(rng.integers(0, 25))
         canvas[top : top + 5] = rng.integers(0, 3, (5, 20, 3)) * 90
         cases.append(canvas)
+    for _ in range(20):  # a sparse skeleton in a box of rows and columns
+        canvas = np.zeros((30, 20, 3), np.uint8)
+        top, left = int(rng.integers(0, 25)), int(rng.integers(0, 16))
+        canvas[top : top + 5, left : left + 4] = rng.integers(0, 3, (5, 4, 3)) * 90
+        cases.append(canvas)
     cases += [np.zeros((30, 20, 3), np.uint8), np.full((30, 20, 3), 9, np.uint8)]
     for canvas in cases:
         frame = rng.integers(0, 255, (30, 20, 4), dtype=np.uint8)

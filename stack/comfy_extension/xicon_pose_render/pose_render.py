@@ -26,8 +26,8 @@ What, each the same arithmetic as upstream's:
   frame by a ``Skeleton`` (``skeleton.py``, from a deep copy of the poses): for one person,
   upstream's drawing into one canvas kept for the clip, without the whole-frame arrays upstream
   makes per frame; otherwise upstream's ``draw_pose_to_canvas_np`` with its arguments; either
-  way laid over with ``np.copyto(where=)`` on the rows it reaches, in place of the boolean-mask
-  scatter.
+  way laid over with ``np.copyto(where=)`` on the box of rows and columns it reaches, in place
+  of the boolean-mask scatter.
 - ``hsv_to_rgb``: remembers its result per input (a copy is returned each time).
 - ``RenderNLFPoses.predict`` (``XICON_POSE_RENDER_STREAM``, on unless ``off``): upstream's own,
   but for one person the renderer hands each batch to a ``NodeOutput`` (``node_output.py``),
