@@ -44,7 +44,7 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read fifteen settings there:
+(secrets removed); the project's extensions read sixteen settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_DECODE_VIDEO` (its decode and video encode run as one node, each frame encoded once it
@@ -60,6 +60,9 @@ in the converted parts; on unless `off`),
 kernel, which also adds the bias of the convolution before it and leaves room for the next
 one's cached frames, the 96-channel convolutions as one 2-D convolution, the time upsamples'
 frames interleaved channels-last; on unless `off`),
+`XICON_LINEAR_WEIGHTS` (`xicon_linear_weights`; on CUDA each of the transformer's linear layers
+makes the weight it multiplies by, its stored weight converted, scaled and the LoRA's product
+added, in one Triton kernel; on unless `off`),
 `XICON_POSE_SESSIONS` (`xicon_pose_sessions`; `auto`, `keep` or `release`),
 `XICON_POSE_BATCH` (`xicon_pose_batch`; frames per detector call, default 16; `off` or `1`: one
 as upstream),

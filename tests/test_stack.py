@@ -170,6 +170,12 @@ def test_archive_sources_are_verified(tmp_path: Path) -> None:
     assert {p.name for p in frames.iterdir()} == {"__init__.py", "video_frames.py"}
     embeds = comfy / "custom_nodes" / "xicon_pose_embeds"
     assert {p.name for p in embeds.iterdir()} == {"__init__.py", "pose_embeds.py"}
+    linear = comfy / "custom_nodes" / "xicon_linear_weights"
+    assert {p.name for p in linear.iterdir()} == {
+        "__init__.py",
+        "linear_weights.py",
+        "weight_kernel.py",
+    }
 
 
 def test_archive_with_another_commit_is_refused(tmp_path: Path) -> None:
