@@ -35,7 +35,8 @@ over, ``decoder_ops.ROOM`` and ``DEFER``). ``kernels_5d`` is ``kernels`` with th
 convolutions' input cut in 5-D pieces as before 2026-12-06's sixteenth sitting
 (``decoder_ops.FLAT_PIECES`` off); ``kernels_resample`` is ``kernels`` with upstream's
 ``Resample.forward`` (its time upsample's frames stacked in PyTorch's default layout, not
-interleaved channels-last: ``decoder_ops.INTERLEAVED``).
+interleaved channels-last: ``decoder_ops.INTERLEAVED``). ``kernels_chunkN`` is ``kernels`` with
+``N`` latent frames to each decoder call after the first (``decode_frames.LATENTS_PER_CALL``).
 ``--profile VARIANT,...`` runs those variants once more under ``torch.profiler`` and prints
 their top kernels and GPU time by kind.
 
@@ -70,6 +71,9 @@ VARIANTS = (
     "kernels_copying",
     "kernels_5d",
     "kernels_resample",
+    "kernels_chunk2",
+    "kernels_chunk3",
+    "kernels_chunk4",
 )
 ENCODE_VARIANTS = (
     "encode",
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             if streamlined_encode:
                 print(layout.streamline(vae, layout.ENCODER, kernels), file=sys.stderr)
             layout.decoder_ops().FLAT_PIECES = variant != "kernels_5d"
+            # latent frames per decoder call after the first (kernels_chunkN: N; else 1)
+            chunked = variant.startswith("kernels_chunk")
+            host.LATENTS_PER_CALL = int(variant[len("kernels_chunk") :]) if chunked else 1
             if variant == "kernels_resample":  # upstream's Resample.forward back
                 ops = layout.decoder_ops()
                 for m in vae.modules():

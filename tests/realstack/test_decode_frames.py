@@ -153,6 +153,18 @@ for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         vae.single_decode = df.streaming_single_decode(vae)
         (through,) = vae.decode([z], device="cpu", pbar=False)
         del vae.single_decode
+        # several latent frames to each decoder call after the first
+        chunked = {}
+        for per_call in (2, 4, 9):
+            vae.model.clear_cache()
+            many = df.streamed_decode(vae.model, z.unsqueeze(0), pbar=False, per_call=per_call)
+            chunked[per_call] = {
+                "shape": list(many.shape),
+                "contiguous": many[0].permute(1, 2, 3, 0).is_contiguous(),
+                "max_diff": float((many[0] - upstream.float()).abs().max()),
+                "scale": float(upstream.float().abs().max()),
+            }
+        vae.model.clear_cache()
     name = str(dtype).split(".")[-1]
     out[name] = {
         "upstream": [list(upstream.shape), str(upstream.dtype)],
@@ -161,6 +173,7 @@ for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         "equal_each": bool(torch.equal(upstream.float(), each[0])),
         "equal_through": bool(torch.equal(upstream.float(), through)),
         "frames_contiguous": through.permute(1, 2, 3, 0).is_contiguous(),
+        "chunked": chunked,
     }
 
 # HostFrames alone: chunks as the Wan 2.1 decoder gives them, and chunks that break its rule
@@ -179,6 +192,7 @@ def gathered(sizes, flush_bytes):
 one_chunk = 4 * 3 * 4 * 5 * 2  # a four-frame bf16 chunk's bytes
 out["rule"] = gathered([1, 4, 4, 4, 4], 2 * one_chunk)
 out["rule_one_flush"] = gathered([1, 4, 4], 1 << 30)
+out["rule_chunked"] = gathered([1, 8, 4], 1)  # two latent frames, then one
 out["odd_middle"] = gathered([1, 4, 3, 4], one_chunk)
 out["odd_first"] = gathered([2, 4, 4], 1)
 out["each_alone"] = gathered([1, 4, 4], 1)  # every chunk flushed on its own
@@ -275,10 +289,15 @@ def test_the_decode_loop_sends_its_frames_to_the_host_as_they_come(
         assert case["through"] == [[3, 21, 48, 64], "torch.float32"], case
         assert case["equal_each"] and case["equal_through"], case
         assert case["frames_contiguous"], case
+        for per_call, many in case["chunked"].items():
+            assert many["shape"] == [1, 3, 21, 48, 64] and many["contiguous"], (per_call, many)
+            # the same sums, made by kernels for longer clips: float32 to its rounding
+            assert many["max_diff"] <= (1e-5 if name == "float32" else 0.05), (per_call, many)
     one_chunk = 4 * 3 * 4 * 5 * 2  # a four-frame bf16 chunk's bytes
     for name, frames in (
         ("rule", 17),
         ("rule_one_flush", 9),
+        ("rule_chunked", 13),
         ("each_alone", 9),
         ("odd_middle", 12),
         ("odd_first", 10),

@@ -74,6 +74,8 @@ CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes moved per step: the GPU temporar
 # sha256 of inspect.getsource(WanVideoVAE.single_decode) and of VideoVAE_.decode, joined by a
 # newline, at that commit's wanvideo/wan_video_vae.py.
 STREAM_SHA256 = "144c0ba0ee52712183ef1133b28a843bdad00293c49f68ada90165b039d5d9df"
+# latent frames per decoder call after the first (upstream: 1); bench/vae_decode.py kernels_chunkN
+LATENTS_PER_CALL = 1
 FLUSH_BYTES = 128 * 1024 * 1024  # decoded frames waiting on the GPU, in their own dtype, at most
 
 
@@ -225,10 +227,10 @@ class HostFrames:
                 self.frames = torch.empty((total, *part.shape[1:]), dtype=torch.float32)
                 if part.is_cuda:  # its pages touched by all cores: copies from the GPU go faster
                     self.frames.zero_()
-            expected = 1 if self.written == 0 else 4
+            # the decoder's rule: 1 frame for the first latent frame, 4 for each after
             fits = (
                 self.frames is not None
-                and t == expected
+                and (t == 1 if self.written == 0 else t > 0 and t % 4 == 0)
                 and part.shape[1:] == self.frames.shape[1:]
                 and self.written + t <= self.frames.shape[0]
             )
@@ -265,12 +267,20 @@ class HostFrames:
 
 
 def streamed_decode(
-    model: Any, z: torch.Tensor, pbar: bool = True, flush_bytes: int = FLUSH_BYTES
+    model: Any,
+    z: torch.Tensor,
+    pbar: bool = True,
+    flush_bytes: int = FLUSH_BYTES,
+    per_call: int | None = None,
 ) -> torch.Tensor:
     """``VideoVAE_.decode`` (pinned source, ``STREAM_SHA256``) with the decoded frames handed to
     ``HostFrames`` as they come instead of concatenated on the GPU: the same calls of ``conv2``
     and the decoder on the same latent frames, the same progress bar and cache handling; the
-    frames as a (1, C, T, H, W) view of a contiguous float32 (T, H, W, C) host tensor."""
+    frames as a (1, C, T, H, W) view of a contiguous float32 (T, H, W, C) host tensor.
+    ``per_call`` (default ``LATENTS_PER_CALL``) latent frames go to each decoder call after the
+    first (which takes one alone, as upstream's): the decoder's causal convolutions and time
+    upsamples see the same frames and cached frames either way, so the sums are the same ones,
+    made by kernels for longer clips (their order of summation may differ)."""
     g = type(model).decode.__globals__  # the VAE module's tqdm, ProgressBar, device, log
     z = z / model.inv_std.to(z) + model.mean.to(z)
     input_shape = z.shape
@@ -279,16 +289,24 @@ def streamed_decode(
     with contextlib.suppress(Exception):  # as upstream: no CUDA, no statistics
         torch.cuda.reset_peak_memory_stats(g["device"])
     x = model.conv2(z)
-    with HostFrames(iter_, flush_bytes) as frames:
-        for i in g["tqdm"](range(iter_), desc="WanVAE decoding frames", disable=not pbar):
+    per_call = max(1, LATENTS_PER_CALL if per_call is None else per_call)
+    with (
+        HostFrames(iter_, flush_bytes) as frames,
+        g["tqdm"](total=iter_, desc="WanVAE decoding frames", disable=not pbar) as progress,
+    ):
+        i = 0
+        while i < iter_:
+            n = 1 if i == 0 else min(per_call, iter_ - i)  # the first alone: its cache is 'Rep'
             model._conv_idx = [0]
             frames.add(
                 model.decoder(
-                    x[:, :, i : i + 1, :, :], feat_cache=model._feat_map, feat_idx=model._conv_idx
+                    x[:, :, i : i + n, :, :], feat_cache=model._feat_map, feat_idx=model._conv_idx
                 )
             )
+            i += n
+            progress.update(n)
             if bar:
-                bar.update(1)
+                bar.update(n)
         if bar:
             bar.update_absolute(0)
         model.clear_cache()
