@@ -44,11 +44,13 @@ FOOTER = """\
 `entrypoint.sh` (the image's start script) reads a few more before the worker starts
 (`GPU_PREFLIGHT`, `MODEL_DOWNLOAD_AT_START`, `SERVE_API_LOCALLY`, `WARMUP`, `COMFY_EXTRA_ARGS`,
 `COMFY_LOG_FILE`, ...): [image.md](image.md#entrypointsh). ComfyUI inherits the environment
-(secrets removed); the project's extensions read sixteen settings there:
+(secrets removed); the project's extensions read seventeen settings there:
 `XICON_RELEASE_OUTPUTS_MIB` (`xicon_release_outputs`; default 64; `0`: off),
 `XICON_DECODE_FRAMES` (`xicon_decode_frames`; on unless `off`),
 `XICON_DECODE_VIDEO` (its decode and video encode run as one node, each frame encoded once it
 is on the host; on unless `off`),
+`XICON_DECODE_LATENTS` (its decode loop's latent frames per decoder call after the first, 1 to
+8; default 1, upstream's),
 `XICON_RESIDENT_WEIGHTS` (`xicon_resident_weights`; on unless `off`),
 `XICON_RESIDENT_PAGES` (its release of the model file's pages once a kept transformer is on the
 GPU; on unless `keep`),

@@ -108,7 +108,16 @@ class Executor:
         return "ran"
 registry = {"WanVideoDecode": type("WanVideoDecode", (Pinned,), {"decode": Pinned.decode})}
 out["off"] = df.install(Executor, registry, {"XICON_DECODE_FRAMES": "off"})
+# the decoder call's latent frames: a whole number from 1 to 8, else the default and why
+out["latents"] = {v: list(df.latents_per_call({"XICON_DECODE_LATENTS": v}))
+                  for v in ("", " 4 ", "1", "8", "9", "0", "two", "-2", "2.5")}
+class Chunked:
+    async def execute_async(self, *a, **k):
+        return "ran"
+out["installed_chunked"] = df.install(Chunked, {}, {"XICON_DECODE_LATENTS": "3"})
+out["chunked_set"] = df.LATENTS_PER_CALL
 out["installed"] = df.install(Executor, registry, {})
+out["default_set"] = df.LATENTS_PER_CALL
 out["again"] = df.install(Executor, registry, {})
 before = registry["WanVideoDecode"].decode is Pinned.decode
 import asyncio
@@ -258,6 +267,25 @@ def test_the_wrapper_gives_upstreams_frames_contiguous(stack: Stack, tmp_path: P
     assert out["off"] == "off (XICON_DECODE_FRAMES)"
     assert out["installed"] == "WanVideoDecode will be wrapped before the first prompt"
     assert out["again"] == "already installed"
+    latents = out["latents"]
+    assert {v: latents[v][0] for v in latents} == {
+        "": 1,
+        " 4 ": 4,
+        "1": 1,
+        "8": 8,
+        "9": 1,
+        "0": 1,
+        "two": 1,
+        "-2": 1,
+        "2.5": 1,
+    }
+    assert latents[""][1] is None and latents[" 4 "][1] is None
+    for bad in ("9", "0", "two", "-2", "2.5"):
+        assert "XICON_DECODE_LATENTS=" in latents[bad][1] and "from 1 to 8" in latents[bad][1]
+    assert out["installed_chunked"] == (
+        "WanVideoDecode will be wrapped before the first prompt; 3 latent frames per decoder call"
+    )
+    assert out["chunked_set"] == 3 and out["default_set"] == 1
     assert out["first_prompt"] == "ran"
     assert out["wrapped_before_prompt"] and out["wrapped_after_prompt"]
     assert "changed upstream" in out["changed"] and "left as it is" in out["changed"]

@@ -45,7 +45,8 @@ has the source this was written against (``UPSTREAM_SHA256``); the decode loop i
 when ``single_decode`` and ``VideoVAE_.decode`` still have theirs (``STREAM_SHA256``; a VAE of
 another kind, a tiled decode or the end-image path decode as upstream's, copied to the host
 after). Otherwise nothing changes and the reason is logged. ``XICON_DECODE_FRAMES=off`` turns it
-off.
+off. ``XICON_DECODE_LATENTS`` (1 to 8, default 1 as upstream) gives the streamed loop that many
+latent frames per decoder call after the first (``streamed_decode``); not timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes moved per step: the GPU temporar
 # sha256 of inspect.getsource(WanVideoVAE.single_decode) and of VideoVAE_.decode, joined by a
 # newline, at that commit's wanvideo/wan_video_vae.py.
 STREAM_SHA256 = "144c0ba0ee52712183ef1133b28a843bdad00293c49f68ada90165b039d5d9df"
-# latent frames per decoder call after the first (upstream: 1); bench/vae_decode.py kernels_chunkN
-LATENTS_PER_CALL = 1
+# latent frames per decoder call after the first (upstream: 1; LATENTS_ENV sets it at install;
+# bench/vae_decode.py kernels_chunkN times it): 1 until timed on a GPU
+DEFAULT_LATENTS_PER_CALL = 1
+LATENTS_PER_CALL = DEFAULT_LATENTS_PER_CALL
+LATENTS_ENV = "XICON_DECODE_LATENTS"
+MAX_LATENTS_PER_CALL = 8  # a 416x672 call of 8 holds 32 frames of 96 channels at full size
 FLUSH_BYTES = 128 * 1024 * 1024  # decoded frames waiting on the GPU, in their own dtype, at most
 
 
@@ -118,6 +123,21 @@ def current_sink() -> Sink | None:
 def enabled(env: Mapping[str, str]) -> bool:
     """False when ``ENV`` is ``0``/``off``/``false``/``no``; True otherwise (the default)."""
     return env.get(ENV, "").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def latents_per_call(env: Mapping[str, str]) -> tuple[int, str | None]:
+    """``LATENTS_ENV`` as the latent frames per decoder call after the first: a whole number
+    from 1 to ``MAX_LATENTS_PER_CALL``; unset or empty, ``DEFAULT_LATENTS_PER_CALL``. Anything
+    else gives the default and the reason to log."""
+    raw = env.get(LATENTS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LATENTS_PER_CALL, None
+    if raw.isdigit() and 1 <= int(raw) <= MAX_LATENTS_PER_CALL:
+        return int(raw), None
+    return DEFAULT_LATENTS_PER_CALL, (
+        f"{LATENTS_ENV}={raw!r} is not a whole number from 1 to {MAX_LATENTS_PER_CALL}; "
+        f"{DEFAULT_LATENTS_PER_CALL} latent frame(s) per decoder call"
+    )
 
 
 def to_host_frames(video: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
@@ -443,6 +463,10 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
     original = executor_class.execute_async
     if getattr(original, WRAPPED, False):
         return "already installed"
+    global LATENTS_PER_CALL
+    LATENTS_PER_CALL, refused = latents_per_call(env)
+    if refused:
+        log.warning("xicon_decode_frames: %s", refused)
     done: list[bool] = []
 
     @functools.wraps(original)
@@ -457,4 +481,5 @@ def install(executor_class: type, registry: Mapping[str, Any], env: Mapping[str,
 
     setattr(execute_async, WRAPPED, True)
     executor_class.execute_async = execute_async
-    return f"{NODE} will be wrapped before the first prompt"
+    chunks = "" if LATENTS_PER_CALL == 1 else f"; {LATENTS_PER_CALL} latent frames per decoder call"
+    return f"{NODE} will be wrapped before the first prompt{chunks}"
