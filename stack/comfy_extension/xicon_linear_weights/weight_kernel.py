@@ -83,11 +83,13 @@ if triton is not None:
         tl.store(out_ptr + offsets, w.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+# Triton's CPU interpreter, read once (a traced forward reads no environment)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def runs_on(t: torch.Tensor) -> bool:
     """Whether the kernel runs where ``t`` is: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
-    return triton is not None and (
-        t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    )
+    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and INTERPRETED))
 
 
 def _launch(
