@@ -5,10 +5,11 @@ Why: WanVideoWrapper's ``CustomLinear.forward`` (``custom_linear.py`` at the pin
 the weight it multiplies by in separate PyTorch kernels on every call: ``self.weight.to(input)``
 (fp8 to bf16, a copy PyTorch runs unvectorised), ``weight * self.scale_weight``, and per LoRA
 ``weight + torch.mm(up, down) * (strength * alpha)`` (a multiplication and an addition), each a
-pass over the whole weight. For the 14B transformer with an unmerged LoRA these passes take
-about 150 ms of every forward on an H200 (``bench/results/gpu_h200_windows``' profile: 480
-copies 53 ms, the weight-sized multiplications about 66 ms, the additions about 31 ms, the
-rank-64 products 11 ms), paid once per context window and sampler step.
+pass over the whole weight. In the profile of one pose window-step of the 14B transformer on an
+H200 (``bench/results/gpu_h200_windows``, 2,260 ms) they are among 480 copies (53.4 ms), 1,041
+bf16 multiplications (70.8 ms, 960 of them these), 600 bf16 additions (39.2 ms, 480 of them
+these) and 480 rank-64 products (11.1 ms): at most 175 ms of every forward, paid once per
+context window and sampler step.
 
 What: ``compute_weight`` gives the same tensor, bit for bit: ``torch.mm`` still makes each
 LoRA's product (cuBLAS, as upstream), and one Triton kernel (``_weight_kernel``) reads the stored
