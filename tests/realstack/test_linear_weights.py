@@ -38,9 +38,8 @@ spec.loader.exec_module(ext)
 kernel = ext.weight_kernel
 out = {"digest_ok": ext.upstream_digest(custom_linear) == ext.UPSTREAM_SHA256}
 
-def bits(t):
-    t = t.float().nan_to_num(nan=12345.0, posinf=1e30, neginf=-1e30)
-    return t
+def bits(t):  # a 2-byte result's bit patterns, its NaNs (compared by nan_alike) as 0
+    return torch.where(t.isnan(), 0, t.view(torch.int16).int())
 
 gen = torch.Generator().manual_seed(3)
 
@@ -163,7 +162,7 @@ kernel._launch = launch
 out["failed"] = {
     "same": bool(torch.equal(first, upstream(l, x))),
     "reason": list(ext.FAILED),
-    "fusable_after": ext.fusable(l, x, l.scale_weight, ext.lora_patches(l, l.weight.shape)),
+    "fusable_after": ext.fusable(l, x, l.scale_weight),
 }
 ext.FAILED.clear()
 

@@ -163,11 +163,12 @@ class HostFrames:
     own, after the conversion). One batch is copied at a time: a flush first waits for the batch
     before it. The Wan 2.1 decoder gives one frame for the first latent frame and four for each
     after (``T = 1 + 4 (n - 1)``, allocated by the first batch, its pages touched then when the
-    frames come from the GPU); chunks of any other size are gathered all the same, joined at the
-    end (one more copy). ``finish`` returns the frames; ``close`` (also on leaving a ``with``
-    block) waits for the copy under way and ends the thread, whatever happened before. The
-    ``Sink`` of this thread's ``feeding`` block, if any, hears of each batch once it is on the
-    host (``Sink.ready``), or that the frames are gathered in pieces (``Sink.fallback``)."""
+    frames come from the GPU; a later chunk may hold several latent frames' four each); chunks
+    of any other size are gathered all the same, joined at the end (one more copy). ``finish``
+    returns the frames; ``close`` (also on leaving a ``with`` block) waits for the copy under
+    way and ends the thread, whatever happened before. The ``Sink`` of this thread's ``feeding``
+    block, if any, hears of each batch once it is on the host (``Sink.ready``), or that the
+    frames are gathered in pieces (``Sink.fallback``)."""
 
     def __init__(self, latent_frames: int, flush_bytes: int = FLUSH_BYTES) -> None:
         self.latent_frames = latent_frames
@@ -295,7 +296,7 @@ def streamed_decode(
 ) -> torch.Tensor:
     """``VideoVAE_.decode`` (pinned source, ``STREAM_SHA256``) with the decoded frames handed to
     ``HostFrames`` as they come instead of concatenated on the GPU: the same calls of ``conv2``
-    and the decoder on the same latent frames, the same progress bar and cache handling; the
+    and (``per_call`` 1) the decoder on the same latent frames, the same progress and cache; the
     frames as a (1, C, T, H, W) view of a contiguous float32 (T, H, W, C) host tensor.
     ``per_call`` (default ``LATENTS_PER_CALL``) latent frames go to each decoder call after the
     first (which takes one alone, as upstream's): the decoder's causal convolutions and time

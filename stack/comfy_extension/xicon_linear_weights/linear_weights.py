@@ -88,34 +88,43 @@ def lora_patches(layer: Any, shape: torch.Size) -> list[tuple[torch.Tensor, torc
     return patches
 
 
-def fusable(
+def _one_value(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.numel() == 1 and t.device == like.device
+
+
+def fusable(layer: Any, input: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether ``compute_weight`` can make ``layer``'s weight for ``input``, as far as is known
+    before the LoRAs' products are made (see the module's docstring); ``scale`` is the weight's
+    scale when upstream gives it to the weight."""
+    weight = layer.weight
+    return (
+        not FAILED
+        and not layer.is_gguf
+        and input.dtype in weight_kernel.ROUNDING
+        and weight_kernel.runs_on(input)
+        and weight.device == input.device
+        and weight.dtype in weight_kernel.STORED
+        and weight.is_contiguous()
+        and (scale is None or _one_value(scale, weight, input.dtype))
+    )
+
+
+def patches_fit(
     layer: Any,
     input: torch.Tensor,
     scale: torch.Tensor | None,
     patches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> bool:
-    """Whether ``compute_weight`` makes ``layer``'s weight for ``input`` (see the module's
-    docstring); ``scale`` is the weight's scale when upstream gives it to the weight."""
+    """Whether the kernel takes ``patches`` (``lora_patches``) for a ``fusable`` call: something
+    to do besides the conversion, each product of the weight's shape and ``input``'s type, each
+    strength one value of that type."""
     weight = layer.weight
-    dtype = input.dtype
-
-    def one_value(t: torch.Tensor) -> bool:
-        return t.dtype == dtype and t.numel() == 1 and t.device == weight.device
-
-    return (
-        not FAILED
-        and not layer.is_gguf
-        and dtype in weight_kernel.ROUNDING
-        and weight_kernel.runs_on(input)
-        and weight.device == input.device
-        and weight.dtype in weight_kernel.STORED
-        and weight.is_contiguous()
-        and (scale is not None or bool(patches))
-        and (scale is None or one_value(scale))
-        and all(
-            p.dtype == dtype and p.shape == weight.shape and p.is_contiguous() and one_value(s)
-            for p, s in patches
-        )
+    return (scale is not None or bool(patches)) and all(
+        p.dtype == input.dtype
+        and p.shape == weight.shape
+        and p.is_contiguous()
+        and _one_value(s, weight, input.dtype)
+        for p, s in patches
     )
 
 
@@ -125,18 +134,13 @@ def replace(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def forward(self: Any, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if (
-            FAILED
-            or self.is_gguf
-            or not weight_kernel.runs_on(input)
-            or weight.device != input.device
-        ):
-            return original(self, input)
         scale = None
         if self.scale_weight is not None and weight.numel() < input.numel():
             scale = self.scale_weight
+        if not fusable(self, input, scale):  # before the products: none made for upstream's
+            return original(self, input)
         patches = lora_patches(self, weight.shape)
-        if patches is None or not fusable(self, input, scale, patches):
+        if patches is None or not patches_fit(self, input, scale, patches):
             return original(self, input)
         try:
             made = weight_kernel.compute_weight(weight, input.dtype, scale, patches)

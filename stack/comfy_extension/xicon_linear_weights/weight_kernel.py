@@ -22,7 +22,6 @@ same kernel. ``reference`` is upstream's expressions, for the tests and the benc
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
@@ -32,8 +31,6 @@ try:  # Triton ships with PyTorch's CUDA wheels; without it upstream's forward r
     import triton.language as tl
 except ImportError:  # pragma: no cover - the stack's torch brings it
     triton = None
-
-log = logging.getLogger("xicon_linear_weights")
 
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the compute types
 STORED = (  # weights the kernel reads: each converts to float32 exactly
